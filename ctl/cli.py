@@ -1,0 +1,223 @@
+"""llmctl: the command line of llm-residentd."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from typing import Any
+
+from llm_residentd import __version__
+from llm_residentd.paths import SOCKET_ENV
+
+from .client import Client, LlmctlError
+
+# Exit codes, documented in --help and docs/llmctl.md.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+
+EPILOG = f"""\
+environment:
+  {SOCKET_ENV}  socket path (overridden by --socket)
+
+exit status:
+  0    success
+  1    the daemon refused or failed the request (the message names its error code)
+  2    usage error
+  3    the daemon is not running or the socket cannot be reached
+  4    timed out (the request's --timeout, or no answer from the daemon)
+  130  interrupted; a running request was cancelled
+"""
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return "-"
+
+
+def _fmt_ms(summary: dict[str, float | None]) -> str:
+    vals = [summary.get(k) for k in ("p50", "p95", "p99")]
+    return "/".join("-" if v is None else f"{v * 1000:.0f}" for v in vals)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers, *[[("-" if c is None else str(c)) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in cells)
+
+
+def _emit_json(obj: Any) -> None:
+    print(json.dumps(obj, sort_keys=True), flush=True)
+
+
+# -- commands -----------------------------------------------------------------------------
+
+def cmd_submit(client: Client, args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    stream = client.submit(prompt, model=args.model, max_tokens=args.max_tokens,
+                           priority=args.priority, timeout=args.timeout,
+                           temperature=args.temperature, seed=args.seed, raw=args.raw or None,
+                           ignore_eos=args.ignore_eos or None)
+    if args.json:
+        _emit_json({"event": "accepted", "request": stream.request, "model": stream.model,
+                    "position": stream.position})
+    elif args.verbose:
+        print(f"request {stream.request} accepted for {stream.model}, "
+              f"{stream.position} ahead in the queue", file=sys.stderr)
+    error = None
+    try:
+        for event in stream.events():
+            if args.json:
+                _emit_json({k: v for k, v in event.items() if k != "id"})
+            elif event["event"] == "token":
+                sys.stdout.write(event["text"])
+                sys.stdout.flush()
+                stream.client_printed = True
+            if event["event"] == "error":
+                error = LlmctlError(event["error"]["code"], event["error"]["message"])
+    except KeyboardInterrupt:
+        with contextlib.suppress(LlmctlError):
+            stream.cancel()
+        print("\nllmctl: interrupted; request cancelled", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if not args.json and (stream.stats or error) and stream.client_printed:
+            print()
+    if error is not None:
+        if args.json:
+            return EXIT_FOR_CODE.get(error.code, EXIT_FAILED)
+        raise error
+    if stream.stats and args.verbose and not args.json:
+        s = stream.stats
+        tps = f"{s['tokens_per_s']:.1f}" if s.get("tokens_per_s") else "-"
+        print(f"[{s['prompt_tokens']} prompt + {s['completion_tokens']} tokens, "
+              f"TTFT {s['ttft_s'] * 1000:.0f} ms, total {s['total_s']:.2f} s, {tps} tok/s, "
+              f"{s['finish_reason']}]", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    st = client.status()
+    if args.json:
+        _emit_json(st)
+        return EXIT_OK
+    d = st["daemon"]
+    print(f"llm-residentd {d['version']}  pid {d['pid']}  up {d['uptime_s']:.0f}s  "
+          f"backend {d['backend']}  config {d['config']}  socket {d['socket']}")
+    print()
+    print(_table(
+        ["WORKER", "MODEL", "PID", "STATE", "THREADS", "RSS", "SERVED", "RESTARTS", "REQUEST"],
+        [[w["name"], w["model"], w["pid"], w["state"], w["threads"], _fmt_bytes(w["rss_bytes"]),
+          w["served"], w["restarts"], w["request"]] for w in st["workers"]]))
+    print()
+    rows = []
+    for name, m in st["models"].items():
+        out = m["outcomes"]
+        failed = sum(v for k, v in out.items() if k != "completed")
+        rows.append([name, m["state"], f"{m['queue_depth']}/{m['max_queue']}", m["running"],
+                     out.get("completed", 0), failed, _fmt_ms(m["ttft_s"]),
+                     _fmt_ms(m["latency_s"]),
+                     "-" if m["tokens_per_s"]["p50"] is None else f"{m['tokens_per_s']['p50']:.1f}"])
+    print(_table(["MODEL", "STATE", "QUEUE", "RUNNING", "DONE", "FAILED",
+                  "TTFT ms p50/95/99", "LATENCY ms p50/95/99", "TOK/S p50"], rows))
+    for w in st["workers"]:
+        if w["last_error"]:
+            print(f"\n{w['name']}: {w['last_error']}")
+    return EXIT_OK
+
+
+def cmd_models(client: Client, args: argparse.Namespace) -> int:
+    models = client.models()
+    if args.json:
+        _emit_json(models)
+        return EXIT_OK
+    print(_table(["MODEL", "STATE", "WORKERS", "N_CTX", "SOURCE"],
+                 [[m["name"], m["state"], m["workers"], m["n_ctx"], m["source"]] for m in models]))
+    for m in models:
+        if m["error"]:
+            print(f"\n{m['name']}: {m['error']}")
+    return EXIT_OK
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    reply = client.cancel(args.request)
+    if args.json:
+        _emit_json(reply)
+    else:
+        print(f"cancelled {reply['request']}")
+    return EXIT_OK
+
+
+# -- argument parsing ------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", metavar="PATH", help="daemon socket (default: "
+                        f"${SOCKET_ENV}, else /run/llm-residentd/llm.sock as root, "
+                        "$XDG_RUNTIME_DIR/llm-residentd.sock otherwise)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="llmctl", description="Control llm-residentd: submit "
+                                "prompts, watch workers and queues.", epilog=EPILOG,
+                                formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"llmctl {__version__}")
+    p.add_argument("--socket", dest="global_socket", metavar="PATH", help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("submit", parents=[common], formatter_class=fmt, epilog=EPILOG,
+                       help="generate from a prompt, streaming the text to stdout",
+                       description="Generate from PROMPT and stream the text to stdout. With "
+                       "--json, print one JSON object per event (accepted, token, done, error).")
+    s.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
+    s.add_argument("--model", "-m", help="model name (default: the daemon's first model)")
+    s.add_argument("--max-tokens", "-n", type=int, metavar="N", help="most tokens to generate")
+    s.add_argument("--priority", "-p", type=int, metavar="P",
+                   help="higher runs first, -1000..1000 (default 0)")
+    s.add_argument("--timeout", "-t", type=float, metavar="S",
+                   help="fail the request if not finished S seconds after it was accepted")
+    s.add_argument("--temperature", type=float, metavar="T", help="0 is greedy (default 0.8)")
+    s.add_argument("--seed", type=int, help="sampling seed")
+    s.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    s.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence")
+    s.add_argument("--verbose", "-v", action="store_true",
+                   help="print the request id and the stats on stderr")
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("status", parents=[common], help="daemon, workers, queues, latencies",
+                       description="Show the daemon, each worker (pid, state, threads, RSS) and "
+                       "each model's queue with TTFT, latency and tokens/s percentiles.")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("models", parents=[common], help="configured models and their state",
+                       description="List the configured models and whether they can serve.")
+    s.set_defaults(func=cmd_models)
+    s = sub.add_parser("cancel", parents=[common], help="cancel a queued or running request",
+                       description="Cancel a request by the id that submit printed "
+                       "(llmctl submit -v, or --json). Only its owner or root may cancel it.")
+    s.add_argument("request", metavar="REQUEST", help="request id, e.g. r7")
+    s.set_defaults(func=cmd_cancel)
+    return p
+
+
+EXIT_FOR_CODE = {"not_running": EXIT_NOT_RUNNING, "timeout": EXIT_TIMEOUT,
+                 "client_timeout": EXIT_TIMEOUT}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.socket or args.global_socket) as client:
+            return args.func(client, args)
+    except LlmctlError as exc:
+        print(f"llmctl: {exc.message} ({exc.code})", file=sys.stderr)
+        return EXIT_FOR_CODE.get(exc.code, EXIT_FAILED)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK

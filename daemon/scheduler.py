@@ -1,0 +1,95 @@
+"""Requests and the bounded per-model priority queue (higher priority first, FIFO within)."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .protocol import ProtocolError
+
+Sink = Callable[[dict[str, Any]], None]
+
+
+@dataclass(eq=False)
+class Request:
+    """One accepted submit: queued, then running on a worker, then finished once."""
+
+    id: str
+    model: str
+    prompt: str
+    params: dict[str, Any]
+    priority: int = 0
+    uid: int = -1
+    deadline: float | None = None  # time.monotonic()
+    sink: Sink | None = None
+    accepted_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished: bool = False
+    stop_reason: str = ""  # "cancelled" / "timeout" once a stop was asked for
+    tokens_sent: int = 0
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink(event)
+
+    def token(self, text: str) -> None:
+        if self.finished:
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.tokens_sent += 1
+        self.emit({"event": "token", "text": text})
+
+    def done(self, stats: dict[str, Any]) -> None:
+        if not self.finished:
+            self.finished = True
+            self.emit({"event": "done", "stats": stats})
+
+    def fail(self, code: str, message: str) -> None:
+        if not self.finished:
+            self.finished = True
+            self.emit({"event": "error", "error": ProtocolError(code, message).as_dict()})
+
+
+class ModelQueue:
+    """Bounded priority queue of one model's waiting requests."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self._heap: list[tuple[int, int, Request]] = []
+        self._live: dict[str, Request] = {}
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __iter__(self) -> Iterator[Request]:
+        """Waiting requests in the order they will run."""
+        return (r for _, _, r in sorted(self._heap) if r.id in self._live)
+
+    def push(self, req: Request) -> int:
+        """Queue req and return how many requests run before it; queue_full if at the limit."""
+        if len(self._live) >= self.limit:
+            raise ProtocolError(
+                "queue_full", f"model {self.name!r} has {len(self._live)} requests queued "
+                f"(max_queue {self.limit})")
+        heapq.heappush(self._heap, (-req.priority, next(self._seq), req))
+        self._live[req.id] = req
+        return sum(1 for r in self._live.values() if r.priority >= req.priority) - 1
+
+    def pop(self) -> Request | None:
+        while self._heap:
+            _, _, req = heapq.heappop(self._heap)
+            if self._live.pop(req.id, None) is not None:
+                return req
+        return None
+
+    def remove(self, request_id: str) -> Request | None:
+        """Take a waiting request out (its heap entry is dropped lazily)."""
+        return self._live.pop(request_id, None)

@@ -1,0 +1,197 @@
+"""The control socket: framed msgpack over a Unix stream socket, one task per connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from . import ops
+from .protocol import HEADER, ProtocolError, check_length, decode, encode
+from .scheduler import Request
+from .service import Service
+
+log = structlog.get_logger()
+_CLOSE = object()
+
+
+class Connection:
+    def __init__(self, server: Server, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        sock = writer.get_extra_info("socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+        self.greeted = False
+        self.closed = False
+        self.requests: dict[str, Request] = {}
+        self.out: asyncio.Queue[Any] = asyncio.Queue()
+        self.log = log.bind(peer_pid=self.pid, peer_uid=self.uid)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if not self.closed:
+            self.out.put_nowait(msg)
+
+    async def _write_loop(self) -> None:
+        try:
+            while (msg := await self.out.get()) is not _CLOSE:
+                self.writer.write(encode(msg))
+                await self.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.closed = True
+            self.writer.close()
+
+    async def _read_body(self) -> bytes | None:
+        """One frame body; None at end of stream. Timeouts bound a silent or slow peer."""
+        cfg = self.server.service.config.daemon
+        try:
+            header = await asyncio.wait_for(self.reader.readexactly(HEADER.size),
+                                            None if self.greeted else cfg.hello_timeout)
+        except asyncio.IncompleteReadError:
+            return None
+        except TimeoutError:
+            raise ProtocolError("handshake_required",
+                                f"no hello within {cfg.hello_timeout} s") from None
+        (length,) = HEADER.unpack(header)
+        check_length(length, cfg.max_frame)
+        try:
+            return await asyncio.wait_for(self.reader.readexactly(length), cfg.frame_timeout)
+        except TimeoutError:
+            raise ProtocolError("bad_frame", f"frame not completed within "
+                                f"{cfg.frame_timeout} s") from None
+        except asyncio.IncompleteReadError:
+            raise ProtocolError("bad_frame", "stream ended inside a frame") from None
+
+    async def serve(self) -> None:
+        writer_task = asyncio.create_task(self._write_loop())
+        try:
+            while not self.closed:
+                try:
+                    body = await self._read_body()
+                except ProtocolError as exc:  # framing is lost: say why and close
+                    self.send({"id": None, "ok": False, "error": exc.as_dict()})
+                    break
+                if body is None:
+                    break
+                try:
+                    msg = decode(body)
+                except ProtocolError as exc:  # one bad frame; the next may be fine
+                    self.send({"id": None, "ok": False, "error": exc.as_dict()})
+                    continue
+                if not self._handle(msg):
+                    break
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._drop_requests()
+            self.send(_CLOSE)
+            self.closed = True
+            await writer_task
+
+    def _handle(self, msg: dict[str, Any]) -> bool:
+        """Run one request; False when the connection must close."""
+        msg_id = msg.get("id")
+        try:
+            op = ops.lookup(msg.get("op"))
+            if not self.greeted and op.name != "hello":
+                raise ProtocolError("handshake_required", "send hello first")
+            args = ops.validate(op, msg)
+            ctx = ops.Context(service=self.server.service, uid=self.uid, gid=self.gid,
+                              pid=self.pid, send=lambda m: self.send({"id": msg_id, **m}),
+                              track=lambda r: self._track(msg_id, r))
+            reply = op.execute(ctx, args)
+            self.greeted = True
+            if reply is not None:
+                self.send({"id": msg_id, "ok": True, **reply})
+        except ProtocolError as exc:
+            self.send({"id": msg_id, "ok": False, "error": exc.as_dict()})
+            return exc.code != "unsupported_protocol"
+        except Exception as exc:
+            self.log.exception("op_failed", op=msg.get("op"))
+            self.send({"id": msg_id, "ok": False,
+                       "error": {"code": "internal", "message": f"{type(exc).__name__}"}})
+        return True
+
+    def _track(self, msg_id: Any, req: Request) -> None:
+        self.requests[req.id] = req
+
+        def sink(event: dict[str, Any]) -> None:
+            if event["event"] != "token":
+                self.requests.pop(req.id, None)
+            self.send({"id": msg_id, "request": req.id, **event})
+
+        req.sink = sink
+
+    def _drop_requests(self) -> None:
+        """A client that goes away cancels what it asked for."""
+        for req_id in list(self.requests):
+            with contextlib.suppress(ProtocolError):
+                self.server.service.stop_request(req_id, "cancelled", "the client disconnected")
+        self.requests.clear()
+
+
+class Server:
+    def __init__(self, service: Service, path: Path) -> None:
+        self.service = service
+        self.path = path
+        self.connections: set[Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        cfg = self.service.config.daemon
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(self.path)
+        self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
+        os.chmod(self.path, int(cfg.socket_mode, 8))
+        if cfg.socket_group:
+            os.chown(self.path, -1, grp.getgrnam(cfg.socket_group).gr_gid)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        limit = self.service.config.daemon.max_connections
+        if len(self.connections) >= limit:
+            err = ProtocolError("too_many_connections", f"the daemon serves {limit} at once")
+            writer.write(encode({"id": None, "ok": False, "error": err.as_dict()}))
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.drain()
+            writer.close()
+            return
+        conn = Connection(self, reader, writer)
+        self.connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        for conn in list(self.connections):
+            conn.send(_CLOSE)
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove a socket file left by a dead daemon; refuse if a live one answers."""
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"another daemon is already serving on {path}")

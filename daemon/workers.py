@@ -1,0 +1,245 @@
+"""Spawn and supervise worker processes; relay work to them and their tokens back."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+import structlog
+
+from .config import ModelConfig
+from .protocol import ProtocolError, decode, encode, read_frame
+from .scheduler import Request
+
+LOAD_TIMEOUT = 600.0
+STABLE_AFTER = 30.0  # a worker up this long resets the backoff
+IPC_MAX_FRAME = 64 << 20
+
+
+class Listener(Protocol):
+    async def model_path(self, model: str) -> Path: ...
+    def worker_idle(self, worker: Worker) -> None: ...
+    def worker_done(self, worker: Worker, req: Request, msg: dict[str, Any]) -> None: ...
+    def worker_error(self, worker: Worker, req: Request, code: str, message: str) -> None: ...
+    def worker_load_failed(self, worker: Worker) -> None: ...
+
+
+class LoadFailed(Exception):
+    pass
+
+
+class Worker:
+    """One model worker process, restarted with exponential backoff when it dies."""
+
+    def __init__(self, model: ModelConfig, index: int, listener: Listener,
+                 backoff_max: float) -> None:
+        self.model = model
+        self.index = index
+        self.name = f"{model.name}-{index}"
+        self.listener = listener
+        self.backoff_max = backoff_max
+        self.state = "starting"
+        self.pid: int | None = None
+        self.threads = 0
+        self.n_ctx = 0
+        self.served = 0
+        self.restarts = 0
+        self.last_error = ""
+        self.load_error = ""  # set while the model cannot be loaded
+        self.current: Request | None = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._stopping = False
+        self.log = structlog.get_logger().bind(worker=self.name)
+
+    @property
+    def idle(self) -> bool:
+        return self.state == "idle" and self.current is None
+
+    # -- supervision ---------------------------------------------------------
+
+    async def supervise(self) -> None:
+        failures = 0
+        while not self._stopping:
+            started = time.monotonic()
+            reader = None
+            try:
+                reader = await self._spawn_and_load()
+            except LoadFailed as exc:
+                self.last_error = self.load_error = str(exc)
+                self.log.error("worker_load_failed", error=str(exc))
+                self.listener.worker_load_failed(self)
+            if reader is not None:
+                self.state = "idle"
+                self.listener.worker_idle(self)
+                await self._read_loop(reader)
+            await self._reap()
+            if self._stopping:
+                break
+            lived = time.monotonic() - started
+            failures = 1 if lived > STABLE_AFTER else failures + 1
+            delay = min(self.backoff_max, 0.5 * 2 ** (failures - 1))
+            self.state = "restarting" if reader is not None else "failed"
+            self.restarts += 1
+            self.log.warning("worker_restart_scheduled", delay_s=delay, failures=failures)
+            await asyncio.sleep(delay)
+        self.state = "stopped"
+
+    async def _spawn_and_load(self) -> asyncio.StreamReader | None:
+        self.state = "starting"
+        try:
+            path = await self.listener.model_path(self.model.name)
+        except Exception as exc:
+            raise LoadFailed(str(exc)) from None
+        parent, child = socket.socketpair()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "llm_residentd.worker", "--fd", str(child.fileno()),
+                "--name", self.name, pass_fds=[child.fileno()],
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE)
+        finally:
+            child.close()
+        self.pid = self._proc.pid
+        asyncio.get_running_loop().create_task(self._drain_stderr(self._proc.stderr))
+        reader, self._writer = await asyncio.open_unix_connection(sock=parent)
+        self._send({"type": "load", "path": str(path), "n_ctx": self.model.n_ctx,
+                    "n_batch": self.model.n_batch, "threads": self.model.threads,
+                    "chat_template": self.model.chat_template, "seed": self.model.seed})
+        try:
+            msg = await asyncio.wait_for(self._recv(reader), LOAD_TIMEOUT)
+        except (TimeoutError, ProtocolError, OSError) as exc:
+            raise LoadFailed(f"no answer to load: {exc}") from None
+        if msg is None:
+            raise LoadFailed(f"worker exited while loading {path}: {self._tail()}")
+        if msg.get("type") != "ready":
+            raise LoadFailed(msg.get("message", f"unexpected reply {msg!r}"))
+        self.threads, self.n_ctx = msg["threads"], msg["n_ctx"]
+        self.last_error = self.load_error = ""
+        self.log.info("worker_ready", pid=self.pid, path=str(path), threads=self.threads,
+                      n_ctx=self.n_ctx, load_s=round(msg["load_s"], 3))
+        return reader
+
+    async def _recv(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
+        body = await read_frame(reader, IPC_MAX_FRAME)
+        return None if body is None else decode(body)
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                msg = await self._recv(reader)
+            except (ProtocolError, OSError) as exc:
+                self.log.error("worker_stream_broken", error=str(exc))
+                return
+            if msg is None:
+                return
+            try:
+                self._handle(msg)
+            except Exception:
+                self.log.exception("worker_message_failed", type=msg.get("type"))
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        kind, req = msg.get("type"), self.current
+        if kind == "threads":
+            self.threads = msg["n"]
+            return
+        if req is None or msg.get("req") != req.id:
+            self.log.warning("worker_stray_message", type=kind, req=msg.get("req"))
+            return
+        if kind == "token":
+            req.token(msg["text"])
+            return
+        self.current = None
+        self.served += 1
+        if kind == "done":
+            self.listener.worker_done(self, req, msg)
+        else:
+            self.listener.worker_error(self, req, msg.get("code", "internal"),
+                                       msg.get("message", "worker error"))
+        if self.state == "busy":
+            self.state = "idle"
+            self.listener.worker_idle(self)
+
+    async def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if proc is not None:
+            if proc.returncode is None:
+                proc.kill()
+            code = await proc.wait()
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            self.last_error = self.last_error or f"worker process {proc.pid} {how}"
+            if not self._stopping:
+                self.log.error("worker_exited", pid=proc.pid, how=how, stderr=self._tail())
+            req, self.current = self.current, None
+            if req is not None:
+                self.listener.worker_error(
+                    self, req, "worker_died", f"worker {self.name} (pid {proc.pid}) {how}")
+        self.pid = None
+        self.state = "stopped" if self._stopping else "restarting"
+
+    async def _drain_stderr(self, stream: asyncio.StreamReader | None) -> None:
+        while stream is not None and (line := await stream.readline()):
+            text = line.decode(errors="replace").rstrip()
+            self.stderr_tail.append(text)
+            self.log.debug("worker_stderr", line=text)
+
+    def _tail(self) -> str:
+        return " | ".join(self.stderr_tail)[-2000:]
+
+    # -- commands --------------------------------------------------------------
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(encode(msg))
+
+    def run(self, req: Request) -> None:
+        assert self.idle
+        self.state, self.current = "busy", req
+        req.started_at = time.monotonic()
+        self._send({"type": "generate", "req": req.id, "prompt": req.prompt, **req.params})
+
+    def cancel(self, req: Request) -> None:
+        if self.current is req:
+            self._send({"type": "cancel", "req": req.id})
+
+    def set_threads(self, n: int) -> None:
+        self._send({"type": "set_threads", "n": n})
+
+    def rss(self) -> int | None:
+        try:
+            return psutil.Process(self.pid).memory_info().rss if self.pid else None
+        except psutil.Error:
+            return None
+
+    async def stop(self, grace: float) -> None:
+        """Ask the worker to exit; kill it after grace seconds."""
+        self._stopping = True
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        self._send({"type": "shutdown"})
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "model": self.model.name, "index": self.index,
+            "pid": self.pid, "state": self.state, "threads": self.threads, "n_ctx": self.n_ctx,
+            "rss_bytes": self.rss(), "served": self.served, "restarts": self.restarts,
+            "request": self.current.id if self.current else None,
+            "last_error": self.last_error or None,
+        }

@@ -1,0 +1,1 @@
+"""Built-in resource policies (registered through the llm_residentd.policies entry points)."""

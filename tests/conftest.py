@@ -1,0 +1,21 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+# Make helper modules in tests/ (e.g. tinymodel) importable from any test.
+TESTS_DIR = pathlib.Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+import tinymodel  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny random-weight llama GGUF model, written once per test session."""
+    return tinymodel.write_tiny_model(tmp_path_factory.mktemp("tinymodel") / "tiny.gguf")

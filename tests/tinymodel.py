@@ -1,0 +1,215 @@
+"""Generate a tiny random-weight llama-architecture GGUF model for tests.
+
+The model is a real llama graph (RMS norm, RoPE attention, SwiGLU FFN) with
+an SPM ("llama") tokenizer over a small English vocabulary, so llama.cpp
+loads it, tokenizes words into whole-word tokens and generates quickly.
+The generated text is garbage; only the mechanics are meant to be real.
+
+Usage: python tests/tinymodel.py OUT.gguf [--layers N] [--embd N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+
+import gguf
+import numpy as np
+
+ARCH = "llama"
+SPIECE = "\u2581"  # SentencePiece word-boundary marker "▁"
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+# Words that tokenize to single tokens; every "▁"-prefixed prefix of each word
+# is in the vocabulary too, because SPM only merges pairs that are in it.
+_WORD_TEXT = """
+    a about after again all an and answer any are as ask at back be because
+    before big blue brown but by can cat come could day do dog down each
+    even every first for fox from get give go good great had has have he
+    hello help her here him his how i if in into is it its jumps just know
+    lazy like little long look make man many me model more most my new no
+    not now of old on one only or other our out over people please question
+    quick red say see she so some story take tell test than thank that the
+    their them then there these they thing think this time to two up us use
+    very want was way we well were what when which who will with word work
+    world would write year yes you your
+"""
+WORDS: tuple[str, ...] = tuple(_WORD_TEXT.split())
+
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+OTHER_CHARS = "0123456789.,!?;:'\"-()[]{}/\\*+=<>@#$%&_|~`^"
+
+WEIGHT_STD = np.float32(0.02)  # small weights keep activations finite
+
+
+def build_vocab() -> tuple[list[str], list[float], list[int]]:
+    """Return (tokens, scores, token_types) of the tiny SPM vocabulary."""
+    tokens: list[str] = ["<unk>", "<s>", "</s>"]
+    types: list[int] = [
+        gguf.TokenType.UNKNOWN,
+        gguf.TokenType.CONTROL,
+        gguf.TokenType.CONTROL,
+    ]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [gguf.TokenType.BYTE] * 256
+
+    # Normal pieces: lone marker, single characters, then word prefixes.
+    pieces: list[str] = [SPIECE]
+    pieces += list(LETTERS) + list(OTHER_CHARS)
+    pieces += [SPIECE + c for c in LETTERS + OTHER_CHARS]
+    for word in WORDS:
+        for i in range(2, len(word) + 1):
+            pieces.append(SPIECE + word[:i])
+    seen: set[str] = set()
+    unique = [p for p in pieces if not (p in seen or seen.add(p))]
+    tokens += unique
+    types += [gguf.TokenType.NORMAL] * len(unique)
+
+    # Control/byte tokens score 0; longer pieces score higher so that SPM
+    # prefers them (merge order does not matter much: merges only ever extend
+    # a "▁"-prefix by one character).
+    scores = [0.0] * (3 + 256) + [float(len(p)) - 100.0 for p in unique]
+    return tokens, scores, [int(t) for t in types]
+
+
+def write_tiny_model(
+    path: str | os.PathLike[str],
+    *,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_ff: int = 128,
+    n_ctx_train: int = 4096,
+    seed: int = 0,
+    chat_template: str | None = None,
+) -> pathlib.Path:
+    """Write a random-weight llama GGUF model to ``path`` and return its path.
+
+    Output is byte-for-byte deterministic for the same arguments. The file is
+    written to a temporary name and renamed into place, so concurrent readers
+    never see a partial model.
+    """
+    if n_layer < 1 or n_embd < 1 or n_head < 1 or n_ff < 1 or n_ctx_train < 1:
+        raise ValueError("model dimensions must be positive")
+    if n_embd % n_head:
+        raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    head_dim = n_embd // n_head
+    if head_dim % 2:
+        raise ValueError(f"head dim n_embd/n_head ({head_dim}) must be even for RoPE")
+
+    out = pathlib.Path(path)
+    tokens, scores, types = build_vocab()
+    n_vocab = len(tokens)
+    rng = np.random.default_rng(seed)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp_name, ARCH)
+        w.add_name("tiny-random-llama")
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+        # Hyperparameters (llama.* keys).
+        w.add_vocab_size(n_vocab)
+        w.add_context_length(n_ctx_train)
+        w.add_embedding_length(n_embd)
+        w.add_block_count(n_layer)
+        w.add_feed_forward_length(n_ff)
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_head)
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(10000.0)
+
+        # Tokenizer (SentencePiece-style, llama.cpp "llama" vocab type).
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_unk_token_id(UNK_ID)
+        w.add_bos_token_id(BOS_ID)
+        w.add_eos_token_id(EOS_ID)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
+
+        # Tensors, F32: norm weights are ones, the rest small random values.
+        # Only shapes are registered up front; data is streamed one tensor at
+        # a time so large configurations do not need the whole model in RAM.
+        # numpy shapes are the reverse of ggml's ne: (out_features, in_features).
+        specs: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (n_vocab, n_embd))]
+        for i in range(n_layer):
+            p = f"blk.{i}."
+            specs += [
+                (p + "attn_norm.weight", (n_embd,)),
+                (p + "attn_q.weight", (n_embd, n_embd)),
+                (p + "attn_k.weight", (n_embd, n_embd)),
+                (p + "attn_v.weight", (n_embd, n_embd)),
+                (p + "attn_output.weight", (n_embd, n_embd)),
+                (p + "ffn_norm.weight", (n_embd,)),
+                (p + "ffn_gate.weight", (n_ff, n_embd)),
+                (p + "ffn_up.weight", (n_ff, n_embd)),
+                (p + "ffn_down.weight", (n_embd, n_ff)),
+            ]
+        specs += [("output_norm.weight", (n_embd,)), ("output.weight", (n_vocab, n_embd))]
+        f32 = np.dtype(np.float32)
+        for name, shape in specs:
+            w.add_tensor_info(name, shape, f32, int(np.prod(shape)) * f32.itemsize)
+
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for name, shape in specs:
+                if name.endswith("norm.weight"):
+                    w.write_tensor_data(np.ones(shape, dtype=np.float32))
+                else:
+                    w.write_tensor_data(rng.standard_normal(shape, dtype=np.float32) * WEIGHT_STD)
+        finally:
+            w.close()
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
+        os.replace(tmp_name, out)
+    except BaseException:
+        pathlib.Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Write a tiny random-weight llama GGUF model.")
+    ap.add_argument("out", help="output .gguf path")
+    ap.add_argument("--layers", type=int, default=2, help="number of blocks (default 2)")
+    ap.add_argument("--embd", type=int, default=64, help="embedding size (default 64)")
+    ap.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    ap.add_argument("--ff", type=int, default=128, help="feed-forward size (default 128)")
+    ap.add_argument("--ctx", type=int, default=4096, help="training context length (default 4096)")
+    ap.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
+    ap.add_argument("--chat-template", default=None, help="Jinja chat template text")
+    ap.add_argument("--chat-template-file", default=None, help="read the chat template from a file")
+    args = ap.parse_args(argv)
+
+    template = args.chat_template
+    if args.chat_template_file is not None:
+        template = pathlib.Path(args.chat_template_file).read_text(encoding="utf-8")
+
+    path = write_tiny_model(
+        args.out,
+        n_layer=args.layers,
+        n_embd=args.embd,
+        n_head=args.heads,
+        n_ff=args.ff,
+        n_ctx_train=args.ctx,
+        seed=args.seed,
+        chat_template=template,
+    )
+    print(f"{path} {path.stat().st_size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
