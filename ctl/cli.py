@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from typing import Any
 
 from llm_residentd import __version__
@@ -155,6 +156,31 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def wait_ready(path: str | None, model: str | None, timeout: float) -> int:
+    """Poll until the daemon answers and the model (or every model) is ready."""
+    deadline = time.monotonic() + timeout
+    last = "the daemon did not answer"
+    while time.monotonic() < deadline:
+        try:
+            with Client(path, timeout=5) as client:
+                models = [m for m in client.models() if model in (None, m["name"])]
+        except LlmctlError as exc:
+            if exc.code not in ("not_running", "connection_lost", "client_timeout"):
+                raise
+            last = exc.message
+        else:
+            if not models:
+                raise LlmctlError("no_such_model", f"no model {model!r}")
+            bad = [m for m in models if m["state"] == "unavailable"]
+            if bad:
+                raise LlmctlError("model_unavailable", bad[0]["error"])
+            if all(m["state"] == "ready" for m in models):
+                return EXIT_OK
+            last = ", ".join(f"{m['name']} is {m['state']}" for m in models)
+        time.sleep(0.2)
+    raise LlmctlError("client_timeout", f"not ready after {timeout:g} s: {last}")
+
+
 # -- argument parsing ------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "(llmctl submit -v, or --json). Only its owner or root may cancel it.")
     s.add_argument("request", metavar="REQUEST", help="request id, e.g. r7")
     s.set_defaults(func=cmd_cancel)
+    s = sub.add_parser("wait", parents=[common], help="wait until the daemon can serve",
+                       description="Wait until the daemon answers and MODEL (default: every "
+                       "model) is loaded. Exit 0 when ready, 1 if a model cannot be loaded, "
+                       "4 on timeout. For scripts that start the daemon.")
+    s.add_argument("model", metavar="MODEL", nargs="?", help="the model to wait for")
+    s.add_argument("--timeout", type=float, default=60, metavar="S", help="default 60")
+    s.set_defaults(func=None)
     return p
 
 
@@ -212,6 +245,8 @@ EXIT_FOR_CODE = {"not_running": EXIT_NOT_RUNNING, "timeout": EXIT_TIMEOUT,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "wait":
+            return wait_ready(args.socket or args.global_socket, args.model, args.timeout)
         with Client(args.socket or args.global_socket) as client:
             return args.func(client, args)
     except LlmctlError as exc:

@@ -5,6 +5,13 @@ an SPM ("llama") tokenizer over a small English vocabulary, so llama.cpp
 loads it, tokenizes words into whole-word tokens and generates quickly.
 The generated text is garbage; only the mechanics are meant to be real.
 
+Residual channel 0 carries a constant that the blocks neither read nor write,
+which gives the output layer a per-token bias: <unk>, <s>, </s> and the byte
+tokens are pushed far down, so sampling emits only printable word pieces and
+never stops by itself (force a stop with logit_bias={EOS_ID: 100.0}). Byte
+tokens would otherwise produce broken UTF-8, and llama-cpp-python then
+generates past max_tokens while it waits for the character to complete.
+
 Usage: python tests/tinymodel.py OUT.gguf [--layers N] [--embd N] ...
 """
 
@@ -23,6 +30,7 @@ ARCH = "llama"
 SPIECE = "\u2581"  # SentencePiece word-boundary marker "▁"
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+FIRST_PIECE_ID = 3 + 256  # after <unk> <s> </s> and the 256 byte tokens
 
 # Words that tokenize to single tokens; every "▁"-prefixed prefix of each word
 # is in the vocabulary too, because SPM only merges pairs that are in it.
@@ -44,6 +52,8 @@ LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 OTHER_CHARS = "0123456789.,!?;:'\"-()[]{}/\\*+=<>@#$%&_|~`^"
 
 WEIGHT_STD = np.float32(0.02)  # small weights keep activations finite
+BIAS_CHANNEL = 0  # residual channel that holds a constant 1.0 (see above)
+SUPPRESS_WEIGHT = np.float32(-2.0)  # output weight on it for suppressed tokens
 
 
 def build_vocab() -> tuple[list[str], list[float], list[int]]:
@@ -72,8 +82,25 @@ def build_vocab() -> tuple[list[str], list[float], list[int]]:
     # Control/byte tokens score 0; longer pieces score higher so that SPM
     # prefers them (merge order does not matter much: merges only ever extend
     # a "▁"-prefix by one character).
-    scores = [0.0] * (3 + 256) + [float(len(p)) - 100.0 for p in unique]
+    scores = [0.0] * FIRST_PIECE_ID + [float(len(p)) - 100.0 for p in unique]
     return tokens, scores, [int(t) for t in types]
+
+
+def _tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Weights for one tensor (numpy shape = (out_features, in_features))."""
+    if name.endswith("norm.weight"):
+        t = np.ones(shape, dtype=np.float32)
+        if name != "output_norm.weight":
+            t[BIAS_CHANNEL] = 0.0  # blocks do not read the bias channel
+        return t
+    t = rng.standard_normal(shape, dtype=np.float32) * WEIGHT_STD
+    if name == "token_embd.weight":
+        t[:, BIAS_CHANNEL] = 1.0
+    elif name.endswith(("attn_output.weight", "ffn_down.weight")):
+        t[BIAS_CHANNEL, :] = 0.0  # blocks do not write the bias channel
+    elif name == "output.weight":
+        t[:FIRST_PIECE_ID, BIAS_CHANNEL] = SUPPRESS_WEIGHT  # control and byte tokens
+    return t
 
 
 def write_tiny_model(
@@ -166,10 +193,7 @@ def write_tiny_model(
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             for name, shape in specs:
-                if name.endswith("norm.weight"):
-                    w.write_tensor_data(np.ones(shape, dtype=np.float32))
-                else:
-                    w.write_tensor_data(rng.standard_normal(shape, dtype=np.float32) * WEIGHT_STD)
+                w.write_tensor_data(_tensor(rng, name, shape))
         finally:
             w.close()
         os.chmod(tmp_name, 0o644)  # mkstemp creates 0600

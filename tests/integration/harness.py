@@ -1,0 +1,118 @@
+"""Test harness: a real llm-residentd subprocess serving the tiny generated model, and helpers to drive it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llm_residentd.protocol import recv_frame, send_frame
+from llmctl import Client
+from llmctl.cli import wait_ready
+
+TINY_MODEL = """
+[models.tiny]
+path = "{path}"
+n_ctx = {n_ctx}
+workers = {workers}
+max_queue = {max_queue}
+max_tokens = 16
+threads = 1
+"""
+
+
+class Daemon:
+    def __init__(self, workdir: Path, config: str) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.socket = self.dir / "llm.sock"
+        self.config = self.dir / "config.toml"
+        self.config.write_text(config)
+        self.logfile = self.dir / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> Daemon:
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "llm_residentd", "--config", str(self.config),
+                 "--socket", str(self.socket), "--log-format", "json", "--log-level", "debug"],
+                stdout=log, stderr=log, env=env)
+        if wait:
+            wait_ready(str(self.socket), None, 60)
+        return self
+
+    def client(self, **kw: Any) -> Client:
+        return Client(self.socket, **kw)
+
+    def llmctl(self, *args: str, input: str | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "llmctl", "--socket", str(self.socket), *args],
+                              capture_output=True, text=True, input=input, timeout=timeout)
+
+    def raw(self, hello: bool = True) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(str(self.socket))
+        if hello:
+            send_frame(sock, {"id": 0, "op": "hello", "protocol": 1})
+            assert recv_frame(sock)["ok"] is True
+        return sock
+
+    def status(self) -> dict[str, Any]:
+        with self.client() as c:
+            return c.status()
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.logfile.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def assert_serving(self) -> None:
+        """A well-formed request still completes."""
+        with self.client() as c:
+            stream = c.submit("hello there", max_tokens=4)
+            events = list(stream.events())
+        assert events[-1]["event"] == "done", events
+
+
+def tiny_config(model: Path, n_ctx: int = 256, workers: int = 1, max_queue: int = 8,
+                daemon: str = "") -> str:
+    body = TINY_MODEL.format(path=model, n_ctx=n_ctx, workers=workers, max_queue=max_queue)
+    return f"[daemon]\nhello_timeout = 2.0\n{daemon}\n{body}"
+
+
+def read_until_done(sock: socket.socket, want: int) -> list[dict[str, Any]]:
+    """Every frame on a raw connection until `want` terminal events have arrived."""
+    frames, ended = [], 0
+    while ended < want:
+        msg = recv_frame(sock)
+        assert msg is not None, "connection closed early"
+        frames.append(msg)
+        if msg.get("event") in ("done", "error"):
+            ended += 1
+    return frames
+
+
+def wait_for(predicate: Any, timeout: float = 10, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

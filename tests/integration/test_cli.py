@@ -1,0 +1,91 @@
+"""llmctl against a real daemon serving the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def test_submit_streams_text_and_exits_zero(tiny_daemon):
+    r = tiny_daemon.llmctl("submit", "hello world", "--max-tokens", "8", "--ignore-eos", "-v")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip(), "no text streamed"
+    assert "accepted for tiny" in r.stderr
+    assert "8 tokens" in r.stderr  # the stats line: ignore_eos makes the count exact
+
+
+def test_submit_json_events(tiny_daemon):
+    r = tiny_daemon.llmctl("submit", "--json", "the answer is", "-n", "6", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert events[0]["event"] == "accepted" and events[0]["model"] == "tiny"
+    assert {e["event"] for e in events[1:-1]} == {"token"}
+    done = events[-1]
+    assert done["event"] == "done"
+    stats = done["stats"]
+    assert stats["completion_tokens"] == 6 and stats["finish_reason"] == "length"
+    assert stats["prompt_tokens"] > 0
+    assert 0 < stats["ttft_s"] <= stats["total_s"]
+    assert stats["tokens_per_s"] > 0
+
+
+def test_submit_reads_prompt_from_stdin(tiny_daemon):
+    r = tiny_daemon.llmctl("submit", "-", "-n", "3", "--json", input="tell me about the sky")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["event"] == "done"
+
+
+def test_status_and_models(tiny_daemon):
+    tiny_daemon.llmctl("submit", "hello", "-n", "4")
+    r = tiny_daemon.llmctl("status", "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    (worker,) = st["workers"]
+    assert worker["model"] == "tiny" and worker["state"] == "idle"
+    assert worker["pid"] > 0 and worker["threads"] == 1 and worker["rss_bytes"] > 1 << 20
+    m = st["models"]["tiny"]
+    assert m["state"] == "ready" and m["queue_depth"] == 0
+    assert m["outcomes"]["completed"] >= 1
+    for key in ("ttft_s", "latency_s", "tokens_per_s"):
+        assert set(m[key]) == {"p50", "p95", "p99"} and m[key]["p50"] is not None
+    text = tiny_daemon.llmctl("status").stdout
+    assert "tiny-0" in text and "TTFT ms p50/95/99" in text
+    r = tiny_daemon.llmctl("models", "--json")
+    (model,) = json.loads(r.stdout)
+    assert model["name"] == "tiny" and model["state"] == "ready" and model["n_ctx"] == 256
+
+
+def test_errors_have_messages_and_exit_codes(tiny_daemon, tmp_path):
+    r = tiny_daemon.llmctl("submit", "-m", "nope", "hi")
+    assert r.returncode == 1 and "no_such_model" in r.stderr and "tiny" in r.stderr
+    r = tiny_daemon.llmctl("cancel", "r999999")
+    assert r.returncode == 1 and "no_such_request" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "llmctl", "--socket", str(tmp_path / "x.sock"),
+                        "status"], capture_output=True, text=True)
+    assert r.returncode == 3 and "is llm-residentd running" in r.stderr
+    r = tiny_daemon.llmctl("submit")
+    assert r.returncode == 2 and "PROMPT" in r.stderr
+    r = tiny_daemon.llmctl("submit", "a long story", "-n", "200", "--ignore-eos",
+                           "--timeout", "0.001")
+    assert r.returncode == 4 and "(timeout)" in r.stderr
+
+
+@pytest.mark.parametrize("cmd", [[], ["submit"], ["status"], ["models"], ["cancel"], ["wait"]])
+def test_help(cmd):
+    r = subprocess.run([sys.executable, "-m", "llmctl", *cmd, "--help"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "usage: llmctl" in r.stdout
+
+
+def test_daemon_help_and_check_config(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "llm_residentd", "--help"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "--config" in r.stdout and "LLM_RESIDENTD_SOCKET" in r.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[models.x]\npath = "/m.gguf"\nn_ctx = "big"\n')
+    r = subprocess.run([sys.executable, "-m", "llm_residentd", "--config", str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "models.x.n_ctx: expected int, got str" in r.stderr
