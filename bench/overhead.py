@@ -41,6 +41,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from llmctl import Client, LlmctlError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +61,7 @@ PROMPT_BODY = ("notes for a workshop: write a short, plain explanation of how th
                "bicycle let a rider climb a steep hill with less effort, and mention the chain, "
                "the sprockets, the derailleur and a comfortable cadence in your answer.")
 SETUPS = ("inprocess", "daemon")
+NOISY_CPU_PCT = 10.0  # a sample is noisy if others used more than this % of one CPU meanwhile
 
 
 @dataclass
@@ -75,6 +78,10 @@ class Sample:
     worker_tokens_per_s: float | None = None  # the daemon worker's own figure
     worker_prefill_ms: float | None = None
     daemon_ttft_ms: float | None = None  # daemon-side: accepted -> first token
+    other_cpu_pct: float = 0.0  # CPU used by everything else (and steal), % of one CPU
+    bench_cpu_ms: float = 0.0  # CPU of this process (in-process model, or the llmctl client)
+    daemon_cpu_ms: float = 0.0  # CPU of the daemon's main process
+    worker_cpu_ms: float = 0.0  # CPU of the daemon's worker process(es)
     text: str = ""
 
 
@@ -120,6 +127,30 @@ def percentile(values: list[float], q: float) -> float:
     pos = (len(data) - 1) * q / 100
     lo, frac = int(pos), pos - int(pos)
     return data[lo] if lo + 1 >= len(data) else data[lo] + (data[lo + 1] - data[lo]) * frac
+
+
+class CpuMeter:
+    """CPU seconds used on the machine during a sample: ours, split by process, and the rest."""
+
+    def __init__(self, daemon_pid: int) -> None:
+        daemon = psutil.Process(daemon_pid)
+        self.procs = {"bench": [psutil.Process()], "daemon": [daemon],
+                      "worker": daemon.children(recursive=True)}
+
+    def read(self) -> dict[str, float]:
+        t = psutil.cpu_times()
+        out = {"busy": t.user + t.nice + t.system + t.irq + t.softirq + t.steal}
+        for name, procs in self.procs.items():
+            out[name] = sum(sum(p.cpu_times()[:2]) for p in procs)
+        return out
+
+    def charge(self, sample: Sample, before: dict[str, float], wall_s: float) -> None:
+        """Store the CPU used since before in sample."""
+        d = {k: v - before[k] for k, v in self.read().items()}
+        own = d["bench"] + d["daemon"] + d["worker"]
+        sample.other_cpu_pct = max(0.0, d["busy"] - own) / wall_s * 100
+        sample.bench_cpu_ms, sample.daemon_cpu_ms = d["bench"] * 1000, d["daemon"] * 1000
+        sample.worker_cpu_ms = d["worker"] * 1000
 
 
 # -- setup A: in-process ------------------------------------------------------------------

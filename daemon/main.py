@@ -76,7 +76,9 @@ async def run(cfg: config.Config, socket_path: Path) -> int:
              config=cfg.source, models=sorted(cfg.models), **settings)
     await stop.wait()
     log.info("daemon_stopping", live_requests=len(service.requests))
-    await server.stop()
+    await server.stop_listening()
+    service.fail_all()
+    await server.close_connections()
     await service.stop()
     log.info("daemon_stopped")
     return 0

@@ -34,6 +34,7 @@ class Connection:
         self.greeted = False
         self.closed = False
         self.requests: dict[str, Request] = {}
+        self.writer_task: asyncio.Task | None = None
         self.out: asyncio.Queue[Any] = asyncio.Queue()
         self.log = log.bind(peer_pid=self.pid, peer_uid=self.uid)
 
@@ -74,7 +75,7 @@ class Connection:
             raise ProtocolError("bad_frame", "stream ended inside a frame") from None
 
     async def serve(self) -> None:
-        writer_task = asyncio.create_task(self._write_loop())
+        self.writer_task = writer_task = asyncio.create_task(self._write_loop())
         try:
             while not self.closed:
                 try:
@@ -173,13 +174,20 @@ class Server:
         finally:
             self.connections.discard(conn)
 
-    async def stop(self) -> None:
+    async def stop_listening(self) -> None:
         if self._server is not None:
             self._server.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        for conn in list(self.connections):
+
+    async def close_connections(self, timeout: float = 2.0) -> None:
+        """Flush what each connection has queued (final events), then close it."""
+        conns = list(self.connections)
+        for conn in conns:
             conn.send(_CLOSE)
+        tasks = [c.writer_task for c in conns if c.writer_task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
 
 def _remove_stale(path: Path) -> None:

@@ -224,11 +224,15 @@ class Service:
 
     # -- shutdown -------------------------------------------------------------------
 
-    async def stop(self) -> None:
-        """Fail every live request with shutting_down, then stop the workers."""
+    def fail_all(self) -> None:
+        """Refuse new work and fail every live request with shutting_down."""
         self.stopping = True
         for request_id in list(self.requests):
             self.stop_request(request_id, "shutting_down", "the daemon is stopping")
+
+    async def stop(self) -> None:
+        """Stop the workers (after fail_all)."""
+        self.fail_all()
         workers = self.all_workers()
         await asyncio.gather(*(w.stop(self.config.daemon.shutdown_grace) for w in workers))
         for task in self._tasks:

@@ -16,8 +16,8 @@ def start_daemon(tmp_path: Path) -> Iterator:
     """Start daemons with a given config; all are stopped at the end of the test."""
     daemons: list[Daemon] = []
 
-    def start(config: str, wait: bool = True, name: str = "d") -> Daemon:
-        d = Daemon(tmp_path / f"{name}{len(daemons)}", config)
+    def start(config: str, wait: bool = True, name: str = "d", socket: Path | None = None) -> Daemon:
+        d = Daemon(tmp_path / f"{name}{len(daemons)}", config, socket)
         daemons.append(d)
         return d.start(wait)
 

@@ -28,10 +28,10 @@ threads = 1
 
 
 class Daemon:
-    def __init__(self, workdir: Path, config: str) -> None:
+    def __init__(self, workdir: Path, config: str, socket_path: Path | None = None) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.socket = self.dir / "llm.sock"
+        self.socket = socket_path or self.dir / "llm.sock"
         self.config = self.dir / "config.toml"
         self.config.write_text(config)
         self.logfile = self.dir / "daemon.log"
