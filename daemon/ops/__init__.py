@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..scheduler import Request
     from ..service import Service
 
-_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Param:
             value = float(value)
         if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
             raise ProtocolError("bad_request",
-                                f"{name} must be a {_NAMES[self.kind]}, not {type(value).__name__}")
+                                f"{name} must be {_NAMES[self.kind]}, not {type(value).__name__}")
         size = len(value) if isinstance(value, str) else value
         what = "the length of " if isinstance(value, str) else ""
         if self.min is not None and size < self.min:

