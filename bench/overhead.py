@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 from llmctl import Client, LlmctlError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,8 +255,15 @@ def tail(log: Path, lines: int = 20) -> str:
     return "(no log)"
 
 
+@dataclass
+class Daemon:
+    client: Client
+    command: list[str]
+    pid: int
+
+
 @contextlib.contextmanager
-def running_daemon(model: str, threads: int, tmp: Path) -> Iterator[tuple[Client, list[str]]]:
+def running_daemon(model: str, threads: int, tmp: Path) -> Iterator[Daemon]:
     """The daemon as a subprocess, stopped on the way out whatever happens."""
     cfg, sock, log = write_config(tmp, model, threads), tmp / "llm.sock", tmp / "daemon.log"
     cmd = daemon_command(cfg, sock)
@@ -268,7 +274,7 @@ def running_daemon(model: str, threads: int, tmp: Path) -> Iterator[tuple[Client
     client = None
     try:
         client = wait_ready(proc, sock, log)
-        yield client, cmd
+        yield Daemon(client, cmd, proc.pid)
     finally:
         if client is not None:
             client.close()
@@ -301,93 +307,147 @@ def run_daemon(client: Client, prompt: str, n: int) -> Sample:
 # -- the rounds ------------------------------------------------------------------------
 
 
-def run_rounds(local: InProcess, client: Client, rounds: int, n: int) -> list[Sample]:
+def run_one(setup: str, local: InProcess, daemon: Daemon, meter: CpuMeter, prompt: str,
+            n: int) -> Sample:
+    """One generation of one setup, with the CPU it and everything else used meanwhile."""
+    before, started = meter.read(), time.perf_counter()
+    sample = local.run(prompt, n)[0] if setup == "inprocess" else run_daemon(daemon.client, prompt, n)
+    meter.charge(sample, before, time.perf_counter() - started)
+    return sample
+
+
+def run_rounds(local: InProcess, daemon: Daemon, rounds: int, n: int) -> list[Sample]:
     """Warm-up (round 0) then rounds alternating which setup goes first."""
+    meter = CpuMeter(daemon.pid)
     samples = []
     for r in range(rounds + 1):
         prompt = prompt_for(r)
         order = SETUPS if r % 2 == 0 else SETUPS[::-1]
         for position, setup in enumerate(order, 1):
-            sample = local.run(prompt, n)[0] if setup == "inprocess" else run_daemon(client, prompt, n)
+            sample = run_one(setup, local, daemon, meter, prompt, n)
             sample.round, sample.position = r, position
             samples.append(sample)
             print(f"  round {r}{' (warm-up)' if r == 0 else ''}: {setup:9s} "
-                  f"TTFT {sample.ttft_ms:7.2f} ms  {sample.tokens_per_s:7.2f} tok/s",
-                  file=sys.stderr, flush=True)
+                  f"TTFT {sample.ttft_ms:7.2f} ms  {sample.tokens_per_s:7.2f} tok/s  "
+                  f"other CPU {sample.other_cpu_pct:5.1f} %", file=sys.stderr, flush=True)
     return samples
 
 
-def summarize(samples: list[Sample]) -> dict[str, Any]:
-    """Medians per setup, the two goal ratios and paired per-round figures."""
-    timed = [s for s in samples if s.round > 0]
-    by = {k: [s for s in timed if s.setup == k] for k in SETUPS}
-    out: dict[str, Any] = {}
-    for setup, rows in by.items():
-        ttft, tps = [s.ttft_ms for s in rows], [s.tokens_per_s for s in rows]
-        out[setup] = {"ttft_ms": {"p50": percentile(ttft, 50), "p90": percentile(ttft, 90),
-                                  "min": min(ttft), "max": max(ttft)},
-                      "tokens_per_s": {"p50": percentile(tps, 50), "p90": percentile(tps, 90),
-                                       "min": min(tps), "max": max(tps)}}
-    a, b = out["inprocess"], out["daemon"]
-    pairs = list(zip(by["inprocess"], by["daemon"], strict=True))
-    out["tps_ratio"] = b["tokens_per_s"]["p50"] / a["tokens_per_s"]["p50"]
-    out["ttft_delta_ms"] = b["ttft_ms"]["p50"] - a["ttft_ms"]["p50"]
+def spread(values: list[float]) -> dict[str, float]:
+    return {"p50": percentile(values, 50), "p90": percentile(values, 90),
+            "min": min(values), "max": max(values)}
+
+
+def compare(pairs: list[tuple[Sample, Sample]]) -> dict[str, Any]:
+    """Per-setup spreads and the two goal figures over (in-process, daemon) pairs."""
+    a, b = [x for x, _ in pairs], [y for _, y in pairs]
+    out: dict[str, Any] = {
+        "rounds": len(pairs),
+        "inprocess": {"ttft_ms": spread([s.ttft_ms for s in a]),
+                      "tokens_per_s": spread([s.tokens_per_s for s in a])},
+        "daemon": {"ttft_ms": spread([s.ttft_ms for s in b]),
+                   "tokens_per_s": spread([s.tokens_per_s for s in b])},
+    }
+    out["tps_ratio"] = out["daemon"]["tokens_per_s"]["p50"] / out["inprocess"]["tokens_per_s"]["p50"]
+    out["ttft_delta_ms"] = out["daemon"]["ttft_ms"]["p50"] - out["inprocess"]["ttft_ms"]["p50"]
     out["paired_tps_ratio_p50"] = statistics.median(y.tokens_per_s / x.tokens_per_s for x, y in pairs)
     out["paired_ttft_delta_ms_p50"] = statistics.median(y.ttft_ms - x.ttft_ms for x, y in pairs)
     out["tps_goal_met"] = out["tps_ratio"] >= GOAL_TPS_RATIO
     out["ttft_goal_met"] = out["ttft_delta_ms"] <= GOAL_TTFT_DELTA_MS
+    return out
+
+
+def cpu_use(samples: list[Sample]) -> dict[str, float]:
+    """Mean CPU ms per request by process, and µs per token; sums first, so 10 ms ticks average out."""
+    n, tokens = len(samples) or 1, sum(s.tokens for s in samples) or 1
+    out = {f"{k}_ms_per_request": sum(getattr(s, f"{k}_cpu_ms") for s in samples) / n
+           for k in ("bench", "daemon", "worker")}
+    out["bench_us_per_token"] = sum(s.bench_cpu_ms for s in samples) * 1000 / tokens
+    out["daemon_us_per_token"] = sum(s.daemon_cpu_ms for s in samples) * 1000 / tokens
+    return out
+
+
+def summarize(samples: list[Sample]) -> dict[str, Any]:
+    """All timed rounds, the quiet ones alone, output checks and CPU per token."""
+    timed = [s for s in samples if s.round > 0]
+    by = {k: [s for s in timed if s.setup == k] for k in SETUPS}
+    pairs = list(zip(by["inprocess"], by["daemon"], strict=True))
+    quiet = [(x, y) for x, y in pairs if max(x.other_cpu_pct, y.other_cpu_pct) <= NOISY_CPU_PCT]
+    out = compare(pairs)
+    out["quiet"] = compare(quiet) if quiet else None
     out["same_output_rounds"] = sum(x.text == y.text for x, y in pairs)
     out["same_prompt_tokens_rounds"] = sum(x.prompt_tokens == y.prompt_tokens for x, y in pairs)
-    out["rounds"] = len(pairs)
     worker = [s.worker_tokens_per_s for s in by["daemon"] if s.worker_tokens_per_s]
     out["daemon_worker_tokens_per_s_p50"] = percentile(worker, 50) if worker else None
+    out["cpu"] = {k: cpu_use(v) for k, v in by.items()}
     return out
 
 
 # -- output --------------------------------------------------------------------------
 
 
-def print_report(meta: dict[str, Any], samples: list[Sample], summary: dict[str, Any]) -> None:
-    p = print
-    p(f"command:   {meta['command']}")
-    p(f"daemon:    {meta['daemon_command']}")
-    p(f"versions:  llama-cpp-python {meta['llama_cpp_python']}, llm-residentd {meta['llm_residentd']}, "
-      f"Python {meta['python']}")
-    p(f"machine:   {meta['cpu']}, {meta['cpus']} CPUs; load average {meta['load_before']} before, "
-      f"{meta['load_after']} after")
-    p(f"model:     {meta['model']}")
-    p(f"settings:  threads {meta['threads']}, {meta['tokens']} tokens, {meta['rounds']} rounds "
-      f"+ 1 warm-up, greedy, ignore EOS, ~{meta['prompt_tokens']} prompt tokens, new prompt per round")
-    p()
-    p("per round (ms, tok/s; 'w' = the daemon worker's own tokens/s):")
-    p(f"{'round':>5} {'first':>9} | {'A TTFT':>8} {'A tok/s':>8} | {'B TTFT':>8} {'B tok/s':>8} "
-      f"{'B w tok/s':>9} | {'B/A tok/s':>9} {'B-A TTFT':>9}")
-    for r in range(1, meta["rounds"] + 1):
+def print_header(meta: dict[str, Any]) -> None:
+    print(f"command:   {meta['command']}")
+    print(f"daemon:    {meta['daemon_command']}")
+    print(f"versions:  llama-cpp-python {meta['llama_cpp_python']}, llm-residentd "
+          f"{meta['llm_residentd']}, Python {meta['python']}")
+    print(f"machine:   {meta['cpu']}, {meta['cpus']} CPUs; load average {meta['load_before']} before, "
+          f"{meta['load_after']} after")
+    print(f"model:     {meta['model']}")
+    print(f"settings:  threads {meta['threads']}, {meta['tokens']} tokens, {meta['rounds']} rounds "
+          f"+ 1 warm-up, greedy, ignore EOS, ~{meta['prompt_tokens']} prompt tokens, new prompt per round")
+
+
+def print_rounds(samples: list[Sample], rounds: int) -> None:
+    print(f"per round: ms, tok/s; 'B w' = the daemon worker's own tok/s; 'other' = CPU % of one CPU "
+          f"used by other processes (noisy above {NOISY_CPU_PCT:.0f})")
+    print(f"{'round':>5} {'first':>5} | {'A TTFT':>8} {'A tok/s':>8} {'other':>6} | {'B TTFT':>8} "
+          f"{'B tok/s':>8} {'B w':>8} {'other':>6} | {'B/A tok/s':>9} {'B-A TTFT':>9}")
+    for r in range(1, rounds + 1):
         a, b = (next(s for s in samples if s.round == r and s.setup == k) for k in SETUPS)
-        first = "A" if a.position == 1 else "B"
-        p(f"{r:>5} {first:>9} | {a.ttft_ms:8.2f} {a.tokens_per_s:8.2f} | {b.ttft_ms:8.2f} "
-          f"{b.tokens_per_s:8.2f} {b.worker_tokens_per_s or float('nan'):9.2f} | "
-          f"{b.tokens_per_s / a.tokens_per_s:9.4f} {b.ttft_ms - a.ttft_ms:9.2f}")
-    p()
-    p(f"{'setup':<22} {'TTFT p50':>9} {'p90':>8} {'tok/s p50':>10} {'p90':>8} {'min':>8} {'max':>8}")
-    for setup, label in (("inprocess", "A in-process"), ("daemon", "B daemon (llmctl)")):
-        t, s = summary[setup]["ttft_ms"], summary[setup]["tokens_per_s"]
-        p(f"{label:<22} {t['p50']:9.2f} {t['p90']:8.2f} {s['p50']:10.2f} {s['p90']:8.2f} "
-          f"{s['min']:8.2f} {s['max']:8.2f}")
-    p()
+        print(f"{r:>5} {'A' if a.position == 1 else 'B':>5} | {a.ttft_ms:8.2f} {a.tokens_per_s:8.2f} "
+              f"{a.other_cpu_pct:6.1f} | {b.ttft_ms:8.2f} {b.tokens_per_s:8.2f} "
+              f"{b.worker_tokens_per_s or float('nan'):8.2f} {b.other_cpu_pct:6.1f} | "
+              f"{b.tokens_per_s / a.tokens_per_s:9.4f} {b.ttft_ms - a.ttft_ms:+9.2f}")
+
+
+def print_comparison(title: str, cmp: dict[str, Any]) -> None:
     verdict = {True: "PASS", False: "MISS"}
-    p(f"tokens/s B/A (p50/p50): {summary['tps_ratio']:.4f}  goal >= {GOAL_TPS_RATIO}  "
-      f"{verdict[summary['tps_goal_met']]}   (median of paired rounds {summary['paired_tps_ratio_p50']:.4f})")
-    p(f"TTFT B-A (p50-p50):     {summary['ttft_delta_ms']:+.2f} ms  goal <= {GOAL_TTFT_DELTA_MS:.0f} ms  "
-      f"{verdict[summary['ttft_goal_met']]}   (median of paired rounds "
-      f"{summary['paired_ttft_delta_ms_p50']:+.2f} ms)")
-    p(f"checks: identical output in {summary['same_output_rounds']}/{summary['rounds']} rounds, "
-      f"identical prompt token count in {summary['same_prompt_tokens_rounds']}/{summary['rounds']}")
+    print(f"{title} ({cmp['rounds']} rounds)")
+    print(f"  {'setup':<20} {'TTFT p50':>9} {'p90':>8} {'tok/s p50':>10} {'p90':>8} {'min':>8} {'max':>8}")
+    for setup, label in (("inprocess", "A in-process"), ("daemon", "B daemon (llmctl)")):
+        t, s = cmp[setup]["ttft_ms"], cmp[setup]["tokens_per_s"]
+        print(f"  {label:<20} {t['p50']:9.2f} {t['p90']:8.2f} {s['p50']:10.2f} {s['p90']:8.2f} "
+              f"{s['min']:8.2f} {s['max']:8.2f}")
+    print(f"  tokens/s B/A (p50/p50): {cmp['tps_ratio']:.4f}   goal >= {GOAL_TPS_RATIO}   "
+          f"{verdict[cmp['tps_goal_met']]}   (median of per-round ratios {cmp['paired_tps_ratio_p50']:.4f})")
+    print(f"  TTFT B-A (p50-p50):     {cmp['ttft_delta_ms']:+.2f} ms  goal <= {GOAL_TTFT_DELTA_MS:.0f} ms  "
+          f"{verdict[cmp['ttft_goal_met']]}   (median of per-round differences "
+          f"{cmp['paired_ttft_delta_ms_p50']:+.2f} ms)")
+
+
+def print_report(meta: dict[str, Any], samples: list[Sample], summary: dict[str, Any]) -> None:
+    print_header(meta)
+    print()
+    print_rounds(samples, meta["rounds"])
+    print()
+    print_comparison("all rounds", summary)
+    if summary["quiet"] is not None and summary["quiet"]["rounds"] < summary["rounds"]:
+        print_comparison(f"quiet rounds only (other CPU <= {NOISY_CPU_PCT:.0f} % in A and B)",
+                         summary["quiet"])
+    a, b = summary["cpu"]["inprocess"], summary["cpu"]["daemon"]
+    print(f"CPU per request (ms): A in-process {a['bench_ms_per_request']:.0f}; B worker "
+          f"{b['worker_ms_per_request']:.0f} + daemon {b['daemon_ms_per_request']:.0f} + llmctl client "
+          f"{b['bench_ms_per_request']:.0f} (daemon {b['daemon_us_per_token']:.0f} us/token, client "
+          f"{b['bench_us_per_token']:.0f} us/token)")
+    print(f"checks: identical output in {summary['same_output_rounds']}/{summary['rounds']} rounds, "
+          f"identical prompt token count in {summary['same_prompt_tokens_rounds']}/{summary['rounds']}")
 
 
 CSV_FIELDS = ("run", "round", "setup", "position", "threads", "max_tokens", "prompt_tokens", "tokens",
               "ttft_ms", "tokens_per_s", "worker_tokens_per_s", "worker_prefill_ms", "daemon_ttft_ms",
-              "llama_cpp_python", "cpu", "model")
+              "other_cpu_pct", "bench_cpu_ms", "daemon_cpu_ms", "worker_cpu_ms", "llama_cpp_python",
+              "cpu", "model")
 
 
 def write_csv(path: Path, meta: dict[str, Any], samples: list[Sample]) -> None:
@@ -451,13 +511,13 @@ def main(argv: list[str] | None = None) -> int:
     local = InProcess(args.model, args.threads)
     try:
         with tempfile.TemporaryDirectory(prefix="llm-overhead-") as tmp, \
-                running_daemon(args.model, args.threads, Path(tmp)) as (client, cmd):
-            meta["daemon_command"] = shlex.join(cmd)
-            samples = run_rounds(local, client, args.rounds, args.tokens)
+                running_daemon(args.model, args.threads, Path(tmp)) as daemon:
+            meta["daemon_command"] = shlex.join(daemon.command)
+            samples = run_rounds(local, daemon, args.rounds, args.tokens)
     except KeyboardInterrupt:
         print("overhead: interrupted; the daemon was stopped", file=sys.stderr)
         return 130
-    except (RuntimeError, LlmctlError, OSError) as exc:
+    except (RuntimeError, LlmctlError, OSError, psutil.Error) as exc:
         print(f"overhead: failed: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -52,8 +52,9 @@ class ModelConfig:
     n_ctx: int = _opt(2048, "context length in tokens", 64, 1 << 20)
     n_batch: int = _opt(512, "prompt batch size", 1, 1 << 16)
     threads: int = _opt(0, "threads per worker; 0 follows the CPUs the worker may use", 0, 1024)
-    max_queue: int = _opt(64, "queued requests before queue_full", 0, 1 << 20)
-    max_tokens: int = _opt(256, "completion tokens when a request does not say", 1, 1 << 20)
+    max_queue: int = _opt(64, "waiting requests before queue_full", 1, 1 << 20)
+    max_tokens: int = _opt(256, "completion tokens when a request does not say (at most n_ctx)",
+                           1, 1 << 20)
     chat_template: bool = _opt(True, "wrap prompts in the model's chat template if it has one")
     seed: int = _opt(-1, "sampling seed; -1 picks a random one", -1, 2**31 - 1)
 

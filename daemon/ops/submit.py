@@ -42,7 +42,7 @@ class Submit(Op):
         service = ctx.service
         model = args.get("model") or next(iter(service.config.models))
         cfg = service.config.models.get(model)
-        max_tokens = args.get("max_tokens", cfg.max_tokens if cfg else 1)
+        max_tokens = args.get("max_tokens", min(cfg.max_tokens, cfg.n_ctx) if cfg else 1)
         if cfg is not None and max_tokens > cfg.n_ctx:
             raise ProtocolError("bad_request", f"max_tokens must be at most {cfg.n_ctx}, "
                                 f"the context of model {model!r}")

