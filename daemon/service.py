@@ -158,11 +158,13 @@ class Service:
         self.dispatch(worker.model.name)
 
     def worker_done(self, worker: Worker, req: Request, msg: dict[str, Any]) -> None:
-        if req.stop_reason:
-            return  # already failed when the stop was asked for
         if msg.get("cancelled"):
+            log.info("worker_stopped_request", request=req.id, worker=worker.name,
+                     stage=msg["stage"], completion_tokens=msg["completion_tokens"])
             self._finish(req, "cancelled", "the worker stopped the request")
             return
+        if req.stop_reason:
+            return  # already failed when the stop was asked for
         now = time.monotonic()
         w = msg["stats"]
         stats = {

@@ -26,7 +26,12 @@ ABORT_POLL_S = 0.005
 
 
 class Cancelled(Exception):
-    pass
+    """A stop asked for mid-request; stage is "prefill" or "decode"."""
+
+    def __init__(self, stage: str, tokens: int) -> None:
+        super().__init__(stage)
+        self.stage = stage
+        self.tokens = tokens
 
 
 class Channel:
@@ -165,12 +170,12 @@ class Engine:
                     ch.send({"type": "threads", "n": self.threads})
                     ch.threads_wanted = None
                 if ch.stop_asked(req):
-                    raise Cancelled
+                    raise Cancelled("decode", count)
         except RuntimeError:
             if not ch.stop_asked(req):
                 raise
             self.llm.reset()  # the aborted decode left the context half-evaluated
-            raise Cancelled from None
+            raise Cancelled("decode" if first_at else "prefill", count) from None
         finally:
             tokens.close()
             self._abort_during_eval(None)
@@ -198,8 +203,9 @@ def serve(ch: Channel, engine: Engine) -> None:
             try:
                 stats = engine.generate(msg)
                 ch.send({"type": "done", "req": req, "stats": stats})
-            except Cancelled:
-                ch.send({"type": "done", "req": req, "stats": None, "cancelled": True})
+            except Cancelled as stop:
+                ch.send({"type": "done", "req": req, "stats": None, "cancelled": True,
+                         "stage": stop.stage, "completion_tokens": stop.tokens})
             except ValueError as exc:
                 code, _, text = str(exc).partition(": ")
                 if code != "too_long":

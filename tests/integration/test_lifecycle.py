@@ -242,3 +242,19 @@ def test_corrupt_model_file_is_unavailable(start_daemon, tiny_model_path, tmp_pa
     assert "cannot load" in m["bad"]["error"]
     d.llmctl("wait", "tiny")
     d.assert_serving()
+
+
+def test_cancel_during_prompt_evaluation_aborts_it(start_daemon, tmp_path):
+    import tinymodel
+    model = tinymodel.write_tiny_model(tmp_path / "mid.gguf", n_layer=4, n_embd=256, n_ff=512)
+    d = start_daemon(tiny_config(model, n_ctx=4096))  # 3500 prompt tokens take ~2 s to evaluate
+    sock = d.raw()
+    _submit(sock, "r", prompt="the sky is blue and " * 500, raw=True, max_tokens=4)
+    rid = _accepted(sock, "r")["request"]
+    wait_for(lambda: d.status()["workers"][0]["state"] == "busy", what="busy")
+    with d.client() as c:
+        c.cancel(rid)
+    wait_for(lambda: d.status()["workers"][0]["state"] == "idle", what="worker idle")
+    stopped = [e for e in d.logs() if e.get("event") == "worker_stopped_request"]
+    assert [(e["request"], e["stage"], e["completion_tokens"]) for e in stopped] == [(rid, "prefill", 0)]
+    d.assert_serving()  # the aborted context was reset and serves again
