@@ -35,8 +35,8 @@ class DaemonConfig:
     state_dir: str = _opt("", "where assembled model files are kept; empty means the default")
     max_frame: int = _opt(1 << 20, "largest accepted frame in bytes", 1024, 64 << 20)
     max_connections: int = _opt(256, "open connections at once", 1, 65536)
-    hello_timeout: float = _opt(10.0, "seconds a new connection has to send hello", 0.05, 3600)
-    frame_timeout: float = _opt(10.0, "seconds to finish a frame once it has begun", 0.05, 3600)
+    hello_timeout: float = _opt(10.0, "seconds from connect until hello succeeds", 0.05, 3600)
+    frame_timeout: float = _opt(10.0, "seconds to finish a frame from its first byte", 0.05, 3600)
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = _opt("auto", "log format", choices=("auto", "json", "console"))
     restart_backoff_max: float = _opt(30.0, "longest wait before restarting a worker", 0.1, 3600)
@@ -56,7 +56,7 @@ class ModelConfig:
     max_tokens: int = _opt(256, "completion tokens when a request does not say (at most n_ctx)",
                            1, 1 << 20)
     chat_template: bool = _opt(True, "wrap prompts in the model's chat template if it has one")
-    seed: int = _opt(-1, "sampling seed; -1 picks a random one", -1, 2**31 - 1)
+    seed: int = _opt(-1, "seed for requests that pass none; -1 draws one per request", -1, 2**31 - 1)
 
 
 @dataclass(frozen=True)

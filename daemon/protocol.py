@@ -64,7 +64,7 @@ def decode(body: bytes) -> dict[str, Any]:
     try:
         msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError("bad_frame", f"not valid msgpack: {exc}") from None
+        raise ProtocolError("bad_frame", f"not valid msgpack ({type(exc).__name__}: {exc})") from None
     if not isinstance(msg, dict):
         raise ProtocolError("bad_frame", f"expected a map, got {type(msg).__name__}")
     return msg

@@ -8,6 +8,7 @@ import grp
 import os
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ class Connection:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self.pid, self.uid, self.gid = struct.unpack("3i", creds)
         self.greeted = False
+        self.hello_deadline = time.monotonic() + server.service.config.daemon.hello_timeout
         self.closed = False
         self.requests: dict[str, Request] = {}
         self.writer_task: asyncio.Task | None = None
@@ -54,20 +56,27 @@ class Connection:
             self.writer.close()
 
     async def _read_body(self) -> bytes | None:
-        """One frame body; None at end of stream. Timeouts bound a silent or slow peer."""
+        """One frame body; None at end of stream.
+
+        Until hello succeeds, frames must come before one deadline (hello_timeout from
+        connect); a frame, header included, must finish within frame_timeout of its
+        first byte. After hello a connection may stay idle between frames.
+        """
         cfg = self.server.service.config.daemon
+        wait = None if self.greeted else max(0.0, self.hello_deadline - time.monotonic())
         try:
-            header = await asyncio.wait_for(self.reader.readexactly(HEADER.size),
-                                            None if self.greeted else cfg.hello_timeout)
+            first = await asyncio.wait_for(self.reader.readexactly(1), wait)
         except asyncio.IncompleteReadError:
             return None
         except TimeoutError:
             raise ProtocolError("handshake_required",
                                 f"no hello within {cfg.hello_timeout} s") from None
-        (length,) = HEADER.unpack(header)
-        check_length(length, cfg.max_frame)
         try:
-            return await asyncio.wait_for(self.reader.readexactly(length), cfg.frame_timeout)
+            async with asyncio.timeout(cfg.frame_timeout):
+                header = first + await self.reader.readexactly(HEADER.size - 1)
+                (length,) = HEADER.unpack(header)
+                check_length(length, cfg.max_frame)
+                return await self.reader.readexactly(length)
         except TimeoutError:
             raise ProtocolError("bad_frame", f"frame not completed within "
                                 f"{cfg.frame_timeout} s") from None
@@ -120,8 +129,8 @@ class Connection:
             return exc.code != "unsupported_protocol"
         except Exception as exc:
             self.log.exception("op_failed", op=msg.get("op"))
-            self.send({"id": msg_id, "ok": False,
-                       "error": {"code": "internal", "message": f"{type(exc).__name__}"}})
+            self.send({"id": msg_id, "ok": False, "error": {
+                "code": "internal", "message": f"{type(exc).__name__}: {exc} (see the daemon log)"}})
         return True
 
     def _track(self, msg_id: Any, req: Request) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import os
+import random
 import select
 import signal
 import socket
@@ -87,7 +88,9 @@ class Engine:
             model_path=cfg["path"], n_ctx=cfg["n_ctx"], n_batch=cfg["n_batch"],
             n_threads=self.threads, n_threads_batch=self.threads, verbose=False,
             seed=cfg["seed"] if cfg["seed"] >= 0 else llama_cpp.LLAMA_DEFAULT_SEED)
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp may round the context up; llama-cpp-python's buffers keep the asked size.
+        self.n_ctx = min(self.llm.n_ctx(), cfg["n_ctx"])
+        self.seed = cfg["seed"]
         self.formatter = self._chat_formatter() if cfg["chat_template"] else None
         self._abort_req: str | None = None
         self._last_poll = 0.0
@@ -140,8 +143,9 @@ class Engine:
             raise ValueError(f"too_long: the prompt is {len(prompt)} tokens; the context "
                              f"holds {self.n_ctx} and needs room for at least one more")
         max_tokens = min(msg["max_tokens"], self.n_ctx - len(prompt))
-        if msg.get("seed", -1) >= 0:
-            self.llm.set_seed(msg["seed"])
+        # Seed every request: the request's, else the worker's, else a fresh one.
+        seed = next((x for x in (msg.get("seed", -1), self.seed) if x >= 0), None)
+        self.llm.set_seed(seed if seed is not None else random.randrange(2**31))
         vocab = self.llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         count, finish, first_at = 0, "length", None

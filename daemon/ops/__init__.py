@@ -6,6 +6,7 @@ against them and `dispatch` runs the op. Its docstring is its spec in docs/proto
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from ..service import Service
 
 _NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+_WIRE_TYPES = {type(None): "nil", bytes: "binary", list: "array", dict: "map", str: "string",
+               int: "integer", float: "number", bool: "boolean"}
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,10 @@ class Param:
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
-            raise ProtocolError("bad_request",
-                                f"{name} must be {_NAMES[self.kind]}, not {type(value).__name__}")
+            got = _WIRE_TYPES.get(type(value), type(value).__name__)
+            raise ProtocolError("bad_request", f"{name} must be {_NAMES[self.kind]}, not {got}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError("bad_request", f"{name} must be a finite number")
         size = len(value) if isinstance(value, str) else value
         what = "the length of " if isinstance(value, str) else ""
         if self.min is not None and size < self.min:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+
 from .. import __version__
 from ..protocol import PROTOCOL_VERSION, ProtocolError
 from . import OPS, Context, Op, Param, register
+
+log = structlog.get_logger()
 
 
 @register
@@ -29,6 +33,7 @@ class Hello(Op):
             raise ProtocolError("unsupported_protocol",
                                 f"client speaks protocol {args['protocol']}, "
                                 f"this server speaks {PROTOCOL_VERSION}")
+        log.debug("client_hello", client=args.get("client"), peer_uid=ctx.uid, peer_pid=ctx.pid)
         return {"protocol": PROTOCOL_VERSION, "server": "llm-residentd", "version": __version__,
                 "max_frame": ctx.service.config.daemon.max_frame, "ops": sorted(OPS),
                 "uid": ctx.uid}

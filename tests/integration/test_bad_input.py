@@ -145,3 +145,40 @@ def test_partial_frame_times_out(start_daemon, tiny_model_path):
     reply = recv_frame(sock)
     assert reply["error"]["code"] == "bad_frame" and "0.5 s" in reply["error"]["message"]
     d.assert_serving()
+
+
+def test_hello_deadline_is_not_extended_by_other_frames(tiny_daemon):
+    sock = tiny_daemon.raw(hello=False)
+    t0 = time.monotonic()
+    codes = []
+    while time.monotonic() - t0 < 6:
+        try:
+            send_frame(sock, {"id": 1, "op": "status"})
+            reply = recv_frame(sock)
+        except OSError:
+            break
+        if reply is None:
+            break
+        codes.append(reply["error"]["code"])
+        if "within" in reply["error"]["message"]:
+            break
+        time.sleep(0.3)
+    assert codes and set(codes) == {"handshake_required"}
+    assert time.monotonic() - t0 < 4  # hello_timeout is 2 s here
+
+
+def test_partial_header_after_hello_times_out(start_daemon, tiny_model_path):
+    d = start_daemon(tiny_config(tiny_model_path, daemon="frame_timeout = 0.5"))
+    sock = d.raw()
+    sock.sendall(b"\x00\x00")  # half a header
+    reply = recv_frame(sock)
+    assert reply["error"]["code"] == "bad_frame" and "0.5 s" in reply["error"]["message"]
+    assert recv_frame(sock) is None
+
+
+def test_prompt_over_a_small_context_is_too_long(start_daemon, tiny_model_path):
+    d = start_daemon(tiny_config(tiny_model_path, n_ctx=64))  # llama.cpp rounds this up inside
+    sock = d.raw()
+    send_frame(sock, {"id": 1, "op": "submit", "prompt": "the sky is blue " * 20, "max_tokens": 4})
+    _, error = read_until_done(sock, 1)
+    assert error["error"]["code"] == "too_long" and "holds 64" in error["error"]["message"]

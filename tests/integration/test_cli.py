@@ -89,3 +89,12 @@ def test_daemon_help_and_check_config(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llm_residentd", "--config", str(bad)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "models.x.n_ctx: expected int, got str" in r.stderr
+
+
+def test_a_request_seed_does_not_leak_into_later_requests(tiny_daemon):
+    def run(**kw):
+        with tiny_daemon.client() as c:
+            return "".join(c.submit("the sky", max_tokens=16, temperature=2.0, ignore_eos=True,
+                                    **kw).text())
+    assert run(seed=42) == run(seed=42)  # a request's seed makes it reproducible
+    assert run() != run()  # and later unseeded requests draw fresh seeds

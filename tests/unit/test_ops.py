@@ -34,3 +34,11 @@ def test_validate_types_bounds_and_unknown_fields():
                                        {"prompt": "x", "max_tokens": 1.5}).message
     assert "at most 1" in _err(ops.validate, submit, {"prompt": "x", "top_p": 2}).message
     assert "length of prompt" in _err(ops.validate, submit, {"prompt": ""}).message
+
+
+def test_non_finite_numbers_and_wire_type_names():
+    submit = ops.OPS["submit"]
+    for bad in (float("nan"), float("inf")):
+        assert "finite" in _err(ops.validate, submit, {"prompt": "x", "timeout": bad}).message
+    assert "not nil" in _err(ops.validate, submit, {"prompt": None}).message
+    assert "not binary" in _err(ops.validate, submit, {"prompt": b"x"}).message
