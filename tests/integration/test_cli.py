@@ -98,3 +98,16 @@ def test_a_request_seed_does_not_leak_into_later_requests(tiny_daemon):
                                     **kw).text())
     assert run(seed=42) == run(seed=42)  # a request's seed makes it reproducible
     assert run() != run()  # and later unseeded requests draw fresh seeds
+
+
+def test_raw_client_written_from_the_protocol_doc(tiny_daemon):
+    from pathlib import Path
+    client = Path(__file__).parents[2] / "docs" / "examples" / "raw_client.py"
+    r = subprocess.run([sys.executable, str(client), "--socket", str(tiny_daemon.socket),
+                        "--max-tokens", "5", "hello world"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "completion_tokens" in r.stdout + r.stderr
+    r = subprocess.run([sys.executable, str(client), "--socket", str(tiny_daemon.socket),
+                        "--model", "nope", "hi"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "no_such_model" in r.stdout + r.stderr
