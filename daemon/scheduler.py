@@ -30,7 +30,6 @@ class Request:
     started_at: float | None = None
     first_token_at: float | None = None
     finished: bool = False
-    stop_reason: str = ""  # "cancelled" / "timeout" once a stop was asked for
     tokens_sent: int = 0
 
     def emit(self, event: dict[str, Any]) -> None:

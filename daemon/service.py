@@ -110,12 +110,15 @@ class Service:
                     log.debug("request_dispatched", request=req.id, worker=worker.name)
                     worker.run(req)
 
-    def stop_request(self, request_id: str, code: str, message: str) -> Request:
-        """Fail a queued or running request now; a running one is told to stop."""
+    def _live(self, request_id: str) -> Request:
         req = self.requests.get(request_id)
         if req is None:
             raise ProtocolError("no_such_request", f"no queued or running request {request_id}")
-        req.stop_reason = code
+        return req
+
+    def stop_request(self, request_id: str, code: str, message: str) -> Request:
+        """Fail a queued or running request now; a running one is told to stop."""
+        req = self._live(request_id)
         if self.queues[req.model].remove(request_id) is None:
             for worker in self.workers[req.model]:
                 worker.cancel(req)
@@ -123,9 +126,7 @@ class Service:
         return req
 
     def cancel(self, request_id: str, uid: int) -> Request:
-        req = self.requests.get(request_id)
-        if req is None:
-            raise ProtocolError("no_such_request", f"no queued or running request {request_id}")
+        req = self._live(request_id)
         if uid not in (0, req.uid):
             raise ProtocolError("forbidden", f"request {request_id} belongs to uid {req.uid}")
         return self.stop_request(request_id, "cancelled", f"request {request_id} was cancelled")
@@ -163,8 +164,6 @@ class Service:
                      stage=msg["stage"], completion_tokens=msg["completion_tokens"])
             self._finish(req, "cancelled", "the worker stopped the request")
             return
-        if req.stop_reason:
-            return  # already failed when the stop was asked for
         now = time.monotonic()
         w = msg["stats"]
         stats = {
