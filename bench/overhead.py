@@ -11,7 +11,7 @@ Measured on the client side of each: TTFT (start of the call -> first text piece
 decode tokens/s ((n-1) / (t_last - t_first) over text-piece arrival times). A and B never
 run at once: they alternate (A,B then B,A ...) for --rounds rounds after one warm-up each.
 Each round has its own prompt (a different first word), used by A and by B, so neither
-setup reuses a KV-cache prefix beyond BOS.
+setup reuses a KV-cache prefix from the previous round.
 
     .venv/bin/python bench/overhead.py --rounds 7 --tokens 128
 
@@ -56,9 +56,11 @@ GOAL_TTFT_DELTA_MS = 10.0  # daemon adds at most 10 ms to the first token
 SAMPLING = {"top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
 LEAD_WORDS = ("Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel",
               "India", "Juliet", "Kilo", "Lima", "Mike", "November", "Oscar", "Papa")
-PROMPT_BODY = ("notes for a workshop: write a short, plain explanation of how the gears of a "
-               "bicycle let a rider climb a steep hill with less effort, and mention the chain, "
-               "the sprockets, the derailleur and a comfortable cadence in your answer.")
+# A raw continuation (~47 tokens with SmolLM2), so the first generated token has text; an
+# instruction-style raw prompt makes SmolLM2 emit <|im_end|> first, which TTFT would not see.
+PROMPT_BODY = ("workshop notes. Bicycle gears let a rider climb a steep hill with less effort: the chain "
+               "moves between sprockets of different sizes and the derailleur shifts it. In short, gears "
+               "help on a hill because")
 SETUPS = ("inprocess", "daemon")
 NOISY_CPU_PCT = 10.0  # a sample is noisy if others used more than this % of one CPU meanwhile
 
@@ -74,7 +76,8 @@ class Sample:
     tokens: int  # text pieces timed (tokens with non-empty text)
     ttft_ms: float
     tokens_per_s: float
-    worker_tokens_per_s: float | None = None  # the daemon worker's own figure
+    all_tokens_per_s: float | None = None  # in-process: over every token, empty text included
+    worker_tokens_per_s: float | None = None  # the daemon worker's own figure (every token)
     worker_prefill_ms: float | None = None
     daemon_ttft_ms: float | None = None  # daemon-side: accepted -> first token
     other_cpu_pct: float = 0.0  # CPU used by everything else (and steal), % of one CPU
@@ -100,6 +103,18 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+def git_revision() -> str:
+    """Short commit of the checkout, '+dirty' if daemon/ or ctl/ have uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "daemon", "ctl"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def load_average() -> str:
@@ -164,32 +179,32 @@ class InProcess:
         self.llm = llama_cpp.Llama(model_path=model, n_ctx=N_CTX, n_threads=threads,
                                    n_threads_batch=threads, verbose=False)
 
-    def run(self, prompt: str, n: int) -> tuple[Sample, int]:
-        """Generate n tokens; returns the sample (round/position unset) and tokens generated."""
+    def run(self, prompt: str, n: int) -> Sample:
+        """Generate n tokens; the sample's round and position are left for the caller."""
         llm = self.llm
         started = time.perf_counter()
         tokens = llm.tokenize(prompt.encode(), add_bos=True, special=False)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        times: list[float] = []
+        times: list[float] = []  # pieces with text: what a caller (or llmctl) sees
+        every: list[float] = []  # every token, like the worker's own tokens/s
         parts: list[str] = []
-        count = 0
         gen = llm.generate(tokens, temp=0.0, **SAMPLING)
         try:
             for token in gen:
-                count += 1
                 text = decoder.decode(llm.detokenize([token]))
+                every.append(time.perf_counter())
                 if text:
-                    times.append(time.perf_counter())
+                    times.append(every[-1])
                     parts.append(text)
-                if count >= n:
+                if len(every) >= n:
                     break
         finally:
             gen.close()
         parts.append(decoder.decode(b"", final=True))
-        sample = Sample(round=-1, setup="inprocess", position=0, prompt_tokens=len(tokens),
-                        tokens=len(times), ttft_ms=(times[0] - started) * 1000 if times else float("nan"),
-                        tokens_per_s=decode_rate(times), text="".join(parts))
-        return sample, count
+        return Sample(round=-1, setup="inprocess", position=0, prompt_tokens=len(tokens),
+                      tokens=len(times), ttft_ms=(times[0] - started) * 1000 if times else float("nan"),
+                      tokens_per_s=decode_rate(times), all_tokens_per_s=decode_rate(every),
+                      text="".join(parts))
 
     def close(self) -> None:
         self.llm.close()
@@ -228,23 +243,32 @@ def stop_daemon(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def model_state(sock: Path) -> tuple[Client | None, dict[str, Any]]:
+    """A connected client and our model's entry in models(); (None, {}) if the daemon is not up."""
+    try:
+        client = Client(sock, timeout=30.0)
+    except LlmctlError:
+        return None, {}
+    try:
+        return client, next((m for m in client.models() if m["name"] == MODEL_NAME), {})
+    except LlmctlError:
+        client.close()
+        return None, {}
+
+
 def wait_ready(proc: subprocess.Popen, sock: Path, log: Path) -> Client:
     """Poll models() until ours is ready; returns a connected client."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the daemon exited with {proc.returncode}:\n{tail(log)}")
-        try:
-            client = Client(sock, timeout=30.0)
-        except LlmctlError:
-            time.sleep(0.05)
-            continue
-        state = next(m for m in client.models() if m["name"] == MODEL_NAME)
-        if state["state"] == "ready":
+        client, model = model_state(sock)
+        if client is not None and model.get("state") == "ready":
             return client
-        client.close()
-        if state["state"] == "unavailable":
-            raise RuntimeError(f"the daemon cannot load the model: {state['error']}")
+        if client is not None:
+            client.close()
+        if model.get("state") == "unavailable":
+            raise RuntimeError(f"the daemon cannot load the model: {model.get('error')}")
         time.sleep(0.05)
     raise RuntimeError(f"the model was not ready within {READY_TIMEOUT_S:.0f} s:\n{tail(log)}")
 
@@ -311,7 +335,7 @@ def run_one(setup: str, local: InProcess, daemon: Daemon, meter: CpuMeter, promp
             n: int) -> Sample:
     """One generation of one setup, with the CPU it and everything else used meanwhile."""
     before, started = meter.read(), time.perf_counter()
-    sample = local.run(prompt, n)[0] if setup == "inprocess" else run_daemon(daemon.client, prompt, n)
+    sample = local.run(prompt, n) if setup == "inprocess" else run_daemon(daemon.client, prompt, n)
     meter.charge(sample, before, time.perf_counter() - started)
     return sample
 
@@ -377,8 +401,11 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
     out["quiet"] = compare(quiet) if quiet else None
     out["same_output_rounds"] = sum(x.text == y.text for x, y in pairs)
     out["same_prompt_tokens_rounds"] = sum(x.prompt_tokens == y.prompt_tokens for x, y in pairs)
-    worker = [s.worker_tokens_per_s for s in by["daemon"] if s.worker_tokens_per_s]
-    out["daemon_worker_tokens_per_s_p50"] = percentile(worker, 50) if worker else None
+    inner = [(x.all_tokens_per_s, y.worker_tokens_per_s) for x, y in pairs if y.worker_tokens_per_s]
+    if inner:
+        a_all, b_w = percentile([x for x, _ in inner], 50), percentile([y for _, y in inner], 50)
+        out["inside"] = {"inprocess_all_tokens_per_s_p50": a_all, "worker_tokens_per_s_p50": b_w,
+                         "ratio": b_w / a_all}
     out["cpu"] = {k: cpu_use(v) for k, v in by.items()}
     return out
 
@@ -390,7 +417,7 @@ def print_header(meta: dict[str, Any]) -> None:
     print(f"command:   {meta['command']}")
     print(f"daemon:    {meta['daemon_command']}")
     print(f"versions:  llama-cpp-python {meta['llama_cpp_python']}, llm-residentd "
-          f"{meta['llm_residentd']}, Python {meta['python']}")
+          f"{meta['llm_residentd']} (git {meta['git']}), Python {meta['python']}")
     print(f"machine:   {meta['cpu']}, {meta['cpus']} CPUs; load average {meta['load_before']} before, "
           f"{meta['load_after']} after")
     print(f"model:     {meta['model']}")
@@ -399,14 +426,16 @@ def print_header(meta: dict[str, Any]) -> None:
 
 
 def print_rounds(samples: list[Sample], rounds: int) -> None:
-    print(f"per round: ms, tok/s; 'B w' = the daemon worker's own tok/s; 'other' = CPU % of one CPU "
-          f"used by other processes (noisy above {NOISY_CPU_PCT:.0f})")
-    print(f"{'round':>5} {'first':>5} | {'A TTFT':>8} {'A tok/s':>8} {'other':>6} | {'B TTFT':>8} "
-          f"{'B tok/s':>8} {'B w':>8} {'other':>6} | {'B/A tok/s':>9} {'B-A TTFT':>9}")
+    print("per round: ms, tok/s over pieces with text; 'A all' / 'B w' = tok/s over every token inside "
+          "the generating process (in-process / daemon worker);")
+    print(f"'other' = CPU used meanwhile by other processes, % of one CPU (noisy above {NOISY_CPU_PCT:.0f})")
+    print(f"{'round':>5} {'first':>5} | {'A TTFT':>8} {'A tok/s':>8} {'A all':>8} {'other':>6} | "
+          f"{'B TTFT':>8} {'B tok/s':>8} {'B w':>8} {'other':>6} | {'B/A tok/s':>9} {'B-A TTFT':>9}")
     for r in range(1, rounds + 1):
         a, b = (next(s for s in samples if s.round == r and s.setup == k) for k in SETUPS)
         print(f"{r:>5} {'A' if a.position == 1 else 'B':>5} | {a.ttft_ms:8.2f} {a.tokens_per_s:8.2f} "
-              f"{a.other_cpu_pct:6.1f} | {b.ttft_ms:8.2f} {b.tokens_per_s:8.2f} "
+              f"{a.all_tokens_per_s or float('nan'):8.2f} {a.other_cpu_pct:6.1f} | {b.ttft_ms:8.2f} "
+              f"{b.tokens_per_s:8.2f} "
               f"{b.worker_tokens_per_s or float('nan'):8.2f} {b.other_cpu_pct:6.1f} | "
               f"{b.tokens_per_s / a.tokens_per_s:9.4f} {b.ttft_ms - a.ttft_ms:+9.2f}")
 
@@ -435,6 +464,11 @@ def print_report(meta: dict[str, Any], samples: list[Sample], summary: dict[str,
     if summary["quiet"] is not None and summary["quiet"]["rounds"] < summary["rounds"]:
         print_comparison(f"quiet rounds only (other CPU <= {NOISY_CPU_PCT:.0f} % in A and B)",
                          summary["quiet"])
+    if "inside" in summary:
+        i = summary["inside"]
+        print(f"inside the generating process (every token, p50): in-process "
+              f"{i['inprocess_all_tokens_per_s_p50']:.2f}, daemon worker {i['worker_tokens_per_s_p50']:.2f} "
+              f"tok/s, ratio {i['ratio']:.4f}")
     a, b = summary["cpu"]["inprocess"], summary["cpu"]["daemon"]
     print(f"CPU per request (ms): A in-process {a['bench_ms_per_request']:.0f}; B worker "
           f"{b['worker_ms_per_request']:.0f} + daemon {b['daemon_ms_per_request']:.0f} + llmctl client "
@@ -445,9 +479,20 @@ def print_report(meta: dict[str, Any], samples: list[Sample], summary: dict[str,
 
 
 CSV_FIELDS = ("run", "round", "setup", "position", "threads", "max_tokens", "prompt_tokens", "tokens",
-              "ttft_ms", "tokens_per_s", "worker_tokens_per_s", "worker_prefill_ms", "daemon_ttft_ms",
-              "other_cpu_pct", "bench_cpu_ms", "daemon_cpu_ms", "worker_cpu_ms", "llama_cpp_python",
-              "cpu", "model")
+              "ttft_ms", "tokens_per_s", "all_tokens_per_s", "worker_tokens_per_s", "worker_prefill_ms",
+              "daemon_ttft_ms", "other_cpu_pct", "bench_cpu_ms", "daemon_cpu_ms", "worker_cpu_ms",
+              "llama_cpp_python", "cpu", "model")
+
+
+def csv_header_problem(path: Path) -> str:
+    """Why rows cannot be appended to path ('' if they can): an older file with other columns."""
+    if not path.exists() or path.stat().st_size == 0:
+        return ""
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh), [])
+    if tuple(header) != CSV_FIELDS:
+        return f"{path} has other columns (an older version of this script?); move it aside"
+    return ""
 
 
 def write_csv(path: Path, meta: dict[str, Any], samples: list[Sample]) -> None:
@@ -483,6 +528,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"no model file {args.model!r} (pass --model PATH)")
     if args.threads < 1 or args.tokens < 2 or args.rounds < 1:
         p.error("--threads and --rounds must be >= 1, --tokens >= 2")
+    if problem := csv_header_problem(args.csv):
+        p.error(problem)
     return args
 
 
@@ -491,7 +538,7 @@ def metadata(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]
         "run": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": shlex.join([sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
         "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
-        "llm_residentd": importlib.metadata.version("llm-residentd"),
+        "llm_residentd": importlib.metadata.version("llm-residentd"), "git": git_revision(),
         "python": sys.version.split()[0], "cpu": cpu_model(), "cpus": os.cpu_count(),
         "model": args.model, "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
         "load_before": load_average(),
@@ -508,8 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     meta = metadata(args, argv)
     print(f"overhead: {meta['command']}", file=sys.stderr, flush=True)
-    local = InProcess(args.model, args.threads)
+    local = None
     try:
+        local = InProcess(args.model, args.threads)
         with tempfile.TemporaryDirectory(prefix="llm-overhead-") as tmp, \
                 running_daemon(args.model, args.threads, Path(tmp)) as daemon:
             meta["daemon_command"] = shlex.join(daemon.command)
@@ -517,11 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("overhead: interrupted; the daemon was stopped", file=sys.stderr)
         return 130
-    except (RuntimeError, LlmctlError, OSError, psutil.Error) as exc:
+    except (RuntimeError, ValueError, LlmctlError, OSError, psutil.Error) as exc:
         print(f"overhead: failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        local.close()
+        if local is not None:
+            local.close()
     meta["load_after"] = load_average()
     meta["prompt_tokens"] = samples[0].prompt_tokens
     summary = summarize(samples)
