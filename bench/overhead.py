@@ -126,11 +126,16 @@ def prompt_for(round_no: int) -> str:
     return f"{LEAD_WORDS[round_no % len(LEAD_WORDS)]} {PROMPT_BODY}"
 
 
-def decode_rate(times: list[float]) -> float:
-    """(n-1) / (t_last - t_first) over the arrival times of n pieces."""
+def decode_rate(times: list[float], counts: list[int] | None = None) -> float:
+    """Tokens after the first over the time from the first arrival to the last.
+
+    counts[i] is how many tokens arrival i carried (the daemon gathers tokens into one
+    event per stream_interval); None means one each.
+    """
+    counts = counts or [1] * len(times)
     if len(times) < 2 or times[-1] <= times[0]:
         return float("nan")
-    return (len(times) - 1) / (times[-1] - times[0])
+    return (sum(counts) - counts[0]) / (times[-1] - times[0])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -213,7 +218,7 @@ class InProcess:
 # -- setup B: the daemon ------------------------------------------------------------------
 
 
-def write_config(tmp: Path, model: str, threads: int) -> Path:
+def write_config(tmp: Path, model: str, threads: int, stream_interval: float) -> Path:
     cfg = tmp / "config.toml"
     cfg.write_text(
         "[daemon]\n"
@@ -222,6 +227,7 @@ def write_config(tmp: Path, model: str, threads: int) -> Path:
         f"path = {json.dumps(model)}\n"
         f"n_ctx = {N_CTX}\n"
         f"threads = {threads}\n"
+        f"stream_interval = {stream_interval}\n"
         "workers = 1\n")
     return cfg
 
@@ -287,9 +293,9 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def running_daemon(model: str, threads: int, tmp: Path) -> Iterator[Daemon]:
+def running_daemon(model: str, threads: int, stream_interval: float, tmp: Path) -> Iterator[Daemon]:
     """The daemon as a subprocess, stopped on the way out whatever happens."""
-    cfg, sock, log = write_config(tmp, model, threads), tmp / "llm.sock", tmp / "daemon.log"
+    cfg, sock, log = write_config(tmp, model, threads, stream_interval), tmp / "llm.sock", tmp / "daemon.log"
     cmd = daemon_command(cfg, sock)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     with open(log, "wb") as log_fh:
@@ -311,18 +317,20 @@ def run_daemon(client: Client, prompt: str, n: int) -> Sample:
     stream = client.submit(prompt, model=MODEL_NAME, raw=True, temperature=0.0, ignore_eos=True,
                            max_tokens=n, **SAMPLING)
     times: list[float] = []
+    counts: list[int] = []
     parts: list[str] = []
     for event in stream.events():
         if event["event"] == "token":
             times.append(time.perf_counter())
+            counts.append(event.get("tokens", 1))
             parts.append(event["text"])
         elif event["event"] == "error":
             raise RuntimeError(f"daemon request failed: {event['error']}")
     stats = stream.stats or {}
     w_tps, prefill, d_ttft = stats.get("tokens_per_s"), stats.get("prefill_s"), stats.get("ttft_s")
     return Sample(round=-1, setup="daemon", position=0, prompt_tokens=stats.get("prompt_tokens", -1),
-                  tokens=len(times), ttft_ms=(times[0] - started) * 1000 if times else float("nan"),
-                  tokens_per_s=decode_rate(times), worker_tokens_per_s=w_tps,
+                  tokens=sum(counts), ttft_ms=(times[0] - started) * 1000 if times else float("nan"),
+                  tokens_per_s=decode_rate(times, counts), worker_tokens_per_s=w_tps,
                   worker_prefill_ms=prefill * 1000 if prefill is not None else None,
                   daemon_ttft_ms=d_ttft * 1000 if d_ttft is not None else None,
                   text="".join(parts))
@@ -522,6 +530,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=default_model(), help="GGUF file (default: SmolLM2-135M Q4_1)")
     p.add_argument("--csv", type=Path, default=DEFAULT_CSV,
                    help="append per-round rows here (default: bench/results/overhead.csv)")
+    p.add_argument("--stream-interval", type=float, default=0.05,
+                   help="the daemon's models.NAME.stream_interval (default: 0.05, its default)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     args = p.parse_args(argv)
     if not args.model or not Path(args.model).is_file():
@@ -541,6 +551,7 @@ def metadata(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]
         "llm_residentd": importlib.metadata.version("llm-residentd"), "git": git_revision(),
         "python": sys.version.split()[0], "cpu": cpu_model(), "cpus": os.cpu_count(),
         "model": args.model, "threads": args.threads, "tokens": args.tokens, "rounds": args.rounds,
+        "stream_interval": args.stream_interval,
         "load_before": load_average(),
     }
 
@@ -559,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         local = InProcess(args.model, args.threads)
         with tempfile.TemporaryDirectory(prefix="llm-overhead-") as tmp, \
-                running_daemon(args.model, args.threads, Path(tmp)) as daemon:
+                running_daemon(args.model, args.threads, args.stream_interval, Path(tmp)) as daemon:
             meta["daemon_command"] = shlex.join(daemon.command)
             samples = run_rounds(local, daemon, args.rounds, args.tokens)
     except KeyboardInterrupt:

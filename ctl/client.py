@@ -17,7 +17,7 @@ from typing import Any
 
 from llm_residentd import __version__
 from llm_residentd.paths import default_socket
-from llm_residentd.protocol import PROTOCOL_VERSION, ProtocolError, recv_frame, send_frame
+from llm_residentd.protocol import PROTOCOL_VERSION, FrameReader, ProtocolError, send_frame
 
 CONNECT_TIMEOUT = 10.0
 
@@ -73,6 +73,7 @@ class Client:
         self._ids = itertools.count(1)
         self._pending: dict[Any, list[dict[str, Any]]] = {}
         self.sock = self._connect()
+        self._frames = FrameReader(self.sock, 64 << 20)
         self.server = self.call("hello", protocol=PROTOCOL_VERSION, client=f"llmctl/{__version__}")
 
     def _connect(self) -> socket.socket:
@@ -107,9 +108,10 @@ class Client:
         self.sock.close()
 
     def _recv(self, timeout: float | None) -> dict[str, Any]:
-        self.sock.settimeout(timeout)
+        if self.sock.gettimeout() != timeout:
+            self.sock.settimeout(timeout)
         try:
-            msg = recv_frame(self.sock, 64 << 20)
+            msg = self._frames.read()
         except TimeoutError:
             raise LlmctlError("client_timeout", f"no answer from the daemon within {timeout} s; "
                               "it may be overloaded or stuck (see llmctl status, the journal)"

@@ -55,6 +55,8 @@ class ModelConfig:
     max_queue: int = _opt(64, "waiting requests before queue_full", 1, 1 << 20)
     max_tokens: int = _opt(256, "completion tokens when a request does not say (at most n_ctx)",
                            1, 1 << 20)
+    stream_interval: float = _opt(0.05, "seconds of tokens gathered into one token event",
+                                  0, 10)
     chat_template: bool = _opt(True, "wrap prompts in the model's chat template if it has one")
     seed: int = _opt(-1, "seed for requests that pass none; -1 draws one per request", -1, 2**31 - 1)
 

@@ -119,5 +119,32 @@ def recv_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> dict[
     return decode(body)
 
 
+class FrameReader:
+    """Buffered frames from a blocking socket: one recv() often brings several."""
+
+    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.sock = sock
+        self.max_frame = max_frame
+        self.buf = bytearray()
+
+    def read(self) -> dict[str, Any] | None:
+        """The next decoded frame; None at a clean end of stream."""
+        while True:
+            if len(self.buf) >= HEADER.size:
+                (length,) = HEADER.unpack_from(self.buf)
+                check_length(length, self.max_frame)
+                end = HEADER.size + length
+                if len(self.buf) >= end:
+                    body = bytes(self.buf[HEADER.size:end])
+                    del self.buf[:end]
+                    return decode(body)
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                if self.buf:
+                    raise ProtocolError("bad_frame", "stream ended inside a frame")
+                return None
+            self.buf += chunk
+
+
 def send_frame(sock: socket.socket, msg: dict[str, Any]) -> None:
     sock.sendall(encode(msg))

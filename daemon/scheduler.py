@@ -36,13 +36,14 @@ class Request:
         if self.sink is not None:
             self.sink(event)
 
-    def token(self, text: str) -> None:
+    def token(self, text: str, tokens: int = 1) -> None:
+        """Text of one or more tokens, streamed to the client."""
         if self.finished:
             return
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        self.tokens_sent += 1
-        self.emit({"event": "token", "text": text})
+        self.tokens_sent += tokens
+        self.emit({"event": "token", "text": text, "tokens": tokens})
 
     def done(self, stats: dict[str, Any]) -> None:
         if not self.finished:

@@ -20,7 +20,6 @@ from .scheduler import Request
 from .service import Service
 
 log = structlog.get_logger()
-_CLOSE = object()
 
 
 class Connection:
@@ -36,24 +35,17 @@ class Connection:
         self.hello_deadline = time.monotonic() + server.service.config.daemon.hello_timeout
         self.closed = False
         self.requests: dict[str, Request] = {}
-        self.writer_task: asyncio.Task | None = None
-        self.out: asyncio.Queue[Any] = asyncio.Queue()
         self.log = log.bind(peer_pid=self.pid, peer_uid=self.uid)
 
     def send(self, msg: dict[str, Any]) -> None:
-        if not self.closed:
-            self.out.put_nowait(msg)
+        """Queue a frame on the transport; it is written without waiting for the peer."""
+        if not self.closed and not self.writer.is_closing():
+            self.writer.write(encode(msg))
 
-    async def _write_loop(self) -> None:
-        try:
-            while (msg := await self.out.get()) is not _CLOSE:
-                self.writer.write(encode(msg))
-                await self.writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.closed = True
-            self.writer.close()
+    def close(self) -> None:
+        """Close after what is queued has been flushed."""
+        self.closed = True
+        self.writer.close()
 
     async def _read_body(self) -> bytes | None:
         """One frame body; None at end of stream.
@@ -84,7 +76,6 @@ class Connection:
             raise ProtocolError("bad_frame", "stream ended inside a frame") from None
 
     async def serve(self) -> None:
-        self.writer_task = writer_task = asyncio.create_task(self._write_loop())
         try:
             while not self.closed:
                 try:
@@ -105,9 +96,7 @@ class Connection:
             pass
         finally:
             self._drop_requests()
-            self.send(_CLOSE)
-            self.closed = True
-            await writer_task
+            self.close()
 
     def _handle(self, msg: dict[str, Any]) -> bool:
         """Run one request; False when the connection must close."""
@@ -193,10 +182,10 @@ class Server:
         """Flush what each connection has queued (final events), then close it."""
         conns = list(self.connections)
         for conn in conns:
-            conn.send(_CLOSE)
-        tasks = [c.writer_task for c in conns if c.writer_task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+            conn.close()
+        closing = [asyncio.ensure_future(c.writer.wait_closed()) for c in conns]
+        if closing:
+            await asyncio.wait(closing, timeout=timeout)
 
 
 def _remove_stale(path: Path) -> None:

@@ -75,6 +75,29 @@ class Channel:
         return req in self.cancelled or self.shutdown
 
 
+class Outbox:
+    """Token text for the daemon, one frame per interval; the first token goes at once.
+
+    Fewer frames leave more CPU to the model when its threads fill every core.
+    """
+
+    def __init__(self, ch: Channel, req: str, interval: float) -> None:
+        self.ch, self.req, self.interval = ch, req, interval
+        self.text, self.tokens, self.sent_at = "", 0, -interval
+
+    def add(self, text: str) -> None:
+        self.text += text
+        self.tokens += 1
+        if time.monotonic() - self.sent_at >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.text:
+            self.ch.send({"type": "token", "req": self.req, "text": self.text,
+                          "tokens": self.tokens})
+            self.text, self.tokens, self.sent_at = "", 0, time.monotonic()
+
+
 class Engine:
     """One model in this process, generating with its own token loop."""
 
@@ -91,6 +114,7 @@ class Engine:
         # llama.cpp may round the context up; llama-cpp-python's buffers keep the asked size.
         self.n_ctx = min(self.llm.n_ctx(), cfg["n_ctx"])
         self.seed = cfg["seed"]
+        self.stream_interval = cfg["stream_interval"]
         self.formatter = self._chat_formatter() if cfg["chat_template"] else None
         self._abort_req: str | None = None
         self._last_poll = 0.0
@@ -148,6 +172,7 @@ class Engine:
         self.llm.set_seed(seed if seed is not None else random.randrange(2**31))
         vocab = self.llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out = Outbox(ch, req, self.stream_interval)
         count, finish, first_at = 0, "length", None
         self._abort_during_eval(req)
         tokens = self.llm.generate(
@@ -163,9 +188,7 @@ class Engine:
                     finish = "stop"
                     break
                 count += 1
-                text = decoder.decode(self.llm.detokenize([token]))
-                if text:
-                    ch.send({"type": "token", "req": req, "text": text})
+                out.add(decoder.decode(self.llm.detokenize([token])))
                 if count >= max_tokens:
                     break
                 ch.poll()
@@ -183,9 +206,8 @@ class Engine:
         finally:
             tokens.close()
             self._abort_during_eval(None)
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            ch.send({"type": "token", "req": req, "text": tail})
+        out.text += decoder.decode(b"", final=True)
+        out.flush()
         done = time.monotonic()
         decode_s = done - first_at if first_at else 0.0
         return {

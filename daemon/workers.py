@@ -113,7 +113,8 @@ class Worker:
         reader, self._writer = await asyncio.open_unix_connection(sock=parent)
         self._send({"type": "load", "path": str(path), "n_ctx": self.model.n_ctx,
                     "n_batch": self.model.n_batch, "threads": self.model.threads,
-                    "chat_template": self.model.chat_template, "seed": self.model.seed})
+                    "chat_template": self.model.chat_template, "seed": self.model.seed,
+                    "stream_interval": self.model.stream_interval})
         try:
             msg = await asyncio.wait_for(self._recv(reader), LOAD_TIMEOUT)
         except (TimeoutError, ProtocolError, OSError) as exc:
@@ -155,7 +156,7 @@ class Worker:
             self.log.warning("worker_stray_message", type=kind, req=msg.get("req"))
             return
         if kind == "token":
-            req.token(msg["text"])
+            req.token(msg["text"], msg["tokens"])
             return
         self.current = None
         self.served += 1

@@ -26,9 +26,10 @@ def test_default_model_matches_in_process_llama_cpp(start_daemon):
     assert worker["model"] == "smollm2" and worker["state"] == "idle"
     with d.client() as c:
         stream = c.submit(PROMPT, max_tokens=24, temperature=0.0)
-        pieces = [e["text"] for e in stream.events() if e["event"] == "token"]
-    via_daemon = "".join(pieces)
-    assert len(pieces) > 3 and stream.stats["completion_tokens"] > 3
+        tokens = [e for e in stream.events() if e["event"] == "token"]
+    via_daemon = "".join(e["text"] for e in tokens)
+    assert len(tokens) > 1, "the text did not stream"
+    assert sum(e["tokens"] for e in tokens) == stream.stats["completion_tokens"] > 3
 
     import llama_cpp
     llm = llama_cpp.Llama(model_path=str(_smollm2_path()), n_ctx=2048, n_threads=worker["threads"],

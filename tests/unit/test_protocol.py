@@ -61,3 +61,22 @@ def test_error_codes_are_stable_strings():
     assert {"bad_frame", "frame_too_large", "bad_request", "unknown_op", "no_such_model",
             "too_long", "queue_full", "worker_died", "cancelled", "forbidden"} <= set(ERROR_CODES)
     assert ProtocolError("queue_full", "m").as_dict() == {"code": "queue_full", "message": "m"}
+
+
+def test_frame_reader_splits_and_joins_frames():
+    from llm_residentd.protocol import FrameReader
+    a, b = socket.socketpair()
+    reader = FrameReader(b, max_frame=100)
+    a.sendall(encode({"n": 1}) + encode({"n": 2}) + encode({"n": 3})[:5])
+    assert reader.read() == {"n": 1} and reader.read() == {"n": 2}
+    a.sendall(encode({"n": 3})[5:])
+    assert reader.read() == {"n": 3}
+    a.sendall(struct.pack(">I", 101))
+    with pytest.raises(ProtocolError, match="exceeds max_frame 100"):
+        reader.read()
+    a2, b2 = socket.socketpair()
+    a2.sendall(encode({"n": 4})[:3])
+    a2.close()
+    with pytest.raises(ProtocolError, match="inside a frame"):
+        FrameReader(b2).read()
+    a.close()
