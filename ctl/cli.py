@@ -128,10 +128,36 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
                      "-" if m["tokens_per_s"]["p50"] is None else f"{m['tokens_per_s']['p50']:.1f}"])
     print(_table(["MODEL", "STATE", "QUEUE", "RUNNING", "DONE", "FAILED",
                   "TTFT ms p50/95/99", "LATENCY ms p50/95/99", "TOK/S p50"], rows))
+    scoped = [w for w in st["workers"] if w.get("cgroup")]
+    if scoped:
+        print()
+        print(_table(["WORKER", "UNIT", "CPU.MAX", "MEM.HIGH", "MEM.MAX", "MEM.CURRENT",
+                      "THROTTLED", "HIGH/MAX/OOM", "PSI CPU/MEM some10", "EVENTS"],
+                     [_scope_row(w) for w in scoped]))
+    pressure = st.get("pressure", {})
+    system = pressure.get("system") or {}
+    if any(system.values()):
+        print("\nsystem PSI some avg10: " + "  ".join(
+            f"{r} {v['some']['avg10']:.2f}%" for r, v in system.items() if v))
     for w in st["workers"]:
-        if w["last_error"]:
-            print(f"\n{w['name']}: {w['last_error']}")
+        for key in ("last_error", "scope_error"):
+            if w.get(key):
+                print(f"\n{w['name']}: {w[key]}")
     return EXIT_OK
+
+
+def _scope_row(w: dict[str, Any]) -> list[Any]:
+    cg = w["cgroup"]
+    stat, events, pressure = cg.get("cpu.stat") or {}, cg.get("memory.events") or {}, cg["pressure"]
+
+    def some10(resource: str) -> str:
+        p = pressure.get(resource)
+        return "-" if not p else f"{p['some']['avg10']:.1f}"
+    return [w["name"], w["unit"], cg["cpu.max"], cg["memory.high"], cg["memory.max"],
+            _fmt_bytes(cg["memory.current"]),
+            f"{stat.get('nr_throttled', 0)}x {stat.get('throttled_usec', 0) / 1e6:.1f}s",
+            f"{events.get('high', 0)}/{events.get('max', 0)}/{events.get('oom_kill', 0)}",
+            f"{some10('cpu')}/{some10('memory')}", w["pressure_events"]]
 
 
 def cmd_models(client: Client, args: argparse.Namespace) -> int:
@@ -144,6 +170,20 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
     for m in models:
         if m["error"]:
             print(f"\n{m['name']}: {m['error']}")
+    return EXIT_OK
+
+
+def cmd_limits(client: Client, args: argparse.Namespace) -> int:
+    changes = {"cpu": args.cpu, "memory_high": args.memory_high, "memory_max": args.memory_max,
+               "tasks_max": args.tasks_max, "cpu_weight": args.cpu_weight}
+    reply = client.call("limits", model=args.model, **changes)
+    if args.json:
+        _emit_json(reply)
+        return EXIT_OK
+    lim = reply["limits"]
+    print(f"{reply['model']} ({reply['backend']} backend): cpu {lim['cpu']}, memory.high "
+          f"{lim['memory_high']}, memory.max {lim['memory_max']}, tasks {lim['tasks_max']}, "
+          f"cpu.weight {lim['cpu_weight']}")
     return EXIT_OK
 
 
@@ -228,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "(llmctl submit -v, or --json). Only its owner or root may cancel it.")
     s.add_argument("request", metavar="REQUEST", help="request id, e.g. r7")
     s.set_defaults(func=cmd_cancel)
+    s = sub.add_parser("limits", parents=[common], formatter_class=fmt,
+                       help="show or change a model's worker limits live (changes: root)",
+                       description="Show MODEL's worker limits, or change them live. The "
+                       "daemon applies the change to each worker's scope (systemd) or cgroup "
+                       "(cgroupfs), reads it back from the kernel, and sets the workers' "
+                       "thread counts to match the CPU quota. Changing needs root.")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--cpu", metavar="Q", help="CPU quota: 50%% of one CPU, 1.5 CPUs, or max")
+    s.add_argument("--memory-high", metavar="SIZE", help="memory.high: 600M, 2G, or max")
+    s.add_argument("--memory-max", metavar="SIZE", help="memory.max: 1G, or max")
+    s.add_argument("--tasks-max", type=int, metavar="N", help="most tasks; 0 is no limit")
+    s.add_argument("--cpu-weight", type=int, metavar="W", help="cpu.weight, 1..10000")
+    s.set_defaults(func=cmd_limits)
     s = sub.add_parser("wait", parents=[common], help="wait until the daemon can serve",
                        description="Wait until the daemon answers and MODEL (default: every "
                        "model) is loaded. Exit 0 when ready, 1 if a model cannot be loaded, "

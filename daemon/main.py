@@ -15,6 +15,7 @@ import structlog
 
 from . import __version__, config, logs
 from .paths import SOCKET_ENV, default_socket
+from .scopes import ScopeError
 from .server import Server
 from .service import Service
 
@@ -43,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--socket", metavar="PATH",
                    help="control socket (default: the config's, else /run/llm-residentd/llm.sock "
                    "as root, $XDG_RUNTIME_DIR/llm-residentd.sock otherwise)")
+    p.add_argument("--backend", choices=("auto", "systemd", "cgroupfs", "none"),
+                   help="where workers run: a systemd scope each, a child cgroup of a "
+                   "delegated cgroup2 subtree, or no cgroup (default: the config's, auto)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-format", choices=("auto", "json", "console"))
     p.add_argument("--check-config", action="store_true",
@@ -70,7 +74,12 @@ async def run(cfg: config.Config, socket_path: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
+    try:
+        await service.start()
+    except ScopeError as exc:
+        log.error("backend_failed", error=str(exc))
+        await server.stop_listening()
+        return 1
     settings = {f"daemon.{k}": v for k, v in dataclasses.asdict(cfg.daemon).items()}
     log.info("daemon_started", version=__version__, listening=str(socket_path),
              config=cfg.source, models=sorted(cfg.models), **settings)
@@ -97,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  model {name}: {model.package or model.path}, {model.workers} worker(s), "
                   f"n_ctx {model.n_ctx}")
         return 0
+    if args.backend:
+        cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, backend=args.backend))
     logs.setup(args.log_level or cfg.daemon.log_level, args.log_format or cfg.daemon.log_format)
     socket_path = Path(args.socket or os.environ.get(SOCKET_ENV) or cfg.daemon.socket
                        or default_socket())

@@ -31,6 +31,7 @@ ERROR_CODES: dict[str, str] = {
     "queue_full": "the model's queue is full; try again later",
     "no_such_request": "no queued or running request has that id",
     "forbidden": "the peer may not do this",
+    "scope_error": "the scope backend (systemd or cgroupfs) could not apply a change",
     "cancelled": "the request was cancelled",
     "timeout": "the request's deadline passed",
     "worker_died": "the worker process running the request died",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import inspect
 import os
 import socket
 import struct
@@ -90,7 +91,7 @@ class Connection:
                 except ProtocolError as exc:  # one bad frame; the next may be fine
                     self.send({"id": None, "ok": False, "error": exc.as_dict()})
                     continue
-                if not self._handle(msg):
+                if not await self._handle(msg):
                     break
         except (ConnectionError, OSError):
             pass
@@ -98,7 +99,7 @@ class Connection:
             self._drop_requests()
             self.close()
 
-    def _handle(self, msg: dict[str, Any]) -> bool:
+    async def _handle(self, msg: dict[str, Any]) -> bool:
         """Run one request; False when the connection must close."""
         msg_id = msg.get("id")
         try:
@@ -110,6 +111,8 @@ class Connection:
                               pid=self.pid, send=lambda m: self.send({"id": msg_id, **m}),
                               track=lambda r: self._track(msg_id, r))
             reply = op.execute(ctx, args)
+            if inspect.isawaitable(reply):
+                reply = await reply
             self.greeted = True
             if reply is not None:
                 self.send({"id": msg_id, "ok": True, **reply})

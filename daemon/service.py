@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from . import __version__, modelsource
-from .config import Config
+from . import __version__, cgroupstats, modelsource, psi
+from .config import Config, limits_of, trigger_of
+from .cpus import threads_for
+from .limits import LimitError, Limits, check_order
 from .metrics import ModelMetrics
 from .paths import default_state_dir
 from .protocol import PROTOCOL_VERSION, ProtocolError
 from .scheduler import ModelQueue, Request, Sink
+from .scopes import Backend, ScopeError, make_backend
 from .workers import Worker
 
 log = structlog.get_logger()
+SCOPE_CALL_TIMEOUT = 10.0  # a D-Bus call or cgroup write that takes longer is reported
+PRESSURE_EVENTS_KEPT = 200
 
 
 class Service:
@@ -41,11 +48,127 @@ class Service:
         self._path_locks = {n: asyncio.Lock() for n in config.models}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task] = []
+        self.limits: dict[str, Limits] = {n: limits_of(m) for n, m in config.models.items()}
+        self.backend = Backend()
+        self.psi: psi.PsiWatcher | None = None
+        self.pressure_events: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=PRESSURE_EVENTS_KEPT)
+        self._scope_exec = ThreadPoolExecutor(1, thread_name_prefix="scopes")
 
     async def start(self) -> None:
+        """Choose the backend, clear stale scopes, arm PSI triggers, start the workers."""
+        cfg = self.config.daemon
         loop = asyncio.get_running_loop()
+        try:
+            self.backend = make_backend(cfg.backend, cfg.slice)
+        except (ScopeError, ImportError, OSError) as exc:
+            if cfg.backend != "auto":
+                raise ScopeError(f"backend {cfg.backend}: {exc}") from exc
+            log.warning("backend_unavailable", error=str(exc), using="none")
+        stale = await self._scope_call(self.backend.cleanup)
+        log.info("backend_ready", backend=self.backend.name, stale_scopes_removed=stale)
+        self.psi = psi.PsiWatcher(loop, self._on_pressure)
+        self.psi.start()
+        trigger = trigger_of(cfg.psi_system_trigger)
+        for resource in psi.RESOURCES if trigger else ():
+            self._watch(f"system/{resource}", psi.SYSTEM / resource, trigger)
         for worker in self.all_workers():
             self._tasks.append(loop.create_task(worker.supervise(), name=worker.name))
+
+    async def _scope_call(self, fn: Any, *args: Any) -> Any:
+        """Run a blocking backend call (D-Bus, cgroup writes) off the event loop."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._scope_exec, fn, *args)
+        try:
+            return await asyncio.wait_for(future, SCOPE_CALL_TIMEOUT)
+        except TimeoutError:
+            raise ScopeError(f"{getattr(fn, '__name__', fn)} took over "
+                             f"{SCOPE_CALL_TIMEOUT} s") from None
+
+    def _watch(self, key: str, path: Path, trigger: psi.Trigger) -> None:
+        assert self.psi is not None
+        try:
+            self.psi.add(key, path, trigger)
+        except psi.PsiUnavailable as exc:
+            log.warning("psi_trigger_unavailable", key=key, error=str(exc))
+
+    def _on_pressure(self, event: psi.PressureEvent) -> None:
+        entry = {"key": event.key, "path": event.path, "at": event.at,
+                 "trigger": event.trigger.line().decode()}
+        self.pressure_events.append(entry)
+        log.info("pressure_event", **entry)
+
+    # -- scopes ------------------------------------------------------------------
+
+    async def place(self, worker: Worker) -> None:
+        """Put a new worker process into its scope; without one it serves unlimited."""
+        try:
+            worker.scope = await self._scope_call(
+                self.backend.place, worker.name, worker.pid, self.limits[worker.model.name])
+            worker.scope_error = ""
+        except ScopeError as exc:
+            worker.scope_error = str(exc)
+            log.error("scope_failed", worker=worker.name, error=str(exc))
+            return
+        trigger = trigger_of(self.config.daemon.psi_scope_trigger)
+        if trigger and worker.scope is not None and worker.scope.cgroup is not None:
+            for resource in psi.RESOURCES:
+                self._watch(f"{worker.name}/{resource}",
+                            worker.scope.cgroup / f"{resource}.pressure", trigger)
+
+    async def release(self, worker: Worker) -> None:
+        if self.psi is not None:
+            for resource in psi.RESOURCES:
+                self.psi.remove(f"{worker.name}/{resource}")
+        if worker.scope is not None:
+            try:
+                await self._scope_call(self.backend.release, worker.scope)
+            except ScopeError as exc:
+                log.warning("scope_release_failed", worker=worker.name, error=str(exc))
+
+    async def set_limits(self, model: str, **changes: Any) -> dict[str, Any]:
+        """Change a model's worker limits live; threads follow the new CPU quota."""
+        if model not in self.limits:
+            raise ProtocolError("no_such_model", f"no model {model!r}")
+        new = self.limits[model].merged(**changes)
+        try:
+            check_order(new)
+        except LimitError as exc:
+            raise ProtocolError("bad_request", str(exc)) from None
+        errors = []
+        for worker in self.workers[model]:
+            if worker.scope is None:
+                if self.backend.name != "none":
+                    errors.append(f"{worker.name}: no scope ({worker.scope_error or worker.state})")
+                continue
+            try:
+                await self._scope_call(self.backend.apply, worker.scope, new)
+            except ScopeError as exc:
+                errors.append(f"{worker.name}: {exc}")
+                continue
+            self._follow_quota(worker, new)
+        if self.backend.name == "none" and new != self.limits[model]:
+            raise ProtocolError("scope_error", "the none backend cannot set limits (no systemd "
+                                "and no delegated cgroup2 here)")
+        if errors:
+            raise ProtocolError("scope_error", "; ".join(errors))
+        self.limits[model] = new
+        log.info("limits_changed", model=model, **new.describe())
+        return new.describe()
+
+    def _follow_quota(self, worker: Worker, limits: Limits) -> None:
+        """Threads spinning against a small quota collapse throughput: match them to it."""
+        if worker.model.threads or worker.pid is None:
+            return  # a fixed thread count in the config stays fixed
+        try:
+            allowed = len(os.sched_getaffinity(worker.pid))
+        except OSError:
+            return
+        n = threads_for(allowed, limits.cpu)
+        if n != worker.threads:
+            log.info("threads_follow_quota", worker=worker.name, threads=n,
+                     cpu=limits.describe()["cpu"])
+            worker.set_threads(n)
 
     def all_workers(self) -> list[Worker]:
         return [w for ws in self.workers.values() for w in ws]
@@ -194,9 +317,14 @@ class Service:
                 "version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started_at, 3),
                 "socket": str(self.socket_path), "config": self.config.source,
-                "backend": "none", "stopping": self.stopping,
+                "backend": self.backend.name, "stopping": self.stopping,
             },
-            "workers": [w.describe() for w in self.all_workers()],
+            "workers": [self._describe_worker(w) for w in self.all_workers()],
+            "pressure": {
+                "system": psi.system_pressure(),
+                "triggers": dict(self.psi.counts) if self.psi else {},
+                "recent": list(self.pressure_events)[-20:],
+            },
             "models": {
                 name: {
                     "state": self.model_state(name),
@@ -208,6 +336,16 @@ class Service:
                 for name, queue in self.queues.items()
             },
         }
+
+    def _describe_worker(self, worker: Worker) -> dict[str, Any]:
+        out = worker.describe()
+        out["backend"] = self.backend.name
+        out["limits"] = self.limits[worker.model.name].describe()
+        cgroup = worker.scope.cgroup if worker.scope else None
+        out["cgroup"] = cgroupstats.read(cgroup) if cgroup is not None else None
+        counts = self.psi.counts if self.psi else {}
+        out["pressure_events"] = sum(counts.get(f"{worker.name}/{r}", 0) for r in psi.RESOURCES)
+        return out
 
     def models(self) -> list[dict[str, Any]]:
         out = []
@@ -239,3 +377,9 @@ class Service:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in workers:
+            if worker.scope is not None:
+                await self.release(worker)
+        if self.psi is not None:
+            self.psi.stop()
+        self._scope_exec.shutdown(wait=False)

@@ -17,6 +17,7 @@ import structlog
 from .config import ModelConfig
 from .protocol import ProtocolError, decode, encode, read_frame
 from .scheduler import Request
+from .scopes import Scope
 
 LOAD_TIMEOUT = 600.0
 STABLE_AFTER = 30.0  # a worker up this long resets the backoff
@@ -29,6 +30,8 @@ class Listener(Protocol):
     def worker_done(self, worker: Worker, req: Request, msg: dict[str, Any]) -> None: ...
     def worker_error(self, worker: Worker, req: Request, code: str, message: str) -> None: ...
     def worker_load_failed(self, worker: Worker) -> None: ...
+    async def place(self, worker: Worker) -> None: ...
+    async def release(self, worker: Worker) -> None: ...
 
 
 class LoadFailed(Exception):
@@ -54,6 +57,8 @@ class Worker:
         self.last_error = ""
         self.load_error = ""  # set while the model cannot be loaded
         self.current: Request | None = None
+        self.scope: Scope | None = None
+        self.scope_error = ""
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -110,6 +115,7 @@ class Worker:
             child.close()
         self.pid = self._proc.pid
         asyncio.get_running_loop().create_task(self._drain_stderr(self._proc.stderr))
+        await self.listener.place(self)  # into its scope before the model is loaded
         reader, self._writer = await asyncio.open_unix_connection(sock=parent)
         self._send({"type": "load", "path": str(path), "n_ctx": self.model.n_ctx,
                     "n_batch": self.model.n_batch, "threads": self.model.threads,
@@ -186,6 +192,9 @@ class Worker:
             if req is not None:
                 self.listener.worker_error(
                     self, req, "worker_died", f"worker {self.name} (pid {proc.pid}) {how}")
+        if self.scope is not None:
+            await self.listener.release(self)
+            self.scope = None
         self.pid = None
         self.state = "stopped" if self._stopping else "restarting"
 
@@ -243,4 +252,6 @@ class Worker:
             "rss_bytes": self.rss(), "served": self.served, "restarts": self.restarts,
             "request": self.current.id if self.current else None,
             "last_error": self.last_error or None,
+            "unit": self.scope.name if self.scope else None,
+            "scope_error": self.scope_error or None,
         }

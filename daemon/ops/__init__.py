@@ -63,8 +63,9 @@ class Op:
     name: ClassVar[str]
     params: ClassVar[dict[str, Param]] = {}
 
-    def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any] | None:
-        """Run the op; return the reply's fields, or None if it sent its reply itself."""
+    def execute(self, ctx: Context, args: dict[str, Any]) -> Any:
+        """Run the op; return the reply's fields (or an awaitable of them), or None if it
+        sent its reply itself."""
         raise NotImplementedError
 
 
@@ -101,4 +102,4 @@ def lookup(name: Any) -> Op:
     return op
 
 
-from . import cancel, hello, models, status, submit  # noqa: E402,F401  (registers the ops)
+from . import cancel, hello, limits, models, status, submit  # noqa: E402,F401  (registers the ops)

@@ -111,6 +111,8 @@ def test_cancel_of_another_users_request_is_forbidden(start_daemon, tiny_model_p
     rid = _accepted(sock, "b")["request"]
     reply = _as_uid(65534, d, {"id": 1, "op": "cancel", "request": rid})
     assert reply["error"]["code"] == "forbidden" and "uid 0" in reply["error"]["message"]
+    reply = _as_uid(65534, d, {"id": 2, "op": "limits", "model": "tiny", "cpu": "50%"})
+    assert reply["error"]["code"] == "forbidden" and "needs root" in reply["error"]["message"]
     with d.client() as c:
         c.cancel(rid)  # root may
 
