@@ -124,7 +124,7 @@ class SystemdBackend(Backend):
         stale = []
         for unit in self._call("ListUnitsByPatterns", [], [f"{UNIT_PREFIX}*.scope".encode()]):
             name = unit[0].decode()
-            if (CGROUP_ROOT / self.slice / name).exists() or unit[3] == b"active":
+            if (CGROUP_ROOT / self.slice / name).exists():  # ours: under our slice
                 self.release(Scope(name=name, pid=0, cgroup=None, limits=Limits()))
                 stale.append(name)
         return stale
