@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from guestlib import CGROUP, MODEL_SRC, SLICE, GuestDaemon, config, llm_scopes, sh, show, wait_for
+from guestlib import CGROUP, MODEL_SRC, SLICE, GuestDaemon, config, llm_scopes, show, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -88,42 +88,42 @@ def test_bad_limits_change_nothing(daemon):
 def test_cpu_hog_in_the_scope_fires_its_cpu_pressure_trigger(daemon):
     daemon.ctl("limits", "tiny", "--cpu", "20%")
     cgroup = CGROUP / SLICE / "llm-tiny-0.scope"
-    before = daemon.worker("tiny-0")["pressure_events"]
-    hog = subprocess.Popen(["stress-ng", "--cpu", "2", "--timeout", "20s", "--quiet"])
+    before = _trigger_count(daemon, "tiny-0/cpu")
+    hog = _hog_in(cgroup, "--cpu", "2", "--timeout", "30s")
     try:
-        # The test moves its hog into the scope; the daemon itself never writes there.
-        for pid in [hog.pid, *_children(hog.pid)]:
-            (cgroup / "cgroup.procs").write_text(str(pid))
-        wait_for(lambda: daemon.worker("tiny-0")["pressure_events"] > before, timeout=30,
+        wait_for(lambda: _trigger_count(daemon, "tiny-0/cpu") > before, timeout=40,
                  what="a cpu.pressure trigger event in status")
     finally:
         hog.kill()
         hog.wait()
         daemon.ctl("limits", "tiny", "--cpu", "150%")
-    st = daemon.status()
-    recent = [e for e in st["pressure"]["recent"] if e["key"] == "tiny-0/cpu"]
-    assert recent and recent[-1]["path"] == str(cgroup / "cpu.pressure")
+    w = daemon.worker("tiny-0")
+    assert w["pressure_events"] >= _trigger_count(daemon, "tiny-0/cpu") > before
     stat = daemon.worker("tiny-0")["cgroup"]["cpu.stat"]
     assert stat["nr_throttled"] > 0 and stat["throttled_usec"] > 0
 
 
-def _children(pid: int) -> list[int]:
-    time.sleep(0.5)
-    out = sh("pgrep", "-P", str(pid), check=False).stdout
-    return [int(p) for p in out.split()]
+def _hog_in(cgroup: Path, *args: str) -> subprocess.Popen:
+    """stress-ng started inside the scope: the shell moves itself in, then execs.
+
+    The test does this; the daemon itself never writes into systemd's cgroups.
+    """
+    cmd = f"echo $$ > {cgroup}/cgroup.procs && exec stress-ng --quiet {' '.join(args)}"
+    return subprocess.Popen(["sh", "-c", cmd])
+
+
+def _trigger_count(daemon: GuestDaemon, key: str) -> int:
+    return daemon.status()["pressure"]["triggers"].get(key, 0)
 
 
 def test_memory_hog_in_the_scope_fires_its_memory_trigger(daemon):
     daemon.ctl("limits", "tiny", "--memory-high", "64M")
     cgroup = CGROUP / SLICE / "llm-tiny-0.scope"
-    hog = subprocess.Popen(["stress-ng", "--vm", "1", "--vm-bytes", "256M", "--timeout", "25s",
-                            "--quiet"])
+    before = _trigger_count(daemon, "tiny-0/memory")
+    hog = _hog_in(cgroup, "--vm", "1", "--vm-bytes", "256M", "--timeout", "40s")
     try:
-        for pid in [hog.pid, *_children(hog.pid)]:
-            (cgroup / "cgroup.procs").write_text(str(pid))
-        wait_for(lambda: any(e["key"] == "tiny-0/memory"
-                             for e in daemon.status()["pressure"]["recent"]),
-                 timeout=40, what="a memory.pressure trigger event")
+        wait_for(lambda: _trigger_count(daemon, "tiny-0/memory") > before, timeout=50,
+                 what="a memory.pressure trigger event")
     finally:
         hog.kill()
         hog.wait()
