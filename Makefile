@@ -1,4 +1,6 @@
 # llm-residentd developer entry points. `make run` and `make test` are the README's two commands.
+# `make test` runs ruff, the unit and integration tests, and the systemd guest suite
+# (tests/vm boots a Debian guest under QEMU; it installs qemu and mmdebstrap with apt).
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 PIP       := $(VENV)/bin/pip -q --disable-pip-version-check
@@ -56,3 +58,11 @@ test: install lint
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) *.egg-info
+
+# QEMU guest with a real systemd (tests/vm/README.md); `make test` runs it too.
+.PHONY: vm-image vm-test
+vm-image: install
+	tests/vm/build_image.sh
+
+vm-test: install
+	$(VENV)/bin/pytest -v tests/vm
