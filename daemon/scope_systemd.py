@@ -8,6 +8,7 @@ every scope gets an explicit CPUWeight).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,14 @@ class SystemdBackend(Backend):
             b"_custom": (b"PIDs", b"au", [pid]),
             **_properties(limits),
         }
-        self._call("StartTransientUnit", unit.encode(), b"replace", props)
+        for attempt in range(3):
+            try:
+                self._call("StartTransientUnit", unit.encode(), b"replace", props)
+                break
+            except ScopeError as exc:  # a unit of that name from a dead worker may linger
+                if attempt == 2 or "already" not in str(exc):
+                    raise
+                self._forget(unit)
         self._call("SetUnitProperties", unit.encode(), True,
                    {b"_custom": (b"CPUWeight", b"t", limits.cpu_weight)})
         cgroup = self._wait_for_cgroup(pid, unit)
@@ -91,6 +99,12 @@ class SystemdBackend(Backend):
         verify(cgroup, limits)
         log.info("scope_started", unit=unit, pid=pid, cgroup=str(cgroup), **limits.describe())
         return scope
+
+    def _forget(self, unit: str) -> None:
+        for method, args in (("StopUnit", (b"replace",)), ("ResetFailedUnit", ())):
+            with contextlib.suppress(ScopeError):
+                self._call(method, unit.encode(), *args)
+        time.sleep(0.2)
 
     def _wait_for_cgroup(self, pid: int, unit: str) -> Path:
         deadline = time.monotonic() + PLACE_TIMEOUT
