@@ -58,3 +58,36 @@ def test_cgroupfs_backend_in_a_delegated_scope(tmp_path, tiny_model):
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     assert not Path(root).exists() or not (root / "llm-tiny-0").exists()
+
+
+def test_systemd_reexec_does_not_break_the_daemon(tmp_path, tiny_model):
+    d = GuestDaemon(tmp_path, config(tiny_model, cpu="50%")).start()
+    try:
+        subprocess.run(["systemctl", "daemon-reexec"], check=True, timeout=300)
+        # Calls during the re-exec may fail (reported as scope_error); once systemd is
+        # back the same daemon connection works again.
+        wait_for(lambda: d.ctl("limits", "tiny", "--cpu", "30%", check=False).returncode == 0,
+                 timeout=120, what="limits to apply after the re-exec")
+        cgroup = CGROUP / "llm.slice" / "llm-tiny-0.scope"
+        assert (cgroup / "cpu.max").read_text().split() == ["30000", "100000"]
+        r = d.ctl("submit", "--json", "-n", "4", "--ignore-eos", "hello")
+        assert json.loads(r.stdout.splitlines()[-1])["event"] == "done"
+    finally:
+        d.stop()
+
+
+def test_scope_stopped_under_the_daemon_gets_a_new_worker_and_scope(tmp_path, tiny_model):
+    d = GuestDaemon(tmp_path, config(tiny_model, cpu="50%")).start()
+    try:
+        old = d.worker("tiny-0")["pid"]
+        subprocess.run(["systemctl", "stop", "llm-tiny-0.scope"], check=True, timeout=120)
+        w = wait_for(lambda: (w := d.worker("tiny-0"))["state"] == "idle" and w["pid"] != old
+                     and w, timeout=120, what="a new worker")
+        assert w["unit"] == "llm-tiny-0.scope" and w["restarts"] >= 1
+        cgroup = CGROUP / "llm.slice" / "llm-tiny-0.scope"
+        assert (cgroup / "cgroup.procs").read_text().split() == [str(w["pid"])]
+        assert (cgroup / "cpu.max").read_text().split() == ["50000", "100000"]
+        r = d.ctl("submit", "--json", "-n", "4", "--ignore-eos", "hello")
+        assert json.loads(r.stdout.splitlines()[-1])["event"] == "done"
+    finally:
+        d.stop()
