@@ -1,1 +1,32 @@
-"""Built-in resource policies (registered through the llm_residentd.policies entry points)."""
+"""Resource policies. Built-ins and third-party ones load the same way: through the
+entry-point group `llm_residentd.policies`, one class per module, named after its module.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import traceback
+
+from .base import Action, Event, Param, Policy, PolicyError, Snapshot
+
+GROUP = "llm_residentd.policies"
+
+__all__ = ["GROUP", "Action", "Event", "Param", "Policy", "PolicyError", "Snapshot",
+           "available"]
+
+
+def available() -> tuple[dict[str, type[Policy]], dict[str, str]]:
+    """Policy classes by name, and load errors (with tracebacks) by entry-point name."""
+    found: dict[str, type[Policy]] = {}
+    errors: dict[str, str] = {}
+    for ep in importlib.metadata.entry_points(group=GROUP):
+        try:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Policy)) or cls.name != ep.name:
+                raise PolicyError(f"{ep.value} is not a Policy named {ep.name!r}")
+            if ep.name in found:
+                raise PolicyError(f"two policies are named {ep.name!r}")
+            found[ep.name] = cls
+        except Exception:
+            errors[ep.name] = traceback.format_exc(limit=3)
+    return found, errors

@@ -1,0 +1,137 @@
+"""What a policy is: a small class with no I/O that turns events and snapshots into actions.
+
+The daemon feeds each enabled policy the same events (a tick, a PSI trigger, a request
+queued / started / finished, limits changed) with a read-only snapshot of the system, and
+applies the actions it returns. A policy never opens a file or calls D-Bus, so it can be
+tested with a fake clock and scripted snapshots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+class PolicyError(ValueError):
+    """A policy name, parameter or value that cannot be used; the message says which."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter, declared once: it drives config, `llmctl policy show` and the docs."""
+
+    kind: type
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+
+    def check(self, name: str, value: Any) -> Any:
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, str) and self.kind is not str:
+            value = self._from_text(name, value)
+        if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
+            raise PolicyError(f"{name} must be {self.kind.__name__}, not {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PolicyError(f"{name} must be finite")
+        if self.min is not None and value < self.min:
+            raise PolicyError(f"{name} = {value} is below the minimum {self.min}")
+        if self.max is not None and value > self.max:
+            raise PolicyError(f"{name} = {value} is above the maximum {self.max}")
+        return value
+
+    def _from_text(self, name: str, text: str) -> Any:
+        """key=value text from `llmctl policy set`."""
+        try:
+            if self.kind is bool:
+                return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
+            return self.kind(text)
+        except (KeyError, ValueError):
+            raise PolicyError(f"{name}: {text!r} is not a {self.kind.__name__}") from None
+
+
+# -- what a policy sees ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """PSI of one resource: averages in percent, total stall in microseconds."""
+
+    some_avg10: float = 0.0
+    full_avg10: float = 0.0
+    some_total: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    name: str
+    model: str
+    state: str
+    threads: int
+    cpu: float | None  # current quota in CPUs
+    memory_high: int | None
+    memory_current: int | None
+    pressure: dict[str, Pressure] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestView:
+    id: str
+    model: str
+    priority: int
+    prompt_chars: int
+    max_tokens: int
+    waited_s: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float  # the daemon's monotonic clock; a fake one in tests
+    system: dict[str, Pressure] = field(default_factory=dict)
+    workers: tuple[WorkerView, ...] = ()
+    queued: tuple[RequestView, ...] = ()  # waiting requests, in queue order
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # tick | pressure | queued | started | finished | limits
+    key: str = ""  # for pressure: "system/cpu" or "<worker>/<resource>"
+    request: str = ""
+    model: str = ""
+
+
+# -- what a policy asks for ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # admit | defer | set_limits | set_threads
+    target: str  # a request id, a model name or a worker name
+    values: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+
+class Policy:
+    """Subclass, set name and params, override on_event. The docstring is the manual."""
+
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings: dict[str, Any] = {k: p.default for k, p in self.params.items()}
+        self.configure(**settings)
+
+    def configure(self, **settings: Any) -> None:
+        """Change parameters; all are checked before any is applied."""
+        checked = {}
+        for key, value in settings.items():
+            if key not in self.params:
+                known = ", ".join(sorted(self.params)) or "none"
+                raise PolicyError(f"policy {self.name} has no parameter {key!r} (known: {known})")
+            checked[key] = self.params[key].check(key, value)
+        self.settings.update(checked)
+
+    def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
+        return []

@@ -1,0 +1,66 @@
+"""psi-admission: hold new requests back while the CPU is under pressure.
+
+When a CPU pressure trigger fires (system-wide, or on a worker's scope) and the CPU
+`some avg10` is at or above `defer_above` percent, the policy defers new requests: they
+stay queued, in order, and are never dropped. It re-admits them once pressure has
+stayed at or below `admit_below` for `calm_s` seconds (checked on each tick). A request
+deferred longer than `max_defer_s` is admitted anyway, so nothing starves.
+
+Research: a static 50 % quota made p95 latency 20–40× worse; gating admission on PSI
+gave 6.8× better p95 at concurrency 8 (shared/research/000). That work polled a 10 s
+average; here a trigger starts the deferral the moment the kernel reports the stall.
+
+    [[policies]]
+    name = "psi-admission"
+    defer_above = 40.0
+    admit_below = 20.0
+"""
+
+from __future__ import annotations
+
+from .base import Action, Event, Param, Policy, RequestView, Snapshot
+
+
+class PsiAdmission(Policy):
+    name = "psi-admission"
+    params = {
+        "defer_above": Param(float, 40.0, "CPU some avg10 (%) at which to start deferring",
+                             0.0, 100.0),
+        "admit_below": Param(float, 20.0, "CPU some avg10 (%) below which to admit again",
+                             0.0, 100.0),
+        "calm_s": Param(float, 2.0, "seconds pressure must stay low before admitting", 0.0, 600.0),
+        "max_defer_s": Param(float, 30.0, "longest a request is held back", 0.1, 86400.0),
+    }
+
+    def __init__(self, **settings: object) -> None:
+        super().__init__(**settings)
+        self.deferring = False
+        self.calm_since: float | None = None
+
+    def _cpu(self, snap: Snapshot) -> float:
+        """The worst CPU some avg10 of the system and of the workers' scopes."""
+        values = [snap.system["cpu"].some_avg10] if "cpu" in snap.system else []
+        values += [w.pressure["cpu"].some_avg10 for w in snap.workers if "cpu" in w.pressure]
+        return max(values, default=0.0)
+
+    def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
+        cpu = self._cpu(snap)
+        if event.kind == "pressure" and event.key.endswith("/cpu"):
+            if cpu >= self.settings["defer_above"]:
+                self.deferring, self.calm_since = True, None
+        elif event.kind == "tick" and self.deferring:
+            if cpu <= self.settings["admit_below"]:
+                self.calm_since = self.calm_since if self.calm_since is not None else snap.now
+                if snap.now - self.calm_since >= self.settings["calm_s"]:
+                    self.deferring, self.calm_since = False, None
+            else:
+                self.calm_since = None
+        return [self._decide(r, cpu) for r in snap.queued]
+
+    def _decide(self, req: RequestView, cpu: float) -> Action:
+        if not self.deferring:
+            return Action("admit", req.id)
+        if req.waited_s >= self.settings["max_defer_s"]:
+            return Action("admit", req.id, reason=f"deferred {req.waited_s:.1f} s: admitted "
+                          "anyway")
+        return Action("defer", req.id, reason=f"cpu some avg10 {cpu:.1f}%")

@@ -1,0 +1,90 @@
+"""Policies with a fake clock and scripted snapshots: no daemon, no kernel."""
+
+from __future__ import annotations
+
+import pytest
+from llm_residentd.policies import Event, PolicyError, Snapshot
+from llm_residentd.policies.base import Pressure, RequestView, WorkerView
+from llm_residentd.policies.psi_admission import PsiAdmission
+from llm_residentd.policies.static import Static
+
+
+def snap(now: float, cpu: float, queued: int = 2, waited: float = 0.0) -> Snapshot:
+    reqs = tuple(RequestView(f"r{i}", "m", 0, 10, 16, waited) for i in range(queued))
+    worker = WorkerView("m-0", "m", "idle", 2, None, None, None)
+    return Snapshot(now=now, system={"cpu": Pressure(some_avg10=cpu)}, workers=(worker,),
+                    queued=reqs)
+
+
+def kinds(actions) -> list[str]:
+    return [a.kind for a in actions]
+
+
+def test_psi_admission_defers_on_a_trigger_and_readmits_after_calm():
+    p = PsiAdmission(defer_above=40, admit_below=20, calm_s=2)
+    assert kinds(p.on_event(Event("tick"), snap(0, 90))) == ["admit", "admit"]  # no trigger yet
+    assert kinds(p.on_event(Event("pressure", key="system/cpu"), snap(1, 60))) == ["defer"] * 2
+    assert kinds(p.on_event(Event("tick"), snap(2, 15))) == ["defer"] * 2  # calm starts
+    assert kinds(p.on_event(Event("tick"), snap(3, 25))) == ["defer"] * 2  # not calm: reset
+    assert kinds(p.on_event(Event("tick"), snap(4, 10))) == ["defer"] * 2
+    assert kinds(p.on_event(Event("tick"), snap(5.9, 10))) == ["defer"] * 2
+    assert kinds(p.on_event(Event("tick"), snap(6, 10))) == ["admit"] * 2  # 2 s calm
+
+
+def test_psi_admission_ignores_low_pressure_triggers_and_other_resources():
+    p = PsiAdmission(defer_above=40)
+    assert kinds(p.on_event(Event("pressure", key="system/cpu"), snap(0, 30))) == ["admit"] * 2
+    assert kinds(p.on_event(Event("pressure", key="system/memory"), snap(1, 90))) == ["admit"] * 2
+
+
+def test_psi_admission_never_starves_a_request():
+    p = PsiAdmission(defer_above=40, max_defer_s=5)
+    p.on_event(Event("pressure", key="m-0/cpu"), snap(0, 80))
+    actions = p.on_event(Event("tick"), snap(1, 80, queued=1, waited=5.0))
+    assert kinds(actions) == ["admit"] and "anyway" in actions[0].reason
+
+
+def test_scope_pressure_counts_too():
+    p = PsiAdmission(defer_above=40)
+    worker = WorkerView("m-0", "m", "busy", 1, 0.5, None, None, {"cpu": Pressure(some_avg10=70)})
+    s = Snapshot(now=0, system={"cpu": Pressure(some_avg10=5)}, workers=(worker,),
+                 queued=(RequestView("r1", "m", 0, 5, 8, 0.0),))
+    assert kinds(p.on_event(Event("pressure", key="m-0/cpu"), s)) == ["defer"]
+
+
+def test_static_sets_limits_once_per_configuration():
+    p = Static(cpu="50%")
+    first = p.on_event(Event("tick"), snap(0, 0))
+    assert [(a.kind, a.target, a.values["cpu"]) for a in first] == [("set_limits", "m", "50%")]
+    assert p.on_event(Event("tick"), snap(1, 0)) == []
+    p.configure(cpu="75%")
+    assert p.on_event(Event("tick"), snap(2, 0))[0].values["cpu"] == "75%"
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"nope": 1}, "no parameter 'nope'"),
+    ({"defer_above": 140}, "above the maximum"),
+    ({"defer_above": "lots"}, "is not a float"),
+    ({"calm_s": float("nan")}, "finite"),
+])
+def test_bad_parameters_are_refused_and_change_nothing(settings, words):
+    p = PsiAdmission()
+    before = dict(p.settings)
+    with pytest.raises(PolicyError, match=words):
+        p.configure(**settings)
+    assert p.settings == before
+
+
+def test_text_values_from_the_cli_are_converted():
+    p = PsiAdmission()
+    p.configure(defer_above="55.5", calm_s="3")
+    assert p.settings["defer_above"] == 55.5 and p.settings["calm_s"] == 3.0
+
+
+def test_builtins_load_through_the_entry_point_group():
+    from llm_residentd.policies import available
+    found, errors = available()
+    assert {"static", "psi-admission"} <= set(found) and not errors
+    assert found["psi-admission"] is PsiAdmission
+    for cls in found.values():
+        assert cls.__module__ and __import__(cls.__module__, fromlist=["x"]).__doc__
