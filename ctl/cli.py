@@ -187,6 +187,51 @@ def cmd_limits(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_policy(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "set":
+        settings = {}
+        for item in args.settings:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise LlmctlError("bad_request", f"{item!r}: write settings as key=value")
+            settings[key] = value
+        reply = client.call("policy", action="set", name=args.name, settings=settings)
+    else:
+        reply = client.call("policy", action=args.action, name=args.name)
+    if args.json:
+        _emit_json(reply)
+    elif args.action == "list":
+        rows = [[n, "enabled" if n in reply["enabled"] else
+                 "DISABLED" if n in reply["disabled"] else "-",
+                 " ".join(f"{k}={v}" for k, v in reply["enabled"].get(n, {}).items())]
+                for n in reply["available"]]
+        print(_table(["POLICY", "STATE", "SETTINGS"], rows))
+        for name, why in {**reply["disabled"], **reply["load_errors"]}.items():
+            print(f"\n{name}: {why.strip()}")
+    elif args.action == "show":
+        print(reply["doc"].strip() if reply["doc"] else reply["name"])
+        print()
+        print(_table(["PARAMETER", "TYPE", "DEFAULT", "MIN", "MAX", "CURRENT", "MEANING"],
+                     [[k, p["type"], p["default"], p["min"], p["max"],
+                       (reply["settings"] or {}).get(k), p["help"]]
+                      for k, p in reply["params"].items()]))
+    else:
+        print(f"{reply['name']}: " + " ".join(f"{k}={v}" for k, v in reply["settings"].items()))
+    return EXIT_OK
+
+
+def cmd_events(client: Client, args: argparse.Namespace) -> int:
+    events = client.call("events", limit=args.limit)["events"]
+    if args.json:
+        _emit_json(events)
+        return EXIT_OK
+    print(_table(["TIME", "POLICY", "ACTION", "TARGET", "VALUES", "RESULT", "REASON"],
+                 [[time.strftime("%H:%M:%S", time.localtime(e["at"])), e["policy"], e["action"],
+                   e["target"], " ".join(f"{k}={v}" for k, v in e["values"].items()) or "-",
+                   e["result"], e["reason"]] for e in events]))
+    return EXIT_OK
+
+
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     reply = client.cancel(args.request)
     if args.json:
@@ -281,6 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tasks-max", type=int, metavar="N", help="most tasks; 0 is no limit")
     s.add_argument("--cpu-weight", type=int, metavar="W", help="cpu.weight, 1..10000")
     s.set_defaults(func=cmd_limits)
+    s = sub.add_parser("policy", parents=[common], formatter_class=fmt,
+                       help="list, show or change the resource policies",
+                       description="list: every policy and whether it is enabled. show NAME: "
+                       "its manual and parameters. set NAME key=value...: change parameters "
+                       "live, enabling the policy if it was off (root only).")
+    s.add_argument("action", choices=("list", "show", "set"))
+    s.add_argument("name", nargs="?", metavar="NAME")
+    s.add_argument("settings", nargs="*", metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_policy)
+    s = sub.add_parser("events", parents=[common], help="the actions the policies took",
+                       description="The policies' recent actions (admit, defer, set_limits, "
+                       "set_threads, disable) with their targets, results and reasons.")
+    s.add_argument("--limit", type=int, default=50, metavar="N", help="default 50")
+    s.set_defaults(func=cmd_events)
     s = sub.add_parser("wait", parents=[common], help="wait until the daemon can serve",
                        description="Wait until the daemon answers and MODEL (default: every "
                        "model) is loaded. Exit 0 when ready, 1 if a model cannot be loaded, "

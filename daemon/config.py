@@ -80,6 +80,7 @@ class ModelConfig:
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
+    policies: tuple[dict[str, Any], ...] = ()
     source: str = "built-in default"
 
 
@@ -149,8 +150,8 @@ def trigger_of(text: str) -> Trigger | None:
 def parse(data: dict[str, Any], source: str) -> Config:
     """Validate a parsed TOML document."""
     for key in data:
-        if key not in ("daemon", "models"):
-            raise ConfigError(f"{key}: unknown section (known: daemon, models)")
+        if key not in ("daemon", "models", "policies"):
+            raise ConfigError(f"{key}: unknown section (known: daemon, models, policies)")
     daemon = _build(DaemonConfig, data.get("daemon", {}), "daemon")
     _check_mode(daemon.socket_mode)
     for key in ("psi_system_trigger", "psi_scope_trigger"):
@@ -174,7 +175,30 @@ def parse(data: dict[str, Any], source: str) -> Config:
         except LimitError as exc:
             raise ConfigError(f"{key}.{exc}") from None
         models[name] = model
-    return Config(daemon=daemon, models=models, source=source)
+    return Config(daemon=daemon, models=models, policies=_policies(data.get("policies", [])),
+                  source=source)
+
+
+def _policies(tables: Any) -> tuple[dict[str, Any], ...]:
+    """[[policies]] tables: a known name and parameters that policy accepts."""
+    from .policies import PolicyError, available
+
+    if not isinstance(tables, list):
+        raise ConfigError("policies: use [[policies]] tables")
+    classes, _ = available()
+    for i, table in enumerate(tables):
+        key = f"policies[{i}]"
+        if not isinstance(table, dict) or not isinstance(table.get("name"), str):
+            raise ConfigError(f"{key}: each [[policies]] table needs name = \"...\"")
+        cls = classes.get(table["name"])
+        if cls is None:
+            raise ConfigError(f"{key}.name: no policy {table['name']!r} "
+                              f"(available: {', '.join(sorted(classes))})")
+        try:
+            cls(**{k: v for k, v in table.items() if k != "name"})
+        except PolicyError as exc:
+            raise ConfigError(f"{key} ({table['name']}): {exc}") from None
+    return tuple(tables)
 
 
 def load(path: str | os.PathLike | None) -> Config:

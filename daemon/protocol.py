@@ -34,6 +34,7 @@ ERROR_CODES: dict[str, str] = {
     "scope_error": "the scope backend (systemd or cgroupfs) could not apply a change",
     "cancelled": "the request was cancelled",
     "timeout": "the request's deadline passed",
+    "deferred_timeout": "the request's deadline passed while a policy held it back",
     "worker_died": "the worker process running the request died",
     "shutting_down": "the daemon is stopping",
     "too_many_connections": "the daemon is at its connection limit",

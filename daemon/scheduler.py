@@ -83,11 +83,14 @@ class ModelQueue:
         self._live[req.id] = req
         return sum(1 for r in self._live.values() if r.priority >= req.priority) - 1
 
-    def pop(self) -> Request | None:
-        while self._heap:
-            _, _, req = heapq.heappop(self._heap)
-            if self._live.pop(req.id, None) is not None:
-                return req
+    def pop(self, held: Callable[[str], bool] = lambda _id: False) -> Request | None:
+        """The next request to run, passing over those that held(id) says to keep back."""
+        self._heap = [e for e in self._heap if e[2].id in self._live]  # drop removed ones
+        for entry in sorted(self._heap):
+            if not held(entry[2].id):
+                self._heap.remove(entry)
+                heapq.heapify(self._heap)
+                return self._live.pop(entry[2].id)
         return None
 
     def remove(self, request_id: str) -> Request | None:

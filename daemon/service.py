@@ -19,6 +19,9 @@ from .cpus import threads_for
 from .limits import LimitError, Limits, check_order
 from .metrics import ModelMetrics
 from .paths import default_state_dir
+from .policies import Event, Snapshot
+from .policies.base import Pressure, RequestView, WorkerView
+from .policyengine import PolicyEngine
 from .protocol import PROTOCOL_VERSION, ProtocolError
 from .scheduler import ModelQueue, Request, Sink
 from .scopes import Backend, ScopeError, make_backend
@@ -27,6 +30,7 @@ from .workers import Worker
 log = structlog.get_logger()
 SCOPE_CALL_TIMEOUT = 10.0  # a D-Bus call or cgroup write that takes longer is reported
 PRESSURE_EVENTS_KEPT = 200
+TICK_S = 1.0
 
 
 class Service:
@@ -54,6 +58,7 @@ class Service:
         self.pressure_events: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=PRESSURE_EVENTS_KEPT)
         self._scope_exec = ThreadPoolExecutor(1, thread_name_prefix="scopes")
+        self.engine = PolicyEngine(self, list(config.policies))
 
     async def start(self) -> None:
         """Choose the backend, clear stale scopes, arm PSI triggers, start the workers."""
@@ -74,6 +79,18 @@ class Service:
             self._watch(f"system/{resource}", psi.SYSTEM / resource, trigger)
         for worker in self.all_workers():
             self._tasks.append(loop.create_task(worker.supervise(), name=worker.name))
+        self._tasks.append(loop.create_task(self._tick(), name="policy-tick"))
+
+    async def _tick(self) -> None:
+        """A tick for the policies every second; then run whatever they admitted."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            self.notify(Event("tick"))
+
+    def notify(self, event: Event) -> None:
+        self.engine.notify(event)
+        for model in self.queues:
+            self.dispatch(model)
 
     async def _scope_call(self, fn: Any, *args: Any) -> Any:
         """Run a blocking backend call (D-Bus, cgroup writes) off the event loop."""
@@ -97,6 +114,7 @@ class Service:
                  "trigger": event.trigger.line().decode()}
         self.pressure_events.append(entry)
         log.info("pressure_event", **entry)
+        self.notify(Event("pressure", key=event.key))
 
     # -- scopes ------------------------------------------------------------------
 
@@ -219,7 +237,8 @@ class Service:
             self._timers[req.id] = loop.call_later(timeout, self._expire, req.id)
         log.info("request_accepted", request=req.id, model=model, priority=priority,
                  position=position, uid=uid, prompt_chars=len(prompt))
-        asyncio.get_running_loop().call_soon(self.dispatch, model)
+        asyncio.get_running_loop().call_soon(
+            self.notify, Event("queued", request=req.id, model=model))
         return req, position
 
     def dispatch(self, model: str) -> None:
@@ -228,10 +247,11 @@ class Service:
             if not queue:
                 return
             if worker.idle:
-                req = queue.pop()
+                req = queue.pop(held=self.engine.is_deferred)
                 if req is not None:
                     log.debug("request_dispatched", request=req.id, worker=worker.name)
                     worker.run(req)
+                    self.engine.notify(Event("started", request=req.id, model=model))
 
     def _live(self, request_id: str) -> Request:
         req = self.requests.get(request_id)
@@ -256,7 +276,10 @@ class Service:
 
     def _expire(self, request_id: str) -> None:
         req = self.requests.get(request_id)
-        if req is not None:
+        if req is not None and self.engine.is_deferred(request_id):
+            self.stop_request(request_id, "deferred_timeout", "the request's timeout passed "
+                              "while a policy held it back (CPU or memory pressure)")
+        elif req is not None:
             self.stop_request(request_id, "timeout", "the request's timeout passed "
                               f"after {time.monotonic() - req.accepted_at:.1f} s")
 
@@ -275,6 +298,8 @@ class Service:
             self.metrics[req.model].record_outcome(outcome)
         details = stats or {"model": req.model, "error": message}
         log.info("request_finished", request=req.id, outcome=outcome, **details)
+        self.engine.deferred.discard(req.id)
+        self.engine.notify(Event("finished", request=req.id, model=req.model))
 
     # -- worker callbacks ------------------------------------------------------------
 
@@ -337,6 +362,25 @@ class Service:
             },
         }
 
+    def snapshot(self) -> Snapshot:
+        """What the policies see: PSI, workers with their scope stats, waiting requests."""
+        now = time.monotonic()
+        workers = []
+        for w in self.all_workers():
+            cgroup = w.scope.cgroup if w.scope else None
+            stats = cgroupstats.read(cgroup) if cgroup is not None else {}
+            limits = self.limits[w.model.name]
+            workers.append(WorkerView(
+                name=w.name, model=w.model.name, state=w.state, threads=w.threads,
+                cpu=limits.cpu, memory_high=limits.memory_high,
+                memory_current=stats.get("memory.current"),
+                pressure=_pressures(stats.get("pressure") or {})))
+        queued = tuple(RequestView(r.id, r.model, r.priority, len(r.prompt),
+                                   r.params.get("max_tokens", 0), now - r.accepted_at)
+                       for q in self.queues.values() for r in q)
+        return Snapshot(now=now, system=_pressures(psi.system_pressure()),
+                        workers=tuple(workers), queued=queued)
+
     def _describe_worker(self, worker: Worker) -> dict[str, Any]:
         out = worker.describe()
         out["backend"] = self.backend.name
@@ -383,3 +427,13 @@ class Service:
         if self.psi is not None:
             self.psi.stop()
         self._scope_exec.shutdown(wait=False)
+
+
+def _pressures(parsed: dict[str, Any]) -> dict[str, Pressure]:
+    out = {}
+    for resource, values in parsed.items():
+        if values:
+            out[resource] = Pressure(some_avg10=values["some"]["avg10"],
+                                     full_avg10=values.get("full", {}).get("avg10", 0.0),
+                                     some_total=int(values["some"]["total"]))
+    return out

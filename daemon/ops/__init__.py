@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from ..scheduler import Request
     from ..service import Service
 
-_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+          dict: "a map"}
 _WIRE_TYPES = {type(None): "nil", bytes: "binary", list: "array", dict: "map", str: "string",
                int: "integer", float: "number", bool: "boolean"}
 
@@ -38,6 +39,8 @@ class Param:
             raise ProtocolError("bad_request", f"{name} must be {_NAMES[self.kind]}, not {got}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ProtocolError("bad_request", f"{name} must be a finite number")
+        if isinstance(value, dict):
+            return value
         size = len(value) if isinstance(value, str) else value
         what = "the length of " if isinstance(value, str) else ""
         if self.min is not None and size < self.min:
@@ -102,4 +105,4 @@ def lookup(name: Any) -> Op:
     return op
 
 
-from . import cancel, hello, limits, models, status, submit  # noqa: E402,F401  (registers the ops)
+from . import cancel, events, hello, limits, models, policy, status, submit  # noqa: E402,F401

@@ -55,3 +55,12 @@ def test_request_finishes_once():
     r.token("late")
     assert [e["event"] for e in events] == ["token", "done"]
     assert r.first_token_at is not None and r.tokens_sent == 1
+
+
+def test_pop_passes_over_held_requests():
+    q = ModelQueue("m", 10)
+    for n, prio in [(1, 5), (2, 0), (3, 0)]:
+        q.push(_req(n, prio))
+    assert q.pop(held=lambda rid: rid in {"r1", "r2"}).id == "r3"
+    assert q.pop(held=lambda rid: True) is None
+    assert [q.pop().id, q.pop().id] == ["r1", "r2"] and len(q) == 0

@@ -1,0 +1,62 @@
+"""policy: list the policies, show one, or change one live (changes: root only).
+
+Request: {"op": "policy", "action": "list"}
+Reply:   {"available": {NAME: MODULE}, "enabled": {NAME: {PARAM: VALUE}},
+          "disabled": {NAME: WHY}, "load_errors": {NAME: TRACEBACK}, "deferred": [IDS]}
+Request: {"op": "policy", "action": "show", "name": "psi-admission"}
+Reply:   {"name", "enabled": bool, "settings": {...}, "params": {PARAM: {"type", "default",
+          "min", "max", "help"}}, "doc": "..."}
+Request: {"op": "policy", "action": "set", "name": "psi-admission",
+          "settings": {"defer_above": "50"}}
+Reply:   {"name", "settings": {...}}  (enables the policy if it was not)
+An unknown policy or parameter, or a value out of range, gets bad_request and changes
+nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..policies import PolicyError
+from ..protocol import ProtocolError
+from . import Context, Op, Param, register
+
+
+@register
+class PolicyOp(Op):
+    name = "policy"
+    params = {
+        "action": Param(str, "list, show or set", required=True, max=16),
+        "name": Param(str, "the policy, for show and set", max=200),
+        "settings": Param(dict, "parameters to change, for set (values may be strings)"),
+    }
+
+    def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        engine, action = ctx.service.engine, args["action"]
+        if action == "list":
+            return engine.describe()
+        name = args.get("name")
+        if action not in ("show", "set"):
+            raise ProtocolError("bad_request", f"action must be list, show or set, not {action!r}")
+        if not name:
+            raise ProtocolError("bad_request", f"policy {action} needs a name")
+        cls = engine.classes.get(name)
+        if cls is None:
+            raise ProtocolError("bad_request", f"no policy {name!r} "
+                                f"(available: {', '.join(sorted(engine.classes))})")
+        if action == "show":
+            policy = engine.enabled.get(name)
+            return {"name": name, "enabled": policy is not None,
+                    "settings": policy.settings if policy else None,
+                    "disabled": engine.disabled.get(name), "doc": cls.__module__ and
+                    __import__(cls.__module__, fromlist=["_"]).__doc__,
+                    "params": {k: {"type": p.kind.__name__, "default": p.default, "min": p.min,
+                                   "max": p.max, "help": p.help} for k, p in cls.params.items()}}
+        if ctx.uid != 0:
+            raise ProtocolError("forbidden", f"changing policies needs root; this peer is "
+                                f"uid {ctx.uid}")
+        try:
+            settings = engine.configure(name, args.get("settings") or {})
+        except PolicyError as exc:
+            raise ProtocolError("bad_request", str(exc)) from None
+        return {"name": name, "settings": settings}

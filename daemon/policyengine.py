@@ -1,0 +1,134 @@
+"""Feed events to the enabled policies and apply the actions they return; record each one.
+
+A policy that raises, or returns something that is not a list of known actions, is
+disabled and logged, and the daemon keeps serving with the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from . import policies
+from .limits import LimitError, parse_bytes, parse_cpu
+from .policies import Action, Event, Policy, PolicyError, Snapshot
+from .protocol import ProtocolError
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = structlog.get_logger()
+ACTIONS_KEPT = 500
+KINDS = ("admit", "defer", "set_limits", "set_threads")
+
+
+class PolicyEngine:
+    def __init__(self, service: Service, specs: list[dict[str, Any]]) -> None:
+        self.service = service
+        self.classes, self.load_errors = policies.available()
+        for name, error in self.load_errors.items():
+            log.error("policy_load_failed", policy=name, error=error)
+        self.enabled: dict[str, Policy] = {}
+        self.disabled: dict[str, str] = {}  # name -> why it was switched off
+        self.deferred: set[str] = set()
+        self.actions: collections.deque[dict[str, Any]] = collections.deque(maxlen=ACTIONS_KEPT)
+        for spec in specs:
+            settings = {k: v for k, v in spec.items() if k != "name"}
+            self.enable(spec["name"], settings)
+
+    def enable(self, name: str, settings: dict[str, Any]) -> None:
+        cls = self.classes.get(name)
+        if cls is None:
+            known = ", ".join(sorted(self.classes))
+            raise PolicyError(f"no policy {name!r} (available: {known})")
+        self.enabled[name] = cls(**settings)
+        self.disabled.pop(name, None)
+        log.info("policy_enabled", policy=name, **self.enabled[name].settings)
+
+    def configure(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        policy = self.enabled.get(name)
+        if policy is None:
+            self.enable(name, settings)
+        else:
+            policy.configure(**settings)
+        return dict(self.enabled[name].settings)
+
+    def is_deferred(self, request_id: str) -> bool:
+        return request_id in self.deferred
+
+    # -- events --------------------------------------------------------------------
+
+    def notify(self, event: Event) -> None:
+        if not self.enabled:
+            return
+        snap = self.service.snapshot()
+        for name, policy in list(self.enabled.items()):
+            try:
+                actions = policy.on_event(event, snap)
+                self._check(actions)
+            except Exception as exc:
+                self._disable(name, f"{type(exc).__name__}: {exc}")
+                continue
+            for action in actions:
+                self._apply(name, action, snap)
+
+    def _check(self, actions: Any) -> None:
+        if not isinstance(actions, list):
+            raise PolicyError(f"on_event returned {type(actions).__name__}, not a list")
+        for a in actions:
+            if not isinstance(a, Action) or a.kind not in KINDS:
+                raise PolicyError(f"on_event returned {a!r}, not an Action of {KINDS}")
+
+    def _disable(self, name: str, why: str) -> None:
+        self.enabled.pop(name, None)
+        self.disabled[name] = why
+        log.error("policy_disabled", policy=name, error=why)
+        self._record(name, Action("disable", name, reason=why), "done")
+
+    def _apply(self, name: str, action: Action, snap: Snapshot) -> None:
+        if action.kind in ("admit", "defer"):
+            was = action.target in self.deferred
+            (self.deferred.add if action.kind == "defer" else self.deferred.discard)(action.target)
+            if was != (action.kind == "defer"):
+                self._record(name, action, "done")
+        elif action.kind == "set_threads":
+            worker = next((w for w in self.service.all_workers() if w.name == action.target), None)
+            if worker is not None:
+                worker.set_threads(int(action.values["threads"]))
+            self._record(name, action, "done" if worker else "no such worker")
+        elif action.kind == "set_limits":
+            asyncio.get_running_loop().create_task(self._set_limits(name, action))
+
+    async def _set_limits(self, name: str, action: Action) -> None:
+        try:
+            changes = {}
+            if "cpu" in action.values:
+                changes["cpu"] = parse_cpu(str(action.values["cpu"]))
+            if "memory_high" in action.values:
+                changes["memory_high"] = parse_bytes(str(action.values["memory_high"]),
+                                                     "memory_high")
+            await self.service.set_limits(action.target, **changes)
+            result = "done"
+        except (ProtocolError, LimitError) as exc:
+            result = f"failed: {exc}"
+        self._record(name, action, result)
+
+    def _record(self, name: str, action: Action, result: str) -> None:
+        entry = {"at": time.time(), "policy": name, "action": action.kind,
+                 "target": action.target, "values": action.values, "reason": action.reason,
+                 "result": result}
+        self.actions.append(entry)
+        log.info("policy_action", **entry)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "available": {n: c.__module__ for n, c in sorted(self.classes.items())},
+            "enabled": {n: p.settings for n, p in self.enabled.items()},
+            "disabled": dict(self.disabled),
+            "load_errors": dict(self.load_errors),
+            "deferred": sorted(self.deferred),
+        }

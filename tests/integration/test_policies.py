@@ -1,0 +1,121 @@
+"""The policy engine in a real daemon: third-party policies, admission, errors, live changes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from harness import read_until_done, tiny_config, wait_for
+from llm_residentd.protocol import recv_frame, send_frame
+
+THIRD_PARTY = '''
+from llm_residentd.policies import Action, Param, Policy
+
+
+class Hold(Policy):
+    """hold: defers every queued request while hold is true (a test policy)."""
+    name = "hold"
+    params = {"hold": Param(bool, True, "keep requests back")}
+
+    def on_event(self, event, snap):
+        kind = "defer" if self.settings["hold"] else "admit"
+        return [Action(kind, r.id, reason="test hold") for r in snap.queued]
+
+
+class Faulty(Policy):
+    """faulty: raises on its second event (a test policy)."""
+    name = "faulty"
+    seen = 0
+
+    def on_event(self, event, snap):
+        self.seen += 1
+        if self.seen > 1:
+            raise RuntimeError("boom")
+        return []
+'''
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """A package that adds policies through the entry-point group, as a user's would."""
+    site = tmp_path / "site"
+    dist = site / "llmtest_policies-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (site / "llmtest_policies.py").write_text(THIRD_PARTY)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: llmtest-policies\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[llm_residentd.policies]\n"
+                                           "hold = llmtest_policies:Hold\n"
+                                           "faulty = llmtest_policies:Faulty\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    return site
+
+
+def test_a_policy_defers_admits_and_times_out_deferred_requests(start_daemon, tiny_model_path,
+                                                                 third_party):
+    d = start_daemon(tiny_config(tiny_model_path) + '\n[[policies]]\nname = "hold"\n')
+    sock = d.raw()
+    send_frame(sock, {"id": "t", "op": "submit", "prompt": "hi", "max_tokens": 2, "timeout": 0.5})
+    (_, error) = read_until_done(sock, 1)
+    assert error["error"]["code"] == "deferred_timeout"
+    send_frame(sock, {"id": "h", "op": "submit", "prompt": "hi", "max_tokens": 2})
+    rid = recv_frame(sock)["request"]
+    wait_for(lambda: rid in json.loads(d.llmctl("policy", "list", "--json").stdout)["deferred"],
+             what="the request to be held")
+    assert d.status()["workers"][0]["state"] == "idle"  # held back, not running
+    r = d.llmctl("policy", "set", "hold", "hold=false")
+    assert r.returncode == 0 and "hold=False" in r.stdout
+    frames = read_until_done(sock, 1)
+    assert frames[-1]["event"] == "done" and frames[-1]["request"] == rid
+    events = json.loads(d.llmctl("events", "--json").stdout)
+    assert {("defer", rid), ("admit", rid)} <= {(e["action"], e["target"]) for e in events}
+
+
+def test_a_failing_policy_is_disabled_and_the_daemon_serves(start_daemon, tiny_model_path,
+                                                            third_party):
+    d = start_daemon(tiny_config(tiny_model_path) + '\n[[policies]]\nname = "faulty"\n')
+    d.assert_serving()
+    listing = json.loads(d.llmctl("policy", "list", "--json").stdout)
+    assert "faulty" not in listing["enabled"] and "boom" in listing["disabled"]["faulty"]
+    assert "boom" in d.llmctl("policy", "list").stdout
+    disabled = [e for e in d.logs() if e.get("event") == "policy_disabled"]
+    assert disabled and disabled[0]["policy"] == "faulty"
+    d.assert_serving()
+
+
+def test_static_policy_on_the_none_backend_reports_why_it_failed(start_daemon, tiny_model_path):
+    d = start_daemon(tiny_config(tiny_model_path) + '\n[[policies]]\nname = "static"\ncpu = "50%"\n')
+    events = wait_for(lambda: json.loads(d.llmctl("events", "--json").stdout), what="an event")
+    (e,) = [e for e in events if e["action"] == "set_limits"]
+    assert e["policy"] == "static" and e["target"] == "tiny" and "scope_error" in e["result"]
+    d.assert_serving()
+
+
+def test_policy_show_set_and_bad_values(tiny_daemon):
+    r = tiny_daemon.llmctl("policy", "show", "psi-admission")
+    assert r.returncode == 0 and "defer_above" in r.stdout and "6.8" in r.stdout
+    r = tiny_daemon.llmctl("policy", "set", "psi-admission", "defer_above=150")
+    assert r.returncode == 1 and "above the maximum" in r.stderr
+    assert "psi-admission" not in json.loads(
+        tiny_daemon.llmctl("policy", "list", "--json").stdout)["enabled"]
+    r = tiny_daemon.llmctl("policy", "set", "psi-admission", "defer_above=55")
+    assert r.returncode == 0 and "defer_above=55.0" in r.stdout
+    r = tiny_daemon.llmctl("policy", "set", "nope", "x=1")
+    assert r.returncode == 1 and "no policy 'nope'" in r.stderr
+    r = tiny_daemon.llmctl("policy", "set", "psi-admission", "colour=red")
+    assert r.returncode == 1 and "no parameter 'colour'" in r.stderr
+    tiny_daemon.assert_serving()
+
+
+@pytest.mark.parametrize("table, words", [
+    ('name = "nope"', "policies[0].name: no policy 'nope'"),
+    ('name = "psi-admission"\ndefer_above = 400', "policies[0] (psi-admission): defer_above"),
+])
+def test_bad_policy_config_stops_the_daemon_naming_the_key(tmp_path, tiny_model_path, table,
+                                                           words):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(tiny_config(tiny_model_path) + f"\n[[policies]]\n{table}\n")
+    r = subprocess.run([sys.executable, "-m", "llm_residentd", "--config", str(cfg),
+                        "--check-config"], capture_output=True, text=True)
+    assert r.returncode == 2 and words in r.stderr
