@@ -88,3 +88,14 @@ def test_builtins_load_through_the_entry_point_group():
     assert found["psi-admission"] is PsiAdmission
     for cls in found.values():
         assert cls.__module__ and __import__(cls.__module__, fromlist=["x"]).__doc__
+
+
+def test_every_policy_and_parameter_is_in_docs_policies_md():
+    from pathlib import Path
+
+    from llm_residentd.policies import available
+    doc = (Path(__file__).parents[2] / "docs" / "policies.md").read_text()
+    for name, cls in available()[0].items():
+        assert f"## {name}" in doc, name
+        for key in cls.params:
+            assert f"| `{key}` |" in doc, f"{name}.{key}"
