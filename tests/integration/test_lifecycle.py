@@ -113,6 +113,11 @@ def test_cancel_of_another_users_request_is_forbidden(start_daemon, tiny_model_p
     assert reply["error"]["code"] == "forbidden" and "uid 0" in reply["error"]["message"]
     reply = _as_uid(65534, d, {"id": 2, "op": "limits", "model": "tiny", "cpu": "50%"})
     assert reply["error"]["code"] == "forbidden" and "needs root" in reply["error"]["message"]
+    reply = _as_uid(65534, d, {"id": 3, "op": "policy", "action": "set", "name": "static",
+                               "settings": {"cpu": "50%"}})
+    assert reply["error"]["code"] == "forbidden" and "needs root" in reply["error"]["message"]
+    reply = _as_uid(65534, d, {"id": 4, "op": "policy", "action": "list"})
+    assert reply["ok"] is True and "static" in reply["available"]  # reading is for everyone
     with d.client() as c:
         c.cancel(rid)  # root may
 
