@@ -1,0 +1,61 @@
+"""Render docs/policies.md from the policies' docstrings and parameter declarations.
+
+    python -m llm_residentd.policies.docs > docs/policies.md
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from . import available
+
+INTRO = """# Policies
+
+A policy decides how the daemon reacts to pressure and load. It receives events (a tick
+every second, a PSI trigger on the system or a worker's scope, a request queued, started
+or finished) with a read-only snapshot (PSI averages and totals of the system and each
+scope, cgroup memory, the queue), and returns actions: admit or defer a request, set a
+model's limits, set a worker's threads. The daemon applies them and records each one
+(`llmctl events`).
+
+Enable policies in the config, one `[[policies]]` table each, or live with
+`llmctl policy set NAME key=value...` (root). `llmctl policy show NAME` prints the manual
+and parameters below. A policy that raises or returns garbage is switched off and logged
+(`llmctl policy list` shows why); the daemon keeps serving with the others.
+
+Third-party policies load the same way as the built-ins: a class deriving
+`llm_residentd.policies.Policy`, registered under the entry-point group
+`llm_residentd.policies` with the policy's name:
+
+```ini
+[options.entry_points]
+llm_residentd.policies =
+    my-policy = my_package.my_policy:MyPolicy
+```
+
+Status: the policies below have deterministic tests (fake clock, scripted snapshots);
+`static` and admission gating also run in the daemon's integration tests. Priority
+preemption, KV trim and shortest-job-first are the next steps, and so is measuring each
+policy under load in the systemd guest (docs/benchmarks.md).
+
+This page is generated: `python -m llm_residentd.policies.docs > docs/policies.md`.
+"""
+
+
+def render() -> str:
+    parts = [INTRO]
+    for name, cls in sorted(available()[0].items()):
+        doc = (importlib.import_module(cls.__module__).__doc__ or name).strip()
+        title, _, body = doc.partition("\n")
+        summary = title.split(": ", 1)[-1]
+        rows = ["| parameter | type | default | range | meaning |", "|---|---|---|---|---|"]
+        for key, p in cls.params.items():
+            rng = "" if p.min is None else f"{p.min:g} to {p.max:g}"
+            rows.append(f"| `{key}` | {p.kind.__name__} | `{p.default}` | {rng} | {p.help} |")
+        parts.append(f"## {name}\n\n{summary[:1].upper()}{summary[1:]}\n\n{body.strip()}\n\n"
+                     + "\n".join(rows) + "\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(render(), end="")

@@ -1,0 +1,61 @@
+"""neighbour-guard: keep co-located programs alive by lowering the LLM's CPU quota (AIMD).
+
+Every `interval_s`, it looks at the system's CPU `some avg10`. Above `high` percent it
+cuts each model's worker quota multiplicatively (times `decrease`), never below
+`min_cpu`. Below `low` it gives back `step` CPUs, never above `max_cpu`. Between the two
+it holds. The quota starts at `max_cpu`. This is additive-increase / multiplicative-
+decrease, the rule TCP uses to share a link.
+
+Research: LLM-OS caps LLM throughput to protect the host's other programs
+(shared/research/002); PSI gives the signal that the others are stalling.
+
+    [[policies]]
+    name = "neighbour-guard"
+    high = 30.0
+    min_cpu = 0.25
+"""
+
+from __future__ import annotations
+
+from .base import Action, Event, Param, Policy, Snapshot
+
+
+class NeighbourGuard(Policy):
+    name = "neighbour-guard"
+    params = {
+        "high": Param(float, 30.0, "system CPU some avg10 (%) above which to cut", 0.0, 100.0),
+        "low": Param(float, 10.0, "system CPU some avg10 (%) below which to give back",
+                     0.0, 100.0),
+        "decrease": Param(float, 0.5, "factor applied to the quota on a cut", 0.05, 0.95),
+        "step": Param(float, 0.25, "CPUs given back per interval", 0.01, 64.0),
+        "min_cpu": Param(float, 0.25, "lowest quota in CPUs", 0.01, 1024.0),
+        "max_cpu": Param(float, 2.0, "highest quota in CPUs", 0.01, 1024.0),
+        "interval_s": Param(float, 2.0, "seconds between decisions", 0.5, 3600.0),
+    }
+
+    def __init__(self, **settings: object) -> None:
+        super().__init__(**settings)
+        self.quota: dict[str, float] = {}
+        self.last: float | None = None
+
+    def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
+        if event.kind != "tick" or (self.last is not None
+                                    and snap.now - self.last < self.settings["interval_s"]):
+            return []
+        self.last = snap.now
+        s = self.settings
+        cpu = snap.system["cpu"].some_avg10 if "cpu" in snap.system else 0.0
+        actions = []
+        for model in sorted({w.model for w in snap.workers}):
+            old = self.quota.get(model, s["max_cpu"])
+            if cpu > s["high"]:
+                new = max(s["min_cpu"], old * s["decrease"])
+            elif cpu < s["low"]:
+                new = min(s["max_cpu"], old + s["step"])
+            else:
+                new = old
+            if model not in self.quota or abs(new - old) > 1e-9:
+                self.quota[model] = new
+                actions.append(Action("set_limits", model, {"cpu": f"{new * 100:g}%"},
+                                      reason=f"system cpu some avg10 {cpu:.1f}%"))
+        return actions
