@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 ACTIONS_KEPT = 500
-KINDS = ("admit", "defer", "set_limits", "set_threads")
+KINDS = ("admit", "defer", "rank", "set_limits", "set_threads")
 
 
 class PolicyEngine:
@@ -35,6 +35,7 @@ class PolicyEngine:
         self.enabled: dict[str, Policy] = {}
         self.disabled: dict[str, str] = {}  # name -> why it was switched off
         self.deferred: set[str] = set()
+        self.ranks: dict[str, float] = {}  # request id -> rank within its priority
         self.actions: collections.deque[dict[str, Any]] = collections.deque(maxlen=ACTIONS_KEPT)
         for spec in specs:
             settings = {k: v for k, v in spec.items() if k != "name"}
@@ -59,6 +60,13 @@ class PolicyEngine:
 
     def is_deferred(self, request_id: str) -> bool:
         return request_id in self.deferred
+
+    def rank(self, request_id: str) -> float:
+        return self.ranks.get(request_id, 0.0)
+
+    def forget(self, request_id: str) -> None:
+        self.deferred.discard(request_id)
+        self.ranks.pop(request_id, None)
 
     # -- events --------------------------------------------------------------------
 
@@ -95,6 +103,8 @@ class PolicyEngine:
             (self.deferred.add if action.kind == "defer" else self.deferred.discard)(action.target)
             if was != (action.kind == "defer"):
                 self._record(name, action, "done")
+        elif action.kind == "rank":
+            self.ranks[action.target] = float(action.values["rank"])  # too frequent to record
         elif action.kind == "set_threads":
             worker = next((w for w in self.service.all_workers() if w.name == action.target), None)
             if worker is not None:

@@ -70,8 +70,13 @@ class ModelQueue:
         return len(self._live)
 
     def __iter__(self) -> Iterator[Request]:
-        """Waiting requests in the order they will run."""
-        return (r for _, _, r in sorted(self._heap) if r.id in self._live)
+        """Waiting requests, highest priority first, FIFO within a priority."""
+        return self.ordered()
+
+    def ordered(self, rank: Callable[[str], float] = lambda _id: 0.0) -> Iterator[Request]:
+        """Waiting requests in the order pop() would hand them out."""
+        entries = sorted(self._heap, key=lambda e: (e[0], rank(e[2].id), e[1]))
+        return (r for _, _, r in entries if r.id in self._live)
 
     def push(self, req: Request) -> int:
         """Queue req and return how many requests run before it; queue_full if at the limit."""
@@ -83,10 +88,12 @@ class ModelQueue:
         self._live[req.id] = req
         return sum(1 for r in self._live.values() if r.priority >= req.priority) - 1
 
-    def pop(self, held: Callable[[str], bool] = lambda _id: False) -> Request | None:
-        """The next request to run, passing over those that held(id) says to keep back."""
+    def pop(self, held: Callable[[str], bool] = lambda _id: False,
+            rank: Callable[[str], float] = lambda _id: 0.0) -> Request | None:
+        """The next request to run: highest priority, then lowest rank(id), then FIFO;
+        passing over those that held(id) says to keep back."""
         self._heap = [e for e in self._heap if e[2].id in self._live]  # drop removed ones
-        for entry in sorted(self._heap):
+        for entry in sorted(self._heap, key=lambda e: (e[0], rank(e[2].id), e[1])):
             if not held(entry[2].id):
                 self._heap.remove(entry)
                 heapq.heapify(self._heap)

@@ -247,7 +247,7 @@ class Service:
             if not queue:
                 return
             if worker.idle:
-                req = queue.pop(held=self.engine.is_deferred)
+                req = queue.pop(held=self.engine.is_deferred, rank=self.engine.rank)
                 if req is not None:
                     log.debug("request_dispatched", request=req.id, worker=worker.name)
                     worker.run(req)
@@ -298,7 +298,7 @@ class Service:
             self.metrics[req.model].record_outcome(outcome)
         details = stats or {"model": req.model, "error": message}
         log.info("request_finished", request=req.id, outcome=outcome, **details)
-        self.engine.deferred.discard(req.id)
+        self.engine.forget(req.id)
         self.engine.notify(Event("finished", request=req.id, model=req.model))
 
     # -- worker callbacks ------------------------------------------------------------
@@ -355,7 +355,7 @@ class Service:
                     "state": self.model_state(name),
                     "queue_depth": len(queue), "max_queue": queue.limit,
                     "running": sum(1 for w in self.workers[name] if w.current is not None),
-                    "queued": [r.id for r in queue],
+                    "queued": [r.id for r in queue.ordered(self.engine.rank)],
                     **self.metrics[name].snapshot(),
                 }
                 for name, queue in self.queues.items()

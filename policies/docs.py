@@ -34,9 +34,9 @@ llm_residentd.policies =
 ```
 
 Status: the policies below have deterministic tests (fake clock, scripted snapshots);
-`static` and admission gating also run in the daemon's integration tests. Priority
-preemption, KV trim and shortest-job-first are the next steps, and so is measuring each
-policy under load in the systemd guest (docs/benchmarks.md).
+`static`, `sjf` and admission gating also run in the daemon's integration tests.
+Priority preemption and KV trim are the next steps, and so is measuring each policy under
+load in the systemd guest (docs/benchmarks.md).
 
 This page is generated: `python -m llm_residentd.policies.docs > docs/policies.md`.
 """

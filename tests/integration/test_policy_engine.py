@@ -119,3 +119,26 @@ def test_bad_policy_config_stops_the_daemon_naming_the_key(tmp_path, tiny_model_
     r = subprocess.run([sys.executable, "-m", "llm_residentd", "--config", str(cfg),
                         "--check-config"], capture_output=True, text=True)
     assert r.returncode == 2 and words in r.stderr
+
+
+def test_sjf_runs_the_short_job_before_an_earlier_long_one(start_daemon, tiny_model_path):
+    d = start_daemon(tiny_config(tiny_model_path, n_ctx=4096) + '\n[[policies]]\nname = "sjf"\n')
+    sock = d.raw()
+    send_frame(sock, {"id": "b", "op": "submit", "prompt": "go", "max_tokens": 3000,
+                      "ignore_eos": True})
+    blocker = recv_frame(sock)["request"]
+    wait_for(lambda: d.status()["workers"][0]["request"] == blocker, what="blocker running")
+    ids = {}
+    for name, n in (("long", 400), ("short", 2)):
+        send_frame(sock, {"id": name, "op": "submit", "prompt": "go", "max_tokens": n,
+                          "ignore_eos": True})
+        while (msg := recv_frame(sock)).get("id") != name:
+            pass
+        ids[name] = msg["request"]
+    queued = wait_for(lambda: (q := d.status()["models"]["tiny"]["queued"]) and len(q) == 2
+                      and q, what="both queued")
+    assert queued == [ids["short"], ids["long"]]  # FIFO would be long first
+    send_frame(sock, {"id": "c", "op": "cancel", "request": blocker})
+    frames = read_until_done(sock, 3)
+    done = [f["request"] for f in frames if f.get("event") == "done"]
+    assert done == [ids["short"], ids["long"]]

@@ -142,3 +142,15 @@ def test_memory_tuner_probes_down_when_calm_and_backs_off_under_stall():
     assert decide(24, 1000 * mb, 500_000) == [1024 * mb]  # capped at max_bytes
     assert decide(30, 65 * mb, 900_000) == [int(65 * mb * 1.2) // 4096 * 4096]
     assert decide(36, 64 * mb, 900_001) == [64 * mb]  # calm again: probing stops at min_bytes
+
+
+def test_sjf_ranks_by_predicted_size_with_aging():
+    from llm_residentd.policies.sjf import ShortestJobFirst
+    p = ShortestJobFirst(aging=10, chars_per_token=4)
+    reqs = (RequestView("long", "m", 0, 400, 200, 0.0),  # 100 + 200 = 300
+            RequestView("short", "m", 0, 40, 10, 0.0),  # 10 + 10 = 20
+            RequestView("old", "m", 0, 400, 200, 30.0))  # 300 - 10 * 30 = 0
+    actions = p.on_event(Event("queued"), Snapshot(now=0, queued=reqs))
+    ranks = {a.target: a.values["rank"] for a in actions}
+    assert ranks == {"long": 300.0, "short": 20.0, "old": 0.0}
+    assert {a.kind for a in actions} == {"rank"}

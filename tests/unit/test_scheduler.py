@@ -64,3 +64,12 @@ def test_pop_passes_over_held_requests():
     assert q.pop(held=lambda rid: rid in {"r1", "r2"}).id == "r3"
     assert q.pop(held=lambda rid: True) is None
     assert [q.pop().id, q.pop().id] == ["r1", "r2"] and len(q) == 0
+
+
+def test_rank_orders_within_a_priority_only():
+    q = ModelQueue("m", 10)
+    for n, prio in [(1, 0), (2, 0), (3, 5), (4, 0)]:
+        q.push(_req(n, prio))
+    ranks = {"r1": 30.0, "r2": 10.0, "r3": 99.0, "r4": 20.0}
+    assert [r.id for r in q.ordered(ranks.get)] == ["r3", "r2", "r4", "r1"]
+    assert [q.pop(rank=ranks.get).id for _ in range(4)] == ["r3", "r2", "r4", "r1"]
