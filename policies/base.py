@@ -135,3 +135,11 @@ class Policy:
 
     def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
         return []
+
+    def due(self, event: Event, now: float, interval: float) -> bool:
+        """For periodic policies: true on a tick at least interval seconds after the last."""
+        last = getattr(self, "_last_due", None)
+        if event.kind != "tick" or (last is not None and now - last < interval):
+            return False
+        self._last_due = now
+        return True

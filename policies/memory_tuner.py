@@ -39,13 +39,10 @@ class MemoryTuner(Policy):
     def __init__(self, **settings: object) -> None:
         super().__init__(**settings)
         self.totals: dict[str, int] = {}
-        self.last: float | None = None
 
     def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
-        if event.kind != "tick" or (self.last is not None
-                                    and snap.now - self.last < self.settings["interval_s"]):
+        if not self.due(event, snap.now, self.settings["interval_s"]):
             return []
-        self.last = snap.now
         wanted: dict[str, tuple[int, str]] = {}
         for w in snap.workers:
             mem = w.pressure.get("memory")

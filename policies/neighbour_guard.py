@@ -36,13 +36,10 @@ class NeighbourGuard(Policy):
     def __init__(self, **settings: object) -> None:
         super().__init__(**settings)
         self.quota: dict[str, float] = {}
-        self.last: float | None = None
 
     def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
-        if event.kind != "tick" or (self.last is not None
-                                    and snap.now - self.last < self.settings["interval_s"]):
+        if not self.due(event, snap.now, self.settings["interval_s"]):
             return []
-        self.last = snap.now
         s = self.settings
         cpu = snap.system["cpu"].some_avg10 if "cpu" in snap.system else 0.0
         actions = []
