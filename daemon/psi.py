@@ -136,10 +136,6 @@ class PsiWatcher:
             self.counts.pop(key, None)
         os.write(self._wake_w, b"x")
 
-    def keys(self) -> list[str]:
-        with self._lock:
-            return sorted({k for k, _, _ in self._fds.values()})
-
     def stop(self) -> None:
         self._stopping = True
         os.write(self._wake_w, b"x")

@@ -59,6 +59,8 @@ class Service:
             maxlen=PRESSURE_EVENTS_KEPT)
         self._scope_exec = ThreadPoolExecutor(1, thread_name_prefix="scopes")
         self.engine = PolicyEngine(self, list(config.policies))
+        self._system_trigger = trigger_of(config.daemon.psi_system_trigger)
+        self._scope_trigger = trigger_of(config.daemon.psi_scope_trigger)
 
     async def start(self) -> None:
         """Choose the backend, clear stale scopes, arm PSI triggers, start the workers."""
@@ -74,9 +76,8 @@ class Service:
         log.info("backend_ready", backend=self.backend.name, stale_scopes_removed=stale)
         self.psi = psi.PsiWatcher(loop, self._on_pressure)
         self.psi.start()
-        trigger = trigger_of(cfg.psi_system_trigger)
-        for resource in psi.RESOURCES if trigger else ():
-            self._watch(f"system/{resource}", psi.SYSTEM / resource, trigger)
+        for resource in psi.RESOURCES if self._system_trigger else ():
+            self._watch(f"system/{resource}", psi.SYSTEM / resource, self._system_trigger)
         for worker in self.all_workers():
             self._tasks.append(loop.create_task(worker.supervise(), name=worker.name))
         self._tasks.append(loop.create_task(self._tick(), name="policy-tick"))
@@ -128,7 +129,7 @@ class Service:
             worker.scope_error = str(exc)
             log.error("scope_failed", worker=worker.name, error=str(exc))
             return
-        trigger = trigger_of(self.config.daemon.psi_scope_trigger)
+        trigger = self._scope_trigger
         if trigger and worker.scope is not None and worker.scope.cgroup is not None:
             for resource in psi.RESOURCES:
                 self._watch(f"{worker.name}/{resource}",
@@ -367,8 +368,7 @@ class Service:
         now = time.monotonic()
         workers = []
         for w in self.all_workers():
-            cgroup = w.scope.cgroup if w.scope else None
-            stats = cgroupstats.read(cgroup) if cgroup is not None else {}
+            stats = self._cgroup_stats(w) or {}
             limits = self.limits[w.model.name]
             workers.append(WorkerView(
                 name=w.name, model=w.model.name, state=w.state, threads=w.threads,
@@ -381,12 +381,16 @@ class Service:
         return Snapshot(now=now, system=_pressures(psi.system_pressure()),
                         workers=tuple(workers), queued=queued)
 
+    def _cgroup_stats(self, worker: Worker) -> dict[str, Any] | None:
+        """What the kernel reports for the worker's cgroup; None without one."""
+        cgroup = worker.scope.cgroup if worker.scope else None
+        return cgroupstats.read(cgroup) if cgroup is not None else None
+
     def _describe_worker(self, worker: Worker) -> dict[str, Any]:
         out = worker.describe()
         out["backend"] = self.backend.name
         out["limits"] = self.limits[worker.model.name].describe()
-        cgroup = worker.scope.cgroup if worker.scope else None
-        out["cgroup"] = cgroupstats.read(cgroup) if cgroup is not None else None
+        out["cgroup"] = self._cgroup_stats(worker)
         counts = self.psi.counts if self.psi else {}
         out["pressure_events"] = sum(counts.get(f"{worker.name}/{r}", 0) for r in psi.RESOURCES)
         return out
