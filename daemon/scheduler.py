@@ -31,6 +31,7 @@ class Request:
     first_token_at: float | None = None
     finished: bool = False
     tokens_sent: int = 0
+    preemptions: int = 0
 
     def emit(self, event: dict[str, Any]) -> None:
         if self.sink is not None:

@@ -375,11 +375,11 @@ class Service:
                 cpu=limits.cpu, memory_high=limits.memory_high,
                 memory_current=stats.get("memory.current"),
                 pressure=_pressures(stats.get("pressure") or {})))
-        queued = tuple(RequestView(r.id, r.model, r.priority, len(r.prompt),
-                                   r.params.get("max_tokens", 0), now - r.accepted_at)
-                       for q in self.queues.values() for r in q)
+        queued = tuple(_view(r, now) for q in self.queues.values() for r in q)
+        running = tuple(_view(w.current, now, w.name) for w in self.all_workers()
+                        if w.current is not None)
         return Snapshot(now=now, system=_pressures(psi.system_pressure()),
-                        workers=tuple(workers), queued=queued)
+                        workers=tuple(workers), queued=queued, running=running)
 
     def _cgroup_stats(self, worker: Worker) -> dict[str, Any] | None:
         """What the kernel reports for the worker's cgroup; None without one."""
@@ -441,3 +441,9 @@ def _pressures(parsed: dict[str, Any]) -> dict[str, Pressure]:
                                      full_avg10=values.get("full", {}).get("avg10", 0.0),
                                      some_total=int(values["some"]["total"]))
     return out
+
+
+def _view(req: Request, now: float, worker: str = "") -> RequestView:
+    return RequestView(req.id, req.model, req.priority, len(req.prompt),
+                       req.params.get("max_tokens", 0), now - req.accepted_at, worker=worker,
+                       tokens=req.tokens_sent, preemptions=req.preemptions)

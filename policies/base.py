@@ -83,7 +83,10 @@ class RequestView:
     priority: int
     prompt_chars: int
     max_tokens: int
-    waited_s: float
+    waited_s: float  # since it was accepted
+    worker: str = ""  # the worker running it; empty while queued
+    tokens: int = 0  # tokens generated so far
+    preemptions: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class Snapshot:
     system: dict[str, Pressure] = field(default_factory=dict)
     workers: tuple[WorkerView, ...] = ()
     queued: tuple[RequestView, ...] = ()  # waiting requests, in queue order
+    running: tuple[RequestView, ...] = ()  # requests on a worker now
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ class Event:
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # admit | defer | set_limits | set_threads
+    kind: str  # admit | defer | rank | set_limits | set_threads | preempt | trim_kv | shrink_kv
     target: str  # a request id, a model name or a worker name
     values: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
