@@ -23,7 +23,14 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 ACTIONS_KEPT = 500
-KINDS = ("admit", "defer", "rank", "set_limits", "set_threads")
+KINDS = ("admit", "defer", "rank", "set_limits", "set_threads", "preempt", "trim_kv",
+         "shrink_kv")
+# The integer values each worker-side action takes, with their bounds.
+INT_VALUES = {
+    "preempt": {"state_min_tokens": (0, 1 << 31)},
+    "trim_kv": {"keep": (0, 1 << 31), "tail": (0, 1 << 31), "min_prune": (0, 1 << 31)},
+    "shrink_kv": {"n_ctx": (16, 1 << 31), "keep": (0, 1 << 31), "tail": (0, 1 << 31)},
+}
 
 
 class PolicyEngine:
@@ -36,6 +43,7 @@ class PolicyEngine:
         self.disabled: dict[str, str] = {}  # name -> why it was switched off
         self.deferred: set[str] = set()
         self.ranks: dict[str, float] = {}  # request id -> rank within its priority
+        self.kv_asked: dict[str, str] = {}  # worker -> the policy whose KV change is pending
         self.actions: collections.deque[dict[str, Any]] = collections.deque(maxlen=ACTIONS_KEPT)
         for spec in specs:
             settings = {k: v for k, v in spec.items() if k != "name"}
@@ -90,6 +98,12 @@ class PolicyEngine:
         for a in actions:
             if not isinstance(a, Action) or a.kind not in KINDS:
                 raise PolicyError(f"on_event returned {a!r}, not an Action of {KINDS}")
+            allowed = INT_VALUES.get(a.kind, {})
+            for key, value in a.values.items() if allowed else ():
+                low, high = allowed.get(key, (None, None))
+                if low is None or not isinstance(value, int) or not low <= value <= high:
+                    raise PolicyError(f"{a.kind} {key}={value!r}: takes integers "
+                                      f"{', '.join(allowed)} in range")
 
     def _disable(self, name: str, why: str) -> None:
         self.enabled.pop(name, None)
@@ -112,6 +126,21 @@ class PolicyEngine:
             self._record(name, action, "done" if worker else "no such worker")
         elif action.kind == "set_limits":
             asyncio.get_running_loop().create_task(self._set_limits(name, action))
+        elif action.kind == "preempt":
+            self._record(name, action, self.service.preempt(
+                action.target, action.values.get("state_min_tokens", 0)))
+        elif action.target not in self.kv_asked:  # trim_kv, shrink_kv: one at a time
+            result = self.service.kv_op(action.target, action.kind, action.values)
+            if result == "asked":
+                self.kv_asked[action.target] = name
+            self._record(name, action, result)
+
+    def kv_reported(self, worker: str, report: dict[str, Any]) -> None:
+        """The worker's answer to a trim_kv or shrink_kv, recorded for its policy."""
+        name = self.kv_asked.pop(worker, "(none)")
+        values = {k: report[k] for k in ("tokens_before", "tokens_after", "n_ctx",
+                                         "rss_before", "rss_after", "ms")}
+        self._record(name, Action(report["op"], worker, values), report["result"])
 
     async def _set_limits(self, name: str, action: Action) -> None:
         try:

@@ -32,6 +32,8 @@ class Request:
     finished: bool = False
     tokens_sent: int = 0
     preemptions: int = 0
+    resume: dict[str, Any] | None = None  # from the worker that was preempted
+    seq: int | None = None  # FIFO order in its queue, kept when it is queued again
 
     def emit(self, event: dict[str, Any]) -> None:
         if self.sink is not None:
@@ -79,13 +81,16 @@ class ModelQueue:
         entries = sorted(self._heap, key=lambda e: (e[0], rank(e[2].id), e[1]))
         return (r for _, _, r in entries if r.id in self._live)
 
-    def push(self, req: Request) -> int:
-        """Queue req and return how many requests run before it; queue_full if at the limit."""
-        if len(self._live) >= self.limit:
+    def push(self, req: Request, requeue: bool = False) -> int:
+        """Queue req and return how many requests run before it; queue_full if at the limit.
+        A preempted request (requeue) goes back in its old place, even over the limit."""
+        if len(self._live) >= self.limit and not requeue:
             raise ProtocolError(
                 "queue_full", f"model {self.name!r} has {len(self._live)} requests queued "
                 f"(max_queue {self.limit})")
-        heapq.heappush(self._heap, (-req.priority, next(self._seq), req))
+        if req.seq is None:
+            req.seq = next(self._seq)
+        heapq.heappush(self._heap, (-req.priority, req.seq, req))
         self._live[req.id] = req
         return sum(1 for r in self._live.values() if r.priority >= req.priority) - 1
 

@@ -129,6 +129,8 @@ class Service:
             worker.scope_error = str(exc)
             log.error("scope_failed", worker=worker.name, error=str(exc))
             return
+        finally:
+            self.engine.kv_asked.pop(worker.name, None)  # a new process answers nothing old
         trigger = self._scope_trigger
         if trigger and worker.scope is not None and worker.scope.cgroup is not None:
             for resource in psi.RESOURCES:
@@ -323,11 +325,51 @@ class Service:
             "ttft_s": req.first_token_at - req.accepted_at if req.first_token_at else None,
             "total_s": now - req.accepted_at,
             "prefill_s": w["prefill_s"], "tokens_per_s": w["tokens_per_s"],
+            "preemptions": req.preemptions,
         }
         self._finish(req, "completed", stats=stats)
 
     def worker_error(self, worker: Worker, req: Request, code: str, message: str) -> None:
         self._finish(req, code, message)
+
+    def worker_preempted(self, worker: Worker, req: Request, resume: dict[str, Any]) -> None:
+        """Queue a preempted request again in its old place; it resumes where it stopped."""
+        if req.id not in self.requests:
+            return  # cancelled or expired while it was being preempted
+        req.preemptions += 1
+        req.resume = resume
+        self.queues[req.model].push(req, requeue=True)
+        restore = resume.get("state") is not None
+        log.info("request_preempted", request=req.id, worker=worker.name,
+                 generated=resume["generated"], context=len(resume["context"]),
+                 resume="restore" if restore else "recompute",
+                 state_bytes=len(resume["state"]) if restore else 0)
+        req.emit({"event": "preempted", "tokens": resume["generated"],
+                  "resume": "restore" if restore else "recompute"})
+        self.engine.notify(Event("preempted", request=req.id, model=req.model))
+
+    def worker_kv(self, worker: Worker, report: dict[str, Any]) -> None:
+        log.info("kv_changed", worker=worker.name, **{k: v for k, v in report.items()
+                                                      if k != "type"})
+        self.engine.kv_reported(worker.name, report)
+
+    def preempt(self, request_id: str, state_min_tokens: int) -> str:
+        """Ask the worker running request_id to give it up; returns what happened."""
+        req = self.requests.get(request_id)
+        worker = next((w for w in self.all_workers() if req and w.current is req), None)
+        if req is None or worker is None:
+            return "not running"
+        worker.preempt(req, state_min_tokens)
+        return "asked"
+
+    def kv_op(self, worker_name: str, op: str, values: dict[str, Any]) -> str:
+        worker = next((w for w in self.all_workers() if w.name == worker_name), None)
+        if worker is None or worker.pid is None:
+            return "no such worker"
+        if op == "shrink_kv" and values["n_ctx"] > worker.model.n_ctx:
+            return f"refused: n_ctx above the configured {worker.model.n_ctx}"
+        worker.kv_op(op, values)
+        return "asked"
 
     def worker_load_failed(self, worker: Worker) -> None:
         model = worker.model.name
@@ -374,8 +416,10 @@ class Service:
                 name=w.name, model=w.model.name, state=w.state, threads=w.threads,
                 cpu=limits.cpu, memory_high=limits.memory_high,
                 memory_current=stats.get("memory.current"),
-                pressure=_pressures(stats.get("pressure") or {})))
-        queued = tuple(_view(r, now) for q in self.queues.values() for r in q)
+                pressure=_pressures(stats.get("pressure") or {}),
+                n_ctx=w.n_ctx, n_ctx_max=w.model.n_ctx))
+        queued = tuple(_view(r, now, deferred=self.engine.is_deferred(r.id))
+                       for q in self.queues.values() for r in q)
         running = tuple(_view(w.current, now, w.name) for w in self.all_workers()
                         if w.current is not None)
         return Snapshot(now=now, system=_pressures(psi.system_pressure()),
@@ -443,7 +487,7 @@ def _pressures(parsed: dict[str, Any]) -> dict[str, Pressure]:
     return out
 
 
-def _view(req: Request, now: float, worker: str = "") -> RequestView:
+def _view(req: Request, now: float, worker: str = "", deferred: bool = False) -> RequestView:
     return RequestView(req.id, req.model, req.priority, len(req.prompt),
                        req.params.get("max_tokens", 0), now - req.accepted_at, worker=worker,
-                       tokens=req.tokens_sent, preemptions=req.preemptions)
+                       tokens=req.tokens_sent, preemptions=req.preemptions, deferred=deferred)

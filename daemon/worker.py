@@ -17,13 +17,17 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
+from . import kvstate
 from .cpus import usable_cpus
 from .protocol import recv_frame, send_frame
 
 IPC_MAX_FRAME = 64 << 20
+STATE_MAX = IPC_MAX_FRAME - (1 << 20)  # a larger saved state is recomputed instead
 ABORT_POLL_S = 0.005
+KV_OPS = ("trim_kv", "shrink_kv")
 
 
 class Cancelled(Exception):
@@ -35,6 +39,28 @@ class Cancelled(Exception):
         self.tokens = tokens
 
 
+class Preempted(Exception):
+    """The request gave up its worker; resume says how to continue it elsewhere."""
+
+    def __init__(self, resume: dict[str, Any]) -> None:
+        super().__init__("preempted")
+        self.resume = resume
+
+
+@dataclass
+class Run:
+    """One request's progress, kept across segments (a trim or shrink starts a new one)."""
+
+    req: str
+    context: list[int]  # prompt and generated tokens; the KV holds all but the last
+    prompt_tokens: int
+    generated: int
+    max_tokens: int
+    finish: str | None = None
+    first_at: float | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
 class Channel:
     """The socket to the daemon, with control messages that arrive mid-generation."""
 
@@ -42,6 +68,8 @@ class Channel:
         self.sock = sock
         self.cancelled: set[str] = set()
         self.threads_wanted: int | None = None
+        self.preempts: dict[str, int] = {}  # request -> save the state from this many tokens
+        self.kv_ops: list[dict[str, Any]] = []
         self.shutdown = False
         self._pending: list[dict[str, Any]] = []
 
@@ -66,13 +94,23 @@ class Channel:
                 self.cancelled.add(msg["req"])
             elif kind == "set_threads":
                 self.threads_wanted = int(msg["n"])
+            elif kind == "preempt":
+                self.preempts[msg["req"]] = int(msg["state_min_tokens"])
+            elif kind in KV_OPS:
+                self.kv_ops.append(msg)
             elif kind == "shutdown":
                 self.shutdown = True
             else:
                 self._pending.append(msg)
 
     def stop_asked(self, req: str) -> bool:
-        return req in self.cancelled or self.shutdown
+        """A cancel, a preemption or shutdown: what ends prompt evaluation early."""
+        return req in self.cancelled or req in self.preempts or self.shutdown
+
+    def forget(self) -> None:
+        """Before a new request: drop stops of earlier ones that came too late."""
+        self.cancelled.clear()
+        self.preempts.clear()
 
 
 class Outbox:
@@ -105,20 +143,25 @@ class Engine:
         import llama_cpp  # imported here so --help stays fast
 
         self.llama_cpp = llama_cpp
+        self.cfg = cfg
         self.channel = channel
         self.threads = cfg["threads"] or usable_cpus()
-        self.llm = llama_cpp.Llama(
-            model_path=cfg["path"], n_ctx=cfg["n_ctx"], n_batch=cfg["n_batch"],
-            n_threads=self.threads, n_threads_batch=self.threads, verbose=False,
-            seed=cfg["seed"] if cfg["seed"] >= 0 else llama_cpp.LLAMA_DEFAULT_SEED)
-        # llama.cpp may round the context up; llama-cpp-python's buffers keep the asked size.
-        self.n_ctx = min(self.llm.n_ctx(), cfg["n_ctx"])
         self.seed = cfg["seed"]
         self.stream_interval = cfg["stream_interval"]
+        self._open(cfg["n_ctx"])
         self.formatter = self._chat_formatter() if cfg["chat_template"] else None
         self._abort_req: str | None = None
         self._last_poll = 0.0
         self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
+
+    def _open(self, n_ctx: int) -> None:
+        cfg = self.cfg
+        self.llm = self.llama_cpp.Llama(
+            model_path=cfg["path"], n_ctx=n_ctx, n_batch=cfg["n_batch"],
+            n_threads=self.threads, n_threads_batch=self.threads, verbose=False,
+            seed=self.seed if self.seed >= 0 else self.llama_cpp.LLAMA_DEFAULT_SEED)
+        # llama.cpp may round the context up; llama-cpp-python's buffers keep the asked size.
+        self.n_ctx = min(self.llm.n_ctx(), n_ctx)
 
     def _chat_formatter(self) -> Any:
         template = self.llm.metadata.get("tokenizer.chat_template")
@@ -158,63 +201,168 @@ class Engine:
         cb = self._abort_cb if req is not None else self.llama_cpp.ggml_abort_callback()
         self.llama_cpp.llama_set_abort_callback(self.llm.ctx, cb, None)
 
-    def generate(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Stream tokens of one request to the daemon; return its stats."""
-        req, ch = msg["req"], self.channel
-        started = time.monotonic()
+    # -- one request ----------------------------------------------------------------
+
+    def _start(self, msg: dict[str, Any]) -> Run:
+        """A new request, or one resumed after preemption (with its saved state if any)."""
+        resume = msg.get("resume")
+        if resume:
+            context = list(resume["context"])
+            run = Run(msg["req"], context, resume["prompt_tokens"], resume["generated"],
+                      msg["max_tokens"])
+            if len(context) >= self.n_ctx:
+                raise ValueError(f"too_long: the preempted request holds {len(context)} tokens;"
+                                 f" this worker's context holds {self.n_ctx}")
+            state = resume.get("state")
+            if state and not kvstate.restore(self.llm, state, context[:-1]):
+                kvstate.clear(self.llm)  # the prefix is recomputed instead
+            return run
         prompt = self.tokens(msg["prompt"], msg.get("raw", False))
         if len(prompt) >= self.n_ctx:
             raise ValueError(f"too_long: the prompt is {len(prompt)} tokens; the context "
                              f"holds {self.n_ctx} and needs room for at least one more")
-        max_tokens = min(msg["max_tokens"], self.n_ctx - len(prompt))
+        return Run(msg["req"], prompt, len(prompt), 0,
+                   min(msg["max_tokens"], self.n_ctx - len(prompt)))
+
+    def generate(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Stream tokens of one request to the daemon; return its stats."""
+        run = self._start(msg)
         # Seed every request: the request's, else the worker's, else a fresh one.
         seed = next((x for x in (msg.get("seed", -1), self.seed) if x >= 0), None)
         self.llm.set_seed(seed if seed is not None else random.randrange(2**31))
-        vocab = self.llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        out = Outbox(ch, req, self.stream_interval)
-        count, finish, first_at = 0, "length", None
+        decoder.setstate(((msg.get("resume") or {}).get("pending", b""), 0))
+        out = Outbox(self.channel, run.req, self.stream_interval)
+        sampling = {"top_k": msg.get("top_k", 40), "top_p": msg.get("top_p", 0.95),
+                    "min_p": msg.get("min_p", 0.05), "temp": msg.get("temperature", 0.8),
+                    "repeat_penalty": msg.get("repeat_penalty", 1.0)}
+        while run.finish is None:
+            op = self._segment(run, sampling, out, decoder, msg.get("ignore_eos", False))
+            if op is not None:
+                self.channel.send(self.kv_op(op, run))
+        out.text += decoder.decode(b"", final=True)
+        out.flush()
+        done = time.monotonic()
+        decode_s = done - run.first_at if run.first_at else 0.0
+        new = run.generated - (msg.get("resume") or {}).get("generated", 0)
+        return {
+            "prompt_tokens": run.prompt_tokens, "completion_tokens": run.generated,
+            "finish_reason": run.finish,
+            "prefill_s": (run.first_at or done) - run.started,
+            "tokens_per_s": (new - 1) / decode_s if new > 1 and decode_s > 0 else None,
+        }
+
+    def _segment(self, run: Run, sampling: dict[str, Any], out: Outbox, decoder: Any,
+                 ignore_eos: bool) -> dict[str, Any] | None:
+        """Generate until the request ends (sets run.finish) or a KV operation is asked
+        for at a token boundary (returned). Raises Cancelled or Preempted."""
+        ch, req, vocab = self.channel, run.req, self.llm._model.vocab
         self._abort_during_eval(req)
-        tokens = self.llm.generate(
-            prompt, top_k=msg.get("top_k", 40), top_p=msg.get("top_p", 0.95),
-            min_p=msg.get("min_p", 0.05), temp=msg.get("temperature", 0.8),
-            repeat_penalty=msg.get("repeat_penalty", 1.0))
+        tokens = self.llm.generate(list(run.context), **sampling)
+        evaluating = True
         try:
             for token in tokens:
-                if first_at is None:
-                    first_at = time.monotonic()
+                if evaluating:
+                    evaluating = False
+                    run.first_at = run.first_at or time.monotonic()
                     self._abort_during_eval(None)
-                if self.llama_cpp.llama_vocab_is_eog(vocab, token) and not msg.get("ignore_eos"):
-                    finish = "stop"
-                    break
-                count += 1
+                if self.llama_cpp.llama_vocab_is_eog(vocab, token) and not ignore_eos:
+                    run.finish = "stop"
+                    return None
+                run.generated += 1
+                run.context.append(token)
                 out.add(decoder.decode(self.llm.detokenize([token])))
-                if count >= max_tokens:
-                    break
+                if run.generated >= run.max_tokens or len(run.context) >= self.n_ctx:
+                    run.finish = "length"
+                    return None
                 ch.poll()
                 if ch.threads_wanted is not None:
                     self.set_threads(ch.threads_wanted)
                     ch.send({"type": "threads", "n": self.threads})
                     ch.threads_wanted = None
-                if ch.stop_asked(req):
-                    raise Cancelled("decode", count)
+                if req in ch.cancelled or ch.shutdown:
+                    raise Cancelled("decode", run.generated)
+                if req in ch.preempts:
+                    out.flush()
+                    raise Preempted(self._suspend(run, decoder, ch.preempts[req]))
+                if ch.kv_ops:
+                    out.flush()
+                    return ch.kv_ops.pop(0)
         except RuntimeError:
             if not ch.stop_asked(req):
                 raise
             self.llm.reset()  # the aborted decode left the context half-evaluated
-            raise Cancelled("decode" if first_at else "prefill", count) from None
+            if req in ch.preempts:
+                out.flush()
+                raise Preempted(self._suspend(run, decoder, None)) from None
+            raise Cancelled("prefill" if evaluating else "decode", run.generated) from None
         finally:
             tokens.close()
             self._abort_during_eval(None)
-        out.text += decoder.decode(b"", final=True)
-        out.flush()
-        done = time.monotonic()
-        decode_s = done - first_at if first_at else 0.0
-        return {
-            "prompt_tokens": len(prompt), "completion_tokens": count, "finish_reason": finish,
-            "prefill_s": (first_at or done) - started,
-            "tokens_per_s": (count - 1) / decode_s if count > 1 and decode_s > 0 else None,
-        }
+        run.finish = "stop"  # the generator ended by itself
+        return None
+
+    def _suspend(self, run: Run, decoder: Any, state_min_tokens: int | None) -> dict[str, Any]:
+        """What another worker needs to continue run: its tokens and, for a long context,
+        the saved KV (short ones are cheaper to recompute)."""
+        held = len(run.context) - 1
+        state = None
+        if state_min_tokens is not None and held >= state_min_tokens:
+            state = kvstate.save(self.llm, STATE_MAX)
+        return {"context": run.context, "prompt_tokens": run.prompt_tokens,
+                "generated": run.generated, "state": state, "pending": decoder.getstate()[0]}
+
+    # -- KV operations -------------------------------------------------------------
+
+    def kv_op(self, op: dict[str, Any], run: Run | None = None) -> dict[str, Any]:
+        """Trim the cache (trim_kv) or reopen with a smaller context (shrink_kv), in the
+        middle of a request (run) or between requests; returns the report for the daemon."""
+        t0, rss0 = time.monotonic(), _rss()
+        held = run.context[:-1] if run else list(self.llm.input_ids[: self.llm.n_tokens])
+        before = len(held)
+        act = self._trim if op["type"] == "trim_kv" else self._shrink
+        result = act(held, op, run)
+        return {"type": "kv", "op": op["type"], "result": result, "tokens_before": before,
+                "tokens_after": self.llm.n_tokens, "n_ctx": self.n_ctx,
+                "rss_before": rss0, "rss_after": _rss(),
+                "ms": round((time.monotonic() - t0) * 1000, 3)}
+
+    def _trim(self, held: list[int], op: dict[str, Any], run: Run | None) -> str:
+        """Keep the first `keep` and last `tail` cached tokens if `min_prune` can go."""
+        if run is None:
+            return f"cleared {kvstate.clear(self.llm)} cached tokens (idle)"
+        keep, tail, min_prune = op.get("keep", 64), op.get("tail", 256), op.get("min_prune", 64)
+        drop = len(held) - keep - tail
+        if drop < max(1, min_prune):
+            return f"skipped: {len(held)} tokens, keep {keep} + tail {tail} free under {min_prune}"
+        kept = kvstate.trim(self.llm, held, keep, drop)
+        if kept is None:
+            return "unsupported: this model's cache cannot shift positions"
+        run.context = kept + run.context[-1:]
+        return f"trimmed {drop} tokens"
+
+    def _shrink(self, held: list[int], op: dict[str, Any], run: Run | None) -> str:
+        n_ctx = int(op["n_ctx"])
+        if n_ctx == self.n_ctx:
+            return f"unchanged: n_ctx is {n_ctx}"
+        if run is not None and len(run.context) + 1 > n_ctx:
+            why = self._trim(held, {**op, "min_prune": 0}, run)
+            held = run.context[:-1]
+            if len(run.context) + 1 > n_ctx:
+                return f"refused: {len(held)} tokens do not fit n_ctx {n_ctx} ({why})"
+        state = kvstate.save(self.llm, 1 << 62) if run is not None and held else None
+        old = self.n_ctx
+        self.llm.close()
+        self._open(n_ctx)
+        self.set_threads(self.threads)
+        if state is not None and not kvstate.restore(self.llm, state, held):
+            kvstate.clear(self.llm)  # the next segment recomputes the context
+        return f"n_ctx {old} -> {self.n_ctx}"
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def serve(ch: Channel, engine: Engine) -> None:
@@ -225,13 +373,15 @@ def serve(ch: Channel, engine: Engine) -> None:
         kind = msg.get("type")
         if kind == "generate":
             req = msg["req"]
-            ch.cancelled.clear()  # cancels of earlier requests that came too late
+            ch.forget()
             try:
                 stats = engine.generate(msg)
                 ch.send({"type": "done", "req": req, "stats": stats})
             except Cancelled as stop:
                 ch.send({"type": "done", "req": req, "stats": None, "cancelled": True,
                          "stage": stop.stage, "completion_tokens": stop.tokens})
+            except Preempted as p:
+                ch.send({"type": "preempted", "req": req, "resume": p.resume})
             except ValueError as exc:
                 code, _, text = str(exc).partition(": ")
                 if code != "too_long":
@@ -243,8 +393,12 @@ def serve(ch: Channel, engine: Engine) -> None:
         elif kind == "set_threads":
             engine.set_threads(int(msg["n"]))
             ch.send({"type": "threads", "n": engine.threads})
+        elif kind in KV_OPS:
+            ch.send(engine.kv_op(msg))
         elif kind == "shutdown":
             return
+        while ch.kv_ops:  # asked for while the request was ending
+            ch.send(engine.kv_op(ch.kv_ops.pop(0)))
 
 
 def main(argv: list[str] | None = None) -> int:

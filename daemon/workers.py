@@ -30,6 +30,8 @@ class Listener(Protocol):
     def worker_done(self, worker: Worker, req: Request, msg: dict[str, Any]) -> None: ...
     def worker_error(self, worker: Worker, req: Request, code: str, message: str) -> None: ...
     def worker_load_failed(self, worker: Worker) -> None: ...
+    def worker_preempted(self, worker: Worker, req: Request, resume: dict[str, Any]) -> None: ...
+    def worker_kv(self, worker: Worker, report: dict[str, Any]) -> None: ...
     async def place(self, worker: Worker) -> None: ...
     async def release(self, worker: Worker) -> None: ...
 
@@ -158,6 +160,10 @@ class Worker:
         if kind == "threads":
             self.threads = msg["n"]
             return
+        if kind == "kv":
+            self.n_ctx = msg["n_ctx"]
+            self.listener.worker_kv(self, msg)
+            return
         if req is None or msg.get("req") != req.id:
             self.log.warning("worker_stray_message", type=kind, req=msg.get("req"))
             return
@@ -165,9 +171,11 @@ class Worker:
             req.token(msg["text"], msg["tokens"])
             return
         self.current = None
-        self.served += 1
+        self.served += kind != "preempted"
         if kind == "done":
             self.listener.worker_done(self, req, msg)
+        elif kind == "preempted":
+            self.listener.worker_preempted(self, req, msg["resume"])
         else:
             self.listener.worker_error(self, req, msg.get("code", "internal"),
                                        msg.get("message", "worker error"))
@@ -216,12 +224,24 @@ class Worker:
     def run(self, req: Request) -> None:
         assert self.idle
         self.state, self.current = "busy", req
-        req.started_at = time.monotonic()
-        self._send({"type": "generate", "req": req.id, "prompt": req.prompt, **req.params})
+        req.started_at = req.started_at or time.monotonic()
+        resume = {"resume": req.resume} if req.resume else {}
+        self._send({"type": "generate", "req": req.id, "prompt": req.prompt, **req.params,
+                    **resume})
+        req.resume = None  # the worker has it now; it sends a new one if preempted again
 
     def cancel(self, req: Request) -> None:
         if self.current is req:
             self._send({"type": "cancel", "req": req.id})
+
+    def preempt(self, req: Request, state_min_tokens: int) -> None:
+        """Ask the worker to give up req at the next token; it answers with "preempted"."""
+        if self.current is req:
+            self._send({"type": "preempt", "req": req.id, "state_min_tokens": state_min_tokens})
+
+    def kv_op(self, op: str, values: dict[str, Any]) -> None:
+        """trim_kv or shrink_kv, done at the next token (or at once if idle)."""
+        self._send({"type": op, **values})
 
     def set_threads(self, n: int) -> None:
         self._send({"type": "set_threads", "n": n})

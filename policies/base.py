@@ -74,6 +74,8 @@ class WorkerView:
     memory_high: int | None
     memory_current: int | None
     pressure: dict[str, Pressure] = field(default_factory=dict)
+    n_ctx: int = 0  # the context it runs with now
+    n_ctx_max: int = 0  # the configured context
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class RequestView:
     worker: str = ""  # the worker running it; empty while queued
     tokens: int = 0  # tokens generated so far
     preemptions: int = 0
+    deferred: bool = False  # held back by a policy
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # tick | pressure | queued | started | finished | limits
+    kind: str  # tick | pressure | queued | started | finished | preempted | limits
     key: str = ""  # for pressure: "system/cpu" or "<worker>/<resource>"
     request: str = ""
     model: str = ""

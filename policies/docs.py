@@ -13,10 +13,12 @@ INTRO = """# Policies
 
 A policy decides how the daemon reacts to pressure and load. It receives events (a tick
 every second, a PSI trigger on the system or a worker's scope, a request queued, started
-or finished) with a read-only snapshot (PSI averages and totals of the system and each
-scope, cgroup memory, the queue), and returns actions: admit or defer a request, set a
-model's limits, set a worker's threads. The daemon applies them and records each one
-(`llmctl events`).
+or finished or preempted) with a read-only snapshot (PSI averages and totals of the
+system and each scope, cgroup memory, the waiting and running requests), and returns
+actions: admit, defer or rank a waiting request, preempt a running one, set a model's
+limits, set a worker's threads, trim or shrink a worker's KV cache. The daemon applies
+them and records each one (`llmctl events`); a worker's answer to a KV change is
+recorded too, with its token counts, RSS before and after, and time taken.
 
 Enable policies in the config, one `[[policies]]` table each, or live with
 `llmctl policy set NAME key=value...` (root). `llmctl policy show NAME` prints the manual
@@ -33,10 +35,11 @@ llm_residentd.policies =
     my-policy = my_package.my_policy:MyPolicy
 ```
 
-Status: the policies below have deterministic tests (fake clock, scripted snapshots);
-`static`, `sjf` and admission gating also run in the daemon's integration tests.
-Priority preemption and KV trim are the next steps, and so is measuring each policy under
-load in the systemd guest (docs/benchmarks.md).
+Status: every policy below has deterministic tests (fake clock, scripted snapshots).
+`static`, `sjf`, `priority` (preemption with restore and with recompute) and admission
+gating also run in the daemon's integration tests, and the worker's KV trim and shrink are
+tested over its real IPC. Measurements under load in the systemd guest are in
+docs/benchmarks.md.
 
 This page is generated: `python -m llm_residentd.policies.docs > docs/policies.md`.
 """

@@ -24,6 +24,20 @@ class Hold(Policy):
         return [Action(kind, r.id, reason="test hold") for r in snap.queued]
 
 
+class KvTest(Policy):
+    """kvtest: trims the cache of a request as it starts, shrinks the context after it."""
+    name = "kvtest"
+    params = {"keep": Param(int, 4, "first tokens kept"), "n_ctx": Param(int, 128, "shrink to")}
+
+    def on_event(self, event, snap):
+        s, worker = self.settings, snap.workers[0].name
+        if event.kind == "started":
+            return [Action("trim_kv", worker, {"keep": s["keep"], "tail": 8, "min_prune": 4})]
+        if event.kind == "finished":
+            return [Action("shrink_kv", worker, {"n_ctx": s["n_ctx"]})]
+        return []
+
+
 class Faulty(Policy):
     """faulty: raises on its second event (a test policy)."""
     name = "faulty"
@@ -47,7 +61,8 @@ def third_party(tmp_path, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: llmtest-policies\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[llm_residentd.policies]\n"
                                            "hold = llmtest_policies:Hold\n"
-                                           "faulty = llmtest_policies:Faulty\n")
+                                           "faulty = llmtest_policies:Faulty\n"
+                                           "kvtest = llmtest_policies:KvTest\n")
     monkeypatch.setenv("PYTHONPATH", str(site))
     return site
 
@@ -142,3 +157,35 @@ def test_sjf_runs_the_short_job_before_an_earlier_long_one(start_daemon, tiny_mo
     frames = read_until_done(sock, 3)
     done = [f["request"] for f in frames if f.get("event") == "done"]
     assert done == [ids["short"], ids["long"]]
+
+
+def test_kv_actions_reach_the_worker_and_its_report_is_recorded(start_daemon, tiny_model_path,
+                                                                third_party):
+    config = tiny_config(tiny_model_path, n_ctx=512).replace("max_tokens = 16",
+                                                             "max_tokens = 400")
+    d = start_daemon(config + '\n[[policies]]\nname = "kvtest"\n')
+    with d.client() as c:
+        stream = c.submit("tell me a story " * 12, max_tokens=300, ignore_eos=True, raw=True)
+        text = "".join(stream.text())
+    assert stream.stats["completion_tokens"] == 300 and text
+    wait_for(lambda: len([e for e in json.loads(d.llmctl("events", "--json").stdout)
+                          if e["values"].get("ms") is not None]) == 2, what="two KV reports")
+    events = json.loads(d.llmctl("events", "--json").stdout)
+    asked = [(e["action"], e["result"]) for e in events if "ms" not in e["values"]]
+    assert asked == [("trim_kv", "asked"), ("shrink_kv", "asked")]
+    trim, shrink = [e for e in events if "ms" in e["values"]]
+    assert trim["policy"] == "kvtest" and trim["result"].startswith("trimmed"), trim
+    assert trim["values"]["tokens_after"] == 4 + 8 and trim["values"]["tokens_before"] >= 40
+    assert shrink["result"] == "n_ctx 512 -> 128" and shrink["values"]["n_ctx"] == 128
+    assert d.status()["workers"][0]["n_ctx"] == 128
+
+
+def test_a_kv_action_with_bad_values_disables_its_policy(start_daemon, tiny_model_path,
+                                                         third_party):
+    config = tiny_config(tiny_model_path).replace("max_tokens = 16", "max_tokens = 200")
+    d = start_daemon(config + '\n[[policies]]\nname = "kvtest"\nkeep = -5\n')
+    with d.client() as c:
+        assert "".join(c.submit("hi", max_tokens=100, ignore_eos=True).text())
+    listing = json.loads(d.llmctl("policy", "list", "--json").stdout)
+    assert "keep=-5" in listing["disabled"]["kvtest"]
+    d.assert_serving()
