@@ -137,7 +137,7 @@ class PolicyEngine:
 
     def kv_reported(self, worker: str, report: dict[str, Any]) -> None:
         """The worker's answer to a trim_kv or shrink_kv, recorded for its policy."""
-        name = self.kv_asked.pop(worker, "(none)")
+        name = self.kv_asked.pop(worker, "(none)") if report.get("asked", True) else "(worker)"
         values = {k: report[k] for k in ("tokens_before", "tokens_after", "n_ctx",
                                          "rss_before", "rss_after", "ms")}
         self._record(name, Action(report["op"], worker, values), report["result"])

@@ -210,6 +210,7 @@ class Engine:
             context = list(resume["context"])
             run = Run(msg["req"], context, resume["prompt_tokens"], resume["generated"],
                       msg["max_tokens"])
+            self._make_room(len(context) + msg["max_tokens"] - resume["generated"])
             if len(context) >= self.n_ctx:
                 raise ValueError(f"too_long: the preempted request holds {len(context)} tokens;"
                                  f" this worker's context holds {self.n_ctx}")
@@ -218,11 +219,19 @@ class Engine:
                 kvstate.clear(self.llm)  # the prefix is recomputed instead
             return run
         prompt = self.tokens(msg["prompt"], msg.get("raw", False))
+        self._make_room(len(prompt) + msg["max_tokens"])
         if len(prompt) >= self.n_ctx:
             raise ValueError(f"too_long: the prompt is {len(prompt)} tokens; the context "
                              f"holds {self.n_ctx} and needs room for at least one more")
         return Run(msg["req"], prompt, len(prompt), 0,
                    min(msg["max_tokens"], self.n_ctx - len(prompt)))
+
+    def _make_room(self, tokens: int) -> None:
+        """A context shrunk under memory pressure grows back for a request that needs it."""
+        full = self.cfg["n_ctx"]
+        if self.n_ctx < full and tokens > self.n_ctx:
+            report = self.kv_op({"type": "shrink_kv", "n_ctx": full})
+            self.channel.send({**report, "op": "grow_kv", "asked": False})
 
     def generate(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Stream tokens of one request to the daemon; return its stats."""

@@ -14,7 +14,9 @@ avg10` is at or above `some_above` percent, the policy asks that worker, at most
   back to the kernel. A sequence too long for the smaller context is trimmed first.
 
 After `restore_after_s` with the pressure below `some_above`, an idle worker's context
-grows back to its configured size. Either way the request goes on: no OOM kill.
+grows back to its configured size; so does a shrunk one that a new request needs room in
+(prompt plus max_tokens), before it starts (recorded as `grow_kv`). Either way the
+request goes on: no OOM kill.
 
 Research: kv-psi (shared/research/004) trims a llama.cpp KV cache when memory PSI rises
 (keep 64, tail 256, min-prune 64). Measured here: closing a context took a worker's RSS

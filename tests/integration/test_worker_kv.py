@@ -174,3 +174,16 @@ def test_shrink_below_the_context_trims_first_or_refuses(tiny_model_path: Path) 
         assert done["stats"]["completion_tokens"] == GREEDY["max_tokens"]
     finally:
         w.close()
+
+
+def test_a_request_that_needs_room_grows_a_shrunk_context_back(tiny_model_path: Path,
+                                                                reference: str) -> None:
+    w = WorkerProc(tiny_model_path)
+    try:
+        w.send({"type": "shrink_kv", "n_ctx": 64})
+        assert w.recv()["n_ctx"] == 64
+        text, done, reports = w.generate("g1")
+        assert [(r["op"], r["n_ctx"], r["asked"]) for r in reports] == [("grow_kv", N_CTX, False)]
+        assert done["stats"]["completion_tokens"] == GREEDY["max_tokens"] and text == reference
+    finally:
+        w.close()
