@@ -43,7 +43,7 @@ SETUPS = ("off", "kv-trim", "small")
 def config(model: str, n_ctx: int, policy: bool, min_ctx: int) -> str:
     text = f"""
 [daemon]
-psi_scope_trigger = "some 50000 500000"
+psi_scope_trigger = "some 20000 1000000"
 
 [models.m]
 path = "{model}"
@@ -57,6 +57,7 @@ stream_interval = 0.05
 [[policies]]
 name = "kv-trim"
 mode = "shrink"
+some_above = 1.0
 factor = 0.25
 min_ctx = {min_ctx}
 cooldown_s = 3.0
@@ -177,7 +178,7 @@ def main() -> int:
     p.add_argument("--model", required=True, help="a GGUF on local disk (not tmpfs)")
     p.add_argument("--n-ctx", type=int, default=32768)
     p.add_argument("--min-ctx", type=int, default=2048)
-    p.add_argument("--ramp-mb", type=float, default=2.0, help="MiB per second")
+    p.add_argument("--ramp-mb", type=float, default=1.0, help="MiB per second")
     p.add_argument("--floor-mb", type=float, default=90.0)
     p.add_argument("--before", type=float, default=8.0)
     p.add_argument("--after", type=float, default=40.0)
