@@ -153,22 +153,25 @@ def daemon(tmp_path_factory, tiny_model) -> Iterator[Daemon]:
 
 
 class Collector(threading.Thread):
-    """One request on its own connection (made up front: a hello under a hog is slow);
-    submit() sends it, and the thread collects its events."""
+    """One request on its own connection, made up front (a hello under a hog is slow).
+    submit() returns at once; the thread sends the request and collects its events, so
+    several submissions reach a starved daemon together."""
 
     def __init__(self, socket: Path) -> None:
         super().__init__(daemon=True)
         self.client = Client(socket, timeout=60)
         self.events: list[dict[str, Any]] = []
+        self.request = ""
 
     def submit(self, prompt: str, **params: Any) -> Collector:
-        self.stream = self.client.submit(prompt, **params)
-        self.request = self.stream.request
+        self.prompt, self.params = prompt, params
         self.start()
         return self
 
     def run(self) -> None:
-        for event in self.stream.events():
+        stream = self.client.submit(self.prompt, **self.params)
+        self.request = stream.request
+        for event in stream.events():
             self.events.append(event)
         self.client.close()
 
@@ -237,17 +240,12 @@ def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
                 f"scope cpu.pressure {psi(SCOPE_DIR / 'cpu.pressure')}")
             reqs = [conns[i].submit(f"hello world {i}", max_tokens=8, ignore_eos=True)
                     for i in range(3)]
-            ids = {r.request for r in reqs}
             expiring = conns[3].submit("the quick brown fox", max_tokens=8, timeout=3.0)
+            wait_for(lambda: all(r.request for r in conns), timeout=60, what="requests accepted")
+            ids = {r.request for r in reqs}
             wait_for(lambda: ids | {expiring.request} <= {
                 e["target"] for e in d.actions("psi-admission", "defer")}, timeout=30,
                 what="defer actions for the new requests")
-            held = d.client.call("policy", action="list")["deferred"]
-            queued = d.client.status()["models"]["tiny"]["queued"]
-            log(f"deferred {held}, queued {queued}")
-            assert ids <= set(held) and ids <= set(queued)
-            assert all(e["result"] == "done" and "cpu some avg10" in e["reason"]
-                       for e in d.actions("psi-admission", "defer"))
             avg10_hog = cpu_avg10()
             usage0 = keyed(SCOPE_DIR / "cpu.stat")["usage_usec"]
             scope_stall = psi(SCOPE_DIR / "cpu.pressure")["total"] - scope_stall0
@@ -256,7 +254,14 @@ def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
         log(f"hog stopped at avg10 {avg10_hog}; {stall / 1e6:.1f} s of system cpu stall")
         # What the kernel saw: the system stalled, and so did the busy worker's scope.
         assert avg10_hog >= DEFER_ABOVE and stall > 1_000_000 and scope_stall > 50_000
-        # Pressure takes seconds to calm: the short timeout passes while still held back.
+        # Pressure takes seconds to calm; meanwhile they stay queued and held back.
+        held = d.client.call("policy", action="list")["deferred"]
+        queued = d.client.status()["models"]["tiny"]["queued"]
+        log(f"deferred {held}, queued {queued}")
+        assert ids <= set(held) and ids <= set(queued)
+        assert all(e["result"] == "done" and "cpu some avg10" in e["reason"]
+                   for e in d.actions("psi-admission", "defer"))
+        # The short timeout passes while it is still held back.
         err = expiring.last(60)
         assert err["event"] == "error" and err["error"]["code"] == "deferred_timeout", err
         assert ids <= set(d.client.status()["models"]["tiny"]["queued"])  # the rest wait on
