@@ -92,7 +92,8 @@ def open_trigger(path: Path, trigger: Trigger) -> int:
     except OSError as exc:
         raise PsiUnavailable(f"cannot open {path}: {exc.strerror}") from None
     try:
-        os.write(fd, trigger.line())
+        # With the NUL: /proc/pressure/* turns the last byte written into one.
+        os.write(fd, trigger.line() + b"\0")
     except OSError as exc:
         os.close(fd)
         why = {errno.EOPNOTSUPP: "PSI is disabled (psi=0)",

@@ -5,8 +5,8 @@ Every `interval_s`, for each worker it takes the growth of its scope's memory st
 memory.high is probed down by `probe` (a fraction, at most 1 % by default), starting from
 memory.current. Above the target it backs off fast: up by `backoff` of the limit. The
 limit stays between `min_bytes` and `max_bytes`. A model with several workers follows its
-neediest one. Reclaim that memory.high drives is gentle (no OOM kill); the
-kernel's own pressure tells how far is too far.
+neediest one; a worker still loading its model is left alone. Reclaim that memory.high
+drives is gentle (no OOM kill); the kernel's own pressure tells how far is too far.
 
 Research: Meta's senpai (10 ms of stall per 6 s interval as the default target).
 
@@ -46,8 +46,8 @@ class MemoryTuner(Policy):
         wanted: dict[str, tuple[int, str]] = {}
         for w in snap.workers:
             mem = w.pressure.get("memory")
-            if mem is None or w.memory_current is None:
-                continue
+            if mem is None or w.memory_current is None or w.state not in ("idle", "busy"):
+                continue  # no scope, or a model still loading
             previous = self.totals.get(w.name)
             self.totals[w.name] = mem.some_total
             if previous is None:

@@ -3,8 +3,9 @@
 Every `interval_s`, it looks at the system's CPU `some avg10`. Above `high` percent it
 cuts each model's worker quota multiplicatively (times `decrease`), never below
 `min_cpu`. Below `low` it gives back `step` CPUs, never above `max_cpu`. Between the two
-it holds. The quota starts at `max_cpu`. This is additive-increase / multiplicative-
-decrease, the rule TCP uses to share a link.
+it holds. Each step starts from the quota the daemon reports for the model (no quota
+counts as `max_cpu`), so a change that failed to apply is tried again. This is
+additive-increase / multiplicative-decrease, the rule TCP uses to share a link.
 
 Research: LLM-OS caps LLM throughput to protect the host's other programs
 (shared/research/002); PSI gives the signal that the others are stalling.
@@ -33,26 +34,21 @@ class NeighbourGuard(Policy):
         "interval_s": Param(float, 2.0, "seconds between decisions", 0.5, 3600.0),
     }
 
-    def __init__(self, **settings: object) -> None:
-        super().__init__(**settings)
-        self.quota: dict[str, float] = {}
-
     def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
         if not self.due(event, snap.now, self.settings["interval_s"]):
             return []
         s = self.settings
         cpu = snap.system["cpu"].some_avg10 if "cpu" in snap.system else 0.0
         actions = []
-        for model in sorted({w.model for w in snap.workers}):
-            old = self.quota.get(model, s["max_cpu"])
+        for model, now in sorted({w.model: w.cpu for w in snap.workers}.items()):
+            old = min(s["max_cpu"], now) if now is not None else s["max_cpu"]
             if cpu > s["high"]:
                 new = max(s["min_cpu"], old * s["decrease"])
             elif cpu < s["low"]:
                 new = min(s["max_cpu"], old + s["step"])
             else:
                 new = old
-            if model not in self.quota or abs(new - old) > 1e-9:
-                self.quota[model] = new
+            if now is None or abs(new - now) > 1e-9:
                 actions.append(Action("set_limits", model, {"cpu": f"{new * 100:g}%"},
                                       reason=f"system cpu some avg10 {cpu:.1f}%"))
         return actions

@@ -291,9 +291,6 @@ def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
             busy.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="daemon/psi.py open_trigger writes the trigger without a "
-                   "trailing NUL; /proc/pressure/* overwrites the last byte with NUL, so the "
-                   "window loses a digit and the kernel refuses it (EINVAL)")
 def test_system_psi_triggers_are_armed(daemon):
     for line in (daemon.dir / "daemon.log").read_text().splitlines():
         if "psi_trigger_unavailable" in line:

@@ -109,19 +109,33 @@ def test_neighbour_guard_cuts_multiplicatively_and_gives_back_additively():
     p = NeighbourGuard(high=30, low=10, decrease=0.5, step=0.25, min_cpu=0.25, max_cpu=2,
                        interval_s=2)
 
-    def cpu_at(now, pressure):
-        s = Snapshot(now=now, system={"cpu": Pressure(some_avg10=pressure)}, workers=(_worker(),))
-        return [a.values["cpu"] for a in p.on_event(Event("tick"), s)]
+    quota = [None]  # what the daemon reports: it applies every action
 
-    assert cpu_at(0, 50) == ["100%"]  # starts at max_cpu 2, cut in half
+    def cpu_at(now, pressure, applied=True):
+        s = Snapshot(now=now, system={"cpu": Pressure(some_avg10=pressure)},
+                     workers=(_worker(cpu=quota[0]),))
+        values = [a.values["cpu"] for a in p.on_event(Event("tick"), s)]
+        if values and applied:
+            quota[0] = float(values[0].rstrip("%")) / 100
+        return values
+
+    assert cpu_at(0, 50) == ["100%"]  # no quota counts as max_cpu 2: cut in half
     assert cpu_at(1, 50) == []  # within interval_s: no decision
-    assert cpu_at(2, 50) == ["50%"]
-    assert cpu_at(4, 50) == ["25%"]
-    assert cpu_at(6, 50) == []  # at the floor: nothing changes
-    assert cpu_at(8, 20) == []  # between low and high: hold
-    assert cpu_at(10, 5) == ["50%"]  # calm: +0.25 CPU
-    assert cpu_at(12, 5) == ["75%"]
-    assert p.on_event(Event("pressure", key="system/cpu"), Snapshot(now=14)) == []
+    assert cpu_at(2, 50, applied=False) == ["50%"]
+    assert cpu_at(4, 50) == ["50%"]  # the last change failed: the same step again
+    assert cpu_at(6, 50) == ["25%"]
+    assert cpu_at(8, 50) == []  # at the floor: nothing changes
+    assert cpu_at(10, 20) == []  # between low and high: hold
+    assert cpu_at(12, 5) == ["50%"]  # calm: +0.25 CPU
+    assert cpu_at(14, 5) == ["75%"]
+    assert p.on_event(Event("pressure", key="system/cpu"), Snapshot(now=16)) == []
+
+
+def test_neighbour_guard_sets_the_ceiling_on_an_unlimited_model_when_calm():
+    from llm_residentd.policies.neighbour_guard import NeighbourGuard
+    p = NeighbourGuard(max_cpu=1.5)
+    s = Snapshot(now=0, system={"cpu": Pressure(some_avg10=0)}, workers=(_worker(),))
+    assert [a.values["cpu"] for a in p.on_event(Event("tick"), s)] == ["150%"]
 
 
 def test_memory_tuner_probes_down_when_calm_and_backs_off_under_stall():

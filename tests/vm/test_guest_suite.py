@@ -42,6 +42,9 @@ def test_guest_suite_passes(share: Path, record_property: pytest.RecordProperty)
     timings["image"] = time.monotonic() - t0  # 0 when cached
     timings.update({f"image.{k}": v for k, v in build.items() if k != "total"})
     tinymodel.write_tiny_model(share / "tiny.gguf")
+    # A wide model with a long context, so that its KV cache dominates (test_kv_trim.py).
+    tinymodel.write_tiny_model(share / "kv.gguf", n_layer=2, n_embd=256, n_ff=256,
+                               n_ctx_train=32768)
     try:
         result = guest.run_in_guest(GUEST_COMMAND, share, GUEST_TIMEOUT, image=image)
     except guest.GuestError as exc:

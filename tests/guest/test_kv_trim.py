@@ -1,0 +1,95 @@
+"""kv-trim against real memory pressure: a memory.high squeeze on a worker with a large
+KV cache makes its scope stall; the policy shrinks the context and decoding goes on.
+
+The proof is read from the kernel (memory.events, memory.current, memory.high) and from
+the daemon (the worker's report of the shrink, tokens still streaming after it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from guestlib import CGROUP, GuestDaemon, wait_for
+from llmctl import Client
+
+N_CTX = 32768
+
+
+def test_kv_trim_shrinks_the_context_under_a_memory_squeeze(tmp_path: Path, share: Path) -> None:
+    model = Path("/var/tmp/kv.gguf")  # local disk: its pages are charged to the worker
+    shutil.copyfile(share / "kv.gguf", model)
+    (Path("/proc/sys/vm/drop_caches")).write_text("3")
+    d = GuestDaemon(tmp_path / "d", f"""
+[daemon]
+psi_scope_trigger = "some 20000 1000000"
+[models.kv]
+path = "{model}"
+n_ctx = {N_CTX}
+max_tokens = 30000
+threads = 0
+[[policies]]
+name = "kv-trim"
+mode = "shrink"
+some_above = 1.0
+factor = 0.25
+min_ctx = 2048
+cooldown_s = 3.0
+""").start()
+    tokens = []
+    try:
+        cgroup = Path(d.worker("kv-0")["cgroup"]["cgroup"])
+        assert cgroup.is_relative_to(CGROUP)
+        done = threading.Event()
+
+        def decode() -> None:
+            with Client(d.socket, timeout=600) as c:
+                for e in c.submit("tell me everything " * 4, model="kv", max_tokens=30000,
+                                  ignore_eos=True, raw=True).events():
+                    if e["event"] == "token":
+                        tokens.append(e["tokens"])
+                    if done.is_set():
+                        break
+
+        thread = threading.Thread(target=decode, daemon=True)
+        thread.start()
+        wait_for(lambda: len(tokens) >= 3, timeout=120, what="decoding to start")
+        current = int((cgroup / "memory.current").read_text())
+        assert current > 100 << 20, "the 32k context should hold ~64 MiB of KV cache"
+        high_events = int(dict(line.split() for line in
+                               (cgroup / "memory.events").read_text().splitlines())["high"])
+
+        last = [0.0]
+
+        def shrunk() -> bool:
+            if d.worker("kv-0")["n_ctx"] < N_CTX:
+                return True
+            if time.monotonic() - last[0] >= 2.0:  # squeeze by 2 MiB every 2 s
+                last[0] = time.monotonic()
+                now = int((cgroup / "memory.current").read_text())
+                d.ctl("limits", "kv", "--memory-high", str((now - (2 << 20)) // 4096 * 4096))
+            return False
+
+        wait_for(shrunk, timeout=150, what="kv-trim to shrink the context")
+        events = json.loads(d.ctl("events", "--json").stdout)
+        reports = [e for e in events if e["action"] == "shrink_kv" and "ms" in e["values"]]
+        assert reports and reports[0]["result"] == f"n_ctx {N_CTX} -> 8192", events
+        assert reports[0]["values"]["rss_after"] < reports[0]["values"]["rss_before"]
+        # The kernel saw the squeeze, and after the shrink the scope fits under memory.high.
+        after = dict(line.split() for line in (cgroup / "memory.events").read_text().splitlines())
+        assert int(after["high"]) > high_events and int(after["oom_kill"]) == 0
+        high = int((cgroup / "memory.high").read_text())
+        wait_for(lambda: int((cgroup / "memory.current").read_text()) < high, timeout=30,
+                 what="memory.current under memory.high after the shrink")
+        # Decoding goes on in the same request, in the same worker process.
+        seen = len(tokens)
+        wait_for(lambda: len(tokens) >= seen + 5, timeout=120, what="tokens after the shrink")
+        worker = d.worker("kv-0")
+        assert worker["state"] == "busy" and worker["restarts"] == 0
+        done.set()
+    finally:
+        d.stop()
+        model.unlink(missing_ok=True)
