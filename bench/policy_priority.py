@@ -39,9 +39,9 @@ from llmctl.cli import wait_ready
 SETUPS = {"off": {"min_gap": 1000}, "restore": {"min_gap": 1, "state_min_tokens": 0},
           "recompute": {"min_gap": 1, "state_min_tokens": 1 << 24}, "alone": {"min_gap": 1000}}
 LONG_PROMPT = "a long report about the state of the scheduler and its queues " * 6
-LONG = {"max_tokens": 300, "temperature": 0.0, "top_k": 1, "raw": True, "ignore_eos": True,
+LONG = {"max_tokens": 200, "temperature": 0.0, "top_k": 1, "raw": True, "ignore_eos": True,
         "seed": 7, "priority": 0}
-URGENT = {"max_tokens": 16, "temperature": 0.0, "top_k": 1, "raw": True, "ignore_eos": True,
+URGENT = {"max_tokens": 8, "temperature": 0.0, "top_k": 1, "raw": True, "ignore_eos": True,
           "priority": 10}
 
 
@@ -134,7 +134,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--urgent", type=int, default=12, help="urgent requests per round")
+    p.add_argument("--urgent", type=int, default=8, help="urgent requests per round")
     p.add_argument("--backend", default="systemd")
     p.add_argument("--csv", type=Path, default=Path("bench/results/policy_priority.csv"))
     args = p.parse_args()
