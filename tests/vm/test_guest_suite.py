@@ -20,7 +20,7 @@ pytestmark = pytest.mark.vm
 
 GUEST_COMMAND = "python3 -m pytest -v -p no:cacheprovider /proj/tests/guest " + os.environ.get(
     "LLM_VM_PYTEST_ARGS", "")
-GUEST_TIMEOUT = float(os.environ.get("LLM_VM_TIMEOUT", "900"))
+GUEST_TIMEOUT = float(os.environ.get("LLM_VM_TIMEOUT", "1800"))
 
 
 @pytest.fixture
