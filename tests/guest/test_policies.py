@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guestlib import CGROUP, SLICE, GuestDaemon, llm_scopes, show, wait_for
+from guestlib import CGROUP, SLICE, GuestDaemon, config, llm_scopes, show, wait_for
 from llmctl.client import Client, LlmctlError
 
 SCOPE = "llm-tiny-0.scope"
@@ -90,17 +90,6 @@ class CpuHog:
 
 # -- daemon side -------------------------------------------------------------------------
 
-CONFIG = """
-[daemon]
-psi_scope_trigger = "some 50000 1000000"
-[models.tiny]
-path = "{model}"
-n_ctx = 512
-workers = 1
-threads = 0
-"""
-
-
 class Daemon(GuestDaemon):
     """GuestDaemon, with readiness polled in-process: an llmctl start-up costs seconds in TCG."""
 
@@ -145,7 +134,7 @@ class Daemon(GuestDaemon):
 def daemon(tmp_path_factory, tiny_model) -> Iterator[Daemon]:
     """One daemon for the module (a start costs ~20 s in the guest); each test enables its
     policy live and turns it inert again when done, so the tests also run alone."""
-    d = Daemon(tmp_path_factory.mktemp("policies"), CONFIG.format(model=tiny_model)).start()
+    d = Daemon(tmp_path_factory.mktemp("policies"), config(tiny_model)).start()
     yield d
     d.client.close()
     d.stop()
