@@ -22,7 +22,8 @@ import itertools
 
 import matplotlib.pyplot as plt
 
-COLORS = {"plain": "tab:red", "psi": "tab:blue", "guard": "tab:blue", "static": "tab:green",
+COLORS = {"plain": "tab:red", "psi": "tab:blue", "psi-hold": "tab:purple", "guard": "tab:blue",
+          "static": "tab:green",
           "nollm": "tab:gray"}
 
 
@@ -97,7 +98,7 @@ def plot_psi(path: Path) -> Path:
         ax.set_ylabel("system CPU some stall (% of time, 1 s bins)")
         ax.set_title(f"/proc/pressure/cpu, condition {cond} (ticks at top: defer actions)")
         ax.legend(loc="lower right")
-    fig.suptitle("psi-admission vs no policy (guest, TCG): " + path.name)
+    fig.suptitle("psi-admission vs the static 50 % quota (guest, TCG): " + path.name)
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=110)
