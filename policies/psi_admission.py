@@ -2,9 +2,17 @@
 
 When a CPU pressure trigger fires (system-wide, or on a worker's scope) and the CPU
 `some avg10` is at or above `defer_above` percent, the policy defers new requests: they
-stay queued, in order, and are never dropped. It re-admits them once pressure has
-stayed at or below `admit_below` for `calm_s` seconds (checked on each tick). A request
-deferred longer than `max_defer_s` is admitted anyway, so nothing starves.
+stay queued, in order, and are never dropped. While it defers, up to `keep_running`
+requests of each model still run (queued ones are admitted in order to fill that), so
+the model keeps working instead of idling; 0 holds every new request back. It re-admits
+all of them once pressure has stayed at or below `admit_below` for `calm_s` seconds
+(checked on each tick). A request deferred longer than `max_defer_s` is admitted anyway,
+so nothing starves.
+
+Why `keep_running`: holding everything back while a co-located program keeps the CPU
+busy leaves the model idle, and the pressure (the other program's own) never falls, so
+every request waited `max_defer_s` and then all started at once. Measured in the
+systemd guest, docs/benchmarks.md.
 
 Research: a static 50 % quota made p95 latency 20–40× worse; gating admission on PSI
 gave 6.8× better p95 at concurrency 8 (shared/research/000). That work polled a 10 s
@@ -14,6 +22,7 @@ average; here a trigger starts the deferral the moment the kernel reports the st
     name = "psi-admission"
     defer_above = 40.0
     admit_below = 20.0
+    keep_running = 1
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ class PsiAdmission(Policy):
                              0.0, 100.0),
         "calm_s": Param(float, 2.0, "seconds pressure must stay low before admitting", 0.0, 600.0),
         "max_defer_s": Param(float, 30.0, "longest a request is held back", 0.1, 86400.0),
+        "keep_running": Param(int, 1, "requests per model that may still run while deferring "
+                              "(0: hold every new one)", 0, 1024),
     }
 
     def __init__(self, **settings: object) -> None:
@@ -55,11 +66,18 @@ class PsiAdmission(Policy):
                     self.deferring, self.calm_since = False, None
             else:
                 self.calm_since = None
-        return [self._decide(r, cpu) for r in snap.queued]
+        running: dict[str, int] = {}
+        for r in snap.running:
+            running[r.model] = running.get(r.model, 0) + 1
+        return [self._decide(r, cpu, running) for r in snap.queued]
 
-    def _decide(self, req: RequestView, cpu: float) -> Action:
+    def _decide(self, req: RequestView, cpu: float, running: dict[str, int]) -> Action:
         if not self.deferring:
             return Action("admit", req.id)
+        if running.get(req.model, 0) < self.settings["keep_running"]:
+            running[req.model] = running.get(req.model, 0) + 1  # counts as running from now on
+            return Action("admit", req.id, reason=f"cpu some avg10 {cpu:.1f}%: within "
+                          f"keep_running {self.settings['keep_running']}")
         if req.waited_s >= self.settings["max_defer_s"]:
             return Action("admit", req.id, reason=f"deferred {req.waited_s:.1f} s: admitted "
                           "anyway")

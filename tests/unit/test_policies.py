@@ -21,7 +21,7 @@ def kinds(actions) -> list[str]:
 
 
 def test_psi_admission_defers_on_a_trigger_and_readmits_after_calm():
-    p = PsiAdmission(defer_above=40, admit_below=20, calm_s=2)
+    p = PsiAdmission(defer_above=40, admit_below=20, calm_s=2, keep_running=0)
     assert kinds(p.on_event(Event("tick"), snap(0, 90))) == ["admit", "admit"]  # no trigger yet
     assert kinds(p.on_event(Event("pressure", key="system/cpu"), snap(1, 60))) == ["defer"] * 2
     assert kinds(p.on_event(Event("tick"), snap(2, 15))) == ["defer"] * 2  # calm starts
@@ -38,18 +38,41 @@ def test_psi_admission_ignores_low_pressure_triggers_and_other_resources():
 
 
 def test_psi_admission_never_starves_a_request():
-    p = PsiAdmission(defer_above=40, max_defer_s=5)
+    p = PsiAdmission(defer_above=40, max_defer_s=5, keep_running=0)
     p.on_event(Event("pressure", key="m-0/cpu"), snap(0, 80))
     actions = p.on_event(Event("tick"), snap(1, 80, queued=1, waited=5.0))
     assert kinds(actions) == ["admit"] and "anyway" in actions[0].reason
 
 
 def test_scope_pressure_counts_too():
-    p = PsiAdmission(defer_above=40)
+    p = PsiAdmission(defer_above=40, keep_running=0)
     worker = WorkerView("m-0", "m", "busy", 1, 0.5, None, None, {"cpu": Pressure(some_avg10=70)})
     s = Snapshot(now=0, system={"cpu": Pressure(some_avg10=5)}, workers=(worker,),
                  queued=(RequestView("r1", "m", 0, 5, 8, 0.0),))
     assert kinds(p.on_event(Event("pressure", key="m-0/cpu"), s)) == ["defer"]
+
+
+def test_psi_admission_keeps_the_model_working_while_it_defers():
+    p = PsiAdmission(defer_above=40, keep_running=1)
+    assert kinds(p.on_event(Event("pressure", key="system/cpu"), snap(0, 80, queued=3))) == [
+        "admit", "defer", "defer"]  # nothing runs: the first in line may
+    running = (RequestView("r0", "m", 0, 10, 16, 1.0, worker="m-0"),)
+    queued = tuple(RequestView(f"r{i}", "m", 0, 10, 16, 1.0) for i in (1, 2))
+    busy = Snapshot(now=1, system={"cpu": Pressure(some_avg10=80)}, queued=queued,
+                    running=running)
+    assert kinds(p.on_event(Event("tick"), busy)) == ["defer", "defer"]
+
+
+def test_psi_admission_keep_running_counts_per_model():
+    p = PsiAdmission(defer_above=40, keep_running=2)
+    running = (RequestView("a0", "a", 0, 10, 16, 1.0, worker="a-0"),)
+    queued = (RequestView("a1", "a", 0, 10, 16, 0.0), RequestView("a2", "a", 0, 10, 16, 0.0),
+              RequestView("b1", "b", 0, 10, 16, 0.0), RequestView("b2", "b", 0, 10, 16, 0.0),
+              RequestView("b3", "b", 0, 10, 16, 0.0))
+    s = Snapshot(now=0, system={"cpu": Pressure(some_avg10=90)}, queued=queued, running=running)
+    actions = p.on_event(Event("pressure", key="system/cpu"), s)
+    assert [(a.target, a.kind) for a in actions] == [
+        ("a1", "admit"), ("a2", "defer"), ("b1", "admit"), ("b2", "admit"), ("b3", "defer")]
 
 
 def test_static_sets_limits_once_per_configuration():
