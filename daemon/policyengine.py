@@ -54,6 +54,13 @@ class PolicyEngine:
         if cls is None:
             known = ", ".join(sorted(self.classes))
             raise PolicyError(f"no policy {name!r} (available: {known})")
+        try:
+            ok = cls.events is None or (not isinstance(cls.events, str)
+                                        and all(isinstance(k, str) for k in cls.events))
+        except TypeError:
+            ok = False
+        if not ok:
+            raise PolicyError(f"policy {name}: events must be None or a set of event kinds")
         self.enabled[name] = cls(**settings)
         self.disabled.pop(name, None)
         log.info("policy_enabled", policy=name, **self.enabled[name].settings)
@@ -79,10 +86,12 @@ class PolicyEngine:
     # -- events --------------------------------------------------------------------
 
     def notify(self, event: Event) -> None:
-        if not self.enabled:
+        wanted = [(n, p) for n, p in self.enabled.items()
+                  if p.events is None or event.kind in p.events]
+        if not wanted:
             return
         snap = self.service.snapshot()
-        for name, policy in list(self.enabled.items()):
+        for name, policy in wanted:
             try:
                 actions = policy.on_event(event, snap)
                 self._check(actions)

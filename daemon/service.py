@@ -31,6 +31,7 @@ log = structlog.get_logger()
 SCOPE_CALL_TIMEOUT = 10.0  # a D-Bus call or cgroup write that takes longer is reported
 PRESSURE_EVENTS_KEPT = 200
 TICK_S = 1.0
+KERNEL_VIEW_TTL = 0.25  # PSI and cgroup reads shared by the events of a burst
 
 
 class Service:
@@ -59,6 +60,8 @@ class Service:
             maxlen=PRESSURE_EVENTS_KEPT)
         self._scope_exec = ThreadPoolExecutor(1, thread_name_prefix="scopes")
         self.engine = PolicyEngine(self, list(config.policies))
+        self._kernel_view: tuple[float, dict[str, Pressure], dict[str, dict[str, Any]]] | None \
+            = None
         self._system_trigger = trigger_of(config.daemon.psi_system_trigger)
         self._scope_trigger = trigger_of(config.daemon.psi_scope_trigger)
 
@@ -408,9 +411,10 @@ class Service:
     def snapshot(self) -> Snapshot:
         """What the policies see: PSI, workers with their scope stats, waiting requests."""
         now = time.monotonic()
+        system, cgroups = self._kernel(now)
         workers = []
         for w in self.all_workers():
-            stats = self._cgroup_stats(w) or {}
+            stats = cgroups.get(w.name, {})
             limits = self.limits[w.model.name]
             workers.append(WorkerView(
                 name=w.name, model=w.model.name, state=w.state, threads=w.threads,
@@ -422,8 +426,17 @@ class Service:
                        for q in self.queues.values() for r in q)
         running = tuple(_view(w.current, now, w.name) for w in self.all_workers()
                         if w.current is not None)
-        return Snapshot(now=now, system=_pressures(psi.system_pressure()),
-                        workers=tuple(workers), queued=queued, running=running)
+        return Snapshot(now=now, system=system, workers=tuple(workers), queued=queued,
+                        running=running)
+
+    def _kernel(self, now: float) -> tuple[dict[str, Pressure], dict[str, dict[str, Any]]]:
+        """System PSI and the workers' cgroup stats, read at most every KERNEL_VIEW_TTL:
+        a burst of trigger events would otherwise reread every file for each event."""
+        cached = self._kernel_view
+        if cached is None or now - cached[0] >= KERNEL_VIEW_TTL:
+            cgroups = {w.name: self._cgroup_stats(w) or {} for w in self.all_workers()}
+            cached = self._kernel_view = (now, _pressures(psi.system_pressure()), cgroups)
+        return cached[1], cached[2]
 
     def _cgroup_stats(self, worker: Worker) -> dict[str, Any] | None:
         """What the kernel reports for the worker's cgroup; None without one."""

@@ -125,6 +125,7 @@ class Policy:
 
     name: ClassVar[str] = ""
     params: ClassVar[dict[str, Param]] = {}
+    events: ClassVar[frozenset[str] | None] = None  # the event kinds it needs; None: all
 
     def __init__(self, **settings: Any) -> None:
         self.settings: dict[str, Any] = {k: p.default for k, p in self.params.items()}

@@ -35,6 +35,7 @@ from .base import Action, Event, Param, Policy, PolicyError, Snapshot, WorkerVie
 
 class KvTrim(Policy):
     name = "kv-trim"
+    events = frozenset({"pressure", "tick"})
     params = {
         "mode": Param(str, "trim", "trim (drop the middle of the sequence) or shrink (a "
                       "smaller context)"),
@@ -62,8 +63,6 @@ class KvTrim(Policy):
         super().configure(**settings)
 
     def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
-        if event.kind not in ("pressure", "tick"):
-            return []
         actions = []
         for w in snap.workers:
             mem = w.pressure.get("memory")

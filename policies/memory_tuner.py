@@ -25,6 +25,7 @@ PAGE = 4096
 
 class MemoryTuner(Policy):
     name = "memory-tuner"
+    events = frozenset({"tick"})
     params = {
         "target_us": Param(int, 10_000, "memory stall per interval that is acceptable (us)",
                            0, 10_000_000),

@@ -23,6 +23,7 @@ from .base import Action, Event, Param, Policy, Snapshot
 
 class NeighbourGuard(Policy):
     name = "neighbour-guard"
+    events = frozenset({"tick"})
     params = {
         "high": Param(float, 30.0, "system CPU some avg10 (%) above which to cut", 0.0, 100.0),
         "low": Param(float, 10.0, "system CPU some avg10 (%) below which to give back",

@@ -1,7 +1,7 @@
 """psi-admission: hold new requests back while the CPU is under pressure.
 
-When a CPU pressure trigger fires (system-wide, or on a worker's scope) and the CPU
-`some avg10` is at or above `defer_above` percent, the policy defers new requests: they
+When the system's CPU pressure trigger fires and its CPU `some avg10` is at or above
+`defer_above` percent, the policy defers new requests: they
 stay queued, in order, and are never dropped. While it defers, up to `keep_running`
 requests of each model still run (queued ones are admitted in order to fill that), so
 the model keeps working instead of idling; 0 holds every new request back. It re-admits
@@ -11,8 +11,10 @@ so nothing starves.
 
 Why `keep_running`: holding everything back while a co-located program keeps the CPU
 busy leaves the model idle, and the pressure (the other program's own) never falls, so
-every request waited `max_defer_s` and then all started at once. Measured in the
-systemd guest, docs/benchmarks.md.
+every request waited `max_defer_s` and then all started at once. Why only the system's
+pressure by default: a worker throttled by its own cpu.max shows CPU pressure in its
+scope, and deferring on it held requests back with no neighbour at all. Both measured in
+the systemd guest, docs/benchmarks.md.
 
 Research: a static 50 % quota made p95 latency 20–40× worse; gating admission on PSI
 gave 6.8× better p95 at concurrency 8 (shared/research/000). That work polled a 10 s
@@ -41,6 +43,8 @@ class PsiAdmission(Policy):
         "max_defer_s": Param(float, 30.0, "longest a request is held back", 0.1, 86400.0),
         "keep_running": Param(int, 1, "requests per model that may still run while deferring "
                               "(0: hold every new one)", 0, 1024),
+        "scope_pressure": Param(bool, False, "count the workers' own scopes' CPU pressure too "
+                                "(under a cpu.max quota that includes their throttling)"),
     }
 
     def __init__(self, **settings: object) -> None:
@@ -49,14 +53,17 @@ class PsiAdmission(Policy):
         self.calm_since: float | None = None
 
     def _cpu(self, snap: Snapshot) -> float:
-        """The worst CPU some avg10 of the system and of the workers' scopes."""
+        """The system's CPU some avg10, or the worst of it and the workers' scopes'."""
         values = [snap.system["cpu"].some_avg10] if "cpu" in snap.system else []
-        values += [w.pressure["cpu"].some_avg10 for w in snap.workers if "cpu" in w.pressure]
+        if self.settings["scope_pressure"]:
+            values += [w.pressure["cpu"].some_avg10 for w in snap.workers if "cpu" in w.pressure]
         return max(values, default=0.0)
 
     def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
         cpu = self._cpu(snap)
-        if event.kind == "pressure" and event.key.endswith("/cpu"):
+        counts = event.key == "system/cpu" or (self.settings["scope_pressure"]
+                                                and event.key.endswith("/cpu"))
+        if event.kind == "pressure" and counts:
             if cpu >= self.settings["defer_above"]:
                 self.deferring, self.calm_since = True, None
         elif event.kind == "tick" and self.deferring:

@@ -20,6 +20,7 @@ from .base import Action, Event, Param, Policy, Snapshot
 
 class ShortestJobFirst(Policy):
     name = "sjf"
+    events = frozenset({"queued", "tick"})
     params = {
         "aging": Param(float, 20.0, "tokens of rank forgiven per second waited", 0.0, 1e6),
         "chars_per_token": Param(float, 4.0, "characters per prompt token, for the estimate",

@@ -18,6 +18,7 @@ from .base import Action, Event, Param, Policy, Snapshot
 
 class Static(Policy):
     name = "static"
+    events = frozenset({"tick"})
     params = {
         "cpu": Param(str, "max", "CPU quota of each worker: 50%, 1.5 or max"),
         "memory_high": Param(str, "max", "memory.high of each worker: 600M or max"),

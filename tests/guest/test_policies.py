@@ -202,8 +202,8 @@ DEFER_ABOVE, ADMIT_BELOW = 35.0, 25.0
 
 
 def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
-    """A hog outside llm.slice stalls a busy worker: its scope's cpu.pressure trigger fires,
-    the policy defers what comes next; once the hog stops and pressure calms, all run."""
+    """A hog outside llm.slice stalls the system and a busy worker: the system cpu trigger
+    fires, the policy defers what comes next; once the hog stops and pressure calms, all run."""
     d = daemon
     d.policy("psi-admission", defer_above=DEFER_ABOVE, admit_below=ADMIT_BELOW, calm_s=1.0,
              max_defer_s=300.0)
@@ -221,9 +221,9 @@ def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
             wait_for(lambda: cpu_avg10() >= DEFER_ABOVE + 5, timeout=60,
                      what=f"system cpu some avg10 >= {DEFER_ABOVE + 5} under the hog")
             # A /cpu trigger after avg10 passed defer_above: from that event on the policy defers.
-            n0 = d.triggers("/cpu")
-            wait_for(lambda: d.triggers("/cpu") > n0, timeout=30,
-                     what="a cpu.pressure trigger event while the worker competes with the hog")
+            n0 = d.triggers("system/cpu")
+            wait_for(lambda: d.triggers("system/cpu") > n0, timeout=30,
+                     what="a system cpu pressure trigger event under the hog")
             busy.stopping = True
             log(f"hog: avg10 {cpu_avg10()}, cpu triggers {n0} -> {d.triggers('/cpu')}, "
                 f"scope cpu.pressure {psi(SCOPE_DIR / 'cpu.pressure')}")

@@ -39,16 +39,18 @@ def test_psi_admission_ignores_low_pressure_triggers_and_other_resources():
 
 def test_psi_admission_never_starves_a_request():
     p = PsiAdmission(defer_above=40, max_defer_s=5, keep_running=0)
-    p.on_event(Event("pressure", key="m-0/cpu"), snap(0, 80))
+    p.on_event(Event("pressure", key="system/cpu"), snap(0, 80))
     actions = p.on_event(Event("tick"), snap(1, 80, queued=1, waited=5.0))
     assert kinds(actions) == ["admit"] and "anyway" in actions[0].reason
 
 
-def test_scope_pressure_counts_too():
-    p = PsiAdmission(defer_above=40, keep_running=0)
+def test_scope_pressure_counts_only_when_asked():
     worker = WorkerView("m-0", "m", "busy", 1, 0.5, None, None, {"cpu": Pressure(some_avg10=70)})
     s = Snapshot(now=0, system={"cpu": Pressure(some_avg10=5)}, workers=(worker,),
                  queued=(RequestView("r1", "m", 0, 5, 8, 0.0),))
+    p = PsiAdmission(defer_above=40, keep_running=0)
+    assert kinds(p.on_event(Event("pressure", key="m-0/cpu"), s)) == ["admit"]  # own throttling
+    p = PsiAdmission(defer_above=40, keep_running=0, scope_pressure=True)
     assert kinds(p.on_event(Event("pressure", key="m-0/cpu"), s)) == ["defer"]
 
 
