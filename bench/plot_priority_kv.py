@@ -29,8 +29,8 @@ def plot_priority(src: Path, out: Path) -> None:
     setups = ["alone", "off", "restore", "recompute"]
     ttft = [[float(r["ttft_ms"]) for r in data if r["setup"] == s and r["kind"] == "urgent"]
             for s in setups]
-    resume = {s: [float(r["prefill_ms"]) for r in data if r["setup"] == s
-                  and r["kind"] == "long" and int(r["preempted"])] for s in ("restore", "recompute")}
+    resume = {s: [float(r["prefill_ms"]) for r in data if r["kind"] == "long"
+                  and r["resume"] == s] for s in ("restore", "recompute")}
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.boxplot(ttft, labels=setups, whis=(5, 95))
     a.set_yscale("log")

@@ -75,7 +75,8 @@ def read_text(path: Path) -> str:
 class Daemon:
     """A daemon on a private socket with a generated config; stopped with SIGTERM on exit."""
 
-    def __init__(self, config: str, label: str, ready_timeout: float = 600) -> None:
+    def __init__(self, config: str, label: str, ready_timeout: float = 600,
+                 backend: str = "systemd") -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"policy-{label}-"))
         (self.tmp / "config.toml").write_text(config)
         self.sock = self.tmp / "llm.sock"
@@ -83,7 +84,7 @@ class Daemon:
         with open(self.tmp / "daemon.log", "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "llm_residentd", "--config", str(self.tmp / "config.toml"),
-                 "--socket", str(self.sock), "--backend", "systemd", "--log-format", "json"],
+                 "--socket", str(self.sock), "--backend", backend, "--log-format", "json"],
                 stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_ready(str(self.sock), None, ready_timeout)
@@ -91,7 +92,8 @@ class Daemon:
             deadline = time.monotonic() + ready_timeout
             while time.monotonic() < deadline:
                 workers = self.status()["workers"]
-                if all(w["state"] == "idle" and w.get("cgroup") for w in workers):
+                if all(w["state"] == "idle" and (w.get("cgroup") or backend == "none")
+                       for w in workers):
                     break
                 time.sleep(1)
             else:
@@ -100,7 +102,8 @@ class Daemon:
             self.stop()
             raise
         self.ready_s = time.monotonic() - self.started
-        self.cgroups = [Path(w["cgroup"]["cgroup"]) for w in self.status()["workers"]]
+        self.cgroups = [Path(w["cgroup"]["cgroup"]) if w.get("cgroup") else Path("/nonexistent")
+                        for w in self.status()["workers"]]
 
     def client(self, timeout: float = 900) -> Client:
         return Client(self.sock, timeout=timeout)
