@@ -53,15 +53,19 @@ def plot_kv(src: Path, out: Path) -> None:
     for setup, points in series.items():
         t = [float(p["t"]) for p in points]
         a.plot(t, [int(p["tokens"]) for p in points], label=setup)
-        b.plot(t, [int(p["memory_current"]) / 2**20 for p in points], label=setup)
+        line, = b.plot(t, [int(p["memory_current"]) / 2**20 for p in points], label=setup)
+        high = [(x, float(p["memory_high_mb"])) for x, p in zip(t, points, strict=True)
+                if p["memory_high_mb"]]
+        b.plot([x for x, _ in high], [y for _, y in high], "--", color=line.get_color(),
+               linewidth=0.8, label=f"{setup}: memory.high")
     a.set_xlabel("seconds")
     a.set_ylabel("tokens generated")
     a.set_title("Decoding under a memory.high squeeze")
     b.set_xlabel("seconds")
-    b.set_ylabel("scope memory.current (MiB)")
+    b.set_ylabel("scope memory.current, memory.high dashed (MiB)")
     b.set_title("The worker's memory")
-    for ax in (a, b):
-        ax.legend()
+    a.legend()
+    b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(out)
