@@ -32,11 +32,11 @@ def plot_priority(src: Path, out: Path) -> None:
     resume = {s: [float(r["prefill_ms"]) for r in data if r["kind"] == "long"
                   and r["resume"] == s] for s in ("restore", "recompute")}
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.boxplot(ttft, labels=setups, whis=(5, 95))
+    a.boxplot(ttft, tick_labels=setups, whis=(5, 95))
     a.set_yscale("log")
     a.set_ylabel("urgent request TTFT (ms, log)")
     a.set_title("Urgent requests behind long ones")
-    b.boxplot(list(resume.values()), labels=list(resume), whis=(5, 95))
+    b.boxplot(list(resume.values()), tick_labels=list(resume), whis=(5, 95))
     b.set_ylabel("resume: time to the first new token (ms)")
     b.set_title("Preempted long requests")
     fig.tight_layout()
