@@ -174,14 +174,7 @@ def pooled(runs: list[dict[str, Any]], setup: str) -> dict[str, Any]:
     out["neighbour"] = {
         "units_per_s": len(units) / sum(r["summary"]["neighbour"]["duration_s"] for r in mine),
         "unit_ms": {k: v * 1000 for k, v in lab.pcts(units).items()}}
-    os_sum: dict[str, float] = {}
-    for r in mine:
-        for k, v in r["summary"]["os"].items():
-            if isinstance(v, (int, float)):
-                os_sum[k] = os_sum.get(k, 0) + v
-    os_sum["sys_cpu_some_pct"] = 100 * os_sum.get("sys_cpu_some_us", 0) / 1e6 / max(
-        os_sum.get("wall_s", 0), 1e-9)
-    out["os"] = os_sum
+    out["os"] = lab.sum_os([r["summary"]["os"] for r in mine])
     out["cpu_max_seen"] = sorted({c for r in mine for c in r["summary"]["os"].get(
         "cpu_max_seen", [])})
     out["set_limits_actions"] = sum(len(r["summary"]["cuts"]) for r in mine)

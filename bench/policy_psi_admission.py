@@ -96,14 +96,7 @@ def pooled(runs: list[dict[str, Any]], setup: str, condition: str) -> dict[str, 
     rows = [row for r in mine for row in r["rows"]]
     wall = sum(r["summary"]["wall_s"] for r in mine)
     out = lab.summarize_requests(rows, wall)
-    os_sum: dict[str, float] = {}
-    for r in mine:
-        for k, v in r["summary"]["os"].items():
-            if isinstance(v, (int, float)):
-                os_sum[k] = os_sum.get(k, 0) + v
-    os_sum["sys_cpu_some_pct"] = 100 * os_sum.get("sys_cpu_some_us", 0) / 1e6 / max(
-        os_sum.get("wall_s", 0), 1e-9)
-    out["os"] = os_sum
+    out["os"] = lab.sum_os([r["summary"]["os"] for r in mine])
     out["actions"] = {k: sum(r["summary"]["actions"][k] for r in mine)
                       for k in ("defer", "admit")}
     out["runs"] = len(mine)

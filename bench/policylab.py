@@ -275,6 +275,18 @@ def os_deltas(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def sum_os(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The numeric OS deltas of several runs added up, with the system CPU stall as % of wall."""
+    total: dict[str, float] = {}
+    for run in runs:
+        for k, v in run.items():
+            if isinstance(v, (int, float)):
+                total[k] = total.get(k, 0) + v
+    total["sys_cpu_some_pct"] = 100 * total.get("sys_cpu_some_us", 0) / 1e6 / max(
+        total.get("wall_s", 0), 1e-9)
+    return total
+
+
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
