@@ -28,14 +28,13 @@ import csv
 import json
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from llmctl import Client, LlmctlError
-from llmctl.cli import wait_ready
+from policylab import Daemon
 
 SETUPS = ("off", "kv-trim", "small")
 
@@ -110,51 +109,39 @@ def rate(times: list[float], t0: float, t1: float) -> float:
 def one_run(args: argparse.Namespace, setup: str, rnd: int,
             samples: list[dict[str, Any]]) -> dict[str, Any]:
     subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
-    tmp = Path(tempfile.mkdtemp(prefix="kv-"))
     n_ctx = args.min_ctx if setup == "small" else args.n_ctx
-    (tmp / "config.toml").write_text(config(args.model, n_ctx, setup == "kv-trim", args.min_ctx))
-    sock = tmp / "llm.sock"
-    with open(tmp / "daemon.log", "wb") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "llm_residentd", "--config",
-                                   str(tmp / "config.toml"), "--socket", str(sock), "--backend",
-                                   "systemd", "--log-format", "json"],
-                                  stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(str(sock), None, 600)
-        with Client(sock, timeout=600) as c:
-            cgroup = c.status()["workers"][0]["cgroup"]["cgroup"]
-            dec = Decoder(sock, n_ctx - 100)
-            dec.start()
-            t_start = time.monotonic()
-            squeeze_at = t_start + args.before
-            stop_at = squeeze_at + args.after
-            high, before = None, None
-            while time.monotonic() < stop_at:
-                now = time.monotonic()
-                if now >= squeeze_at:
-                    if before is None:
-                        before = kernel(cgroup)
-                    start = before["memory_current"] / 2**20
-                    mb = max(args.floor_mb, start - args.ramp_mb * (now - squeeze_at))
-                    if mb != high:
-                        high = mb
-                        c.call("limits", model="m", memory_high=f"{int(mb * 2**20) // 4096 * 4096}")
-                w = c.status()["workers"][0]
-                samples.append({"round": rnd, "setup": setup, "t": round(now - t_start, 2),
-                                "tokens": len(dec.times), "n_ctx": w["n_ctx"],
-                                "memory_high_mb": high,
-                                "state": w["state"], **kernel(cgroup)})
-                time.sleep(0.5)
-            after = kernel(cgroup)
-            status = c.status()["workers"][0]
-            actions = c.call("events", limit=50)["events"]
-            if dec.request:
-                with contextlib.suppress(LlmctlError):  # it may have ended; the row says how
-                    c.cancel(dec.request)
-            dec.join(60)
-    finally:
-        daemon.terminate()
-        daemon.wait(60)
+    cfg = config(args.model, n_ctx, setup == "kv-trim", args.min_ctx)
+    with Daemon(cfg, f"kv-{setup}") as daemon, daemon.client(600) as c:
+        cgroup = str(daemon.cgroups[0])
+        dec = Decoder(daemon.sock, n_ctx - 100)
+        dec.start()
+        t_start = time.monotonic()
+        squeeze_at = t_start + args.before
+        stop_at = squeeze_at + args.after
+        high, before = None, None
+        while time.monotonic() < stop_at:
+            now = time.monotonic()
+            if now >= squeeze_at:
+                if before is None:
+                    before = kernel(cgroup)
+                start = before["memory_current"] / 2**20
+                mb = max(args.floor_mb, start - args.ramp_mb * (now - squeeze_at))
+                if mb != high:
+                    high = mb
+                    c.call("limits", model="m", memory_high=f"{int(mb * 2**20) // 4096 * 4096}")
+            w = c.status()["workers"][0]
+            samples.append({"round": rnd, "setup": setup, "t": round(now - t_start, 2),
+                            "tokens": len(dec.times), "n_ctx": w["n_ctx"],
+                            "memory_high_mb": high,
+                            "state": w["state"], **kernel(cgroup)})
+            time.sleep(0.5)
+        after = kernel(cgroup)
+        status = c.status()["workers"][0]
+        actions = c.call("events", limit=50)["events"]
+        if dec.request:
+            with contextlib.suppress(LlmctlError):  # it may have ended; the row says how
+                c.cancel(dec.request)
+        dec.join(60)
     d = {k: after[k] - before[k] for k in after if k != "memory_current"}
     return {
         "round": rnd, "setup": setup, "n_ctx_start": n_ctx, "n_ctx_end": status["n_ctx"],
