@@ -205,8 +205,10 @@ def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
     """A hog outside llm.slice stalls the system and a busy worker: the system cpu trigger
     fires, the policy defers what comes next; once the hog stops and pressure calms, all run."""
     d = daemon
+    # keep_running=0: every new request is held (this test was written before that setting,
+    # whose default 1 lets one in once the busy request ends).
     d.policy("psi-admission", defer_above=DEFER_ABOVE, admit_below=ADMIT_BELOW, calm_s=1.0,
-             max_defer_s=300.0)
+             max_defer_s=300.0, keep_running=0)
     busy = None
     try:
         log(f"calm before: avg10 {wait_calm(ADMIT_BELOW - 5)}")
