@@ -90,13 +90,17 @@ def plot_psi(path: Path) -> Path:
             t, y = rate(ss, "sys_cpu_some_us", 100 / 1e6)
             ax.plot(t, y, color=COLORS[setup], alpha=0.8,
                     label=f"{setup} round {rnd}" if rnd == "1" else None)
+            if "nbr_cpu_some_us" in ss[0]:
+                t, y = rate(ss, "nbr_cpu_some_us", 100 / 1e6)
+                ax.plot(t, y, color=COLORS[setup], alpha=0.8, linestyle="--")
             defers = [float(e["t_s"]) for e in ev_run.get((c, setup, rnd), [])
                       if e["action"] == "defer"]
             ax.plot(defers, [102] * len(defers), "|", color=COLORS[setup], markersize=12)
         ax.set_ylim(0, 110)
         ax.set_xlabel("s since load start")
         ax.set_ylabel("system CPU some stall (% of time, 1 s bins)")
-        ax.set_title(f"/proc/pressure/cpu, condition {cond} (ticks at top: defer actions)")
+        ax.set_title(f"CPU some: system (solid), the hog's top-level cgroup (dashed), "
+                     f"{cond}; ticks: defers", fontsize=9)
         ax.legend(loc="lower right")
     fig.suptitle("psi-admission vs the static 50 % quota (guest, TCG): " + path.name)
     fig.tight_layout()

@@ -3,7 +3,8 @@
 Not a benchmark itself: bench/policy_psi_admission.py and bench/policy_neighbour_guard.py
 import it (the scripts' directory is on sys.path). It starts a daemon with a temporary
 config, drives closed-loop clients, samples the kernel's view once a second (system and
-scope PSI, cpu.stat, cpu.max) and reads back the policy actions the daemon recorded.
+scope PSI, the PSI of the top-level cgroup the script and its hog run in, cpu.stat,
+cpu.max) and reads back the policy actions the daemon recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ from llmctl import Client
 from llmctl.cli import wait_ready
 
 PROMPT = "the sky is blue and"
+
+
+def _top_cgroup() -> Path:
+    """The top-level cgroup this script, its hog and its neighbour processes run in."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::/") and len(line) > 4:
+            return Path("/sys/fs/cgroup") / line[4:].split("/")[0]
+    return Path("/sys/fs/cgroup")
+
+
+NEIGHBOURS = _top_cgroup()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -150,8 +162,10 @@ class Sampler(threading.Thread):
 
     def sample(self) -> dict[str, Any]:
         total, avg10 = psi_total(Path("/proc/pressure/cpu"))
+        nbr_total, nbr_avg10 = psi_total(NEIGHBOURS / "cpu.pressure")
         row: dict[str, Any] = {"t_s": round(time.monotonic() - self.t0, 3),
-                               "sys_cpu_some_us": total, "sys_cpu_avg10": avg10}
+                               "sys_cpu_some_us": total, "sys_cpu_avg10": avg10,
+                               "nbr_cpu_some_us": nbr_total, "nbr_cpu_avg10": nbr_avg10}
         throttled = nr = usage = scope_some = 0
         for cg in self.cgroups:
             st = cpu_stat(cg)
@@ -265,12 +279,14 @@ def os_deltas(samples: list[dict[str, Any]]) -> dict[str, Any]:
     a, b = samples[0], samples[-1]
     wall = b["t_s"] - a["t_s"]
     out = {"wall_s": wall}
-    for key in ("sys_cpu_some_us", "scope_throttled_us", "scope_nr_throttled", "scope_usage_us",
-                "scope_cpu_some_us", "daemon_cpu_ms"):
+    for key in ("sys_cpu_some_us", "nbr_cpu_some_us", "scope_throttled_us", "scope_nr_throttled",
+                "scope_usage_us", "scope_cpu_some_us", "daemon_cpu_ms"):
         if key not in a:
             continue
         out[key] = b[key] - a[key]
-    out["sys_cpu_some_pct"] = 100 * out["sys_cpu_some_us"] / 1e6 / wall if wall else float("nan")
+    for key in ("sys", "nbr"):
+        out[f"{key}_cpu_some_pct"] = 100 * out[f"{key}_cpu_some_us"] / 1e6 / wall if wall \
+            else float("nan")
     out["cpu_max_seen"] = sorted({s["cpu_max"] for s in samples})
     return out
 
@@ -282,8 +298,9 @@ def sum_os(runs: list[dict[str, Any]]) -> dict[str, float]:
         for k, v in run.items():
             if isinstance(v, (int, float)):
                 total[k] = total.get(k, 0) + v
-    total["sys_cpu_some_pct"] = 100 * total.get("sys_cpu_some_us", 0) / 1e6 / max(
-        total.get("wall_s", 0), 1e-9)
+    for key in ("sys", "nbr"):
+        total[f"{key}_cpu_some_pct"] = 100 * total.get(f"{key}_cpu_some_us", 0) / 1e6 / max(
+            total.get("wall_s", 0), 1e-9)
     return total
 
 

@@ -51,3 +51,28 @@ def read(path: Path) -> dict[str, Any]:
         "memory.events": _keyed(path / "memory.events"),
         "pressure": {r: psi.read(path / f"{r}.pressure") for r in psi.RESOURCES},
     }
+
+
+def outside_pressure(inside: list[Path], own: Path | None = None,
+                     root: Path = CGROUP_ROOT) -> dict[str, dict[str, Any]]:
+    """Per resource, the parsed PSI of the top-level cgroup under root with the highest
+    some avg10, leaving out those that hold a path in inside (the workers' cgroups) and
+    own (the daemon's cgroup, when it is itself top-level).
+
+    The system-wide file also counts the workers' stalls on their own cpu.max; this is the
+    pressure of everything else. Empty when no top-level cgroup is left to read."""
+    worst: dict[str, dict[str, Any]] = {}
+    try:
+        tops = sorted(p for p in root.iterdir() if (p / "cgroup.procs").exists())
+    except OSError:
+        return worst
+    for top in tops:
+        if top == own or any(p == top or top in p.parents for p in inside):
+            continue
+        for resource in psi.RESOURCES:
+            parsed = psi.read(top / f"{resource}.pressure")
+            if parsed and "some" in parsed and (
+                    resource not in worst
+                    or parsed["some"]["avg10"] > worst[resource]["some"]["avg10"]):
+                worst[resource] = parsed
+    return worst

@@ -32,6 +32,8 @@ SCOPE_CALL_TIMEOUT = 10.0  # a D-Bus call or cgroup write that takes longer is r
 PRESSURE_EVENTS_KEPT = 200
 TICK_S = 1.0
 KERNEL_VIEW_TTL = 0.25  # PSI and cgroup reads shared by the events of a burst
+# system PSI, PSI outside the workers' cgroups, each worker's cgroup stats
+KernelView = tuple[dict[str, Pressure], dict[str, Pressure], dict[str, dict[str, Any]]]
 
 
 class Service:
@@ -60,8 +62,7 @@ class Service:
             maxlen=PRESSURE_EVENTS_KEPT)
         self._scope_exec = ThreadPoolExecutor(1, thread_name_prefix="scopes")
         self.engine = PolicyEngine(self, list(config.policies))
-        self._kernel_view: tuple[float, dict[str, Pressure], dict[str, dict[str, Any]]] | None \
-            = None
+        self._kernel_view: tuple[float, KernelView] | None = None
         self._system_trigger = trigger_of(config.daemon.psi_system_trigger)
         self._scope_trigger = trigger_of(config.daemon.psi_scope_trigger)
 
@@ -411,7 +412,7 @@ class Service:
     def snapshot(self) -> Snapshot:
         """What the policies see: PSI, workers with their scope stats, waiting requests."""
         now = time.monotonic()
-        system, cgroups = self._kernel(now)
+        system, outside, cgroups = self._kernel(now)
         workers = []
         for w in self.all_workers():
             stats = cgroups.get(w.name, {})
@@ -427,16 +428,22 @@ class Service:
         running = tuple(_view(w.current, now, w.name) for w in self.all_workers()
                         if w.current is not None)
         return Snapshot(now=now, system=system, workers=tuple(workers), queued=queued,
-                        running=running)
+                        running=running, outside=outside)
 
-    def _kernel(self, now: float) -> tuple[dict[str, Pressure], dict[str, dict[str, Any]]]:
-        """System PSI and the workers' cgroup stats, read at most every KERNEL_VIEW_TTL:
-        a burst of trigger events would otherwise reread every file for each event."""
+    def _kernel(self, now: float) -> KernelView:
+        """System and outside PSI and the workers' cgroup stats, read at most every
+        KERNEL_VIEW_TTL: a burst of trigger events would otherwise reread every file for
+        each event."""
         cached = self._kernel_view
         if cached is None or now - cached[0] >= KERNEL_VIEW_TTL:
-            cgroups = {w.name: self._cgroup_stats(w) or {} for w in self.all_workers()}
-            cached = self._kernel_view = (now, _pressures(psi.system_pressure()), cgroups)
-        return cached[1], cached[2]
+            workers = self.all_workers()
+            cgroups = {w.name: self._cgroup_stats(w) or {} for w in workers}
+            inside = [w.scope.cgroup for w in workers if w.scope and w.scope.cgroup]
+            own = cgroupstats.cgroup_of(os.getpid())
+            outside = cgroupstats.outside_pressure(inside, own) if inside else {}
+            cached = self._kernel_view = (now, (_pressures(psi.system_pressure()),
+                                                _pressures(outside), cgroups))
+        return cached[1]
 
     def _cgroup_stats(self, worker: Worker) -> dict[str, Any] | None:
         """What the kernel reports for the worker's cgroup; None without one."""

@@ -99,6 +99,14 @@ class Snapshot:
     workers: tuple[WorkerView, ...] = ()
     queued: tuple[RequestView, ...] = ()  # waiting requests, in queue order
     running: tuple[RequestView, ...] = ()  # requests on a worker now
+    # per resource, the top-level cgroup with the highest some avg10 among those that do
+    # not hold the workers: the rest of the machine, without the workers' own throttling
+    outside: dict[str, Pressure] = field(default_factory=dict)
+
+    def neighbour_pressure(self, resource: str) -> float:
+        """Some avg10 of the rest of the machine; the system's when that is unknown."""
+        pressure = (self.outside or self.system).get(resource)
+        return pressure.some_avg10 if pressure else 0.0
 
 
 @dataclass(frozen=True)

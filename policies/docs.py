@@ -14,7 +14,8 @@ INTRO = """# Policies
 A policy decides how the daemon reacts to pressure and load. It receives events (a tick
 every second, a PSI trigger on the system or a worker's scope, a request queued, started
 or finished or preempted) with a read-only snapshot (PSI averages and totals of the
-system and each scope, cgroup memory, the waiting and running requests), and returns
+system, of the rest of the machine outside the workers' cgroups, and of each scope;
+cgroup memory; the waiting and running requests), and returns
 actions: admit, defer or rank a waiting request, preempt a running one, set a model's
 limits, set a worker's threads, trim or shrink a worker's KV cache. The daemon applies
 them and records each one (`llmctl events`); a worker's answer to a KV change is

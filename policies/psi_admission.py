@@ -1,20 +1,25 @@
-"""psi-admission: hold new requests back while the CPU is under pressure.
+"""psi-admission: hold new requests back while the rest of the machine is under CPU pressure.
 
-When the system's CPU pressure trigger fires and its CPU `some avg10` is at or above
-`defer_above` percent, the policy defers new requests: they
-stay queued, in order, and are never dropped. While it defers, up to `keep_running`
-requests of each model still run (queued ones are admitted in order to fill that), so
-the model keeps working instead of idling; 0 holds every new request back. It re-admits
-all of them once pressure has stayed at or below `admit_below` for `calm_s` seconds
-(checked on each tick). A request deferred longer than `max_defer_s` is admitted anyway,
-so nothing starves.
+When a CPU pressure trigger fires and the CPU `some avg10` outside the workers' cgroups
+is at or above `defer_above` percent, the policy defers new requests: they stay queued,
+in order, and are never dropped. While it defers, up to `keep_running` requests of each
+model still run (queued ones are admitted in order to fill that), so the model keeps
+working instead of idling; 0 holds every new request back. It re-admits all of them once
+that pressure has stayed at or below `admit_below` for `calm_s` seconds (checked on each
+tick). A request deferred longer than `max_defer_s` is admitted anyway, so nothing
+starves.
+
+Which pressure: "outside" is the highest CPU some avg10 among the top-level cgroups
+(system.slice, user.slice, ...) that hold no worker, i.e. the programs the LLM shares
+the machine with. The system-wide `/proc/pressure/cpu` is not used when that is known:
+it also counts the workers' stalls on their own cpu.max (a worker throttled at 50 %
+shows about 50 % system pressure with nothing else running), so the policy deferred
+with no neighbour at all. `scope_pressure` adds the workers' scopes' CPU pressure.
 
 Why `keep_running`: holding everything back while a co-located program keeps the CPU
 busy leaves the model idle, and the pressure (the other program's own) never falls, so
-every request waited `max_defer_s` and then all started at once. Why only the system's
-pressure by default: a worker throttled by its own cpu.max shows CPU pressure in its
-scope, and deferring on it held requests back with no neighbour at all. Both measured in
-the systemd guest, docs/benchmarks.md.
+every request waited `max_defer_s` and then all started at once. Both measured in the
+systemd guest, docs/benchmarks.md.
 
 Research: a static 50 % quota made p95 latency 20–40× worse; gating admission on PSI
 gave 6.8× better p95 at concurrency 8 (shared/research/000). That work polled a 10 s
@@ -34,11 +39,12 @@ from .base import Action, Event, Param, Policy, RequestView, Snapshot
 
 class PsiAdmission(Policy):
     name = "psi-admission"
+    events = frozenset({"pressure", "tick", "queued", "started", "finished", "preempted"})
     params = {
-        "defer_above": Param(float, 40.0, "CPU some avg10 (%) at which to start deferring",
-                             0.0, 100.0),
-        "admit_below": Param(float, 20.0, "CPU some avg10 (%) below which to admit again",
-                             0.0, 100.0),
+        "defer_above": Param(float, 40.0, "outside CPU some avg10 (%) at which to start "
+                             "deferring", 0.0, 100.0),
+        "admit_below": Param(float, 20.0, "outside CPU some avg10 (%) below which to admit "
+                             "again", 0.0, 100.0),
         "calm_s": Param(float, 2.0, "seconds pressure must stay low before admitting", 0.0, 600.0),
         "max_defer_s": Param(float, 30.0, "longest a request is held back", 0.1, 86400.0),
         "keep_running": Param(int, 1, "requests per model that may still run while deferring "
@@ -53,8 +59,8 @@ class PsiAdmission(Policy):
         self.calm_since: float | None = None
 
     def _cpu(self, snap: Snapshot) -> float:
-        """The system's CPU some avg10, or the worst of it and the workers' scopes'."""
-        values = [snap.system["cpu"].some_avg10] if "cpu" in snap.system else []
+        """CPU some avg10 outside the workers, or the worst of it and their scopes'."""
+        values = [snap.neighbour_pressure("cpu")]
         if self.settings["scope_pressure"]:
             values += [w.pressure["cpu"].some_avg10 for w in snap.workers if "cpu" in w.pressure]
         return max(values, default=0.0)
@@ -83,9 +89,9 @@ class PsiAdmission(Policy):
             return Action("admit", req.id)
         if running.get(req.model, 0) < self.settings["keep_running"]:
             running[req.model] = running.get(req.model, 0) + 1  # counts as running from now on
-            return Action("admit", req.id, reason=f"cpu some avg10 {cpu:.1f}%: within "
+            return Action("admit", req.id, reason=f"outside cpu some avg10 {cpu:.1f}%: within "
                           f"keep_running {self.settings['keep_running']}")
         if req.waited_s >= self.settings["max_defer_s"]:
             return Action("admit", req.id, reason=f"deferred {req.waited_s:.1f} s: admitted "
                           "anyway")
-        return Action("defer", req.id, reason=f"cpu some avg10 {cpu:.1f}%")
+        return Action("defer", req.id, reason=f"outside cpu some avg10 {cpu:.1f}%")

@@ -45,6 +45,13 @@ def cpu_avg10() -> float:
     return psi(Path("/proc/pressure/cpu"))["avg10"]
 
 
+def outside_avg10() -> float:
+    """CPU some avg10 of the busiest top-level cgroup other than llm.slice: the programs
+    the workers share the machine with (what the pressure policies follow)."""
+    return max(psi(top / "cpu.pressure")["avg10"] for top in CGROUP.iterdir()
+               if top.name != SLICE and (top / "cpu.pressure").exists())
+
+
 def keyed(path: Path) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
 
@@ -237,14 +244,17 @@ def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
             wait_for(lambda: ids | {expiring.request} <= {
                 e["target"] for e in d.actions("psi-admission", "defer")}, timeout=30,
                 what="defer actions for the new requests")
-            avg10_hog = cpu_avg10()
+            avg10_hog, outside_hog = cpu_avg10(), outside_avg10()
             usage0 = keyed(SCOPE_DIR / "cpu.stat")["usage_usec"]
             scope_stall = psi(SCOPE_DIR / "cpu.pressure")["total"] - scope_stall0
         finally:
             stall = hog.stop()
-        log(f"hog stopped at avg10 {avg10_hog}; {stall / 1e6:.1f} s of system cpu stall")
-        # What the kernel saw: the system stalled, and so did the busy worker's scope.
-        assert avg10_hog >= DEFER_ABOVE and stall > 1_000_000 and scope_stall > 50_000
+        log(f"hog stopped at avg10 {avg10_hog} (outside llm.slice {outside_hog}); "
+            f"{stall / 1e6:.1f} s of system cpu stall")
+        # What the kernel saw: the system and the hog's cgroup stalled, and so did the busy
+        # worker's scope.
+        assert avg10_hog >= DEFER_ABOVE and outside_hog >= DEFER_ABOVE
+        assert stall > 1_000_000 and scope_stall > 50_000
         # Pressure takes seconds to calm; meanwhile they stay queued and held back.
         held = d.client.call("policy", action="list")["deferred"]
         queued = d.client.status()["models"]["tiny"]["queued"]
@@ -280,6 +290,44 @@ def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
         d.policy("psi-admission", defer_above=100.0, admit_below=100.0)  # inert from here on
         if busy is not None:
             busy.stop()
+
+
+def test_psi_admission_ignores_the_workers_own_throttling(daemon):
+    """The control for the test above: with no other program running, a worker busy at a
+    20 % quota stalls on its own cpu.max, which raises the system's CPU pressure as a hog
+    would. The pressure outside llm.slice stays low, and the policy admits every request."""
+    d = daemon
+    d.policy("psi-admission", defer_above=DEFER_ABOVE, admit_below=ADMIT_BELOW, calm_s=1.0,
+             max_defer_s=300.0, keep_running=0)
+    busy = None
+    try:
+        log(f"calm before: avg10 {wait_calm(ADMIT_BELOW - 5)}")
+        d.client.call("limits", model="tiny", cpu="20%")
+        throttled0 = keyed(SCOPE_DIR / "cpu.stat")["throttled_usec"]
+        busy = Generator(d.socket, max_tokens=48)
+        wait_for(lambda: cpu_avg10() >= DEFER_ABOVE + 5, timeout=90,
+                 what=f"system cpu some avg10 >= {DEFER_ABOVE + 5} from the throttled worker")
+        n0 = d.triggers("system/cpu")
+        wait_for(lambda: d.triggers("system/cpu") > n0, timeout=30,
+                 what="a system cpu pressure trigger event")
+        avg10, outside = cpu_avg10(), outside_avg10()
+        log(f"throttled worker alone: system avg10 {avg10}, outside llm.slice {outside}")
+        assert outside < ADMIT_BELOW
+        reqs = [Collector(d.socket).submit(f"hello world {i}", max_tokens=4, ignore_eos=True)
+                for i in range(2)]
+        for r in reqs:
+            last = r.last(180)
+            assert last["event"] == "done" and last["stats"]["completion_tokens"] == 4, last
+        throttled = keyed(SCOPE_DIR / "cpu.stat")["throttled_usec"] - throttled0
+        log(f"scope throttled {throttled / 1e6:.1f} s meanwhile; system avg10 {cpu_avg10()}")
+        assert throttled > 1_000_000  # the kernel did throttle it: the pressure was its own
+        defers = {e["target"] for e in d.actions("psi-admission", "defer")}
+        assert not ({r.request for r in reqs} | set(busy.requests)) & defers
+    finally:
+        d.policy("psi-admission", defer_above=100.0, admit_below=100.0)  # inert from here on
+        if busy is not None:
+            busy.stop()
+        d.client.call("limits", model="tiny", cpu="max")
 
 
 def test_system_psi_triggers_are_armed(daemon):

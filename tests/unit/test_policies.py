@@ -54,6 +54,18 @@ def test_scope_pressure_counts_only_when_asked():
     assert kinds(p.on_event(Event("pressure", key="m-0/cpu"), s)) == ["defer"]
 
 
+def test_psi_admission_follows_pressure_outside_the_workers_not_the_system():
+    queued = (RequestView("r1", "m", 0, 5, 8, 0.0),)
+    own = Snapshot(now=0, system={"cpu": Pressure(some_avg10=50)}, queued=queued,
+                   outside={"cpu": Pressure(some_avg10=2)})  # the workers' own throttling
+    p = PsiAdmission(defer_above=40, keep_running=0)
+    assert kinds(p.on_event(Event("pressure", key="system/cpu"), own)) == ["admit"]
+    hog = Snapshot(now=1, system={"cpu": Pressure(some_avg10=50)}, queued=queued,
+                   outside={"cpu": Pressure(some_avg10=45)})  # a neighbour stalls
+    assert kinds(p.on_event(Event("pressure", key="system/cpu"), hog)) == ["defer"]
+    assert p.events is not None and {"pressure", "tick", "queued"} <= p.events
+
+
 def test_psi_admission_keeps_the_model_working_while_it_defers():
     p = PsiAdmission(defer_above=40, keep_running=1)
     assert kinds(p.on_event(Event("pressure", key="system/cpu"), snap(0, 80, queued=3))) == [
@@ -193,3 +205,14 @@ def test_sjf_ranks_by_predicted_size_with_aging():
     ranks = {a.target: a.values["rank"] for a in actions}
     assert ranks == {"long": 300.0, "short": 20.0, "old": 0.0}
     assert {a.kind for a in actions} == {"rank"}
+
+
+def test_neighbour_guard_gives_back_when_only_its_own_throttling_remains():
+    from llm_residentd.policies.neighbour_guard import NeighbourGuard
+    p = NeighbourGuard(high=30, low=10, step=0.25, min_cpu=0.25, max_cpu=2, interval_s=1)
+    s = Snapshot(now=0, system={"cpu": Pressure(some_avg10=60)},
+                 outside={"cpu": Pressure(some_avg10=3)}, workers=(_worker(cpu=0.25),))
+    assert [a.values["cpu"] for a in p.on_event(Event("tick"), s)] == ["50%"]
+    s = Snapshot(now=1, system={"cpu": Pressure(some_avg10=60)},
+                 outside={"cpu": Pressure(some_avg10=40)}, workers=(_worker(cpu=0.5),))
+    assert [a.values["cpu"] for a in p.on_event(Event("tick"), s)] == ["25%"]

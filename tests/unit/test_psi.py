@@ -56,3 +56,26 @@ def test_system_pressure_on_this_machine():
     if not os.path.exists("/proc/pressure/cpu"):
         pytest.fail("this kernel has no /proc/pressure; CI machines do")
     assert psi.system_pressure()["cpu"]["some"]["total"] >= 0
+
+
+def _cgroup(path, cpu_avg10: float):
+    path.mkdir(parents=True)
+    (path / "cgroup.procs").write_text("")
+    (path / "cpu.pressure").write_text(
+        f"some avg10={cpu_avg10:.2f} avg60=0.00 avg300=0.00 total=7\n"
+        "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    return path
+
+
+def test_outside_pressure_is_the_worst_top_level_cgroup_without_workers(tmp_path):
+    worker = _cgroup(tmp_path / "llm.slice" / "llm-m-0.scope", 0)
+    (tmp_path / "llm.slice" / "cgroup.procs").write_text("")
+    (tmp_path / "llm.slice" / "cpu.pressure").write_text("some avg10=90.00 avg60=0 avg300=0 total=1\n")
+    _cgroup(tmp_path / "system.slice", 12.5)
+    _cgroup(tmp_path / "user.slice", 41.0)
+    own = _cgroup(tmp_path / "daemon", 99.0)  # the daemon's own leaf (cgroupfs backend)
+    (tmp_path / "not-a-cgroup").mkdir()
+    out = cgroupstats.outside_pressure([worker], own, root=tmp_path)
+    assert out["cpu"]["some"]["avg10"] == 41.0
+    assert "memory" not in out  # no such file anywhere
+    assert cgroupstats.outside_pressure([worker], own, root=tmp_path / "missing") == {}
