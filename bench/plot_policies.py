@@ -120,11 +120,14 @@ def plot_guard(path: Path) -> Path:
             t, y = rate(ss, key, scale)
             ax.plot(t, y, color=COLORS[setup], alpha=0.8,
                     label=setup if rnd == "1" else None)
+            if key == "sys_cpu_some_us" and "nbr_cpu_some_us" in ss[0]:
+                t, y = rate(ss, "nbr_cpu_some_us", scale)
+                ax.plot(t, y, color=COLORS[setup], alpha=0.8, linestyle="--")
         ax.set_xlabel("s since load start")
         ax.set_ylabel(label)
         ax.legend(loc="lower right")
     axes[0][0].set_title("Neighbour's work rate (1 s bins, every round)")
-    axes[1][0].set_title("/proc/pressure/cpu")
+    axes[1][0].set_title("CPU some: system (solid), the neighbour's top-level cgroup (dashed)")
     ax = axes[0][1]
     for (setup, rnd), ss in sorted(by_run.items()):
         if setup in ("guard", "static"):

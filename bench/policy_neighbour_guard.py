@@ -8,13 +8,15 @@ following the quota) for `--duration` s. Setups, interleaved (the order rotates 
 round), each with a fresh daemon:
 
 - `plain`: no quota, no policy;
-- `guard`: `[[policies]] neighbour-guard` (starts at max_cpu, cuts on system CPU PSI);
+- `guard`: `[[policies]] neighbour-guard` (starts at max_cpu, cuts on the CPU PSI outside
+  llm.slice);
 - `static`: no policy, a static quota `--static-cpu` (the level the guard cuts down to);
 - `nollm`: the neighbour alone, no daemon (its best case).
 
 Evidence: the neighbour's units per second and per-unit latency; the LLM's request
-latency, TTFT, tokens/s (application); once a second system CPU PSI, the scopes' PSI,
-cpu.stat and cpu.max (kernel); the guard's recorded set_limits actions. Run in the guest:
+latency, TTFT, tokens/s (application); once a second system CPU PSI, the PSI of the
+neighbour's top-level cgroup, the scopes' PSI, cpu.stat and cpu.max (kernel); the
+guard's recorded set_limits actions. Run in the guest:
 
     python3 bench/policy_neighbour_guard.py --model /dev/shm/mid.gguf --csv /share/neighbour_guard.csv
 """
