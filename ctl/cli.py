@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--socket", metavar="PATH", help="daemon socket (default: "
                         f"${SOCKET_ENV}, else /run/llm-residentd/llm.sock as root, "
-                        "$XDG_RUNTIME_DIR/llm-residentd.sock otherwise)")
+                        "$XDG_RUNTIME_DIR/llm-residentd.sock otherwise if it exists, "
+                        "else /run/llm-residentd/llm.sock)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="llmctl", description="Control llm-residentd: submit "

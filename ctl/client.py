@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_residentd import __version__
-from llm_residentd.paths import default_socket
+from llm_residentd.paths import client_socket
 from llm_residentd.protocol import PROTOCOL_VERSION, FrameReader, ProtocolError, send_frame
 
 CONNECT_TIMEOUT = 10.0
@@ -68,7 +68,7 @@ class Stream:
 
 class Client:
     def __init__(self, path: str | Path | None = None, timeout: float | None = 30.0) -> None:
-        self.path = Path(path) if path else default_socket()
+        self.path = Path(path) if path else client_socket()
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._pending: dict[Any, list[dict[str, Any]]] = {}

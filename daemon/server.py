@@ -9,7 +9,9 @@ import inspect
 import os
 import socket
 import struct
+import sys
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,30 @@ from .scheduler import Request
 from .service import Service
 
 log = structlog.get_logger()
+SD_LISTEN_FDS_START = 3
+
+
+def activated_socket(env: MutableMapping[str, str] | None = None) -> socket.socket | None:
+    """The listening socket systemd passed (socket activation), else None.
+
+    Like sd_listen_fds(unset_environment=1): only when $LISTEN_PID is this process and
+    $LISTEN_FDS >= 1; the first fd is used, the variables are cleared and the fd is made
+    close-on-exec so workers never see them.
+    """
+    env = os.environ if env is None else env
+    pid, fds = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
+    if not (pid.isdigit() and int(pid) == os.getpid() and fds.isdigit() and int(fds) >= 1):
+        return None
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    os.set_inheritable(SD_LISTEN_FDS_START, False)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+        sock.detach()
+        raise RuntimeError("the socket passed by systemd (fd 3) is not a listening "
+                           "AF_UNIX stream socket")
+    return sock
 
 
 class Connection:
@@ -144,14 +170,20 @@ class Connection:
 
 
 class Server:
-    def __init__(self, service: Service, path: Path) -> None:
+    def __init__(self, service: Service, path: Path, sock: socket.socket | None = None) -> None:
         self.service = service
         self.path = path
+        self.activated = sock  # passed by systemd: not ours to chmod or unlink
         self.connections: set[Connection] = set()
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
         cfg = self.service.config.daemon
+        if self.activated is not None:
+            # Python 3.13+ would unlink the path on close; systemd owns it.
+            keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+            self._server = await asyncio.start_unix_server(self._accept, sock=self.activated, **keep)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(self.path)
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
@@ -178,8 +210,9 @@ class Server:
     async def stop_listening(self) -> None:
         if self._server is not None:
             self._server.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self.activated is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     async def close_connections(self, timeout: float = 2.0) -> None:
         """Flush what each connection has queued (final events), then close it."""

@@ -46,7 +46,8 @@ class Service:
         self.queues = {n: ModelQueue(n, m.max_queue) for n, m in config.models.items()}
         self.metrics = {n: ModelMetrics() for n in config.models}
         self.workers = {
-            n: [Worker(m, i, self, config.daemon.restart_backoff_max) for i in range(m.workers)]
+            n: [Worker(m, i, self, config.daemon.restart_backoff_max, config.daemon.worker_user)
+                for i in range(m.workers)]
             for n, m in config.models.items()
         }
         self.requests: dict[str, Request] = {}
@@ -76,6 +77,9 @@ class Service:
             if cfg.backend != "auto":
                 raise ScopeError(f"backend {cfg.backend}: {exc}") from exc
             log.warning("backend_unavailable", error=str(exc), using="none")
+        if cfg.worker_user and os.geteuid() != 0:
+            log.warning("worker_user_ignored", worker_user=cfg.worker_user,
+                        reason="only a daemon running as root switches users")
         stale = await self._scope_call(self.backend.cleanup)
         log.info("backend_ready", backend=self.backend.name, stale_scopes_removed=stale)
         self.psi = psi.PsiWatcher(loop, self._on_pressure)

@@ -421,6 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ch.recv()
     if cfg is None or cfg.get("type") != "load":
         return 2
+    try:  # e.g. a file that daemon.worker_user may not read
+        open(cfg["path"], "rb").close()
+    except PermissionError:
+        ch.send({"type": "load_failed", "message": f"cannot read {cfg['path']} as uid "
+                 f"{os.getuid()}: the workers' user (daemon.worker_user) must be able to read it"})
+        return 1
+    except OSError:
+        pass  # the load below reports it
     t0 = time.monotonic()
     try:
         engine = Engine(cfg, ch)

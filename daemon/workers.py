@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import pwd
 import signal
 import socket
 import sys
@@ -40,12 +42,28 @@ class LoadFailed(Exception):
     pass
 
 
+def run_as(user: str) -> dict[str, Any]:
+    """create_subprocess_exec arguments that start a worker as `user` (daemon.worker_user).
+
+    Only a root daemon switches: empty `user`, a daemon that is not root or a root
+    `user` give {} (the worker runs as the daemon). KeyError if the user does not exist.
+    """
+    if not user or os.geteuid() != 0:
+        return {}
+    pw = pwd.getpwnam(user)
+    if pw.pw_uid == 0:
+        return {}
+    env = {**os.environ, "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "env": env}
+
+
 class Worker:
     """One model worker process, restarted with exponential backoff when it dies."""
 
     def __init__(self, model: ModelConfig, index: int, listener: Listener,
-                 backoff_max: float) -> None:
+                 backoff_max: float, user: str = "") -> None:
         self.model = model
+        self.user = user  # daemon.worker_user
         self.index = index
         self.name = f"{model.name}-{index}"
         self.listener = listener
@@ -106,13 +124,17 @@ class Worker:
             path = await self.listener.model_path(self.model.name)
         except Exception as exc:
             raise LoadFailed(str(exc)) from None
+        try:
+            creds = run_as(self.user)
+        except KeyError:
+            raise LoadFailed(f"daemon.worker_user: no user {self.user!r}") from None
         parent, child = socket.socketpair()
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "llm_residentd.worker", "--fd", str(child.fileno()),
                 "--name", self.name, pass_fds=[child.fileno()],
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.PIPE, **creds)
         finally:
             child.close()
         self.pid = self._proc.pid
