@@ -207,21 +207,6 @@ def test_unknown_worker_user_fails_the_load(tmp_path, monkeypatch):
         "daemon.worker_user: no user 'no-such-user-xyz'"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
-def test_worker_runs_as_worker_user_and_says_when_it_cannot_read_the_model(tmp_path, monkeypatch):
-    model = tmp_path / "private.gguf"
-    model.write_bytes(b"GGUF")
-    model.chmod(0o600)  # root's alone
-    monkeypatch.setenv("PYTHONPATH", _pythonpath())
-    try:
-        subprocess.run([sys.executable, "-c", "0"], user=NOBODY, check=True)
-    except (PermissionError, subprocess.CalledProcessError):
-        pytest.skip(f"user {NOBODY} cannot run {sys.executable}")
-    message = _spawn(NOBODY, model)
-    assert f"cannot read {model} as uid {pwd.getpwnam(NOBODY).pw_uid}" in message
-    assert "daemon.worker_user" in message
-
-
 # -- clients -------------------------------------------------------------------------------
 
 def test_client_falls_back_to_the_system_socket(tmp_path, monkeypatch):
