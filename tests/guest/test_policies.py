@@ -208,14 +208,22 @@ class Generator(threading.Thread):
 DEFER_ABOVE, ADMIT_BELOW = 35.0, 25.0
 
 
+def psi_admission_on(d: Daemon) -> None:
+    """keep_running=0: every new request is held (these tests were written before that
+    setting, whose default 1 lets one in once the busy request ends)."""
+    d.policy("psi-admission", defer_above=DEFER_ABOVE, admit_below=ADMIT_BELOW, calm_s=1.0,
+             max_defer_s=300.0, keep_running=0)
+
+
+def psi_admission_off(d: Daemon) -> None:
+    d.policy("psi-admission", defer_above=100.0, admit_below=100.0)  # inert from here on
+
+
 def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
     """A hog outside llm.slice stalls the system and a busy worker: the system cpu trigger
     fires, the policy defers what comes next; once the hog stops and pressure calms, all run."""
     d = daemon
-    # keep_running=0: every new request is held (this test was written before that setting,
-    # whose default 1 lets one in once the busy request ends).
-    d.policy("psi-admission", defer_above=DEFER_ABOVE, admit_below=ADMIT_BELOW, calm_s=1.0,
-             max_defer_s=300.0, keep_running=0)
+    psi_admission_on(d)
     busy = None
     try:
         log(f"calm before: avg10 {wait_calm(ADMIT_BELOW - 5)}")
@@ -287,7 +295,7 @@ def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
         # The admitted requests ran in the worker's scope: the kernel charged it the CPU.
         assert keyed(SCOPE_DIR / "cpu.stat")["usage_usec"] > usage0
     finally:
-        d.policy("psi-admission", defer_above=100.0, admit_below=100.0)  # inert from here on
+        psi_admission_off(d)
         if busy is not None:
             busy.stop()
 
@@ -297,8 +305,7 @@ def test_psi_admission_ignores_the_workers_own_throttling(daemon):
     20 % quota stalls on its own cpu.max, which raises the system's CPU pressure as a hog
     would. The pressure outside llm.slice stays low, and the policy admits every request."""
     d = daemon
-    d.policy("psi-admission", defer_above=DEFER_ABOVE, admit_below=ADMIT_BELOW, calm_s=1.0,
-             max_defer_s=300.0, keep_running=0)
+    psi_admission_on(d)
     busy = None
     try:
         log(f"calm before: avg10 {wait_calm(ADMIT_BELOW - 5)}")
@@ -324,7 +331,7 @@ def test_psi_admission_ignores_the_workers_own_throttling(daemon):
         defers = {e["target"] for e in d.actions("psi-admission", "defer")}
         assert not ({r.request for r in reqs} | set(busy.requests)) & defers
     finally:
-        d.policy("psi-admission", defer_above=100.0, admit_below=100.0)  # inert from here on
+        psi_admission_off(d)
         if busy is not None:
             busy.stop()
         d.client.call("limits", model="tiny", cpu="max")
