@@ -71,9 +71,18 @@ vm-test: install
 # dist/llm-residentd-model-smollm2_<version>_all.deb, then lintian on both.
 VERSION   := $(shell sed -n 's/^version = //p' setup.cfg)
 DEB_SRC   := build/deb/llm-residentd-$(VERSION)
+# Build tools come from apt, installed when missing (needs root), as tests/vm does for qemu.
+DEB_TOOLS := debhelper dpkg-dev fakeroot lintian python3-pip
 # Not `deb: install`: that would reinstall the venv. It only needs the venv and the llama wheel.
-.PHONY: deb
-deb:
+.PHONY: deb deb-tools
+deb-tools:
+	@missing=$$(for p in $(DEB_TOOLS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	  | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing" $$missing; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    --no-install-recommends $$missing; fi
+
+deb: deb-tools
 	@test -x $(PY) || { echo "no $(VENV): run make install first"; exit 1; }
 	@test "$$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)" = "$(VERSION)" || \
 	  { echo "packaging/debian/changelog is not at version $(VERSION)"; exit 1; }
@@ -87,4 +96,5 @@ deb:
 	cd $(DEB_SRC) && dpkg-buildpackage -us -uc -b
 	rm -f dist/llm-residentd*_$(VERSION)_*.deb
 	mv build/deb/llm-residentd*_$(VERSION)_*.deb dist/
-	lintian --info dist/llm-residentd_$(VERSION)_amd64.deb dist/llm-residentd-model-smollm2_$(VERSION)_all.deb
+	lintian --info --fail-on error,warning \
+	  dist/llm-residentd_$(VERSION)_amd64.deb dist/llm-residentd-model-smollm2_$(VERSION)_all.deb

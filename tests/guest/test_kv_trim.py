@@ -82,8 +82,10 @@ cooldown_s = 3.0
         after = dict(line.split() for line in (cgroup / "memory.events").read_text().splitlines())
         assert int(after["high"]) > high_events and int(after["oom_kill"]) == 0
         high = int((cgroup / "memory.high").read_text())
+        stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
         wait_for(lambda: int((cgroup / "memory.current").read_text()) < high, timeout=30,
-                 what="memory.current under memory.high after the shrink")
+                 what=f"memory.current under memory.high {high} after the shrink (at the shrink: "
+                 f"anon {stat['anon']}, file {stat['file']}; {reports[0]['values']})")
         # Decoding goes on in the same request, in the same worker process.
         seen = len(tokens)
         wait_for(lambda: len(tokens) >= seen + 5, timeout=120, what="tokens after the shrink")

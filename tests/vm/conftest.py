@@ -1,8 +1,19 @@
-"""Host-side fixtures for the QEMU guest tests: the `vm` marker and a timings summary."""
+"""Host-side fixtures for the QEMU guest tests: the share directory and a timings summary."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> Path:
+    """The directory the guest sees as /share (LLM_VM_SHARE keeps it, with output.log)."""
+    path = Path(os.environ.get("LLM_VM_SHARE") or tmp_path / "share")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

