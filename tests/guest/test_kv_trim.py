@@ -70,7 +70,11 @@ cooldown_s = 3.0
             if time.monotonic() - last[0] >= 2.0:  # squeeze by 2 MiB every 2 s
                 last[0] = time.monotonic()
                 now = int((cgroup / "memory.current").read_text())
-                d.ctl("limits", "kv", "--memory-high", str((now - (2 << 20)) // 4096 * 4096))
+                high = (cgroup / "memory.high").read_text().strip()
+                # Only while the scope is at its limit: once the shrink has freed memory (and
+                # before status shows the new n_ctx) a squeeze below it could not be reclaimed.
+                if high == "max" or now > int(high) - (4 << 20):
+                    d.ctl("limits", "kv", "--memory-high", str((now - (2 << 20)) // 4096 * 4096))
             return False
 
         wait_for(shrunk, timeout=150, what="kv-trim to shrink the context")

@@ -287,7 +287,11 @@ def test_apt_remove_stops_the_service_and_keeps_config_and_accounts():
 
 def test_apt_purge_leaves_nothing_behind():
     run("apt-get", "purge", "-y", "llm-residentd", "llm-residentd-model-smollm2", timeout=600)
-    left = [p for p in PACKAGE_PATHS if os.path.lexists(p)]
+    shipped = [line.split(maxsplit=5)[5].split(" -> ")[0].lstrip(".") for deb in DEBS
+               for line in run("dpkg-deb", "--contents", str(deb)).stdout.splitlines()
+               if not line.startswith("d")]  # files and symlinks; directories may be shared
+    assert len(shipped) > 100
+    left = [p for p in PACKAGE_PATHS + shipped if os.path.lexists(p)]
     assert left == []
     for pkg in ("llm-residentd", "llm-residentd-model-smollm2"):
         state = run("dpkg-query", "-W", "-f", "${db:Status-Status}", pkg, ok=None).stdout
