@@ -73,7 +73,6 @@ VERSION   := $(shell sed -n 's/^version = //p' setup.cfg)
 DEB_SRC   := build/deb/llm-residentd-$(VERSION)
 # Build tools come from apt, installed when missing (needs root), as tests/vm does for qemu.
 DEB_TOOLS := debhelper dpkg-dev fakeroot lintian python3-pip
-# Not `deb: install`: that would reinstall the venv. It only needs the venv and the llama wheel.
 .PHONY: deb deb-tools
 deb-tools:
 	@missing=$$(for p in $(DEB_TOOLS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -82,6 +81,7 @@ deb-tools:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 	    --no-install-recommends $$missing; fi
 
+# Not `deb: install`: that would reinstall the venv. It only needs the venv and the llama wheel.
 deb: deb-tools
 	@test -x $(PY) || { echo "no $(VENV): run make install first"; exit 1; }
 	@test "$$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)" = "$(VERSION)" || \

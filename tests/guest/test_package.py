@@ -76,6 +76,15 @@ def main_pid() -> int:
     return int(show(SERVICE, "MainPID")["MainPID"])
 
 
+def restarts() -> int:
+    return int(show(SERVICE, "NRestarts")["NRestarts"])
+
+
+def package_state(pkg: str) -> str:
+    """dpkg's state of pkg ("installed", "config-files", ...); empty once purged."""
+    return run("dpkg-query", "-W", "-f", "${db:Status-Status}", pkg, ok=None).stdout
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -185,9 +194,9 @@ def test_limits_changes_are_forbidden_to_non_root_members():
 
 def test_kill_9_of_the_daemon_is_restarted_by_systemd():
     daemon, worker = main_pid(), worker_pid()
-    restarts = int(show(SERVICE, "NRestarts")["NRestarts"])
+    before = restarts()
     os.kill(daemon, signal.SIGKILL)
-    wait_for(lambda: int(show(SERVICE, "NRestarts")["NRestarts"]) == restarts + 1, 60, "a restart")
+    wait_for(lambda: restarts() == before + 1, 60, "a restart")
     wait_for(lambda: show(SERVICE, "ActiveState")["ActiveState"] == "active", 120, "active again")
     assert main_pid() not in (0, daemon)
     wait_ready()
@@ -217,11 +226,11 @@ def test_a_broken_config_fails_with_the_key_named_and_is_kept():
     broken = good.replace("n_ctx = 2048", 'n_ctx = "lots"')
     assert broken != good
     CONFIG.write_text(broken)
-    restarts = int(show(SERVICE, "NRestarts")["NRestarts"])
+    before = restarts()
     run("systemctl", "restart", SERVICE, ok=False)
     assert show(SERVICE, "ActiveState", "Result") == {"ActiveState": "failed", "Result": "exit-code"}
     # RestartPreventExitStatus=2: a config error is not retried.
-    assert int(show(SERVICE, "NRestarts")["NRestarts"]) == restarts
+    assert restarts() == before
     message = "models.smollm2.n_ctx: expected int, got str"
     assert message in run("systemctl", "status", "--no-pager", SERVICE, ok=None).stdout
     assert message in journal()
@@ -276,8 +285,7 @@ def test_apt_remove_stops_the_service_and_keeps_config_and_accounts():
     run("systemctl", "start", SERVICE)  # remove a running service, scopes and all
     wait_ready()
     run("apt-get", "remove", "-y", "llm-residentd", timeout=600)
-    state = run("dpkg-query", "-W", "-f", "${db:Status-Status}", "llm-residentd").stdout
-    assert state == "config-files"
+    assert package_state("llm-residentd") == "config-files"
     assert show(SERVICE, "ActiveState")["ActiveState"] == "inactive"
     assert llm_scopes() == [] and not (CGROUP / SLICE).exists()
     assert run("pgrep", "-f", "llm_residentd", ok=None).returncode == 1
@@ -294,8 +302,7 @@ def test_apt_purge_leaves_nothing_behind():
     left = [p for p in PACKAGE_PATHS + shipped if os.path.lexists(p)]
     assert left == []
     for pkg in ("llm-residentd", "llm-residentd-model-smollm2"):
-        state = run("dpkg-query", "-W", "-f", "${db:Status-Status}", pkg, ok=None).stdout
-        assert state in ("", "not-installed"), f"{pkg}: {state}"
+        assert package_state(pkg) in ("", "not-installed"), pkg
     run("getent", "passwd", "llm-worker", ok=False)
     run("getent", "group", "llm", ok=False)
     for unit in (SERVICE, SOCKET):

@@ -1,11 +1,21 @@
-"""Host-side fixtures for the QEMU guest tests: the share directory and a timings summary."""
+"""Host-side fixtures for the QEMU guest tests: the share directory, a runner that requires a
+guest pytest command to pass, and a timings summary.
+
+Environment: LLM_VM_SHARE=DIR keeps the share (run.sh, output.log, serial.log) in DIR;
+LLM_VM_TIMEOUT sets the guest timeout in seconds (default 1800).
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Any
 
+import guest
 import pytest
+
+GUEST_TIMEOUT = float(os.environ.get("LLM_VM_TIMEOUT", "1800"))
 
 
 @pytest.fixture
@@ -14,6 +24,43 @@ def share(tmp_path: Path) -> Path:
     path = Path(os.environ.get("LLM_VM_SHARE") or tmp_path / "share")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class GuestPytest:
+    """Boots the guest on `share` and requires a pytest command there to pass.
+
+    `timings` (seconds per phase) is printed in the terminal summary; tests may add their own.
+    """
+
+    def __init__(self, share: Path) -> None:
+        self.share = share
+        self.timings: dict[str, float] = {}
+
+    def run(self, command: str, **run_kwargs: Any) -> None:
+        t0 = time.monotonic()
+        build: dict[str, float] = {}
+        try:
+            image = guest.ensure_image(build)
+        except guest.GuestError as exc:
+            pytest.fail(f"no guest image: {exc}")
+        self.timings["image"] = time.monotonic() - t0  # 0 when cached
+        self.timings.update({f"image.{k}": v for k, v in build.items() if k != "total"})
+        try:
+            result = guest.run_in_guest(command, self.share, GUEST_TIMEOUT, image=image, **run_kwargs)
+        except guest.GuestError as exc:
+            pytest.fail(f"guest not started: {exc}")
+        self.timings.update(result.phases)
+        details = f"{result.describe()}\n--- guest pytest output ---\n{result.output}"
+        summary = (result.output.strip().splitlines() or [""])[-1]
+        assert result.returncode == 0, details
+        assert " passed" in summary, details
+
+
+@pytest.fixture
+def guest_pytest(share: Path, record_property: pytest.RecordProperty) -> GuestPytest:
+    runner = GuestPytest(share)
+    record_property("vm_timings", runner.timings)  # filled in by the test, printed below
+    return runner
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
