@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import pwd
 import signal
@@ -24,6 +25,17 @@ from .scopes import Scope
 LOAD_TIMEOUT = 600.0
 STABLE_AFTER = 30.0  # a worker up this long resets the backoff
 IPC_MAX_FRAME = 64 << 20
+
+
+def kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL proc, leaving its exit status to asyncio's child watcher.
+
+    Process.kill() first polls with waitpid(); when the child has just died, that poll
+    reaps it and the watcher then reports exit code 255 instead of the signal.
+    """
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
 
 
 class Listener(Protocol):
@@ -211,8 +223,7 @@ class Worker:
             self._writer.close()
             self._writer = None
         if proc is not None:
-            if proc.returncode is None:
-                proc.kill()
+            kill(proc)
             code = await proc.wait()
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             self.last_error = self.last_error or f"worker process {proc.pid} {how}"
@@ -284,7 +295,7 @@ class Worker:
         try:
             await asyncio.wait_for(proc.wait(), grace)
         except TimeoutError:
-            proc.send_signal(signal.SIGKILL)
+            kill(proc)
             await proc.wait()
 
     def describe(self) -> dict[str, Any]:
