@@ -39,6 +39,8 @@ class DaemonConfig:
     state_dir: str = _opt("", "where assembled model files are kept; empty means the default")
     max_frame: int = _opt(1 << 20, "largest accepted frame in bytes", 1024, 64 << 20)
     max_connections: int = _opt(256, "open connections at once", 1, 65536)
+    client_buffer: int = _opt(8 << 20, "bytes of replies and tokens queued for a client that "
+                              "does not read before it is disconnected", 64 << 10, 1 << 30)
     hello_timeout: float = _opt(10.0, "seconds from connect until hello succeeds", 0.05, 3600)
     frame_timeout: float = _opt(10.0, "seconds to finish a frame from its first byte", 0.05, 3600)
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))

@@ -61,13 +61,24 @@ class Connection:
         self.greeted = False
         self.hello_deadline = time.monotonic() + server.service.config.daemon.hello_timeout
         self.closed = False
+        self.gone = "the client disconnected"  # why its requests are cancelled at the end
         self.requests: dict[str, Request] = {}
         self.log = log.bind(peer_pid=self.pid, peer_uid=self.uid)
 
     def send(self, msg: dict[str, Any]) -> None:
-        """Queue a frame on the transport; it is written without waiting for the peer."""
-        if not self.closed and not self.writer.is_closing():
-            self.writer.write(encode(msg))
+        """Queue a frame on the transport; it is written without waiting for the peer.
+
+        A peer that lets more than client_buffer bytes pile up is disconnected.
+        """
+        if self.closed or self.writer.is_closing():
+            return
+        self.writer.write(encode(msg))
+        unsent = self.writer.transport.get_write_buffer_size()
+        limit = self.server.service.config.daemon.client_buffer
+        if unsent > limit:
+            self.log.warning("client_not_reading", unsent_bytes=unsent, client_buffer=limit)
+            self.gone = f"the client stopped reading ({unsent} bytes unsent)"
+            self.writer.transport.abort()  # serve() sees the end of stream and cleans up
 
     def close(self) -> None:
         """Close after what is queued has been flushed."""
@@ -105,6 +116,7 @@ class Connection:
     async def serve(self) -> None:
         try:
             while not self.closed:
+                await self.writer.drain()  # read no more requests while replies pile up
                 try:
                     body = await self._read_body()
                 except ProtocolError as exc:  # framing is lost: say why and close
@@ -165,7 +177,7 @@ class Connection:
         """A client that goes away cancels what it asked for."""
         for req_id in list(self.requests):
             with contextlib.suppress(ProtocolError):
-                self.server.service.stop_request(req_id, "cancelled", "the client disconnected")
+                self.server.service.stop_request(req_id, "cancelled", self.gone)
         self.requests.clear()
 
 

@@ -94,9 +94,10 @@ class Daemon:
 
 
 def tiny_config(model: Path, n_ctx: int = 256, workers: int = 1, max_queue: int = 8,
-                daemon: str = "") -> str:
+                daemon: str = "", model_extra: str = "") -> str:
+    """model_extra: more lines of [models.tiny]."""
     body = TINY_MODEL.format(path=model, n_ctx=n_ctx, workers=workers, max_queue=max_queue)
-    return f"[daemon]\nhello_timeout = 2.0\n{daemon}\n{body}"
+    return f"[daemon]\nhello_timeout = 2.0\n{daemon}\n{body}{model_extra}\n"
 
 
 def read_until_done(sock: socket.socket, want: int) -> list[dict[str, Any]]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 
 import msgpack
 import pytest
 from harness import read_until_done, tiny_config, wait_for
-from llm_residentd.protocol import recv_frame, send_frame
+from llm_residentd.protocol import encode, recv_frame, send_frame
 
 
 def _raw_frame(sock: socket.socket, body: bytes) -> None:
@@ -184,3 +185,52 @@ def test_prompt_over_a_small_context_is_too_long(start_daemon, tiny_model_path):
     send_frame(sock, {"id": 1, "op": "submit", "prompt": "the sky is blue " * 20, "max_tokens": 4})
     _, error = read_until_done(sock, 1)
     assert error["error"]["code"] == "too_long" and "holds 64" in error["error"]["message"]
+
+
+def test_requests_are_not_read_while_their_replies_are_not(tiny_daemon):
+    """Backpressure: a client that sends without reading stalls; nothing is lost."""
+    sock = tiny_daemon.raw()
+    batch, batches = encode({"id": 1, "op": "events", "limit": 1}) * 100, 600
+    sent = 0
+
+    def sender() -> None:
+        nonlocal sent
+        for _ in range(batches):
+            sock.sendall(batch)
+            sent += 1
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    last, since = -1, time.monotonic()
+    while time.monotonic() - since < 2:  # until the sender has been blocked for 2 s
+        if sent != last:
+            last, since = sent, time.monotonic()
+        time.sleep(0.05)
+    stalled_at = sent
+    tiny_daemon.assert_serving()  # other clients are served meanwhile
+    replies = [recv_frame(sock) for _ in range(batches * 100)]
+    thread.join(10)
+    assert stalled_at < batches // 2, f"sent {stalled_at} of {batches} batches unread"
+    assert all(r["id"] == 1 and r["ok"] for r in replies) and not thread.is_alive()
+
+
+def test_a_client_that_stops_reading_its_tokens_is_disconnected(start_daemon, tiny_model_path):
+    d = start_daemon(tiny_config(tiny_model_path, n_ctx=4096, daemon="client_buffer = 65536",
+                                 model_extra="stream_interval = 0"))
+    sock = d.raw()
+    send_frame(sock, {"id": 1, "op": "submit", "prompt": "go", "max_tokens": 3000,
+                      "ignore_eos": True})
+    wait_for(lambda: any(e.get("event") == "client_not_reading" for e in d.logs()), timeout=60,
+             what="client_not_reading in the log")
+    wait_for(lambda: d.status()["workers"][0]["state"] == "idle", what="idle worker")
+    finished = [e for e in d.logs() if e.get("event") == "request_finished"]
+    assert finished[-1]["outcome"] == "cancelled" and "stopped reading" in finished[-1]["error"]
+    received = b""
+    while chunk := sock.recv(1 << 16):  # what was in flight, then the end of stream
+        received += chunk
+    frames = []
+    while len(received) >= 4 and len(received) >= 4 + (n := struct.unpack(">I", received[:4])[0]):
+        frames.append(msgpack.unpackb(received[4:4 + n]))
+        received = received[4 + n:]
+    assert frames[0]["ok"] and {f["event"] for f in frames[1:]} == {"token"}  # cut short
+    d.assert_serving()
