@@ -135,10 +135,12 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
                       "THROTTLED", "HIGH/MAX/OOM", "PSI CPU/MEM some10", "EVENTS"],
                      [_scope_row(w) for w in scoped]))
     pressure = st.get("pressure", {})
-    system = pressure.get("system") or {}
-    if any(system.values()):
-        print("\nsystem PSI some avg10: " + "  ".join(
-            f"{r} {v['some']['avg10']:.2f}%" for r, v in system.items() if v))
+    lines = [label + "  ".join(f"{r} {v['some']['avg10']:.2f}%" for r, v in values.items() if v)
+             for label, values in (("system PSI some avg10: ", pressure.get("system") or {}),
+                                   ("outside the workers' cgroups: ", pressure.get("outside") or {}))
+             if any(values.values())]
+    if lines:
+        print("\n" + "\n".join(lines))
     for w in st["workers"]:
         for key in ("last_error", "scope_error"):
             if w.get(key):

@@ -64,6 +64,7 @@ class Service:
         self._scope_exec = ThreadPoolExecutor(1, thread_name_prefix="scopes")
         self.engine = PolicyEngine(self, list(config.policies))
         self._kernel_view: tuple[float, KernelView] | None = None
+        self._own_cgroup = cgroupstats.cgroup_of(os.getpid())
         self._system_trigger = trigger_of(config.daemon.psi_system_trigger)
         self._scope_trigger = trigger_of(config.daemon.psi_scope_trigger)
 
@@ -398,6 +399,7 @@ class Service:
             "workers": [self._describe_worker(w) for w in self.all_workers()],
             "pressure": {
                 "system": psi.system_pressure(),
+                "outside": self._outside(),
                 "triggers": dict(self.psi.counts) if self.psi else {},
                 "recent": list(self.pressure_events)[-20:],
             },
@@ -440,14 +442,15 @@ class Service:
         each event."""
         cached = self._kernel_view
         if cached is None or now - cached[0] >= KERNEL_VIEW_TTL:
-            workers = self.all_workers()
-            cgroups = {w.name: self._cgroup_stats(w) or {} for w in workers}
-            inside = [w.scope.cgroup for w in workers if w.scope and w.scope.cgroup]
-            own = cgroupstats.cgroup_of(os.getpid())
-            outside = cgroupstats.outside_pressure(inside, own) if inside else {}
+            cgroups = {w.name: self._cgroup_stats(w) or {} for w in self.all_workers()}
             cached = self._kernel_view = (now, (_pressures(psi.system_pressure()),
-                                                _pressures(outside), cgroups))
+                                                _pressures(self._outside()), cgroups))
         return cached[1]
+
+    def _outside(self) -> dict[str, Any]:
+        """PSI outside the workers' cgroups (cgroupstats.outside_pressure); {} without scopes."""
+        inside = [w.scope.cgroup for w in self.all_workers() if w.scope and w.scope.cgroup]
+        return cgroupstats.outside_pressure(inside, self._own_cgroup) if inside else {}
 
     def _cgroup_stats(self, worker: Worker) -> dict[str, Any] | None:
         """What the kernel reports for the worker's cgroup; None without one."""

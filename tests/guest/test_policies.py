@@ -52,6 +52,11 @@ def outside_avg10() -> float:
                if top.name != SLICE and (top / "cpu.pressure").exists())
 
 
+def reported_outside(d) -> float:
+    """The same figure as the daemon's status reports it (pressure.outside)."""
+    return d.status()["pressure"]["outside"]["cpu"]["some"]["avg10"]
+
+
 def keyed(path: Path) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
 
@@ -252,16 +257,17 @@ def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
             wait_for(lambda: ids | {expiring.request} <= {
                 e["target"] for e in d.actions("psi-admission", "defer")}, timeout=30,
                 what="defer actions for the new requests")
-            avg10_hog, outside_hog = cpu_avg10(), outside_avg10()
+            avg10_hog, outside_hog, reported = cpu_avg10(), outside_avg10(), reported_outside(d)
             usage0 = keyed(SCOPE_DIR / "cpu.stat")["usage_usec"]
             scope_stall = psi(SCOPE_DIR / "cpu.pressure")["total"] - scope_stall0
         finally:
             stall = hog.stop()
-        log(f"hog stopped at avg10 {avg10_hog} (outside llm.slice {outside_hog}); "
+        log(f"hog stopped at avg10 {avg10_hog} (outside llm.slice {outside_hog}, status "
+            f"{reported}); "
             f"{stall / 1e6:.1f} s of system cpu stall")
         # What the kernel saw: the system and the hog's cgroup stalled, and so did the busy
         # worker's scope.
-        assert avg10_hog >= DEFER_ABOVE and outside_hog >= DEFER_ABOVE
+        assert avg10_hog >= DEFER_ABOVE and outside_hog >= DEFER_ABOVE and reported >= DEFER_ABOVE
         assert stall > 1_000_000 and scope_stall > 50_000
         # Pressure takes seconds to calm; meanwhile they stay queued and held back.
         held = d.client.call("policy", action="list")["deferred"]
@@ -317,9 +323,11 @@ def test_psi_admission_ignores_the_workers_own_throttling(daemon):
         n0 = d.triggers("system/cpu")
         wait_for(lambda: d.triggers("system/cpu") > n0, timeout=30,
                  what="a system cpu pressure trigger event")
-        avg10, outside = cpu_avg10(), outside_avg10()
-        log(f"throttled worker alone: system avg10 {avg10}, outside llm.slice {outside}")
-        assert outside < ADMIT_BELOW
+        avg10, outside, reported = cpu_avg10(), outside_avg10(), reported_outside(d)
+        log(f"throttled worker alone: system avg10 {avg10}, outside llm.slice {outside} "
+            f"(status: {reported})")
+        assert outside < ADMIT_BELOW and reported < ADMIT_BELOW
+        assert "outside the workers' cgroups: cpu " in d.ctl("status").stdout
         reqs = [Collector(d.socket).submit(f"hello world {i}", max_tokens=4, ignore_eos=True)
                 for i in range(2)]
         for r in reqs:

@@ -35,6 +35,7 @@ def test_status_reports_backend_and_system_pressure(tiny_daemon):
     (worker,) = st["workers"]
     assert worker["backend"] == "none" and worker["unit"] is None and worker["cgroup"] is None
     assert st["pressure"]["system"]["cpu"]["some"]["total"] >= 0
+    assert st["pressure"]["outside"] == {}  # no worker cgroup to be outside of
     # This host's kernel refuses PSI triggers: the daemon says so and keeps serving.
     refused = [e for e in tiny_daemon.logs() if e.get("event") == "psi_trigger_unavailable"]
     armed = st["pressure"]["triggers"]

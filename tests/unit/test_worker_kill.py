@@ -19,8 +19,10 @@ from llm_residentd.workers import kill
 
 
 class SlowWatcher(asyncio.ThreadedChildWatcher):
+    """Waits 2 s after the spawn before it reaps (asyncio.set_child_watcher: Python < 3.14)."""
+
     def _do_waitpid(self, *args: object) -> None:
-        time.sleep(0.5)
+        time.sleep(2)
         super()._do_waitpid(*args)
 
 
