@@ -25,6 +25,12 @@ def _keyed(path: Path) -> dict[str, int] | None:
     return {k: int(v) for k, v in (line.split() for line in text.splitlines())}
 
 
+def oom_kills(cgroup: Path) -> int | None:
+    """Processes in cgroup and below killed by any OOM killer (memory.events oom_kill)."""
+    events = _keyed(cgroup / "memory.events")
+    return None if events is None else events.get("oom_kill", 0)
+
+
 def cgroup_of(pid: int) -> Path | None:
     """The cgroup v2 directory of a process, if the unified hierarchy is mounted."""
     text = _text(Path(f"/proc/{pid}/cgroup"))

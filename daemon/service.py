@@ -65,6 +65,7 @@ class Service:
         self.engine = PolicyEngine(self, list(config.policies))
         self._kernel_view: tuple[float, KernelView] | None = None
         self._own_cgroup = cgroupstats.cgroup_of(os.getpid())
+        self._oom_kills: dict[Path, int] = {}  # last oom_kill count seen per scope parent
         self._system_trigger = trigger_of(config.daemon.psi_system_trigger)
         self._scope_trigger = trigger_of(config.daemon.psi_scope_trigger)
 
@@ -140,11 +141,29 @@ class Service:
             return
         finally:
             self.engine.kv_asked.pop(worker.name, None)  # a new process answers nothing old
+        cgroup = worker.scope.cgroup if worker.scope else None
+        if cgroup is not None and cgroup.parent not in self._oom_kills:
+            self._oom_kills[cgroup.parent] = cgroupstats.oom_kills(cgroup.parent) or 0
         trigger = self._scope_trigger
-        if trigger and worker.scope is not None and worker.scope.cgroup is not None:
+        if trigger and cgroup is not None:
             for resource in psi.RESOURCES:
                 self._watch(f"{worker.name}/{resource}",
                             worker.scope.cgroup / f"{resource}.pressure", trigger)
+
+    def oom_killed(self, worker: Worker) -> bool:
+        """Whether an OOM kill explains the worker's SIGKILL: its scope counted one, or,
+        the scope being gone already, the count of the scope's parent went up."""
+        cgroup = worker.scope.cgroup if worker.scope else None
+        if cgroup is None:
+            return False
+        parent = cgroupstats.oom_kills(cgroup.parent)
+        seen = self._oom_kills.get(cgroup.parent, parent)
+        if parent is not None:
+            self._oom_kills[cgroup.parent] = parent
+        own = cgroupstats.oom_kills(cgroup)
+        if own is not None:
+            return own > 0
+        return parent is not None and seen is not None and parent > seen
 
     async def release(self, worker: Worker) -> None:
         if self.psi is not None:

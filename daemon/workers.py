@@ -18,6 +18,7 @@ import psutil
 import structlog
 
 from .config import ModelConfig
+from .limits import format_bytes
 from .protocol import ProtocolError, decode, encode, read_frame
 from .scheduler import Request
 from .scopes import Scope
@@ -44,6 +45,7 @@ class Listener(Protocol):
     def worker_done(self, worker: Worker, req: Request, msg: dict[str, Any]) -> None: ...
     def worker_error(self, worker: Worker, req: Request, code: str, message: str) -> None: ...
     def worker_load_failed(self, worker: Worker) -> None: ...
+    def oom_killed(self, worker: Worker) -> bool: ...
     def worker_preempted(self, worker: Worker, req: Request, resume: dict[str, Any]) -> None: ...
     def worker_kv(self, worker: Worker, report: dict[str, Any]) -> None: ...
     async def place(self, worker: Worker) -> None: ...
@@ -107,18 +109,20 @@ class Worker:
         failures = 0
         while not self._stopping:
             started = time.monotonic()
-            reader = None
+            reader, failed = None, ""
             try:
                 reader = await self._spawn_and_load()
             except LoadFailed as exc:
-                self.last_error = self.load_error = str(exc)
-                self.log.error("worker_load_failed", error=str(exc))
-                self.listener.worker_load_failed(self)
+                failed = str(exc)
             if reader is not None:
                 self.state = "idle"
                 self.listener.worker_idle(self)
                 await self._read_loop(reader)
-            await self._reap()
+            oom = await self._reap()
+            if failed:
+                self.last_error = self.load_error = f"{failed}; {oom}" if oom else failed
+                self.log.error("worker_load_failed", error=self.load_error)
+                self.listener.worker_load_failed(self)
             if self._stopping:
                 break
             lived = time.monotonic() - started
@@ -162,7 +166,8 @@ class Worker:
         except (TimeoutError, ProtocolError, OSError) as exc:
             raise LoadFailed(f"no answer to load: {exc}") from None
         if msg is None:
-            raise LoadFailed(f"worker exited while loading {path}: {self._tail()}")
+            tail = self._tail()
+            raise LoadFailed(f"worker exited while loading {path}" + (f": {tail}" if tail else ""))
         if msg.get("type") != "ready":
             raise LoadFailed(msg.get("message", f"unexpected reply {msg!r}"))
         self.threads, self.n_ctx = msg["threads"], msg["n_ctx"]
@@ -217,7 +222,10 @@ class Worker:
             self.state = "idle"
             self.listener.worker_idle(self)
 
-    async def _reap(self) -> None:
+    async def _reap(self) -> str:
+        """Wait for the process to end and release its scope; returns how it ended when
+        the kernel's OOM killer took it, else ""."""
+        oom = ""
         proc, self._proc = self._proc, None
         if self._writer is not None:
             self._writer.close()
@@ -226,6 +234,10 @@ class Worker:
             kill(proc)
             code = await proc.wait()
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            if code == -signal.SIGKILL and self.listener.oom_killed(self):
+                limit = self.scope.limits.memory_max if self.scope else None
+                how = oom = ("killed by the kernel's OOM killer (out of memory; memory.max "
+                             f"{format_bytes(limit)})")
             self.last_error = self.last_error or f"worker process {proc.pid} {how}"
             if not self._stopping:
                 self.log.error("worker_exited", pid=proc.pid, how=how, stderr=self._tail())
@@ -238,6 +250,7 @@ class Worker:
             self.scope = None
         self.pid = None
         self.state = "stopped" if self._stopping else "restarting"
+        return oom
 
     async def _drain_stderr(self, stream: asyncio.StreamReader | None) -> None:
         while stream is not None and (line := await stream.readline()):
