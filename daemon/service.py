@@ -147,8 +147,7 @@ class Service:
         trigger = self._scope_trigger
         if trigger and cgroup is not None:
             for resource in psi.RESOURCES:
-                self._watch(f"{worker.name}/{resource}",
-                            worker.scope.cgroup / f"{resource}.pressure", trigger)
+                self._watch(f"{worker.name}/{resource}", cgroup / f"{resource}.pressure", trigger)
 
     def oom_killed(self, worker: Worker) -> bool:
         """Whether an OOM kill explains the worker's SIGKILL: its scope counted one, or,

@@ -234,10 +234,9 @@ class Worker:
             kill(proc)
             code = await proc.wait()
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            if code == -signal.SIGKILL and self.listener.oom_killed(self):
-                limit = self.scope.limits.memory_max if self.scope else None
+            if code == -signal.SIGKILL and self.scope and self.listener.oom_killed(self):
                 how = oom = ("killed by the kernel's OOM killer (out of memory; memory.max "
-                             f"{format_bytes(limit)})")
+                             f"{format_bytes(self.scope.limits.memory_max)})")
             self.last_error = self.last_error or f"worker process {proc.pid} {how}"
             if not self._stopping:
                 self.log.error("worker_exited", pid=proc.pid, how=how, stderr=self._tail())

@@ -30,6 +30,11 @@ def llm_scopes() -> list[str]:
             and show(line.split()[0], "ActiveState")["ActiveState"] == "active"]
 
 
+def keyed(path: Path) -> dict[str, int]:
+    """'key value' lines of a cgroup file (cpu.stat, memory.events, memory.stat)."""
+    return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
+
+
 def wait_for(predicate, timeout: float = 60, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from guestlib import CGROUP, GuestDaemon, wait_for
+from guestlib import CGROUP, GuestDaemon, keyed, wait_for
 from llmctl import Client
 
 N_CTX = 32768
@@ -59,8 +59,7 @@ cooldown_s = 3.0
         wait_for(lambda: len(tokens) >= 3, timeout=120, what="decoding to start")
         current = int((cgroup / "memory.current").read_text())
         assert current > 100 << 20, "the 32k context should hold ~64 MiB of KV cache"
-        high_events = int(dict(line.split() for line in
-                               (cgroup / "memory.events").read_text().splitlines())["high"])
+        high_events = keyed(cgroup / "memory.events")["high"]
 
         last = [0.0]
 
@@ -83,10 +82,10 @@ cooldown_s = 3.0
         assert reports and reports[0]["result"] == f"n_ctx {N_CTX} -> 8192", events
         assert reports[0]["values"]["rss_after"] < reports[0]["values"]["rss_before"]
         # The kernel saw the squeeze, and after the shrink the scope fits under memory.high.
-        after = dict(line.split() for line in (cgroup / "memory.events").read_text().splitlines())
-        assert int(after["high"]) > high_events and int(after["oom_kill"]) == 0
+        after = keyed(cgroup / "memory.events")
+        assert after["high"] > high_events and after["oom_kill"] == 0
         high = int((cgroup / "memory.high").read_text())
-        stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+        stat = keyed(cgroup / "memory.stat")
         wait_for(lambda: int((cgroup / "memory.current").read_text()) < high, timeout=30,
                  what=f"memory.current under memory.high {high} after the shrink (at the shrink: "
                  f"anon {stat['anon']}, file {stat['file']}; {reports[0]['values']})")

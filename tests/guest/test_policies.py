@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guestlib import CGROUP, SLICE, GuestDaemon, config, llm_scopes, show, wait_for
+from guestlib import CGROUP, SLICE, GuestDaemon, config, keyed, llm_scopes, show, wait_for
 from llmctl.client import Client, LlmctlError
 
 SCOPE = "llm-tiny-0.scope"
@@ -55,10 +55,6 @@ def outside_avg10() -> float:
 def reported_outside(d) -> float:
     """The same figure as the daemon's status reports it (pressure.outside)."""
     return d.status()["pressure"]["outside"]["cpu"]["some"]["avg10"]
-
-
-def keyed(path: Path) -> dict[str, int]:
-    return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
 
 
 def cpu_max() -> str:

@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 
-from guestlib import CGROUP, SLICE, GuestDaemon, config, wait_for
+from guestlib import CGROUP, SLICE, GuestDaemon, config, keyed, wait_for
 
 SCOPE = CGROUP / SLICE / "llm-tiny-0.scope"
 
 
 def slice_oom_kills() -> int:
-    events = dict(line.split() for line in (CGROUP / SLICE / "memory.events").read_text().splitlines())
-    return int(events["oom_kill"])
+    return keyed(CGROUP / SLICE / "memory.events")["oom_kill"]
 
 
 def exits(d: GuestDaemon) -> list[str]:
@@ -44,8 +43,8 @@ def test_an_oom_killed_worker_is_reported_as_such_and_recovers(tmp_path, tiny_mo
              "-n", "400", "--ignore-eos", "tell me a long story"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: d.worker("tiny-0")["state"] == "busy", timeout=60, what="worker busy")
-        stat = dict(line.split() for line in (SCOPE / "memory.stat").read_text().splitlines())
-        assert int(stat["anon"]) > 24 << 20, stat
+        stat = keyed(SCOPE / "memory.stat")
+        assert stat["anon"] > 24 << 20, stat
         d.ctl("limits", "tiny", "--memory-max", "16M")
         text = "".join(busy.communicate(timeout=120))
         assert busy.returncode != 0

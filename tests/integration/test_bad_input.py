@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -10,7 +11,7 @@ import time
 import msgpack
 import pytest
 from harness import read_until_done, tiny_config, wait_for
-from llm_residentd.protocol import encode, recv_frame, send_frame
+from llm_residentd.protocol import ProtocolError, encode, recv_frame, send_frame
 
 
 def _raw_frame(sock: socket.socket, body: bytes) -> None:
@@ -225,12 +226,9 @@ def test_a_client_that_stops_reading_its_tokens_is_disconnected(start_daemon, ti
     wait_for(lambda: d.status()["workers"][0]["state"] == "idle", what="idle worker")
     finished = [e for e in d.logs() if e.get("event") == "request_finished"]
     assert finished[-1]["outcome"] == "cancelled" and "stopped reading" in finished[-1]["error"]
-    received = b""
-    while chunk := sock.recv(1 << 16):  # what was in flight, then the end of stream
-        received += chunk
-    frames = []
-    while len(received) >= 4 and len(received) >= 4 + (n := struct.unpack(">I", received[:4])[0]):
-        frames.append(msgpack.unpackb(received[4:4 + n]))
-        received = received[4 + n:]
+    frames = []  # what was in flight, then the end of stream (perhaps inside a frame)
+    with contextlib.suppress(ProtocolError):
+        while (frame := recv_frame(sock)) is not None:
+            frames.append(frame)
     assert frames[0]["ok"] and {f["event"] for f in frames[1:]} == {"token"}  # cut short
     d.assert_serving()
