@@ -18,7 +18,6 @@ import psutil
 import structlog
 
 from .config import ModelConfig
-from .limits import format_bytes
 from .protocol import ProtocolError, decode, encode, read_frame
 from .scheduler import Request
 from .scopes import Scope
@@ -234,9 +233,10 @@ class Worker:
             kill(proc)
             code = await proc.wait()
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            if code == -signal.SIGKILL and self.scope and self.listener.oom_killed(self):
-                how = oom = ("killed by the kernel's OOM killer (out of memory; memory.max "
-                             f"{format_bytes(self.scope.limits.memory_max)})")
+            if code == -signal.SIGKILL and self.listener.oom_killed(self):
+                # No figure: a limits change that caused the kill may not have returned yet.
+                how = oom = ("killed by the kernel's OOM killer (out of memory: its scope's "
+                             "memory.max, shown by llmctl limits, or the machine's memory)")
             self.last_error = self.last_error or f"worker process {proc.pid} {how}"
             if not self._stopping:
                 self.log.error("worker_exited", pid=proc.pid, how=how, stderr=self._tail())
