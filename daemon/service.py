@@ -186,7 +186,8 @@ class Service:
         errors = []
         for worker in self.workers[model]:
             if worker.scope is None:
-                if self.backend.name != "none":
+                # Between restarts (no process) its next scope gets the new limits.
+                if self.backend.name != "none" and worker.pid is not None:
                     errors.append(f"{worker.name}: no scope ({worker.scope_error or worker.state})")
                 continue
             try:
