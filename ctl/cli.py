@@ -115,8 +115,9 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     print()
     print(_table(
         ["WORKER", "MODEL", "PID", "STATE", "THREADS", "RSS", "SERVED", "RESTARTS", "REQUEST"],
-        [[w["name"], w["model"], w["pid"], w["state"], w["threads"], _fmt_bytes(w["rss_bytes"]),
-          w["served"], w["restarts"], w["request"]] for w in st["workers"]]))
+        [[w["name"], w["model"], w["pid"], w["state"], _fmt_threads(w),
+          _fmt_bytes(w["rss_bytes"]), w["served"], w["restarts"], w["request"]]
+         for w in st["workers"]]))
     print()
     rows = []
     for name, m in st["models"].items():
@@ -139,13 +140,31 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
              for label, values in (("system PSI some avg10: ", pressure.get("system") or {}),
                                    ("outside the workers' cgroups: ", pressure.get("outside") or {}))
              if any(values.values())]
+    cpu = st.get("cpu")
+    if cpu and cpu.get("view"):
+        v = cpu["view"]
+        how = ("read on PSI triggers and every {period_s:g} s" if cpu["mode"] == "psi-trigger"
+               else "polled every {period_s:g} s: {why_polling}").format(**cpu)
+        lines.append(f"CPU load: {v['others_running']:.2f} other runnable tasks, "
+                     f"{v['idle']:.2f} of {v['cpus']} CPUs idle ({how})")
     if lines:
         print("\n" + "\n".join(lines))
+    threads = [f"{w['name']}: {w['threads']} threads, {w['threads_why']}"
+               for w in st["workers"] if w.get("threads_why")]
+    if threads:
+        print("\n" + "\n".join(threads))
     for w in st["workers"]:
         for key in ("last_error", "scope_error"):
             if w.get(key):
                 print(f"\n{w['name']}: {w[key]}")
     return EXIT_OK
+
+
+def _fmt_threads(w: dict[str, Any]) -> str:
+    """The count and, in a word, what set it: affinity, quota, contention or config."""
+    why = (w.get("threads_why") or "").split(":", 1)[0]
+    asked = f"->{w['threads_asked']}" if w.get("threads_asked") else ""
+    return f"{w['threads']}{asked} {why}".strip()
 
 
 def _scope_row(w: dict[str, Any]) -> list[Any]:
@@ -217,6 +236,8 @@ def cmd_policy(client: Client, args: argparse.Namespace) -> int:
                      [[k, p["type"], p["default"], p["min"], p["max"],
                        (reply["settings"] or {}).get(k), p["help"]]
                       for k, p in reply["params"].items()]))
+    elif args.action == "disable":
+        print(f"{reply['name']}: {reply['disabled']}")
     else:
         print(f"{reply['name']}: " + " ".join(f"{k}={v}" for k, v in reply["settings"].items()))
     return EXIT_OK
@@ -333,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list, show or change the resource policies",
                        description="list: every policy and whether it is enabled. show NAME: "
                        "its manual and parameters. set NAME key=value...: change parameters "
-                       "live, enabling the policy if it was off (root only).")
-    s.add_argument("action", choices=("list", "show", "set"))
+                       "live, enabling the policy if it was off (root only). disable NAME: "
+                       "switch it off (root only; what it set stays).")
+    s.add_argument("action", choices=("list", "show", "set", "disable"))
     s.add_argument("name", nargs="?", metavar="NAME")
     s.add_argument("settings", nargs="*", metavar="KEY=VALUE")
     s.set_defaults(func=cmd_policy)

@@ -59,22 +59,28 @@ def read(path: Path) -> dict[str, Any]:
     }
 
 
+def outside_cgroups(inside: list[Path], own: Path | None = None,
+                    root: Path = CGROUP_ROOT) -> list[Path]:
+    """The top-level cgroups under root that hold none of the paths in inside (the
+    workers' cgroups) and are not own (the daemon's cgroup, when it is itself top-level):
+    the rest of the machine."""
+    try:
+        tops = sorted(p for p in root.iterdir() if (p / "cgroup.procs").exists())
+    except OSError:
+        return []
+    return [top for top in tops
+            if top != own and not any(p == top or top in p.parents for p in inside)]
+
+
 def outside_pressure(inside: list[Path], own: Path | None = None,
                      root: Path = CGROUP_ROOT) -> dict[str, dict[str, Any]]:
-    """Per resource, the parsed PSI of the top-level cgroup under root with the highest
-    some avg10, leaving out those that hold a path in inside (the workers' cgroups) and
-    own (the daemon's cgroup, when it is itself top-level).
+    """Per resource, the parsed PSI of the outside cgroup (outside_cgroups) with the
+    highest some avg10.
 
     The system-wide file also counts the workers' stalls on their own cpu.max; this is the
     pressure of everything else. Empty when no top-level cgroup is left to read."""
     worst: dict[str, dict[str, Any]] = {}
-    try:
-        tops = sorted(p for p in root.iterdir() if (p / "cgroup.procs").exists())
-    except OSError:
-        return worst
-    for top in tops:
-        if top == own or any(p == top or top in p.parents for p in inside):
-            continue
+    for top in outside_cgroups(inside, own, root):
         for resource in psi.RESOURCES:
             parsed = psi.read(top / f"{resource}.pressure")
             if parsed and "some" in parsed and (

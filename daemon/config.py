@@ -55,6 +55,11 @@ class DaemonConfig:
                                    "PSI trigger on /proc/pressure/{cpu,memory,io}; empty: none")
     psi_scope_trigger: str = _opt("some 50000 1000000",
                                   "PSI trigger on each worker scope's pressure files; empty: none")
+    psi_cpu_trigger: str = _opt("some 10000 500000",
+                                "PSI trigger on /proc/pressure/cpu that makes the daemon look "
+                                "at the CPU load at once (threads policy); empty: none")
+    cpu_poll_interval: float = _opt(0.2, "seconds between CPU load readings where PSI "
+                                    "triggers are refused (1 s where they work)", 0.05, 5.0)
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ def parse(data: dict[str, Any], source: str) -> Config:
         except KeyError:
             raise ConfigError(f"daemon.worker_user: no user {daemon.worker_user!r} on this "
                               "system") from None
-    for key in ("psi_system_trigger", "psi_scope_trigger"):
+    for key in ("psi_system_trigger", "psi_scope_trigger", "psi_cpu_trigger"):
         try:
             trigger_of(getattr(daemon, key))
         except ValueError as exc:
@@ -197,6 +202,7 @@ def _policies(tables: Any) -> tuple[dict[str, Any], ...]:
     if not isinstance(tables, list):
         raise ConfigError("policies: use [[policies]] tables")
     classes, _ = available()
+    seen: set[str] = set()
     for i, table in enumerate(tables):
         key = f"policies[{i}]"
         if not isinstance(table, dict) or not isinstance(table.get("name"), str):
@@ -205,8 +211,13 @@ def _policies(tables: Any) -> tuple[dict[str, Any], ...]:
         if cls is None:
             raise ConfigError(f"{key}.name: no policy {table['name']!r} "
                               f"(available: {', '.join(sorted(classes))})")
+        if not isinstance(table.get("enabled", True), bool):
+            raise ConfigError(f"{key}.enabled: expected true or false")
+        if table["name"] in seen:
+            raise ConfigError(f"{key}.name: policy {table['name']!r} is configured twice")
+        seen.add(table["name"])
         try:
-            cls(**{k: v for k, v in table.items() if k != "name"})
+            cls(**{k: v for k, v in table.items() if k not in ("name", "enabled")})
         except PolicyError as exc:
             raise ConfigError(f"{key} ({table['name']}): {exc}") from None
     return tuple(tables)

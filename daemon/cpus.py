@@ -69,12 +69,15 @@ def cgroup_cpu_quota(pid: int | str = "self", root: Path = CGROUP_ROOT) -> float
     return None
 
 
-def threads_for(affinity: int, quota: float | None) -> int:
-    """Threads to run: the allowed CPUs, cut to whole CPUs of quota, at least 1."""
-    n = affinity if quota is None else min(affinity, math.floor(quota + 1e-9))
-    return max(1, n)
+def cap(affinity: int, quota: float | None) -> tuple[int, str]:
+    """The most threads worth running: the allowed CPUs, cut to whole CPUs of quota, at
+    least 1; and which of the two binds, as "affinity: N CPUs" or "quota: Q CPUs"."""
+    whole = None if quota is None else math.floor(quota + 1e-9)
+    if whole is not None and whole < affinity:
+        return max(1, whole), f"quota: {quota:g} CPUs"
+    return max(1, affinity), f"affinity: {affinity} CPUs"
 
 
-def usable_cpus() -> int:
-    """Thread count that fits this process's affinity and cgroup quota."""
-    return threads_for(len(os.sched_getaffinity(0)), cgroup_cpu_quota())
+def usable_cpus() -> tuple[int, str]:
+    """Threads that fit this process's affinity and cgroup quota, and what binds."""
+    return cap(len(os.sched_getaffinity(0)), cgroup_cpu_quota())

@@ -27,6 +27,7 @@ KINDS = ("admit", "defer", "rank", "set_limits", "set_threads", "preempt", "trim
          "shrink_kv")
 # The integer values each worker-side action takes, with their bounds.
 INT_VALUES = {
+    "set_threads": {"threads": (1, 1024)},
     "preempt": {"state_min_tokens": (0, 1 << 31)},
     "trim_kv": {"keep": (0, 1 << 31), "tail": (0, 1 << 31), "min_prune": (0, 1 << 31)},
     "shrink_kv": {"n_ctx": (16, 1 << 31), "keep": (0, 1 << 31), "tail": (0, 1 << 31)},
@@ -45,9 +46,16 @@ class PolicyEngine:
         self.ranks: dict[str, float] = {}  # request id -> rank within its priority
         self.kv_asked: dict[str, str] = {}  # worker -> the policy whose KV change is pending
         self.actions: collections.deque[dict[str, Any]] = collections.deque(maxlen=ACTIONS_KEPT)
+        named = {spec["name"] for spec in specs}
+        for name, cls in sorted(self.classes.items()):
+            if cls.on_by_default and name not in named:
+                self.enable(name, {})
         for spec in specs:
-            settings = {k: v for k, v in spec.items() if k != "name"}
-            self.enable(spec["name"], settings)
+            if spec.get("enabled", True):
+                self.enable(spec["name"], {k: v for k, v in spec.items()
+                                           if k not in ("name", "enabled")})
+            else:
+                self.disabled[spec["name"]] = "enabled = false in the config"
 
     def enable(self, name: str, settings: dict[str, Any]) -> None:
         cls = self.classes.get(name)
@@ -114,6 +122,15 @@ class PolicyEngine:
                     raise PolicyError(f"{a.kind} {key}={value!r}: takes integers "
                                       f"{', '.join(allowed)} in range")
 
+    def disable(self, name: str, why: str) -> None:
+        """Switch a policy off (an admin's `llmctl policy disable`); what it did stays."""
+        if name not in self.enabled:
+            raise PolicyError(f"policy {name} is not enabled")
+        self.enabled.pop(name)
+        self.disabled[name] = why
+        log.info("policy_disabled", policy=name, reason=why)
+        self._record(name, Action("disable", name, reason=why), "done")
+
     def _disable(self, name: str, why: str) -> None:
         self.enabled.pop(name, None)
         self.disabled[name] = why
@@ -131,7 +148,7 @@ class PolicyEngine:
         elif action.kind == "set_threads":
             worker = next((w for w in self.service.all_workers() if w.name == action.target), None)
             if worker is not None:
-                worker.set_threads(int(action.values["threads"]))
+                worker.set_threads(action.values["threads"], f"{action.reason} ({name})")
             self._record(name, action, "done" if worker else "no such worker")
         elif action.kind == "set_limits":
             asyncio.get_running_loop().create_task(self._set_limits(name, action))

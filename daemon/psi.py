@@ -83,7 +83,10 @@ class PressureEvent:
 
 def open_trigger(path: Path, trigger: Trigger) -> int:
     """An fd with the trigger registered; PsiUnavailable with the reason if it can't be."""
-    trigger.check(privileged=os.geteuid() == 0)
+    try:
+        trigger.check(privileged=os.geteuid() == 0)
+    except ValueError as exc:  # e.g. a window an unprivileged daemon may not use
+        raise PsiUnavailable(f"trigger {trigger.line().decode()!r} on {path}: {exc}") from None
     try:
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
     except FileNotFoundError:

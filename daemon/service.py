@@ -13,9 +13,8 @@ from typing import Any
 
 import structlog
 
-from . import __version__, cgroupstats, modelsource, psi
+from . import __version__, cgroupstats, cpumonitor, modelsource, psi
 from .config import Config, limits_of, trigger_of
-from .cpus import threads_for
 from .limits import LimitError, Limits, check_order
 from .metrics import ModelMetrics
 from .paths import default_state_dir
@@ -68,6 +67,10 @@ class Service:
         self._oom_kills: dict[Path, int] = {}  # last oom_kill count seen per scope parent
         self._system_trigger = trigger_of(config.daemon.psi_system_trigger)
         self._scope_trigger = trigger_of(config.daemon.psi_scope_trigger)
+        self.cpu = cpumonitor.CpuMonitor(
+            lambda: {w.name: w.pid for w in self.all_workers() if w.pid is not None},
+            self._scoped, lambda: self.notify(Event("cpu")), config.daemon.cpu_poll_interval,
+            trigger_of(config.daemon.psi_cpu_trigger))
 
     async def start(self) -> None:
         """Choose the backend, clear stale scopes, arm PSI triggers, start the workers."""
@@ -88,6 +91,7 @@ class Service:
         self.psi.start()
         for resource in psi.RESOURCES if self._system_trigger else ():
             self._watch(f"system/{resource}", psi.SYSTEM / resource, self._system_trigger)
+        self.cpu.start(self.psi)
         for worker in self.all_workers():
             self._tasks.append(loop.create_task(worker.supervise(), name=worker.name))
         self._tasks.append(loop.create_task(self._tick(), name="policy-tick"))
@@ -121,6 +125,9 @@ class Service:
             log.warning("psi_trigger_unavailable", key=key, error=str(exc))
 
     def _on_pressure(self, event: psi.PressureEvent) -> None:
+        if event.key == cpumonitor.TRIGGER_KEY:
+            self.cpu.triggered()  # it reads the CPUs and notifies the policies itself
+            return
         entry = {"key": event.key, "path": event.path, "at": event.at,
                  "trigger": event.trigger.line().decode()}
         self.pressure_events.append(entry)
@@ -175,7 +182,8 @@ class Service:
                 log.warning("scope_release_failed", worker=worker.name, error=str(exc))
 
     async def set_limits(self, model: str, **changes: Any) -> dict[str, Any]:
-        """Change a model's worker limits live; threads follow the new CPU quota."""
+        """Change a model's worker limits live; the policies hear of it (threads follow
+        the new CPU quota)."""
         if model not in self.limits:
             raise ProtocolError("no_such_model", f"no model {model!r}")
         new = self.limits[model].merged(**changes)
@@ -194,8 +202,6 @@ class Service:
                 await self._scope_call(self.backend.apply, worker.scope, new)
             except ScopeError as exc:
                 errors.append(f"{worker.name}: {exc}")
-                continue
-            self._follow_quota(worker, new)
         if self.backend.name == "none" and new != self.limits[model]:
             raise ProtocolError("scope_error", "the none backend cannot set limits (no systemd "
                                 "and no delegated cgroup2 here)")
@@ -203,21 +209,9 @@ class Service:
             raise ProtocolError("scope_error", "; ".join(errors))
         self.limits[model] = new
         log.info("limits_changed", model=model, **new.describe())
+        self.cpu.refresh_caps()
+        self.notify(Event("limits", model=model))
         return new.describe()
-
-    def _follow_quota(self, worker: Worker, limits: Limits) -> None:
-        """Threads spinning against a small quota collapse throughput: match them to it."""
-        if worker.model.threads or worker.pid is None:
-            return  # a fixed thread count in the config stays fixed
-        try:
-            allowed = len(os.sched_getaffinity(worker.pid))
-        except OSError:
-            return
-        n = threads_for(allowed, limits.cpu)
-        if n != worker.threads:
-            log.info("threads_follow_quota", worker=worker.name, threads=n,
-                     cpu=limits.describe()["cpu"])
-            worker.set_threads(n)
 
     def all_workers(self) -> list[Worker]:
         return [w for ws in self.workers.values() for w in ws]
@@ -422,6 +416,7 @@ class Service:
                 "triggers": dict(self.psi.counts) if self.psi else {},
                 "recent": list(self.pressure_events)[-20:],
             },
+            "cpu": self.cpu.describe(),
             "models": {
                 name: {
                     "state": self.model_state(name),
@@ -442,18 +437,21 @@ class Service:
         for w in self.all_workers():
             stats = cgroups.get(w.name, {})
             limits = self.limits[w.model.name]
+            cap = self.cpu.caps.get(w.name)
             workers.append(WorkerView(
                 name=w.name, model=w.model.name, state=w.state, threads=w.threads,
                 cpu=limits.cpu, memory_high=limits.memory_high,
                 memory_current=stats.get("memory.current"),
                 pressure=_pressures(stats.get("pressure") or {}),
-                n_ctx=w.n_ctx, n_ctx_max=w.model.n_ctx))
+                n_ctx=w.n_ctx, n_ctx_max=w.model.n_ctx, threads_asked=w.threads_asked,
+                threads_pinned=bool(w.model.threads),
+                allowed_cpus=cap.allowed if cap else 0, quota=cap.quota if cap else None))
         queued = tuple(_view(r, now, deferred=self.engine.is_deferred(r.id))
                        for q in self.queues.values() for r in q)
         running = tuple(_view(w.current, now, w.name) for w in self.all_workers()
                         if w.current is not None)
         return Snapshot(now=now, system=system, workers=tuple(workers), queued=queued,
-                        running=running, outside=outside)
+                        running=running, outside=outside, cpu=self.cpu.view())
 
     def _kernel(self, now: float) -> KernelView:
         """System and outside PSI and the workers' cgroup stats, read at most every
@@ -466,9 +464,13 @@ class Service:
                                                 _pressures(self._outside()), cgroups))
         return cached[1]
 
+    def _scoped(self) -> list[Path]:
+        """The workers' cgroups; empty without scopes."""
+        return [w.scope.cgroup for w in self.all_workers() if w.scope and w.scope.cgroup]
+
     def _outside(self) -> dict[str, Any]:
         """PSI outside the workers' cgroups (cgroupstats.outside_pressure); {} without scopes."""
-        inside = [w.scope.cgroup for w in self.all_workers() if w.scope and w.scope.cgroup]
+        inside = self._scoped()
         return cgroupstats.outside_pressure(inside, self._own_cgroup) if inside else {}
 
     def _cgroup_stats(self, worker: Worker) -> dict[str, Any] | None:
@@ -518,6 +520,7 @@ class Service:
         for worker in workers:
             if worker.scope is not None:
                 await self.release(worker)
+        self.cpu.stop()
         if self.psi is not None:
             self.psi.stop()
         self._scope_exec.shutdown(wait=False)

@@ -145,7 +145,10 @@ class Engine:
         self.llama_cpp = llama_cpp
         self.cfg = cfg
         self.channel = channel
-        self.threads = cfg["threads"] or usable_cpus()
+        if cfg["threads"]:
+            self.threads, self.threads_why = cfg["threads"], f"config: threads = {cfg['threads']}"
+        else:
+            self.threads, self.threads_why = usable_cpus()
         self.seed = cfg["seed"]
         self.stream_interval = cfg["stream_interval"]
         self._open(cfg["n_ctx"])
@@ -187,6 +190,15 @@ class Engine:
         n = max(1, n)
         self.llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
         self.threads = n
+
+    def take_threads(self, stage: str = "idle", at: int = 0) -> None:
+        """Apply a thread count the daemon asked for, for decoding and prompt evaluation
+        alike; called only between llama_decode calls, never inside one. The answer says
+        where: idle, or in a request's prefill or decode after `at` tokens."""
+        n, self.channel.threads_wanted = self.channel.threads_wanted, None
+        if n is not None:
+            self.set_threads(n)
+            self.channel.send({"type": "threads", "n": self.threads, "stage": stage, "at": at})
 
     def _should_abort(self, _data: Any) -> bool:
         now = time.monotonic()
@@ -270,6 +282,7 @@ class Engine:
         tokens = self.llm.generate(list(run.context), **sampling)
         evaluating = True
         try:
+            self._prefill(run.context)
             for token in tokens:
                 if evaluating:
                     evaluating = False
@@ -285,10 +298,7 @@ class Engine:
                     run.finish = "length"
                     return None
                 ch.poll()
-                if ch.threads_wanted is not None:
-                    self.set_threads(ch.threads_wanted)
-                    ch.send({"type": "threads", "n": self.threads})
-                    ch.threads_wanted = None
+                self.take_threads("decode", run.generated)
                 if req in ch.cancelled or ch.shutdown:
                     raise Cancelled("decode", run.generated)
                 if req in ch.preempts:
@@ -310,6 +320,28 @@ class Engine:
             self._abort_during_eval(None)
         run.finish = "stop"  # the generator ended by itself
         return None
+
+    def _prefill(self, context: list[int]) -> None:
+        """Evaluate all but the last token of context, n_batch tokens per llama_decode,
+        taking thread changes between the calls; generate() then finds them cached and
+        evaluates the last token itself. The cached prefix is kept, as generate() would."""
+        llm, upto = self.llm, len(context) - 1
+        self.channel.poll()
+        self.take_threads("prefill", 0)
+        held = 0
+        if not (llm._is_recurrent or llm._is_hybrid):  # their cache cannot be cut short
+            for a, b in zip(llm.input_ids[: llm.n_tokens], context[:upto], strict=False):
+                if a != b:
+                    break
+                held += 1
+        if held < llm.n_tokens:
+            llm.n_tokens = held  # eval() drops the cache from here
+        if held == 0:
+            llm.reset()
+        for start in range(held, upto, self.cfg["n_batch"]):
+            if start > held:
+                self.take_threads("prefill", start)
+            llm.eval(context[start:min(upto, start + self.cfg["n_batch"])])
 
     def _suspend(self, run: Run, decoder: Any, state_min_tokens: int | None) -> dict[str, Any]:
         """What another worker needs to continue run: its tokens and, for a long context,
@@ -400,8 +432,8 @@ def serve(ch: Channel, engine: Engine) -> None:
                 ch.send({"type": "error", "req": req, "code": "internal",
                          "message": f"{type(exc).__name__}: {exc}"})
         elif kind == "set_threads":
-            engine.set_threads(int(msg["n"]))
-            ch.send({"type": "threads", "n": engine.threads})
+            ch.threads_wanted = int(msg["n"])
+            engine.take_threads()
         elif kind in KV_OPS:
             ch.send(engine.kv_op(msg))
         elif kind == "shutdown":
@@ -436,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         ch.send({"type": "load_failed", "message": f"cannot load {cfg['path']}: {exc}"})
         return 1
     ch.send({"type": "ready", "pid": os.getpid(), "threads": engine.threads,
+             "threads_why": engine.threads_why,
              "n_ctx": engine.n_ctx, "load_s": time.monotonic() - t0,
              "chat_template": engine.formatter is not None})
     serve(ch, engine)

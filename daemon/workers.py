@@ -84,6 +84,9 @@ class Worker:
         self.state = "starting"
         self.pid: int | None = None
         self.threads = 0
+        self.threads_why = ""  # what set the count: config, affinity, quota, contention
+        self.threads_asked: int | None = None  # sent, not yet confirmed by the worker
+        self._threads_why_asked = ""
         self.n_ctx = 0
         self.served = 0
         self.restarts = 0
@@ -170,6 +173,7 @@ class Worker:
         if msg.get("type") != "ready":
             raise LoadFailed(msg.get("message", f"unexpected reply {msg!r}"))
         self.threads, self.n_ctx = msg["threads"], msg["n_ctx"]
+        self.threads_why, self.threads_asked = msg["threads_why"], None
         self.last_error = self.load_error = ""
         self.log.info("worker_ready", pid=self.pid, path=str(path), threads=self.threads,
                       n_ctx=self.n_ctx, load_s=round(msg["load_s"], 3))
@@ -196,7 +200,11 @@ class Worker:
     def _handle(self, msg: dict[str, Any]) -> None:
         kind, req = msg.get("type"), self.current
         if kind == "threads":
+            self.log.info("threads_applied", threads=msg["n"], stage=msg["stage"], at=msg["at"],
+                          request=req.id if req else None)
             self.threads = msg["n"]
+            if msg["n"] == self.threads_asked:
+                self.threads_why, self.threads_asked = self._threads_why_asked, None
             return
         if kind == "kv":
             self.n_ctx = msg["n_ctx"]
@@ -247,7 +255,7 @@ class Worker:
         if self.scope is not None:
             await self.listener.release(self)
             self.scope = None
-        self.pid = None
+        self.pid, self.threads_asked = None, None
         self.state = "stopped" if self._stopping else "restarting"
         return oom
 
@@ -288,7 +296,9 @@ class Worker:
         """trim_kv or shrink_kv, done at the next token (or at once if idle)."""
         self._send({"type": op, **values})
 
-    def set_threads(self, n: int) -> None:
+    def set_threads(self, n: int, why: str) -> None:
+        """Ask for n threads; the worker applies them between two decode calls."""
+        self.threads_asked, self._threads_why_asked = n, why
         self._send({"type": "set_threads", "n": n})
 
     def rss(self) -> int | None:
@@ -313,7 +323,9 @@ class Worker:
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name, "model": self.model.name, "index": self.index,
-            "pid": self.pid, "state": self.state, "threads": self.threads, "n_ctx": self.n_ctx,
+            "pid": self.pid, "state": self.state, "threads": self.threads,
+            "threads_why": self.threads_why or None, "threads_asked": self.threads_asked,
+            "n_ctx": self.n_ctx,
             "rss_bytes": self.rss(), "served": self.served, "restarts": self.restarts,
             "request": self.current.id if self.current else None,
             "last_error": self.last_error or None,

@@ -69,13 +69,17 @@ class WorkerView:
     name: str
     model: str
     state: str
-    threads: int
+    threads: int  # what the worker runs now (it confirms each change)
     cpu: float | None  # current quota in CPUs
     memory_high: int | None
     memory_current: int | None
     pressure: dict[str, Pressure] = field(default_factory=dict)
     n_ctx: int = 0  # the context it runs with now
     n_ctx_max: int = 0  # the configured context
+    threads_asked: int | None = None  # a count sent to the worker, not yet confirmed
+    threads_pinned: bool = False  # `threads = N` in the model's config
+    allowed_cpus: int = 0  # CPUs in its affinity mask (0: unknown)
+    quota: float | None = None  # its cgroup CPU quota in CPUs as the kernel has it
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,35 @@ class RequestView:
 
 
 @dataclass(frozen=True)
+class WorkerLoad:
+    """One worker's threads over the CPU view's window (daemon/cpuload.py reads them)."""
+
+    threads: int  # threads the process has now
+    running: float  # threads runnable, on average over the recent readings
+    cpu: float  # CPUs it used
+    wait: float  # its threads waiting for a CPU, on average (schedstat run delay)
+    nivcsw: float  # involuntary context switches per second
+
+
+@dataclass(frozen=True)
+class CpuView:
+    """What the CPUs did over the last short window. CPU figures are in CPUs (1.0 = one
+    busy CPU); runnable counts are instants averaged over the last few readings."""
+
+    seconds: float  # length of the window
+    samples: int  # readings in it
+    cpus: int  # CPUs the figures cover (those the workers may use)
+    idle: float  # idle CPUs among them
+    others_running: float  # runnable tasks that are neither workers nor the daemon's reader
+    others_cpu: float  # CPU used by everything but the workers
+    stall: float | None  # CPU PSI some of the watched files: fraction of the time
+    workers: dict[str, WorkerLoad] = field(default_factory=dict)  # worker name -> its load
+
+    def total(self, attr: str) -> float:
+        return sum(getattr(w, attr) for w in self.workers.values())
+
+
+@dataclass(frozen=True)
 class Snapshot:
     now: float  # the daemon's monotonic clock; a fake one in tests
     system: dict[str, Pressure] = field(default_factory=dict)
@@ -102,6 +135,7 @@ class Snapshot:
     # per resource, the top-level cgroup with the highest some avg10 among those that do
     # not hold the workers: the rest of the machine, without the workers' own throttling
     outside: dict[str, Pressure] = field(default_factory=dict)
+    cpu: CpuView | None = None  # the last short window of CPU load; None until two readings
 
     def neighbour_pressure(self, resource: str) -> float:
         """Some avg10 of the rest of the machine; the system's when that is unknown."""
@@ -111,7 +145,7 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # tick | pressure | queued | started | finished | preempted | limits
+    kind: str  # tick | pressure | cpu | queued | started | finished | preempted | limits
     key: str = ""  # for pressure: "system/cpu" or "<worker>/<resource>"
     request: str = ""
     model: str = ""
@@ -134,6 +168,7 @@ class Policy:
     name: ClassVar[str] = ""
     params: ClassVar[dict[str, Param]] = {}
     events: ClassVar[frozenset[str] | None] = None  # the event kinds it needs; None: all
+    on_by_default: ClassVar[bool] = False  # enabled unless the config says enabled = false
 
     def __init__(self, **settings: Any) -> None:
         self.settings: dict[str, Any] = {k: p.default for k, p in self.params.items()}
@@ -147,7 +182,12 @@ class Policy:
                 known = ", ".join(sorted(self.params)) or "none"
                 raise PolicyError(f"policy {self.name} has no parameter {key!r} (known: {known})")
             checked[key] = self.params[key].check(key, value)
+        self.check_together({**self.settings, **checked})
         self.settings.update(checked)
+
+    def check_together(self, settings: dict[str, Any]) -> None:
+        """Raise PolicyError, naming the keys, for values that are fine alone but not
+        together; the settings are not applied then."""
 
     def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
         return []

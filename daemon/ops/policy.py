@@ -9,8 +9,10 @@ Reply:   {"name", "enabled": bool, "settings": {...}, "params": {PARAM: {"type",
 Request: {"op": "policy", "action": "set", "name": "psi-admission",
           "settings": {"defer_above": "50"}}
 Reply:   {"name", "settings": {...}}  (enables the policy if it was not)
+Request: {"op": "policy", "action": "disable", "name": "threads"}
+Reply:   {"name", "disabled": "WHY"}  (what it did stays; set enables it again)
 An unknown policy or parameter, or a value out of range, gets bad_request and changes
-nothing.
+nothing. set and disable need root.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from . import Context, Op, Param, register
 class PolicyOp(Op):
     name = "policy"
     params = {
-        "action": Param(str, "list, show or set", required=True, max=16),
-        "name": Param(str, "the policy, for show and set", max=200),
+        "action": Param(str, "list, show, set or disable", required=True, max=16),
+        "name": Param(str, "the policy, for show, set and disable", max=200),
         "settings": Param(dict, "parameters to change, for set (values may be strings)"),
     }
 
@@ -36,8 +38,9 @@ class PolicyOp(Op):
         if action == "list":
             return engine.describe()
         name = args.get("name")
-        if action not in ("show", "set"):
-            raise ProtocolError("bad_request", f"action must be list, show or set, not {action!r}")
+        if action not in ("show", "set", "disable"):
+            raise ProtocolError("bad_request",
+                                f"action must be list, show, set or disable, not {action!r}")
         if not name:
             raise ProtocolError("bad_request", f"policy {action} needs a name")
         cls = engine.classes.get(name)
@@ -56,6 +59,9 @@ class PolicyOp(Op):
             raise ProtocolError("forbidden", f"changing policies needs root; this peer is "
                                 f"uid {ctx.uid}")
         try:
+            if action == "disable":
+                engine.disable(name, f"disabled by uid {ctx.uid} (llmctl policy disable)")
+                return {"name": name, "disabled": engine.disabled[name]}
             settings = engine.configure(name, args.get("settings") or {})
         except PolicyError as exc:
             raise ProtocolError("bad_request", str(exc)) from None

@@ -23,7 +23,7 @@ n_ctx = {n_ctx}
 workers = {workers}
 max_queue = {max_queue}
 max_tokens = 16
-threads = 1
+threads = {threads}
 """
 
 
@@ -94,9 +94,11 @@ class Daemon:
 
 
 def tiny_config(model: Path, n_ctx: int = 256, workers: int = 1, max_queue: int = 8,
-                daemon: str = "", model_extra: str = "") -> str:
-    """model_extra: more lines of [models.tiny]."""
-    body = TINY_MODEL.format(path=model, n_ctx=n_ctx, workers=workers, max_queue=max_queue)
+                daemon: str = "", model_extra: str = "", threads: int = 1) -> str:
+    """model_extra: more lines of [models.tiny]. threads 0 lets the threads policy move
+    the count; the default pins 1, so that tests do not depend on the machine's load."""
+    body = TINY_MODEL.format(path=model, n_ctx=n_ctx, workers=workers, max_queue=max_queue,
+                             threads=threads)
     return f"[daemon]\nhello_timeout = 2.0\n{daemon}\n{body}{model_extra}\n"
 
 

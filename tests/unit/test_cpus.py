@@ -10,11 +10,12 @@ def test_parse_cpu_max():
 
 
 def test_threads_follow_quota_and_affinity():
-    assert cpus.threads_for(8, None) == 8
-    assert cpus.threads_for(8, 0.5) == 1  # never 0; never more threads than whole CPUs
-    assert cpus.threads_for(8, 2.5) == 2
-    assert cpus.threads_for(2, 4.0) == 2
-    assert cpus.threads_for(1, None) == 1
+    assert cpus.cap(8, None) == (8, "affinity: 8 CPUs")
+    assert cpus.cap(8, 0.5) == (1, "quota: 0.5 CPUs")  # never 0, never more than whole CPUs
+    assert cpus.cap(8, 2.5) == (2, "quota: 2.5 CPUs")
+    assert cpus.cap(2, 4.0) == (2, "affinity: 2 CPUs")
+    assert cpus.cap(2, 2.0) == (2, "affinity: 2 CPUs")  # a tie: affinity binds
+    assert cpus.cap(1, None) == (1, "affinity: 1 CPUs")
 
 
 def test_v2_quota_takes_the_tightest_ancestor(tmp_path):
@@ -40,4 +41,4 @@ def test_v1_quota(tmp_path):
 
 def test_usable_cpus_on_this_machine_is_within_affinity():
     import os
-    assert 1 <= cpus.usable_cpus() <= len(os.sched_getaffinity(0))
+    assert 1 <= cpus.usable_cpus()[0] <= len(os.sched_getaffinity(0))

@@ -1,0 +1,164 @@
+"""Watch what the workers' CPUs are doing: cpuload readings on a timer and right after a
+CPU PSI trigger; the threads policy decides from the view (policies/threads.py).
+
+Where the kernel takes a PSI trigger on /proc/pressure/cpu, the trigger wakes the monitor
+the moment tasks start waiting for a CPU: it then takes a burst of readings 10 ms apart,
+so the view speaks for the last few milliseconds. Between triggers it reads every
+`SLOW_PERIOD_S`, enough to see CPUs become free again. Where triggers are refused (this
+project's development hosts answer EINVAL), it reads every `daemon.cpu_poll_interval`
+seconds instead, and says so in the log and in `llmctl status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from . import cgroupstats, cpuload, psi
+from .cpus import cgroup_cpu_quota
+from .policies.base import CpuView
+
+log = structlog.get_logger()
+TRIGGER_KEY = "threads/cpu"
+SLOW_PERIOD_S = 1.0  # between readings while a PSI trigger watches
+WINDOW_S = 1.0  # readings older than this leave the view
+BURST = (0.01, 0.02)  # extra readings after a trigger, seconds after it
+CAPS_EVERY_S = 1.0  # affinity and cgroup quota change rarely
+
+
+@dataclass(frozen=True)
+class Cap:
+    """What bounds a worker's threads whatever the load: its CPU affinity and quota."""
+
+    allowed: int  # CPUs in its affinity mask
+    quota: float | None  # its cgroup CPU quota in CPUs (v2 cpu.max or v1 cfs), None: none
+
+
+class CpuMonitor:
+    """Owns the readings; `on_reading` runs after each (burst) reading."""
+
+    def __init__(self, pids: Callable[[], dict[str, int]], scoped: Callable[[], list[Path]],
+                 on_reading: Callable[[], None], poll_interval: float,
+                 trigger: psi.Trigger | None) -> None:
+        self.pids = pids  # live workers: name -> pid
+        self.scoped = scoped  # the workers' cgroups (empty without scopes)
+        self.on_reading = on_reading
+        self.poll_interval = poll_interval
+        self.trigger = trigger
+        self.readings: collections.deque[cpuload.Reading] = collections.deque()
+        self.caps: dict[str, Cap] = {}
+        self.cpus: set[int] = os.sched_getaffinity(0)  # the CPUs any worker may use
+        self.mode = "stopped"
+        self.why_polling = ""
+        self.triggers = 0
+        self._caps_at = -CAPS_EVERY_S
+        self._own_cgroup = cgroupstats.cgroup_of(os.getpid())
+        self._timer: asyncio.TimerHandle | None = None
+        self._burst: list[asyncio.TimerHandle] = []
+
+    @property
+    def period(self) -> float:
+        return SLOW_PERIOD_S if self.mode == "psi-trigger" else self.poll_interval
+
+    def start(self, watcher: psi.PsiWatcher | None) -> None:
+        """Register the CPU trigger if the kernel takes it, else poll; start reading."""
+        self.mode, self.why_polling = "polling", "no PSI trigger configured"
+        if self.trigger is not None and watcher is not None:
+            try:
+                watcher.add(TRIGGER_KEY, psi.SYSTEM / "cpu", self.trigger)
+                self.mode, self.why_polling = "psi-trigger", ""
+            except psi.PsiUnavailable as exc:
+                self.why_polling = str(exc)
+        if self.mode == "polling":
+            log.warning("cpu_load_polling", every_s=self.poll_interval, why=self.why_polling)
+        else:
+            log.info("cpu_load_trigger", trigger=self.trigger.line().decode() if self.trigger
+                     else None, every_s=SLOW_PERIOD_S)
+        self._tick()
+
+    def stop(self) -> None:
+        self.mode = "stopped"
+        for handle in [self._timer, *self._burst]:
+            if handle is not None:
+                handle.cancel()
+
+    def _tick(self) -> None:
+        self.read()
+        # Jitter: at a fixed period, a neighbour that wakes on a timer of a divisor of it is
+        # seen in the same phase every time (a 20 ms loop was never seen at 100 ms).
+        delay = self.period * random.uniform(0.75, 1.25)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def triggered(self) -> None:
+        """A CPU PSI trigger fired: read now and twice more within 20 ms."""
+        self.triggers += 1
+        loop = asyncio.get_running_loop()
+        self.read(notify=False)
+        self._burst = [loop.call_later(d, self.read, i == len(BURST) - 1)
+                       for i, d in enumerate(BURST)]
+
+    def read(self, notify: bool = True) -> None:
+        now = time.monotonic()
+        pids = self.pids()
+        try:
+            reading = cpuload.read(now, pids, self._pressure_files())
+        except OSError as exc:  # /proc/stat unreadable: nothing to decide from
+            log.warning("cpu_load_unreadable", error=str(exc))
+            return
+        self.readings.append(reading)
+        while len(self.readings) > 2 and now - self.readings[0].at > WINDOW_S:
+            self.readings.popleft()
+        if now - self._caps_at >= CAPS_EVERY_S:
+            self.refresh_caps(pids)
+        if notify:
+            self.on_reading()
+
+    def refresh_caps(self, pids: dict[str, int] | None = None) -> None:
+        """Read each worker's affinity and cgroup quota again (after a limits change)."""
+        self._caps_at = time.monotonic()
+        caps, cpus = {}, set()
+        for name, pid in (pids if pids is not None else self.pids()).items():
+            try:
+                allowed = os.sched_getaffinity(pid)
+            except OSError:
+                continue
+            caps[name] = Cap(len(allowed), cgroup_cpu_quota(pid))
+            cpus |= allowed
+        self.caps, self.cpus = caps, cpus or os.sched_getaffinity(0)
+
+    def _pressure_files(self) -> list[Path]:
+        """The stall signal: CPU PSI outside the workers' cgroups where they have scopes
+        (their own stalls, throttling included, are not the neighbours'); else the
+        system's."""
+        inside = self.scoped()
+        if inside:
+            outside = cgroupstats.outside_cgroups(inside, self._own_cgroup)
+            if outside:
+                return [c / "cpu.pressure" for c in outside]
+        return [psi.SYSTEM / "cpu"]
+
+    def view(self) -> CpuView | None:
+        return cpuload.view(list(self.readings), self.cpus)
+
+    def describe(self) -> dict[str, Any]:
+        view = self.view()
+        return {
+            "mode": self.mode, "period_s": self.period, "why_polling": self.why_polling or None,
+            "trigger": self.trigger.line().decode() if self.trigger else None,
+            "triggers": self.triggers,
+            "view": None if view is None else {
+                "seconds": round(view.seconds, 3), "cpus": view.cpus,
+                "idle": round(view.idle, 3), "others_running": round(view.others_running, 3),
+                "others_cpu": round(view.others_cpu, 3),
+                "stall": None if view.stall is None else round(view.stall, 4)},
+        }
+

