@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from . import cgroupstats, cpuload, psi
+from . import cpuload, psi
 from .cpus import cgroup_cpu_quota
 from .policies.base import CpuView
 
@@ -46,11 +46,12 @@ class Cap:
 class CpuMonitor:
     """Owns the readings; `on_reading` runs after each (burst) reading."""
 
-    def __init__(self, pids: Callable[[], dict[str, int]], scoped: Callable[[], list[Path]],
-                 on_reading: Callable[[], None], poll_interval: float,
-                 trigger: psi.Trigger | None) -> None:
+    def __init__(self, pids: Callable[[], dict[str, int]], movable: Callable[[], set[str]],
+                 outside: Callable[[], list[Path]], on_reading: Callable[[], None],
+                 poll_interval: float, trigger: psi.Trigger | None) -> None:
         self.pids = pids  # live workers: name -> pid
-        self.scoped = scoped  # the workers' cgroups (empty without scopes)
+        self.movable = movable  # the workers whose count a policy may change
+        self.outside = outside  # the top-level cgroups without workers ([] without scopes)
         self.on_reading = on_reading
         self.poll_interval = poll_interval
         self.trigger = trigger
@@ -61,13 +62,22 @@ class CpuMonitor:
         self.why_polling = ""
         self.triggers = 0
         self._caps_at = -CAPS_EVERY_S
-        self._own_cgroup = cgroupstats.cgroup_of(os.getpid())
+        self._caps_pids: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._burst: list[asyncio.TimerHandle] = []
 
     @property
     def period(self) -> float:
-        return SLOW_PERIOD_S if self.mode == "psi-trigger" else self.poll_interval
+        """Fast only where a count could move: a worker pinned, or held to one thread by
+        its affinity or quota, gives nothing to decide (and under a quota every
+        reading would be paid from the model's CPU time)."""
+        if self.mode == "psi-trigger" or not self._could_move():
+            return SLOW_PERIOD_S
+        return self.poll_interval
+
+    def _could_move(self) -> bool:
+        return any(cap.allowed > 1 and (cap.quota is None or cap.quota >= 2)
+                   for name, cap in self.caps.items() if name in self.movable())
 
     def start(self, watcher: psi.PsiWatcher | None) -> None:
         """Register the CPU trigger if the kernel takes it, else poll; start reading."""
@@ -117,16 +127,17 @@ class CpuMonitor:
         self.readings.append(reading)
         while len(self.readings) > 2 and now - self.readings[0].at > WINDOW_S:
             self.readings.popleft()
-        if now - self._caps_at >= CAPS_EVERY_S:
-            self.refresh_caps(pids)
+        if now - self._caps_at >= CAPS_EVERY_S or pids != self._caps_pids:
+            self.refresh_caps(pids)  # and at once for a worker that was just (re)started
         if notify:
             self.on_reading()
 
     def refresh_caps(self, pids: dict[str, int] | None = None) -> None:
         """Read each worker's affinity and cgroup quota again (after a limits change)."""
         self._caps_at = time.monotonic()
+        self._caps_pids = pids if pids is not None else self.pids()
         caps, cpus = {}, set()
-        for name, pid in (pids if pids is not None else self.pids()).items():
+        for name, pid in self._caps_pids.items():
             try:
                 allowed = os.sched_getaffinity(pid)
             except OSError:
@@ -139,12 +150,7 @@ class CpuMonitor:
         """The stall signal: CPU PSI outside the workers' cgroups where they have scopes
         (their own stalls, throttling included, are not the neighbours'); else the
         system's."""
-        inside = self.scoped()
-        if inside:
-            outside = cgroupstats.outside_cgroups(inside, self._own_cgroup)
-            if outside:
-                return [c / "cpu.pressure" for c in outside]
-        return [psi.SYSTEM / "cpu"]
+        return [c / "cpu.pressure" for c in self.outside()] or [psi.SYSTEM / "cpu"]
 
     def view(self) -> CpuView | None:
         return cpuload.view(list(self.readings), self.cpus)

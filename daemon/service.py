@@ -13,13 +13,12 @@ from typing import Any
 
 import structlog
 
-from . import __version__, cgroupstats, cpumonitor, modelsource, psi
+from . import __version__, cgroupstats, cpumonitor, modelsource, psi, snapshots
 from .config import Config, limits_of, trigger_of
 from .limits import LimitError, Limits, check_order
 from .metrics import ModelMetrics
 from .paths import default_state_dir
 from .policies import Event, Snapshot
-from .policies.base import Pressure, RequestView, WorkerView
 from .policyengine import PolicyEngine
 from .protocol import PROTOCOL_VERSION, ProtocolError
 from .scheduler import ModelQueue, Request, Sink
@@ -30,9 +29,6 @@ log = structlog.get_logger()
 SCOPE_CALL_TIMEOUT = 10.0  # a D-Bus call or cgroup write that takes longer is reported
 PRESSURE_EVENTS_KEPT = 200
 TICK_S = 1.0
-KERNEL_VIEW_TTL = 0.25  # PSI and cgroup reads shared by the events of a burst
-# system PSI, PSI outside the workers' cgroups, each worker's cgroup stats
-KernelView = tuple[dict[str, Pressure], dict[str, Pressure], dict[str, dict[str, Any]]]
 
 
 class Service:
@@ -62,14 +58,15 @@ class Service:
             maxlen=PRESSURE_EVENTS_KEPT)
         self._scope_exec = ThreadPoolExecutor(1, thread_name_prefix="scopes")
         self.engine = PolicyEngine(self, list(config.policies))
-        self._kernel_view: tuple[float, KernelView] | None = None
-        self._own_cgroup = cgroupstats.cgroup_of(os.getpid())
+        self.observer = snapshots.Observer(self)
         self._oom_kills: dict[Path, int] = {}  # last oom_kill count seen per scope parent
         self._system_trigger = trigger_of(config.daemon.psi_system_trigger)
         self._scope_trigger = trigger_of(config.daemon.psi_scope_trigger)
         self.cpu = cpumonitor.CpuMonitor(
             lambda: {w.name: w.pid for w in self.all_workers() if w.pid is not None},
-            self._scoped, lambda: self.notify(Event("cpu")), config.daemon.cpu_poll_interval,
+            lambda: {w.name for w in self.all_workers() if not w.model.threads},
+            self.observer.outside_cgroups, lambda: self.notify(Event("cpu")),
+            config.daemon.cpu_poll_interval,
             trigger_of(config.daemon.psi_cpu_trigger))
 
     async def start(self) -> None:
@@ -412,7 +409,7 @@ class Service:
             "workers": [self._describe_worker(w) for w in self.all_workers()],
             "pressure": {
                 "system": psi.system_pressure(),
-                "outside": self._outside(),
+                "outside": self.observer.outside(),
                 "triggers": dict(self.psi.counts) if self.psi else {},
                 "recent": list(self.pressure_events)[-20:],
             },
@@ -431,58 +428,13 @@ class Service:
 
     def snapshot(self) -> Snapshot:
         """What the policies see: PSI, workers with their scope stats, waiting requests."""
-        now = time.monotonic()
-        system, outside, cgroups = self._kernel(now)
-        workers = []
-        for w in self.all_workers():
-            stats = cgroups.get(w.name, {})
-            limits = self.limits[w.model.name]
-            cap = self.cpu.caps.get(w.name)
-            workers.append(WorkerView(
-                name=w.name, model=w.model.name, state=w.state, threads=w.threads,
-                cpu=limits.cpu, memory_high=limits.memory_high,
-                memory_current=stats.get("memory.current"),
-                pressure=_pressures(stats.get("pressure") or {}),
-                n_ctx=w.n_ctx, n_ctx_max=w.model.n_ctx, threads_asked=w.threads_asked,
-                threads_pinned=bool(w.model.threads),
-                allowed_cpus=cap.allowed if cap else 0, quota=cap.quota if cap else None))
-        queued = tuple(_view(r, now, deferred=self.engine.is_deferred(r.id))
-                       for q in self.queues.values() for r in q)
-        running = tuple(_view(w.current, now, w.name) for w in self.all_workers()
-                        if w.current is not None)
-        return Snapshot(now=now, system=system, workers=tuple(workers), queued=queued,
-                        running=running, outside=outside, cpu=self.cpu.view())
-
-    def _kernel(self, now: float) -> KernelView:
-        """System and outside PSI and the workers' cgroup stats, read at most every
-        KERNEL_VIEW_TTL: a burst of trigger events would otherwise reread every file for
-        each event."""
-        cached = self._kernel_view
-        if cached is None or now - cached[0] >= KERNEL_VIEW_TTL:
-            cgroups = {w.name: self._cgroup_stats(w) or {} for w in self.all_workers()}
-            cached = self._kernel_view = (now, (_pressures(psi.system_pressure()),
-                                                _pressures(self._outside()), cgroups))
-        return cached[1]
-
-    def _scoped(self) -> list[Path]:
-        """The workers' cgroups; empty without scopes."""
-        return [w.scope.cgroup for w in self.all_workers() if w.scope and w.scope.cgroup]
-
-    def _outside(self) -> dict[str, Any]:
-        """PSI outside the workers' cgroups (cgroupstats.outside_pressure); {} without scopes."""
-        inside = self._scoped()
-        return cgroupstats.outside_pressure(inside, self._own_cgroup) if inside else {}
-
-    def _cgroup_stats(self, worker: Worker) -> dict[str, Any] | None:
-        """What the kernel reports for the worker's cgroup; None without one."""
-        cgroup = worker.scope.cgroup if worker.scope else None
-        return cgroupstats.read(cgroup) if cgroup is not None else None
+        return self.observer.snapshot()
 
     def _describe_worker(self, worker: Worker) -> dict[str, Any]:
         out = worker.describe()
         out["backend"] = self.backend.name
         out["limits"] = self.limits[worker.model.name].describe()
-        out["cgroup"] = self._cgroup_stats(worker)
+        out["cgroup"] = self.observer.cgroup_stats(worker)
         counts = self.psi.counts if self.psi else {}
         out["pressure_events"] = sum(counts.get(f"{worker.name}/{r}", 0) for r in psi.RESOURCES)
         return out
@@ -525,18 +477,3 @@ class Service:
             self.psi.stop()
         self._scope_exec.shutdown(wait=False)
 
-
-def _pressures(parsed: dict[str, Any]) -> dict[str, Pressure]:
-    out = {}
-    for resource, values in parsed.items():
-        if values:
-            out[resource] = Pressure(some_avg10=values["some"]["avg10"],
-                                     full_avg10=values.get("full", {}).get("avg10", 0.0),
-                                     some_total=int(values["some"]["total"]))
-    return out
-
-
-def _view(req: Request, now: float, worker: str = "", deferred: bool = False) -> RequestView:
-    return RequestView(req.id, req.model, req.priority, len(req.prompt),
-                       req.params.get("max_tokens", 0), now - req.accepted_at, worker=worker,
-                       tokens=req.tokens_sent, preemptions=req.preemptions, deferred=deferred)

@@ -2,9 +2,11 @@
 
 llama.cpp's threads meet at a barrier after every step of a decode and spin there until
 the last one arrives. When another process holds a core one of them needs, the others
-spin for as long as the scheduler lets it run: beside two busy processes on 2 cores a
-worker with 2 threads decoded 9-14x slower than with 1, and the neighbours gained
-nothing. So the count follows the CPU that is really free, not only the quota.
+spin for as long as the scheduler lets it run. Measured here (2 cores, SmolLM2): beside
+one busy process a 2-thread worker decoded 36-44 tok/s and a 1-thread one 86, and the
+busy process did 35-46 % more work beside the 1-thread one; with no neighbour, 2 threads
+gave 143 tok/s and 1 gave 88. So the count follows the CPU that is really free, not only
+the quota.
 
 For each worker that is not pinned (`threads = N` in its model's config):
 
@@ -12,24 +14,39 @@ For each worker that is not pinned (`threads = N` in its model's config):
   `cpu.max` or v1 `cpu.cfs_quota_us`, as the kernel has it); at least 1. Over the cap,
   the count drops at once (reason `affinity` or `quota`).
 - **others**: tasks that want a CPU and are not workers: `procs_running` of /proc/stat
-  less the workers' own runnable threads (and the daemon's reader), averaged over the
-  last three readings. The daemon reads every 0.2 s, or right after a CPU PSI trigger
-  where the kernel takes one (daemon/cpumonitor.py).
+  less the workers' own runnable threads and the daemon's reader, averaged over the last
+  three readings. The daemon reads every 0.2 s (jittered), or in a burst right after a
+  CPU PSI trigger where the kernel takes one (daemon/cpumonitor.py).
 - **target**: the workers' CPUs less `others` (and less the threads of busy pinned
   workers), shared by the workers that are generating (an idle one counts itself in),
-  plus `margin`, rounded down; between 1 and the cap.
-- **fewer threads** (reason `contention`): at once, when the worker's own threads also
-  waited for a CPU (schedstat run delay of at least `wait_min` threads) or it is idle.
-- **more threads**: once the target has stayed higher for `raise_after_s` while that
-  many CPUs were idle (`idle_min` of each).
+  plus `margin`, rounded down; between 1 and the cap. So a worker gives up a CPU once
+  others want more than `margin` of it.
+- **fewer threads** (reason `contention`): at once, if the worker is idle, or if its own
+  threads waited for a CPU (schedstat run delay of at least `wait_min` threads over the
+  last readings): runnable tasks on CPUs the worker does not use cost it nothing.
+- **more threads**: onto CPUs that were idle (`idle_min` of each, from /proc/stat), once
+  that has lasted `raise_after_s`. Idle time, not `procs_running`, decides here: it
+  counts a neighbour that runs part of the time, which instants can miss.
 - At most one change per worker per `interval_s`, and a worker applies a change between
   two llama_decode calls (a token, or a chunk of the prompt), never inside one.
 
+The thresholds come from bench/threads_signals.py (docs/benchmarks.md, "Which signal
+shows a neighbour"). With 2 threads, `others` read 0.01 with no neighbour, 0.39 beside a
+process busy a quarter of the time, 0.57 beside one busy half the time and 1.0 beside a
+busy one; the worker's wait read 0.01 with no neighbour and 0.22 or more beside any of
+them. Beside the half-busy one, 2 threads decoded 18 % faster but the neighbour lost
+47 % of its work, so `margin` 0.5 yields there; beside the quarter-busy one the worker
+keeps both (31 % faster, the neighbour loses 20 %): lower `margin` to protect such
+neighbours more. With 1 thread, the idle CPU read 0.98 with no neighbour and 0.74 and
+0.49 beside the quarter- and half-busy ones, so `idle_min` 0.8 takes a thread back only
+when it is free. System CPU PSI tracks the worker's own wait (0.50 vs 0.70 beside a busy
+process) but also counts every other stalled task, so it wakes the daemon (the trigger)
+and the worker's own wait confirms.
+
 Every change is recorded with its reason (`llmctl events`); `llmctl status` shows each
-worker's threads and why. The rule and its thresholds come from measurements:
-docs/benchmarks.md, "Which signal shows a neighbour". Turn it off with
-`enabled = false` (each worker then keeps the count it started with, from its affinity
-and quota) or `llmctl policy disable threads`.
+worker's threads and why. Turn it off with `enabled = false` in its table, or
+`llmctl policy disable threads`: each worker then keeps the count it has (at start:
+its affinity and quota).
 
     [[policies]]
     name = "threads"

