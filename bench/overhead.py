@@ -181,8 +181,9 @@ class InProcess:
     def __init__(self, model: str, threads: int) -> None:
         import llama_cpp  # after OPENBLAS_NUM_THREADS is set
 
+        # flash attention as the daemon's workers run it (models.NAME.flash_attn, default on)
         self.llm = llama_cpp.Llama(model_path=model, n_ctx=N_CTX, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+                                   n_threads_batch=threads, flash_attn=True, verbose=False)
 
     def run(self, prompt: str, n: int) -> Sample:
         """Generate n tokens; the sample's round and position are left for the caller."""

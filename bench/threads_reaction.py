@@ -7,6 +7,8 @@ wait on a pipe, so "started" is one write, not an interpreter start-up. The scri
 reads the daemon's own JSON log (not its socket: a polling client would be a neighbour
 too) for:
 
+- triggered: the first CPU PSI trigger the daemon saw (`cpu_trigger`, logged at debug
+  level) after the neighbours started, where triggers work,
 - decided: the `policy_action` set_threads to fewer threads (the daemon sent it),
 - applied: the worker's `threads_applied` answer (it applies between two decode calls),
 - given back: after the neighbours are killed, the set_threads to the full count.
@@ -42,6 +44,9 @@ from llmctl import Client
 from llmctl.cli import wait_ready
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The times come from the log's own timestamps, so a slow poll loses no precision; a fast
+# one would be a neighbour itself (in the emulated guest, 10 ms polls took a CPU's worth).
+POLL_S = 0.1
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -59,26 +64,47 @@ class Log:
     """The daemon's JSON log, read as it grows."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.offset, self.lines = path, 0, []
+        self.path, self.offset, self.lines, self.seen = path, 0, [], 0
 
-    def new(self) -> list[dict[str, Any]]:
+    def skip(self) -> None:
+        """Forget what the log holds so far."""
+        self.read()
+        self.seen = len(self.lines)
+
+    def read(self) -> None:
         with self.path.open() as fh:
             fh.seek(self.offset)
             text = fh.read()
         complete = text[:text.rfind("\n") + 1]
         self.offset += len(complete.encode())
-        found = [json.loads(x) for x in complete.splitlines() if x.startswith("{")]
-        self.lines += found
-        return found
+        self.lines += [json.loads(x) for x in complete.splitlines() if x.startswith("{")]
 
     def wait(self, match: Any, timeout: float) -> dict[str, Any] | None:
+        """The next unseen line that matches; lines after it stay unseen."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for entry in self.new():
-                if match(entry):
-                    return entry
-            time.sleep(0.01)
+            self.read()
+            for i in range(self.seen, len(self.lines)):
+                if match(self.lines[i]):
+                    self.seen = i + 1
+                    return self.lines[i]
+            time.sleep(POLL_S)
         return None
+
+
+def steady(log: Log, worker: str, full: int, hold: float, timeout: float) -> bool:
+    """Wait until the worker has run `full` threads for `hold` s: forking the neighbours
+    costs CPU itself (a lot under emulation), and the policy may have yielded to that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log.read()
+        changes = [e for e in log.lines if e.get("event") == "threads_applied"
+                   and e.get("worker") == worker]
+        now, last = (changes[-1]["threads"], unix(changes[-1])) if changes else (full, 0.0)
+        if now == full and time.time() - last >= hold:
+            return True
+        time.sleep(POLL_S)
+    return False
 
 
 def unix(entry: dict[str, Any]) -> float:
@@ -113,6 +139,7 @@ def main() -> int:
     ap.add_argument("--neighbours", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=30.0, help="per wait, seconds")
     ap.add_argument("--csv", default=str(RESULTS / "threads_reaction.csv"))
+    ap.add_argument("--keep-log", metavar="PATH", help="copy the daemon's log here at the end")
     args = ap.parse_args()
     model = args.model or smollm2()
     tmp = Path(tempfile.mkdtemp(prefix="threads-reaction-"))
@@ -121,7 +148,8 @@ def main() -> int:
     with open(tmp / "daemon.log", "wb") as out:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "llm_residentd", "--config", str(tmp / "c.toml"),
-             "--socket", str(sock), "--backend", args.backend, "--log-format", "json"],
+             "--socket", str(sock), "--backend", args.backend, "--log-format", "json",
+             "--log-level", "debug"],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     stop = threading.Event()
     rows: list[dict[str, Any]] = []
@@ -150,16 +178,19 @@ def main() -> int:
         log = Log(tmp / "daemon.log")
         ctx = mp.get_context("fork")
         for trial in range(args.trials):
-            time.sleep(1.5)  # the count was just given back; let it settle
-            log.new()
             r, w = os.pipe()
             hogs = [ctx.Process(target=spin, args=(r,), daemon=True) for _ in range(args.neighbours)]
             for h in hogs:
-                h.start()
-            time.sleep(0.3)  # forked and blocked: no CPU yet
+                h.start()  # forked and blocked on the pipe: no CPU once started
+            if not steady(log, worker, full, 1.5, 120):
+                raise SystemExit(f"trial {trial}: {worker} never kept {full} threads for 1.5 s")
+            log.skip()
             t0 = time.time()
             os.write(w, b"x" * len(hogs))
+            first = log.seen
             decided = log.wait(is_threads(1, worker), args.timeout)
+            fired = next((e for e in log.lines[first:] if e.get("event") == "cpu_trigger"
+                          and unix(e) >= t0), None)
             done = log.wait(applied(1, worker), args.timeout) if decided else None
             t1 = time.time()
             for h in hogs:
@@ -170,18 +201,22 @@ def main() -> int:
             back = log.wait(is_threads(full, worker), args.timeout + 10)
             log.wait(applied(full, worker), args.timeout)
             row = {"run": run, "backend": st["daemon"]["backend"], "mode": mode, "trial": trial,
+                   "neighbours": args.neighbours,
+                   "triggered_s": unix(fired) - t0 if fired else None,
                    "decided_s": unix(decided) - t0 if decided else None,
                    "applied_s": unix(done) - t0 if done else None,
                    "given_back_s": unix(back) - t1 if back else None,
                    "reason": decided["reason"] if decided else ""}
             rows.append(row)
-            print(f"trial {trial:2}: decided {row['decided_s']}, applied {row['applied_s']}, "
-                  f"given back {row['given_back_s']}", flush=True)
+            print(f"trial {trial:2}: triggered {row['triggered_s']}, decided {row['decided_s']}, "
+                  f"applied {row['applied_s']}, given back {row['given_back_s']}", flush=True)
     finally:
         stop.set()
         daemon.terminate()
         daemon.wait(60)
-    for key in ("decided_s", "applied_s", "given_back_s"):
+        if args.keep_log:
+            Path(args.keep_log).write_bytes((tmp / "daemon.log").read_bytes())
+    for key in ("triggered_s", "decided_s", "applied_s", "given_back_s"):
         values = [r[key] for r in rows if r[key] is not None]
         missed = len(rows) - len(values)
         if values:

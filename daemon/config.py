@@ -55,7 +55,7 @@ class DaemonConfig:
                                    "PSI trigger on /proc/pressure/{cpu,memory,io}; empty: none")
     psi_scope_trigger: str = _opt("some 50000 1000000",
                                   "PSI trigger on each worker scope's pressure files; empty: none")
-    psi_cpu_trigger: str = _opt("some 10000 500000",
+    psi_cpu_trigger: str = _opt("some 50000 500000",
                                 "PSI trigger on /proc/pressure/cpu that makes the daemon look "
                                 "at the CPU load at once (threads policy); empty: none")
     cpu_poll_interval: float = _opt(0.2, "seconds between CPU load readings where PSI "
@@ -76,6 +76,8 @@ class ModelConfig:
                            1, 1 << 20)
     stream_interval: float = _opt(0.05, "seconds of tokens gathered into one token event",
                                   0, 10)
+    flash_attn: bool = _opt(True, "llama.cpp's flash attention, as llama-server uses it on "
+                            "the CPU: faster; its text differs from the output without it")
     chat_template: bool = _opt(True, "wrap prompts in the model's chat template if it has one")
     cpu: str = _opt("max", "CPU quota of each worker: 50% of one CPU, 1.5 CPUs, or max")
     memory_high: str = _opt("max", "memory.high of each worker: 600M, 2G, or max")

@@ -41,6 +41,7 @@ class Reading:
     procs_running: int  # runnable tasks now, this reader included
     stall_us: int | None  # CPU PSI "some" total of the watched pressure files
     workers: dict[str, TaskCounters] = field(default_factory=dict)  # worker -> counters
+    trigger: str = ""  # the PSI trigger that asked for this reading, if one did
 
 
 def _proc_stat(text: str) -> tuple[dict[int, int], dict[int, int], int]:
@@ -101,7 +102,7 @@ def stall_total(paths: Iterable[Path]) -> int | None:
 
 
 def read(now: float, pids: Mapping[str, int], pressure: Sequence[Path] = (psi.SYSTEM / "cpu",),
-         proc: Path = PROC) -> Reading:
+         proc: Path = PROC, trigger: str = "") -> Reading:
     """One reading: /proc/stat, the given CPU pressure files, and the threads of each
     worker (name -> pid)."""
     busy, idle, running = _proc_stat((proc / "stat").read_text())
@@ -110,16 +111,17 @@ def read(now: float, pids: Mapping[str, int], pressure: Sequence[Path] = (psi.SY
         counters = task_counters(pid, proc)
         if counters is not None:
             workers[name] = counters
-    return Reading(now, busy, idle, running, stall_total(pressure), workers)
+    return Reading(now, busy, idle, running, stall_total(pressure), workers, trigger)
 
 
 def view(readings: Sequence[Reading], cpus: Iterable[int] | None = None,
          recent: int = 3) -> CpuView | None:
     """Idle and busy CPU between the first and last reading, on the CPUs given (all when
-    None): /proc/stat counts in ticks of 10 ms, so these need the whole window. The rest
-    covers only the last `recent` readings, so that a burst of readings after a PSI
-    trigger speaks for now: runnable counts (instants, averaged) and the workers' rates
-    (schedstat counts in ns). None for fewer than two readings."""
+    None): /proc/stat counts in ticks of 10 ms, so these need the whole window. The
+    workers' rates (schedstat counts in ns) cover the last `recent` readings, and so do
+    the runnable counts (instants, averaged); after a reading that a PSI trigger asked
+    for, the runnable counts are that reading's alone: the trigger says something just
+    changed. None for fewer than two readings."""
     if len(readings) < 2:
         return None
     first, last = readings[0], readings[-1]
@@ -133,15 +135,16 @@ def view(readings: Sequence[Reading], cpus: Iterable[int] | None = None,
     idle = sum(last.idle[c] - first.idle[c] for c in chosen) / jiffies
     tail = readings[-max(2, recent):]
     t_dt = last.at - tail[0].at
+    instants = tail[-1:] if last.trigger else tail
     workers = {}
     for name in set(tail[0].workers) & set(last.workers):  # present in all of the tail
         a, b = tail[0].workers[name], last.workers[name]
         workers[name] = WorkerLoad(
             threads=b.threads,
-            running=_mean(r.workers[name].running for r in tail if name in r.workers),
+            running=_mean(r.workers[name].running for r in instants if name in r.workers),
             cpu=(b.cpu_ns - a.cpu_ns) / 1e9 / t_dt, wait=(b.wait_ns - a.wait_ns) / 1e9 / t_dt,
             nivcsw=(b.nivcsw - a.nivcsw) / t_dt)
-    ours = _mean(sum(w.running for w in r.workers.values()) for r in tail)
+    ours = _mean(sum(w.running for w in r.workers.values()) for r in instants)
     # the workers' CPU over the whole window, to take it out of /proc/stat's busy time
     whole = set(first.workers) & set(last.workers)
     workers_cpu = sum(last.workers[n].cpu_ns - first.workers[n].cpu_ns for n in whole) / 1e9 / dt
@@ -152,8 +155,9 @@ def view(readings: Sequence[Reading], cpus: Iterable[int] | None = None,
         seconds=dt, samples=len(readings), cpus=len(chosen),
         # /proc/stat ticks and schedstat's clock disagree a little: clamp
         idle=max(0.0, min(float(len(chosen)), idle)),
-        others_running=max(0.0, _mean(r.procs_running for r in tail) - ours - 1),
-        others_cpu=max(0.0, busy - workers_cpu), stall=stall, workers=workers)
+        others_running=max(0.0, _mean(r.procs_running for r in instants) - ours - 1),
+        others_cpu=max(0.0, busy - workers_cpu), stall=stall, workers=workers,
+        trigger=last.trigger)
 
 
 def _mean(values: Iterable[float]) -> float:

@@ -2,8 +2,14 @@
 CPU PSI trigger; the threads policy decides from the view (policies/threads.py).
 
 Where the kernel takes a PSI trigger on /proc/pressure/cpu, the trigger wakes the monitor
-the moment tasks start waiting for a CPU: it then takes a burst of readings 10 ms apart,
-so the view speaks for the last few milliseconds. Between triggers it reads every
+the moment tasks start waiting for a CPU, and it takes a reading at once: the runnable
+count of that instant and, for a trigger on a worker's own scope, the kernel's word that
+the worker's threads waited are what the threads policy decides on. (A burst of three
+readings 10 ms apart took 300-400 ms under a hog in the emulated guest: the daemon was
+starved by the very contention it measured.) The same trigger goes on each worker
+scope's cpu.pressure: it fires when the worker's own threads wait, and carries none of
+the rest of the machine's noise, which on the system file can use up the kernel's one
+event per window just before a neighbour starts. Between triggers it reads every
 `SLOW_PERIOD_S`, enough to see CPUs become free again. Where triggers are refused (this
 project's development hosts answer EINVAL), it reads every `daemon.cpu_poll_interval`
 seconds instead, and says so in the log and in `llmctl status`.
@@ -28,10 +34,9 @@ from .cpus import cgroup_cpu_quota
 from .policies.base import CpuView
 
 log = structlog.get_logger()
-TRIGGER_KEY = "threads/cpu"
+TRIGGER_KEY = "threads/cpu"  # the system file; "threads/<worker>" for a scope's
 SLOW_PERIOD_S = 1.0  # between readings while a PSI trigger watches
 WINDOW_S = 1.0  # readings older than this leave the view
-BURST = (0.01, 0.02)  # extra readings after a trigger, seconds after it
 CAPS_EVERY_S = 1.0  # affinity and cgroup quota change rarely
 
 
@@ -44,7 +49,7 @@ class Cap:
 
 
 class CpuMonitor:
-    """Owns the readings; `on_reading` runs after each (burst) reading."""
+    """Owns the readings; `on_reading` runs after each reading."""
 
     def __init__(self, pids: Callable[[], dict[str, int]], movable: Callable[[], set[str]],
                  outside: Callable[[], list[Path]], on_reading: Callable[[], None],
@@ -63,8 +68,8 @@ class CpuMonitor:
         self.triggers = 0
         self._caps_at = -CAPS_EVERY_S
         self._caps_pids: dict[str, int] = {}
+        self._watcher: psi.PsiWatcher | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._burst: list[asyncio.TimerHandle] = []
 
     @property
     def period(self) -> float:
@@ -86,6 +91,7 @@ class CpuMonitor:
             try:
                 watcher.add(TRIGGER_KEY, psi.SYSTEM / "cpu", self.trigger)
                 self.mode, self.why_polling = "psi-trigger", ""
+                self._watcher = watcher
             except psi.PsiUnavailable as exc:
                 self.why_polling = str(exc)
         if self.mode == "polling":
@@ -95,11 +101,27 @@ class CpuMonitor:
                      else None, every_s=SLOW_PERIOD_S)
         self._tick()
 
+    @staticmethod
+    def is_trigger(key: str) -> bool:
+        return key.startswith("threads/")
+
+    def watch_scope(self, worker: str, cgroup: Path) -> None:
+        """Arm the trigger on a worker scope's cpu.pressure (where triggers work)."""
+        if self._watcher is None or self.trigger is None:
+            return
+        try:
+            self._watcher.add(f"threads/{worker}", cgroup / "cpu.pressure", self.trigger)
+        except psi.PsiUnavailable as exc:
+            log.warning("psi_trigger_unavailable", key=f"threads/{worker}", error=str(exc))
+
+    def unwatch_scope(self, worker: str) -> None:
+        if self._watcher is not None:
+            self._watcher.remove(f"threads/{worker}")
+
     def stop(self) -> None:
         self.mode = "stopped"
-        for handle in [self._timer, *self._burst]:
-            if handle is not None:
-                handle.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
 
     def _tick(self) -> None:
         self.read()
@@ -108,19 +130,20 @@ class CpuMonitor:
         delay = self.period * random.uniform(0.75, 1.25)
         self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
 
-    def triggered(self) -> None:
-        """A CPU PSI trigger fired: read now and twice more within 20 ms."""
+    def triggered(self, key: str) -> None:
+        """A CPU PSI trigger fired: read now, and let the policies decide on it."""
         self.triggers += 1
-        loop = asyncio.get_running_loop()
-        self.read(notify=False)
-        self._burst = [loop.call_later(d, self.read, i == len(BURST) - 1)
-                       for i, d in enumerate(BURST)]
+        self.read(trigger=key)
+        if self.readings:  # what the decision saw; for measuring the trigger path
+            last = self.readings[-1]
+            log.debug("cpu_trigger", key=key, procs_running=last.procs_running,
+                      workers_running=sum(w.running for w in last.workers.values()))
 
-    def read(self, notify: bool = True) -> None:
+    def read(self, trigger: str = "") -> None:
         now = time.monotonic()
         pids = self.pids()
         try:
-            reading = cpuload.read(now, pids, self._pressure_files())
+            reading = cpuload.read(now, pids, self._pressure_files(), trigger=trigger)
         except OSError as exc:  # /proc/stat unreadable: nothing to decide from
             log.warning("cpu_load_unreadable", error=str(exc))
             return
@@ -129,8 +152,7 @@ class CpuMonitor:
             self.readings.popleft()
         if now - self._caps_at >= CAPS_EVERY_S or pids != self._caps_pids:
             self.refresh_caps(pids)  # and at once for a worker that was just (re)started
-        if notify:
-            self.on_reading()
+        self.on_reading()
 
     def refresh_caps(self, pids: dict[str, int] | None = None) -> None:
         """Read each worker's affinity and cgroup quota again (after a limits change)."""

@@ -122,8 +122,8 @@ class Service:
             log.warning("psi_trigger_unavailable", key=key, error=str(exc))
 
     def _on_pressure(self, event: psi.PressureEvent) -> None:
-        if event.key == cpumonitor.TRIGGER_KEY:
-            self.cpu.triggered()  # it reads the CPUs and notifies the policies itself
+        if self.cpu.is_trigger(event.key):
+            self.cpu.triggered(event.key)  # it reads the CPUs and tells the policies
             return
         entry = {"key": event.key, "path": event.path, "at": event.at,
                  "trigger": event.trigger.line().decode()}
@@ -152,6 +152,8 @@ class Service:
         if trigger and cgroup is not None:
             for resource in psi.RESOURCES:
                 self._watch(f"{worker.name}/{resource}", cgroup / f"{resource}.pressure", trigger)
+        if cgroup is not None:
+            self.cpu.watch_scope(worker.name, cgroup)
 
     def oom_killed(self, worker: Worker) -> bool:
         """Whether an OOM kill explains the worker's SIGKILL: its scope counted one, or,
@@ -172,6 +174,7 @@ class Service:
         if self.psi is not None:
             for resource in psi.RESOURCES:
                 self.psi.remove(f"{worker.name}/{resource}")
+        self.cpu.unwatch_scope(worker.name)
         if worker.scope is not None:
             try:
                 await self._scope_call(self.backend.release, worker.scope)

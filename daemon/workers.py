@@ -162,7 +162,8 @@ class Worker:
         self._send({"type": "load", "path": str(path), "n_ctx": self.model.n_ctx,
                     "n_batch": self.model.n_batch, "threads": self.model.threads,
                     "chat_template": self.model.chat_template, "seed": self.model.seed,
-                    "stream_interval": self.model.stream_interval})
+                    "stream_interval": self.model.stream_interval,
+                    "flash_attn": self.model.flash_attn})
         try:
             msg = await asyncio.wait_for(self._recv(reader), LOAD_TIMEOUT)
         except (TimeoutError, ProtocolError, OSError) as exc:

@@ -120,6 +120,9 @@ class CpuView:
     others_cpu: float  # CPU used by everything but the workers
     stall: float | None  # CPU PSI some of the watched files: fraction of the time
     workers: dict[str, WorkerLoad] = field(default_factory=dict)  # worker name -> its load
+    # the PSI trigger behind the last reading: "threads/cpu" (the system's), or
+    # "threads/<worker>" when that worker's own threads waited; "" for a timed reading
+    trigger: str = ""
 
     def total(self, attr: str) -> float:
         return sum(getattr(w, attr) for w in self.workers.values())

@@ -15,15 +15,18 @@ For each worker that is not pinned (`threads = N` in its model's config):
   the count drops at once (reason `affinity` or `quota`).
 - **others**: tasks that want a CPU and are not workers: `procs_running` of /proc/stat
   less the workers' own runnable threads and the daemon's reader, averaged over the last
-  three readings. The daemon reads every 0.2 s (jittered), or in a burst right after a
-  CPU PSI trigger where the kernel takes one (daemon/cpumonitor.py).
+  three readings. The daemon reads every 0.2 s (jittered); where the kernel takes PSI
+  triggers, it reads right after one (on /proc/pressure/cpu, or on a worker scope's
+  cpu.pressure) and between them every second, and a triggered reading's instant stands
+  alone (daemon/cpumonitor.py).
 - **target**: the workers' CPUs less `others` (and less the threads of busy pinned
   workers), shared by the workers that are generating (an idle one counts itself in),
   plus `margin`, rounded down; between 1 and the cap. So a worker gives up a CPU once
   others want more than `margin` of it.
 - **fewer threads** (reason `contention`): at once, if the worker is idle, or if its own
   threads waited for a CPU (schedstat run delay of at least `wait_min` threads over the
-  last readings): runnable tasks on CPUs the worker does not use cost it nothing.
+  last readings, or a trigger on its own scope: the kernel saw them wait): runnable
+  tasks on CPUs the worker does not use cost it nothing.
 - **more threads**: onto CPUs that were idle (`idle_min` of each, from /proc/stat), once
   that has lasted `raise_after_s`. Idle time, not `procs_running`, decides here: it
   counts a neighbour that runs part of the time, which instants can miss.
@@ -131,7 +134,9 @@ class Threads(Policy):
         if target < current:
             self.higher_since.pop(w.name, None)
             load = snap.cpu.workers.get(w.name) if snap.cpu else None
-            waited = w.state != "busy" or (load is not None and load.wait >= s["wait_min"])
+            # a trigger on its own scope is the kernel's word that its threads waited
+            waited = (w.state != "busy" or (load is not None and load.wait >= s["wait_min"])
+                      or (snap.cpu is not None and snap.cpu.trigger == f"threads/{w.name}"))
             if settled and waited:
                 why = self._why(others, cpus, sharers)
                 if load is not None and w.state == "busy":

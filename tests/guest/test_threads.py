@@ -3,7 +3,7 @@
 Two models serve the same GGUF from their own scopes: `auto` (threads = 0, the policy
 moves its count) and `pinned` (threads = 2). Quiet, both decode alike: the control. Then
 two CPU hogs start outside llm.slice: the CPU PSI trigger fires, the daemon reads the load
-in a burst, and `auto` gives up a thread; the kernel shows it in /proc/<pid>/task (one
+at once, and `auto` gives up a thread; the kernel shows it in /proc/<pid>/task (one
 thread accrues CPU time, not two). Beside the hogs, `auto` decodes faster than `pinned`
 in the same run. After the hogs stop, the thread comes back.
 """
@@ -94,6 +94,10 @@ def threads_events(d: GuestDaemon) -> list[dict[str, Any]]:
         return [e for e in c.call("events", limit=500)["events"] if e["action"] == "set_threads"]
 
 
+def changes_since(d: GuestDaemon, n: int) -> list[tuple[str, int, str]]:
+    return [(e["target"], e["values"]["threads"], e["reason"]) for e in threads_events(d)[n:]]
+
+
 def settled(d: GuestDaemon, name: str, threads: int) -> dict[str, Any]:
     """Wait, polling gently (TCG: every client costs CPU), for a worker's count."""
     deadline = time.monotonic() + 120
@@ -110,15 +114,16 @@ def test_threads_drop_beside_a_hog_outside_the_slice_and_come_back(daemon):
     with Client(d.socket, timeout=60) as c:
         cpu = c.status()["cpu"]
     assert cpu["mode"] == "psi-trigger", cpu  # real triggers here, not polling
-    assert cpu["trigger"] == "some 10000 500000" and cpu["why_polling"] is None
+    assert cpu["trigger"] == "some 50000 500000" and cpu["why_polling"] is None
     auto = settled(d, "auto-0", 2)
     assert auto["threads_why"].startswith("affinity: 2 CPUs")
     assert settled(d, "pinned-0", 2)["threads_why"] == "config: threads = 2"
 
-    # Control: quiet, the two workers run the same model with the same 2 threads.
+    # Control: quiet, the two workers run the same model alike. (In TCG the daemon's relay
+    # and this test's client cost enough CPU that `auto` may yield a thread to them.)
     quiet = {m: [decode(d, m) for _ in range(2)] for m in ("auto", "pinned")}
-    log(f"quiet tok/s {quiet}")
-    assert computing_threads(d, auto["pid"], "auto") == 2
+    log(f"quiet tok/s {quiet}; thread changes {changes_since(d, 0)}")
+    settled(d, "auto-0", 2)
     before = len(threads_events(d))
     triggers0 = cpu["triggers"]
 
@@ -137,13 +142,16 @@ def test_threads_drop_beside_a_hog_outside_the_slice_and_come_back(daemon):
             f"cpu {cpu}")
         assert cpu["triggers"] > triggers0, "no CPU PSI trigger fired under the hog"
         assert reaction < 30, reaction  # bench/threads_reaction.py measures it properly
-        assert computing_threads(d, w["pid"], "auto") == 1  # the kernel's view of the drop
+        # the kernel's view of the drop, with the pinned worker as the measure's control
+        pinned_pid = worker(d, "pinned-0")["pid"]
+        assert computing_threads(d, pinned_pid, "pinned") == 2
+        assert computing_threads(d, w["pid"], "auto") == 1
         # Beside the hog, in the same run: the policy's 1 thread against 2 pinned ones.
         hogged = {m: [] for m in ("auto", "pinned")}
         for _ in range(2):
             for m in ("pinned", "auto"):
                 hogged[m].append(decode(d, m))
-        log(f"beside the hog tok/s {hogged}")
+        log(f"beside the hog tok/s {hogged}; thread changes {changes_since(d, before)}")
         assert worker(d, "pinned-0")["threads"] == 2
     finally:
         hog.terminate()
@@ -154,8 +162,9 @@ def test_threads_drop_beside_a_hog_outside_the_slice_and_come_back(daemon):
         f"({w['threads_why']})")
     assert w["threads_why"].startswith("affinity: 2 CPUs"), w
     changes = threads_events(d)[before:]
-    assert [(e["target"], e["values"]["threads"]) for e in changes] == [("auto-0", 1),
-                                                                        ("auto-0", 2)]
+    log(f"thread changes from the hog's start on: {changes_since(d, before)}")
+    assert {e["target"] for e in changes} == {"auto-0"}  # never the pinned worker
+    assert changes[0]["values"]["threads"] == 1 and changes[-1]["values"]["threads"] == 2
     # The policy's worker recovers: faster than the pinned one beside the hog, while the
     # two were alike when quiet (the control).
     assert min(hogged["auto"]) > max(hogged["pinned"]) * 1.2, (hogged, quiet)

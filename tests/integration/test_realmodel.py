@@ -32,7 +32,9 @@ def test_default_model_matches_in_process_llama_cpp(start_daemon):
     assert sum(e["tokens"] for e in tokens) == stream.stats["completion_tokens"] > 3
 
     import llama_cpp
-    llm = llama_cpp.Llama(model_path=str(_smollm2_path()), n_ctx=2048, n_threads=worker["threads"],
+    # the worker's settings: flash attention is on by default (models.NAME.flash_attn)
+    llm = llama_cpp.Llama(model_path=str(_smollm2_path()), n_ctx=2048, flash_attn=True,
+                          n_threads=worker["threads"],
                           n_threads_batch=worker["threads"], verbose=False)
     ref = llm.create_chat_completion(messages=[{"role": "user", "content": PROMPT}],
                                      max_tokens=24, temperature=0.0, repeat_penalty=1.0)

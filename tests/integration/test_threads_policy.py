@@ -81,7 +81,7 @@ def test_threads_follow_busy_neighbours_down_at_once_and_back_after_a_calm(
         logged = [e for e in d.logs() if e["event"] == "cpu_load_polling"]
         assert logged and logged[0]["why"] == cpu["why_polling"]
     else:
-        assert cpu["mode"] == "psi-trigger" and cpu["trigger"] == "some 10000 500000"
+        assert cpu["mode"] == "psi-trigger" and cpu["trigger"] == "some 50000 500000"
     before = quiet_baseline(d)
 
     neighbours.start(CPUS)

@@ -102,3 +102,15 @@ def test_the_monitor_reads_fast_only_where_a_count_could_move():
         assert m.period == period, caps
     m.caps, m.mode = {"a-0": Cap(2, None)}, "psi-trigger"
     assert m.period == 1.0  # a trigger wakes it
+
+
+def test_a_triggered_reading_speaks_for_its_own_instant(tmp_path):
+    quiet = {"busy": (0, 0), "idle": (0, 0), "tasks": {"42": ("R", 0, 0, 0)}}
+    r = [reading(tmp_path, t, running=2, **quiet) for t in (0.0, 0.5)]
+    write_proc(tmp_path, running=4, **quiet)  # two neighbours just started
+    r.append(cpuload.read(0.6, {"m-0": 42}, [], proc=tmp_path, trigger="threads/m-0"))
+    v = cpuload.view(r)
+    assert v.trigger == "threads/m-0"
+    assert v.others_running == pytest.approx(2.0)  # not diluted by the older readings
+    timed = cpuload.read(0.6, {"m-0": 42}, [], proc=tmp_path)
+    assert cpuload.view([*r[:2], timed]).others_running == pytest.approx(2 / 3)

@@ -19,10 +19,10 @@ def worker(name: str = "m-0", state: str = "busy", threads: int = 2, *, asked: i
 
 
 def snap(now: float, *workers: WorkerView, others: float = 0.0, idle: float = 0.0,
-         wait: float = 0.0, cpus: int = 2) -> Snapshot:
+         wait: float = 0.0, cpus: int = 2, trigger: str = "") -> Snapshot:
     loads = {w.name: WorkerLoad(w.threads, w.threads, 1.0, wait, 0.0) for w in workers}
     view = CpuView(seconds=1.0, samples=5, cpus=cpus, idle=idle, others_running=others,
-                   others_cpu=others, stall=None, workers=loads)
+                   others_cpu=others, stall=None, workers=loads, trigger=trigger)
     return Snapshot(now=now, workers=workers, cpu=view)
 
 
@@ -70,6 +70,17 @@ def test_a_busy_worker_whose_threads_do_not_wait_keeps_them():
     p = Threads(wait_min=0.1)
     assert p.on_event(CPU, snap(0, worker(), others=1.0, wait=0.01)) == []
     assert only(p.on_event(CPU, snap(1, worker(), others=1.0, wait=0.3)))[1] == 1
+
+
+def test_a_trigger_on_the_workers_own_scope_confirms_that_it_waited():
+    # the readings' own wait is diluted (the last timed reading was up to 1 s ago), but
+    # the kernel fired the trigger on this worker's cpu.pressure
+    p = Threads(wait_min=0.1)
+    assert p.on_event(CPU, snap(0, worker(), others=2.0, wait=0.04)) == []
+    assert p.on_event(CPU, snap(0.1, worker(), others=2.0, wait=0.04,
+                                trigger="threads/other-0")) == []
+    assert only(p.on_event(CPU, snap(0.2, worker(), others=2.0, wait=0.04,
+                                     trigger="threads/m-0")))[1] == 1
 
 
 def test_an_idle_worker_follows_others_without_waiting_itself():
