@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from llmctl.client import Client
 
 MODEL_SRC = Path(os.environ.get("LLM_TEST_MODEL", "/share/tiny.gguf"))
 CGROUP = Path("/sys/fs/cgroup")
@@ -35,14 +37,16 @@ def keyed(path: Path) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
 
 
-def wait_for(predicate, timeout: float = 60, what: str = "condition"):
+def wait_for(predicate, timeout: float = 60, what: str | Callable[[], str] = "condition"):
+    """Poll predicate until it is truthy; what (or what() at the end) names it on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for "
+                         f"{what() if callable(what) else what}")
 
 
 class GuestDaemon:
@@ -70,8 +74,15 @@ class GuestDaemon:
                                  f"\n--- daemon log tail:\n{self.log_tail()}")
         return r
 
+    def call(self, op: str, **args: object) -> dict:
+        """One op through the client library in this process. Polling with a new llmctl
+        process each time would keep a guest CPU busy under TCG (seconds of start-up),
+        a neighbour the threads policy rightly yields to."""
+        with Client(self.socket, timeout=120) as c:
+            return c.call(op, **args)
+
     def status(self) -> dict:
-        return json.loads(self.ctl("status", "--json").stdout)
+        return self.call("status")
 
     def worker(self, name: str) -> dict:
         return next(w for w in self.status()["workers"] if w["name"] == name)

@@ -68,10 +68,16 @@ def test_limits_change_live_and_threads_follow(daemon):
     assert (cgroup / "memory.high").read_text().strip() == str(300 << 20)
     assert show("llm-tiny-0.scope", "MemoryHigh")["MemoryHigh"] == str(300 << 20)
     assert time.monotonic() - t0 < 15  # llmctl start-up under TCG dominates this
-    assert wait_for(lambda: daemon.worker("tiny-0")["threads"] == 2, what="threads 2")
+    def now() -> str:
+        w = daemon.worker("tiny-0")
+        return f"(now {w['threads']}: {w['threads_why']}; cpu view {daemon.status()['cpu']})"
+
+    assert wait_for(lambda: daemon.worker("tiny-0")["threads"] == 2,
+                    what=lambda: f"threads 2 {now()}")
     daemon.ctl("limits", "tiny", "--cpu", "50%")
     assert (cgroup / "cpu.max").read_text().split() == ["50000", "100000"]
-    assert wait_for(lambda: daemon.worker("tiny-0")["threads"] == 1, what="threads 1")
+    assert wait_for(lambda: daemon.worker("tiny-0")["threads"] == 1,
+                    what=lambda: f"threads 1 {now()}")
     daemon.ctl("limits", "tiny", "--cpu", "max")
     assert (cgroup / "cpu.max").read_text().split()[0] == "max"  # CPUWeight keeps it honest
     daemon.ctl("limits", "tiny", "--cpu", "150%", "--memory-high", "512M")
