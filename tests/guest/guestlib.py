@@ -10,8 +10,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llmctl.client import Client
-
 MODEL_SRC = Path(os.environ.get("LLM_TEST_MODEL", "/share/tiny.gguf"))
 CGROUP = Path("/sys/fs/cgroup")
 SLICE = "llm.slice"
@@ -78,6 +76,9 @@ class GuestDaemon:
         """One op through the client library in this process. Polling with a new llmctl
         process each time would keep a guest CPU busy under TCG (seconds of start-up),
         a neighbour the threads policy rightly yields to."""
+        # Imported here: test_package.py's guest has no llmctl until it installs the .deb.
+        from llmctl.client import Client
+
         with Client(self.socket, timeout=120) as c:
             return c.call(op, **args)
 
