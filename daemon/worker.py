@@ -2,8 +2,10 @@
 
 Run by the daemon as `python -m llm_residentd.worker --fd N`. Fd N is a socketpair end
 speaking the framed msgpack of protocol.py. Control messages (cancel, set_threads,
-shutdown) are read between tokens and, during prompt evaluation, from llama.cpp's
-abort callback, so a cancel takes effect within one token.
+preempt, KV operations, shutdown) are read between tokens, and during a request also by
+a watcher thread (decodestop.py) that stops the llama_decode call in progress for a
+cancel, a thread change or shutdown, so none of them waits for a slow token or a prompt
+chunk.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -23,11 +26,11 @@ from typing import Any
 
 from . import kvstate
 from .cpus import usable_cpus
+from .decodestop import DecodeStop
 from .protocol import recv_frame, send_frame
 
 IPC_MAX_FRAME = 64 << 20
 STATE_MAX = IPC_MAX_FRAME - (1 << 20)  # a larger saved state is recomputed instead
-ABORT_POLL_S = 0.005
 KV_OPS = ("trim_kv", "shrink_kv")
 
 
@@ -73,6 +76,10 @@ class Channel:
         self.kv_ops: list[dict[str, Any]] = []
         self.shutdown = False
         self._pending: list[dict[str, Any]] = []
+        self.lock = threading.RLock()  # poll() runs on the main thread and the DecodeStop's
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     def send(self, msg: dict[str, Any]) -> None:
         send_frame(self.sock, msg)
@@ -85,24 +92,25 @@ class Channel:
 
     def poll(self) -> None:
         """Take in every control message that is waiting, without blocking."""
-        while select.select([self.sock], [], [], 0)[0]:
-            msg = recv_frame(self.sock, IPC_MAX_FRAME)
-            if msg is None:
-                self.shutdown = True
-                return
-            kind = msg.get("type")
-            if kind == "cancel":
-                self.cancelled.add(msg["req"])
-            elif kind == "set_threads":
-                self.threads_wanted = int(msg["n"])
-            elif kind == "preempt":
-                self.preempts[msg["req"]] = int(msg["state_min_tokens"])
-            elif kind in KV_OPS:
-                self.kv_ops.append(msg)
-            elif kind == "shutdown":
-                self.shutdown = True
-            else:
-                self._pending.append(msg)
+        with self.lock:
+            while select.select([self.sock], [], [], 0)[0]:
+                msg = recv_frame(self.sock, IPC_MAX_FRAME)
+                if msg is None:
+                    self.shutdown = True
+                    return
+                kind = msg.get("type")
+                if kind == "cancel":
+                    self.cancelled.add(msg["req"])
+                elif kind == "set_threads":
+                    self.threads_wanted = int(msg["n"])
+                elif kind == "preempt":
+                    self.preempts[msg["req"]] = int(msg["state_min_tokens"])
+                elif kind in KV_OPS:
+                    self.kv_ops.append(msg)
+                elif kind == "shutdown":
+                    self.shutdown = True
+                else:
+                    self._pending.append(msg)
 
     def stop_asked(self, req: str) -> bool:
         """A cancel, a preemption or shutdown: what ends prompt evaluation early."""
@@ -153,11 +161,11 @@ class Engine:
             self.threads, self.threads_why = usable_cpus()
         self.seed = cfg["seed"]
         self.stream_interval = cfg["stream_interval"]
+        self._req: str | None = None  # the request being generated, and where it is
+        self._stage = "idle"
+        self.stop = DecodeStop(channel, self._must_stop_or_rethread)
         self._open(cfg["n_ctx"])
         self.formatter = self._chat_formatter() if cfg["chat_template"] else None
-        self._abort_req: str | None = None
-        self._last_poll = 0.0
-        self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
         # token -> llm.detokenize([token]); at most one entry per vocabulary token
         self._pieces: dict[int, bytes] = {}
 
@@ -174,6 +182,7 @@ class Engine:
             seed=self.seed if self.seed >= 0 else self.llama_cpp.LLAMA_DEFAULT_SEED)
         # llama.cpp may round the context up; llama-cpp-python's buffers keep the asked size.
         self.n_ctx = min(self.llm.n_ctx(), n_ctx)
+        self.stop.install(self.llama_cpp, self.llm.ctx)
 
     def _chat_formatter(self) -> Any:
         template = self.llm.metadata.get("tokenizer.chat_template")
@@ -200,27 +209,46 @@ class Engine:
         self.llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
         self.threads = n
 
-    def take_threads(self, stage: str = "idle", at: int = 0) -> None:
+    def take_threads(self, stage: str = "idle", at: int = 0, redone: bool = False) -> None:
         """Apply a thread count the daemon asked for, for decoding and prompt evaluation
         alike; called only between llama_decode calls, never inside one. The answer says
-        where: idle, or in a request's prefill or decode after `at` tokens."""
+        where: idle, or in a request's prefill or decode after `at` tokens, and whether
+        the call in progress was stopped to take it and made again (redone)."""
         n, self.channel.threads_wanted = self.channel.threads_wanted, None
         if n is not None:
             self.set_threads(n)
-            self.channel.send({"type": "threads", "n": self.threads, "stage": stage, "at": at})
+            self.channel.send({"type": "threads", "n": self.threads, "stage": stage, "at": at,
+                               "redone": redone})
 
-    def _should_abort(self, _data: Any) -> bool:
-        now = time.monotonic()
-        if now - self._last_poll >= ABORT_POLL_S:
-            self._last_poll = now
-            self.channel.poll()
-        return self._abort_req is not None and self.channel.stop_asked(self._abort_req)
+    def _must_stop(self) -> bool:
+        """A cancel or shutdown ends the running llama_decode call for good; so does a
+        preemption during prompt evaluation (while decoding it waits for the token, so
+        that the KV state can be saved)."""
+        ch, req = self.channel, self._req
+        return req is not None and (req in ch.cancelled or ch.shutdown
+                                    or (self._stage == "prefill" and req in ch.preempts))
 
-    def _abort_during_eval(self, req: str | None) -> None:
-        """Install the abort callback for prompt evaluation only; it costs time per node."""
-        self._abort_req = req
-        cb = self._abort_cb if req is not None else self.llama_cpp.ggml_abort_callback()
-        self.llama_cpp.llama_set_abort_callback(self.llm.ctx, cb, None)
+    def _must_stop_or_rethread(self) -> bool:
+        return self.channel.threads_wanted is not None or self._must_stop()
+
+    def _eval(self, tokens: list[int], stage: str, at: int) -> None:
+        """llm.eval(tokens) with the thread count asked for; a call stopped for a thread
+        change is made again with it, one stopped for good raises RuntimeError (as
+        llama-cpp-python does for llama_decode's "aborted")."""
+        self._stage = stage
+        redone = False
+        while True:
+            self.stop.clear()
+            if self._must_stop():  # asked for since the last call
+                raise RuntimeError("stopped between two llama_decode calls")
+            self.take_threads(stage, at, redone)
+            try:
+                self.llm.eval(tokens)
+                return
+            except RuntimeError:
+                if not self.stop.fired or self._must_stop():
+                    raise
+                redone = True
 
     # -- one request ----------------------------------------------------------------
 
@@ -266,10 +294,15 @@ class Engine:
         sampling = {"top_k": msg.get("top_k", 40), "top_p": msg.get("top_p", 0.95),
                     "min_p": msg.get("min_p", 0.05), "temp": msg.get("temperature", 0.8),
                     "repeat_penalty": msg.get("repeat_penalty", 1.0)}
-        while run.finish is None:
-            op = self._segment(run, sampling, out, decoder, msg.get("ignore_eos", False))
-            if op is not None:
-                self.channel.send(self.kv_op(op, run))
+        self._req = run.req
+        try:
+            with self.stop.armed():
+                while run.finish is None:
+                    op = self._segment(run, sampling, out, decoder, msg.get("ignore_eos", False))
+                    if op is not None:
+                        self.channel.send(self.kv_op(op, run))
+        finally:
+            self._req, self._stage = None, "idle"
         out.text += decoder.decode(b"", final=True)
         out.flush()
         done = time.monotonic()
@@ -287,8 +320,7 @@ class Engine:
         """Generate until the request ends (sets run.finish) or a KV operation is asked
         for at a token boundary (returned). Raises Cancelled or Preempted."""
         ch, req, vocab = self.channel, run.req, self.llm._model.vocab
-        self._abort_during_eval(req)
-        tokens = self._tokens(run.context[-1], sampling)
+        tokens = self._tokens(run.context[-1], sampling, run.generated)
         evaluating = True
         try:
             self._prefill(run.context)
@@ -296,7 +328,6 @@ class Engine:
                 if evaluating:
                     evaluating = False
                     run.first_at = run.first_at or time.monotonic()
-                    self._abort_during_eval(None)
                 if self.llama_cpp.llama_vocab_is_eog(vocab, token) and not ignore_eos:
                     run.finish = "stop"
                     return None
@@ -309,8 +340,7 @@ class Engine:
                 if run.generated >= run.max_tokens or len(run.context) >= self.n_ctx:
                     run.finish = "length"
                     return None
-                ch.poll()
-                self.take_threads("decode", run.generated)
+                ch.poll()  # a thread change is taken by the next _eval
                 if req in ch.cancelled or ch.shutdown:
                     raise Cancelled("decode", run.generated)
                 if req in ch.preempts:
@@ -329,11 +359,11 @@ class Engine:
             raise Cancelled("prefill" if evaluating else "decode", run.generated) from None
         finally:
             tokens.close()
-            self._abort_during_eval(None)
         run.finish = "stop"  # the generator ended by itself
         return None
 
-    def _tokens(self, last: int, sampling: dict[str, Any]) -> Generator[int, None, None]:
+    def _tokens(self, last: int, sampling: dict[str, Any],
+                done: int) -> Generator[int, None, None]:
         """The tokens llm.generate(context, **sampling) yields once _prefill has evaluated
         context but its last token: evaluate that one, sample, evaluate the sample, ...
 
@@ -342,14 +372,16 @@ class Engine:
         (the first highest logit), without the sampler's copy of the whole vocabulary
         (590 KB for 49k tokens) per token, nor generate()'s bookkeeping. Measured with
         SmolLM2-135M, 2 threads: 190 -> 126 us between two llama_decode calls (this and
-        the piece cache), decode tokens/s +2 to +3 % in alternating runs, the same text."""
+        the piece cache), decode tokens/s +2 to +3 % in alternating runs, the same text.
+        done: the request's tokens so far, for where a thread change was taken."""
         llm, np, lib = self.llm, self.np, self.llama_cpp
         greedy = sampling["temp"] == 0.0 and sampling["repeat_penalty"] == 1.0
         sampler = None if greedy else llm._init_sampler(**sampling)
         n_vocab = llm.n_vocab()
         token = last
         while True:
-            llm.eval([token])
+            self._eval([token], "decode", done)
+            done += 1
             if sampler is None:
                 logits = lib.llama_get_logits_ith(llm.ctx, -1)
                 token = int(np.ctypeslib.as_array(logits, shape=(n_vocab,)).argmax())
@@ -363,7 +395,6 @@ class Engine:
         itself. The cached prefix is kept, as llm.generate() would."""
         llm, upto = self.llm, len(context) - 1
         self.channel.poll()
-        self.take_threads("prefill", 0)
         held = 0
         if not (llm._is_recurrent or llm._is_hybrid):  # their cache cannot be cut short
             for a, b in zip(llm.input_ids[: llm.n_tokens], context[:upto], strict=False):
@@ -375,9 +406,7 @@ class Engine:
         if held == 0:
             llm.reset()
         for start in range(held, upto, self.cfg["n_batch"]):
-            if start > held:
-                self.take_threads("prefill", start)
-            llm.eval(context[start:min(upto, start + self.cfg["n_batch"])])
+            self._eval(context[start:min(upto, start + self.cfg["n_batch"])], "prefill", start)
 
     def _suspend(self, run: Run, decoder: Any, state_min_tokens: int | None) -> dict[str, Any]:
         """What another worker needs to continue run: its tokens and, for a long context,

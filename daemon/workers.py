@@ -202,7 +202,7 @@ class Worker:
         kind, req = msg.get("type"), self.current
         if kind == "threads":
             self.log.info("threads_applied", threads=msg["n"], stage=msg["stage"], at=msg["at"],
-                          request=req.id if req else None)
+                          redone=msg.get("redone", False), request=req.id if req else None)
             self.threads = msg["n"]
             if msg["n"] == self.threads_asked:
                 self.threads_why, self.threads_asked = self._threads_why_asked, None
@@ -298,7 +298,7 @@ class Worker:
         self._send({"type": op, **values})
 
     def set_threads(self, n: int, why: str) -> None:
-        """Ask for n threads; the worker applies them between two decode calls."""
+        """Ask for n threads; the worker stops the decode call in progress and takes them."""
         self.threads_asked, self._threads_why_asked = n, why
         self._send({"type": "set_threads", "n": n})
 

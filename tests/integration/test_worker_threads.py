@@ -1,5 +1,6 @@
 """A real SmolLM2 worker over its socketpair: a thread count that changes in the middle of
-a prompt is applied between two prompt chunks, and the request finishes as it would have.
+a prompt is applied at once (the llama_decode call in progress is stopped and made again
+with the new count), and the request finishes as it would have.
 
 Greedy decoding makes the output checkable against a worker that never changed.
 """
@@ -33,7 +34,7 @@ def smollm2() -> Path:
 
 
 class Worker:
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, n_batch: int = 16) -> None:
         self.sock, child = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llm_residentd.worker", "--fd", str(child.fileno())],
@@ -41,7 +42,7 @@ class Worker:
         child.close()
         self.sock.settimeout(120)
         send_frame(self.sock, {"type": "load", "path": str(smollm2()), "n_ctx": 1024,
-                               "n_batch": 16, "threads": threads, "chat_template": False,
+                               "n_batch": n_batch, "threads": threads, "chat_template": False,
                                "seed": 1, "stream_interval": 0.0})
         ready = recv_frame(self.sock, 64 << 20)
         assert ready["type"] == "ready", ready
@@ -72,16 +73,21 @@ class Worker:
         self.sock.close()
 
 
-@pytest.mark.parametrize(("start", "then"), [(2, 1), (1, 2)])
-def test_a_thread_change_mid_prompt_applies_between_chunks_and_changes_no_output(start, then):
-    ref = Worker(start)
+def reference(threads: int, n_batch: int = 16) -> tuple[str, dict[str, Any]]:
+    """PROMPT's greedy text from a worker whose count never changes, and its done."""
+    ref = Worker(threads, n_batch)
     try:
         expected, answers, done = ref.generate()
     finally:
         ref.close()
     assert done["type"] == "done" and answers == []
     assert done["stats"]["prompt_tokens"] > 300, done["stats"]
+    return expected, done
 
+
+@pytest.mark.parametrize(("start", "then"), [(2, 1), (1, 2)])
+def test_a_thread_change_mid_prompt_applies_between_chunks_and_changes_no_output(start, then):
+    expected, _ = reference(start)
     w = Worker(start)
     try:
         text, answers, done = w.generate(threads_after_s=0.3, threads=then)
@@ -93,8 +99,27 @@ def test_a_thread_change_mid_prompt_applies_between_chunks_and_changes_no_output
     assert len(answers) == 1, answers
     (answer,) = answers
     assert answer["n"] == then
-    # applied between two prompt chunks (n_batch 16), not inside one and not after it
+    # applied at a prompt chunk's start (n_batch 16): the chunk in progress, if any, was
+    # stopped and evaluated again with the new count; not after the prompt
     assert answer["stage"] == "prefill", f"not mid-prompt: {answer} (prompt evaluated too fast?)"
     assert 0 < answer["at"] < done["stats"]["prompt_tokens"] and answer["at"] % 16 == 0, answer
     assert text == expected  # the request finished as if nothing had changed
     assert again == expected and later == []
+
+
+def test_a_thread_change_stops_the_decode_call_in_progress_and_redoes_it():
+    """The whole prompt in one llama_decode call (n_batch 512) with 1 thread: a change
+    asked for in the middle does not wait for the call to end."""
+    expected, ref_done = reference(1, n_batch=512)
+    w = Worker(1, n_batch=512)
+    try:
+        asked_after = min(0.2, ref_done["stats"]["prefill_s"] / 4)
+        text, answers, done = w.generate(threads_after_s=asked_after, threads=2)
+    finally:
+        w.close()
+    assert done["type"] == "done", done
+    (answer,) = answers
+    # at 0 in prefill: the one prompt call, stopped and made again with 2 threads
+    assert (answer["n"], answer["stage"], answer["at"], answer["redone"]) == (2, "prefill", 0, True), (
+        answer, ref_done["stats"])
+    assert text == expected
