@@ -22,6 +22,7 @@ from .scopes import Backend, Scope, ScopeError
 
 log = structlog.get_logger()
 UNLIMITED = 2**64 - 1  # systemd's "infinity" for uint64 properties
+STOP_TIMEOUT = 10.0  # s; the scope's processes are dead or get SIGTERM, then SIGKILL
 PLACE_TIMEOUT = 5.0
 UNIT_PREFIX = "llm-"
 
@@ -105,10 +106,9 @@ class SystemdBackend(Backend):
         return scope
 
     def _forget(self, unit: str) -> None:
-        for method, args in (("StopUnit", (b"replace",)), ("ResetFailedUnit", ())):
-            with contextlib.suppress(ScopeError):
-                self._call(method, unit.encode(), *args)
-        time.sleep(0.2)
+        self._stop(unit)
+        with contextlib.suppress(ScopeError):
+            self._call("ResetFailedUnit", unit.encode())
 
     def _wait_for_cgroup(self, pid: int, unit: str) -> Path:
         deadline = time.monotonic() + PLACE_TIMEOUT
@@ -132,10 +132,23 @@ class SystemdBackend(Backend):
                  memory_high=format_bytes(limits.memory_high))
 
     def release(self, scope: Scope) -> None:
+        self._stop(scope.name, scope.cgroup)
+
+    def _stop(self, unit: str, cgroup: Path | None = None) -> None:
+        """Stop the unit and wait until its cgroup is gone. StopUnit only queues the stop,
+        and the restarted worker gets a scope of the same name: a stop still pending
+        could land on the new scope and kill the new worker."""
         try:
-            self._call("StopUnit", scope.name.encode(), b"replace")
+            self._call("StopUnit", unit.encode(), b"replace")
         except ScopeError as exc:
-            log.debug("scope_stop_failed", unit=scope.name, error=str(exc))
+            log.debug("scope_stop_failed", unit=unit, error=str(exc))
+            return
+        cgroup = cgroup or CGROUP_ROOT / self.slice / unit
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while cgroup.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if cgroup.exists():
+            log.warning("scope_still_there", unit=unit, cgroup=str(cgroup), waited_s=STOP_TIMEOUT)
 
     def cleanup(self) -> list[str]:
         """Stop llm-*.scope units under our slice left by an earlier run."""
@@ -143,6 +156,6 @@ class SystemdBackend(Backend):
         for unit in self._call("ListUnitsByPatterns", [], [f"{UNIT_PREFIX}*.scope".encode()]):
             name = unit[0].decode()
             if (CGROUP_ROOT / self.slice / name).exists():  # ours: under our slice
-                self.release(Scope(name=name, pid=0, cgroup=None, limits=Limits()))
+                self._stop(name)
                 stale.append(name)
         return stale
