@@ -30,8 +30,10 @@ For each worker that is not pinned (`threads = N` in its model's config):
 - **more threads**: onto CPUs that were idle (`idle_min` of each, from /proc/stat), once
   that has lasted `raise_after_s`. Idle time, not `procs_running`, decides here: it
   counts a neighbour that runs part of the time, which instants can miss.
-- At most one change per worker per `interval_s`, and a worker applies a change between
-  two llama_decode calls (a token, or a chunk of the prompt), never inside one.
+- At most one change per worker per `interval_s`. The worker takes a change at the start
+  of a llama_decode call (a token, or a chunk of the prompt): a call in progress is
+  stopped, its partial work dropped, and made again with the new count, so a slow token
+  computed with too many threads does not hold the change back (daemon/decodestop.py).
 
 The thresholds come from bench/threads_signals.py (docs/benchmarks.md, "Which signal
 shows a neighbour"). With 2 threads, `others` read 0.01 with no neighbour, 0.39 beside a

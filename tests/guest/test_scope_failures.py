@@ -48,10 +48,13 @@ def test_cgroupfs_backend_in_a_delegated_scope(tmp_path, tiny_model):
         assert str(w["pid"]) in (leaf / "cgroup.procs").read_text().split()
         assert (leaf / "cpu.max").read_text().split() == ["50000", "100000"]
         assert (leaf / "memory.high").read_text().strip() == str(256 << 20)
-        assert w["threads"] == 1
+        # The threads policy (on by default) reads the quota from the worker's own cgroup,
+        # whichever backend made it.
+        assert w["threads"] == 1 and w["threads_why"].startswith("quota: 0.5 CPUs"), w
         d.ctl("limits", "tiny", "--cpu", "200%")
         assert (leaf / "cpu.max").read_text().split() == ["200000", "100000"]
-        assert wait_for(lambda: d.worker("tiny-0")["threads"] == 2, what="threads 2")
+        w = wait_for(lambda: (w := d.worker("tiny-0"))["threads"] == 2 and w, what="threads 2")
+        assert w["threads_why"].startswith(("affinity: 2 CPUs", "quota: 2 CPUs")), w
         r = d.ctl("submit", "--json", "-n", "4", "--ignore-eos", "hello")
         assert json.loads(r.stdout.splitlines()[-1])["event"] == "done"
     finally:
