@@ -88,7 +88,7 @@ class Daemon:
     """A daemon on a private socket with a generated config; stopped with SIGTERM on exit."""
 
     def __init__(self, config: str, label: str, ready_timeout: float = 600,
-                 backend: str = "systemd") -> None:
+                 backend: str = "systemd", log_level: str = "info") -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"policy-{label}-"))
         (self.tmp / "config.toml").write_text(config)
         self.sock = self.tmp / "llm.sock"
@@ -96,7 +96,8 @@ class Daemon:
         with open(self.tmp / "daemon.log", "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "llm_residentd", "--config", str(self.tmp / "config.toml"),
-                 "--socket", str(self.sock), "--backend", backend, "--log-format", "json"],
+                 "--socket", str(self.sock), "--backend", backend, "--log-format", "json",
+                 "--log-level", log_level],
                 stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_ready(str(self.sock), None, ready_timeout)
@@ -104,7 +105,8 @@ class Daemon:
             deadline = time.monotonic() + ready_timeout
             while time.monotonic() < deadline:
                 workers = self.status()["workers"]
-                if all(w["state"] == "idle" and (w.get("cgroup") or backend == "none")
+                # a worker with a scope is ready once it is in it ("auto" may mean none)
+                if all(w["state"] == "idle" and (w.get("cgroup") or w["backend"] == "none")
                        for w in workers):
                     break
                 time.sleep(1)

@@ -30,9 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime
@@ -40,17 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import RESULTS, append_csv, smollm2
-from llmctl import Client
-from llmctl.cli import wait_ready
+from policylab import Daemon, percentile
 
 # The times come from the log's own timestamps, so a slow poll loses no precision; a fast
 # one would be a neighbour itself (in the emulated guest, 10 ms polls took a CPU's worth).
 POLL_S = 0.1
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 def spin(gate: int) -> None:
@@ -136,22 +128,15 @@ def main() -> int:
     ap.add_argument("--keep-log", metavar="PATH", help="copy the daemon's log here at the end")
     args = ap.parse_args()
     model = args.model or smollm2()
-    tmp = Path(tempfile.mkdtemp(prefix="threads-reaction-"))
-    (tmp / "c.toml").write_text(f'[models.m]\npath = "{model}"\nn_ctx = 4096\nmax_tokens = 4000\n')
-    sock = tmp / "s.sock"
-    with open(tmp / "daemon.log", "wb") as out:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "llm_residentd", "--config", str(tmp / "c.toml"),
-             "--socket", str(sock), "--backend", args.backend, "--log-format", "json",
-             "--log-level", "debug"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # debug: the daemon logs each CPU trigger (`cpu_trigger`)
+    daemon = Daemon(f'[models.m]\npath = "{model}"\nn_ctx = 4096\nmax_tokens = 4000\n',
+                    "threads-reaction", backend=args.backend, log_level="debug")
     stop = threading.Event()
     rows: list[dict[str, Any]] = []
     run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
-        wait_ready(str(sock), None, 600)
-        with Client(sock, timeout=60) as c:
-            st = c.status()
+        st = daemon.status()
         full = st["workers"][0]["threads"]
         worker = st["workers"][0]["name"]
         mode = st["cpu"]["mode"]
@@ -162,14 +147,14 @@ def main() -> int:
             raise SystemExit("the worker has 1 thread even when quiet: nothing to give up")
 
         def generate() -> None:
-            with Client(sock, timeout=600) as c:
+            with daemon.client(600) as c:
                 while not stop.is_set():
                     for _ in c.submit("the river flows past the mill", max_tokens=4000,
                                       ignore_eos=True, raw=True).events():
                         if stop.is_set():
                             break
         threading.Thread(target=generate, daemon=True).start()
-        log = Log(tmp / "daemon.log")
+        log = Log(daemon.tmp / "daemon.log")
         ctx = mp.get_context("fork")
         for trial in range(args.trials):
             r, w = os.pipe()
@@ -208,10 +193,9 @@ def main() -> int:
                   f"{row['given_back_s']}", flush=True)
     finally:
         stop.set()
-        daemon.terminate()
-        daemon.wait(60)
+        daemon.stop()
         if args.keep_log:
-            Path(args.keep_log).write_bytes((tmp / "daemon.log").read_bytes())
+            Path(args.keep_log).write_bytes((daemon.tmp / "daemon.log").read_bytes())
     for key in ("triggered_s", "decided_s", "applied_s", "given_back_s"):
         values = [r[key] for r in rows if r[key] is not None]
         missed = len(rows) - len(values)

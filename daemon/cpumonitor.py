@@ -31,10 +31,10 @@ import structlog
 
 from . import cpuload, psi
 from .cpus import cgroup_cpu_quota
-from .policies.base import CpuView
+from .policies.base import CPU_TRIGGER_PREFIX, CpuView, cpu_trigger_key
 
 log = structlog.get_logger()
-TRIGGER_KEY = "threads/cpu"  # the system file; "threads/<worker>" for a scope's
+TRIGGER_KEY = cpu_trigger_key("cpu")  # the system file's; a scope's is named after its worker
 SLOW_PERIOD_S = 1.0  # between readings while a PSI trigger watches
 WINDOW_S = 1.0  # readings older than this leave the view
 CAPS_EVERY_S = 1.0  # affinity and cgroup quota change rarely
@@ -81,8 +81,9 @@ class CpuMonitor:
         return self.poll_interval
 
     def _could_move(self) -> bool:
+        movable = self.movable()
         return any(cap.allowed > 1 and (cap.quota is None or cap.quota >= 2)
-                   for name, cap in self.caps.items() if name in self.movable())
+                   for name, cap in self.caps.items() if name in movable)
 
     def start(self, watcher: psi.PsiWatcher | None) -> None:
         """Register the CPU trigger if the kernel takes it, else poll; start reading."""
@@ -103,20 +104,21 @@ class CpuMonitor:
 
     @staticmethod
     def is_trigger(key: str) -> bool:
-        return key.startswith("threads/")
+        return key.startswith(CPU_TRIGGER_PREFIX)
 
     def watch_scope(self, worker: str, cgroup: Path) -> None:
         """Arm the trigger on a worker scope's cpu.pressure (where triggers work)."""
         if self._watcher is None or self.trigger is None:
             return
+        key = cpu_trigger_key(worker)
         try:
-            self._watcher.add(f"threads/{worker}", cgroup / "cpu.pressure", self.trigger)
+            self._watcher.add(key, cgroup / "cpu.pressure", self.trigger)
         except psi.PsiUnavailable as exc:
-            log.warning("psi_trigger_unavailable", key=f"threads/{worker}", error=str(exc))
+            log.warning("psi_trigger_unavailable", key=key, error=str(exc))
 
     def unwatch_scope(self, worker: str) -> None:
         if self._watcher is not None:
-            self._watcher.remove(f"threads/{worker}")
+            self._watcher.remove(cpu_trigger_key(worker))
 
     def stop(self) -> None:
         self.mode = "stopped"

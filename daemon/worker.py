@@ -112,10 +112,6 @@ class Channel:
                 else:
                     self._pending.append(msg)
 
-    def stop_asked(self, req: str) -> bool:
-        """A cancel, a preemption or shutdown: what ends prompt evaluation early."""
-        return req in self.cancelled or req in self.preempts or self.shutdown
-
     def forget(self) -> None:
         """Before a new request: drop stops of earlier ones that came too late."""
         self.cancelled.clear()
@@ -350,7 +346,7 @@ class Engine:
                     out.flush()
                     return ch.kv_ops.pop(0)
         except RuntimeError:
-            if not ch.stop_asked(req):
+            if not self._must_stop():  # llama_decode failed: not a stop
                 raise
             self.llm.reset()  # the aborted decode left the context half-evaluated
             if req in ch.preempts:
@@ -390,9 +386,9 @@ class Engine:
             yield token
 
     def _prefill(self, context: list[int]) -> None:
-        """Evaluate all but the last token of context, n_batch tokens per llama_decode,
-        taking thread changes between the calls; _tokens() then evaluates the last token
-        itself. The cached prefix is kept, as llm.generate() would."""
+        """Evaluate all but the last token of context, n_batch tokens per llama_decode
+        (each through _eval, which takes thread changes); _tokens() then evaluates the last
+        token itself. The cached prefix is kept, as llm.generate() would."""
         llm, upto = self.llm, len(context) - 1
         self.channel.poll()
         held = 0

@@ -107,6 +107,15 @@ class WorkerLoad:
     nivcsw: float  # involuntary context switches per second
 
 
+CPU_TRIGGER_PREFIX = "threads/"
+
+
+def cpu_trigger_key(scope: str) -> str:
+    """A CPU trigger's key: "threads/cpu" for /proc/pressure/cpu, "threads/<worker>" for
+    a worker scope's cpu.pressure."""
+    return CPU_TRIGGER_PREFIX + scope
+
+
 @dataclass(frozen=True)
 class CpuView:
     """What the CPUs did over the last short window. CPU figures are in CPUs (1.0 = one
@@ -120,12 +129,15 @@ class CpuView:
     others_cpu: float  # CPU used by everything but the workers
     stall: float | None  # CPU PSI some of the watched files: fraction of the time
     workers: dict[str, WorkerLoad] = field(default_factory=dict)  # worker name -> its load
-    # the PSI trigger behind the last reading: "threads/cpu" (the system's), or
-    # "threads/<worker>" when that worker's own threads waited; "" for a timed reading
-    trigger: str = ""
+    trigger: str = ""  # the key of the CPU trigger behind the last reading; "" if timed
 
     def total(self, attr: str) -> float:
         return sum(getattr(w, attr) for w in self.workers.values())
+
+    def waited_on_own_scope(self, worker: str) -> bool:
+        """The last reading came from a trigger on the worker's own scope: the kernel saw
+        its threads wait."""
+        return self.trigger == cpu_trigger_key(worker)
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,7 @@ class Threads(Policy):
             load = snap.cpu.workers.get(w.name) if snap.cpu else None
             # a trigger on its own scope is the kernel's word that its threads waited
             waited = (w.state != "busy" or (load is not None and load.wait >= s["wait_min"])
-                      or (snap.cpu is not None and snap.cpu.trigger == f"threads/{w.name}"))
+                      or (snap.cpu is not None and snap.cpu.waited_on_own_scope(w.name)))
             if settled and waited:
                 why = self._why(others, cpus, sharers)
                 if load is not None and w.state == "busy":

@@ -84,14 +84,8 @@ def computing_threads(d: GuestDaemon, pid: int, model: str) -> int:
     return sum(1 for u in used if u >= max(used) / 5)
 
 
-def worker(d: GuestDaemon, name: str) -> dict[str, Any]:
-    with Client(d.socket, timeout=60) as c:
-        return next(w for w in c.status()["workers"] if w["name"] == name)
-
-
 def threads_events(d: GuestDaemon) -> list[dict[str, Any]]:
-    with Client(d.socket, timeout=60) as c:
-        return [e for e in c.call("events", limit=500)["events"] if e["action"] == "set_threads"]
+    return [e for e in d.call("events", limit=500)["events"] if e["action"] == "set_threads"]
 
 
 def changes_since(d: GuestDaemon, n: int) -> list[tuple[str, int, str]]:
@@ -102,7 +96,7 @@ def settled(d: GuestDaemon, name: str, threads: int) -> dict[str, Any]:
     """Wait, polling gently (TCG: every client costs CPU), for a worker's count."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        w = worker(d, name)
+        w = d.worker(name)
         if w["threads"] == threads and not w["threads_asked"]:
             return w
         time.sleep(2)
@@ -111,8 +105,7 @@ def settled(d: GuestDaemon, name: str, threads: int) -> dict[str, Any]:
 
 def test_threads_drop_beside_a_hog_outside_the_slice_and_come_back(daemon):
     d = daemon
-    with Client(d.socket, timeout=60) as c:
-        cpu = c.status()["cpu"]
+    cpu = d.status()["cpu"]
     assert cpu["mode"] == "psi-trigger", cpu  # real triggers here, not polling
     assert cpu["trigger"] == "some 50000 500000" and cpu["why_polling"] is None
     auto = settled(d, "auto-0", 2)
@@ -136,14 +129,13 @@ def test_threads_drop_beside_a_hog_outside_the_slice_and_come_back(daemon):
         assert w["threads_why"].startswith("contention: "), w
         (event,) = threads_events(d)[before:]
         reaction = event["at"] - started
-        with Client(d.socket, timeout=60) as c:
-            cpu = c.status()["cpu"]
+        cpu = d.status()["cpu"]
         log(f"dropped to 1 thread {reaction:.3f} s after the hog started: {event['reason']}; "
             f"cpu {cpu}")
         assert cpu["triggers"] > triggers0, "no CPU PSI trigger fired under the hog"
         assert reaction < 30, reaction  # bench/threads_reaction.py measures it properly
         # the kernel's view of the drop, with the pinned worker as the measure's control
-        pinned_pid = worker(d, "pinned-0")["pid"]
+        pinned_pid = d.worker("pinned-0")["pid"]
         assert computing_threads(d, pinned_pid, "pinned") == 2
         assert computing_threads(d, w["pid"], "auto") == 1
         # Beside the hog, in the same run: the policy's 1 thread against 2 pinned ones.
@@ -152,7 +144,7 @@ def test_threads_drop_beside_a_hog_outside_the_slice_and_come_back(daemon):
             for m in ("pinned", "auto"):
                 hogged[m].append(decode(d, m))
         log(f"beside the hog tok/s {hogged}; thread changes {changes_since(d, before)}")
-        assert worker(d, "pinned-0")["threads"] == 2
+        assert d.worker("pinned-0")["threads"] == 2
     finally:
         hog.terminate()
         hog.wait(30)
