@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 from llm_residentd import config
 from llm_residentd.config import ConfigError, load, parse
@@ -73,11 +76,57 @@ def test_describe_lists_every_key_with_help():
     assert all("help" in v for section in keys.values() for v in section.values())
 
 
+_DOC_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
+
+
+def _doc_cell(value: object) -> str:
+    """A default as docs/configuration.md writes it: TOML syntax in backticks."""
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    return f"`{value}`"
+
+
+def _doc_rows(doc: str) -> dict[str, dict[str, list[str]]]:
+    """The key tables of docs/configuration.md: section -> key -> the row's cells."""
+    tables: dict[str, dict[str, list[str]]] = {}
+    section = None
+    for line in doc.splitlines():
+        heading = re.match(r"## `\[(.+)\]`$", line)
+        if heading:
+            section = heading[1]
+            tables[section] = {}
+        elif section and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            tables[section][cells[0].strip("`")] = cells
+    return tables
+
+
 def test_every_key_is_documented():
+    """Each key has a row in its own section's table, with its type and its default."""
     from pathlib import Path
     doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    tables = _doc_rows(doc)
+    classes = {"daemon": config.DaemonConfig, "models.NAME": config.ModelConfig}
     for section, keys in config.describe().items():
+        types = {f.name: f.type for f in dataclasses.fields(classes[section])}
+        rows = tables.get(section)
+        assert rows is not None, f"docs/configuration.md has no ## `[{section}]` table"
         for key, spec in keys.items():
-            assert f"| `{key}` |" in doc, f"{section}.{key} is missing from docs/configuration.md"
-            if spec["default"] not in ("", True):
-                assert str(spec["default"]).lower() in doc, f"{section}.{key} default"
+            row = rows.get(key)
+            assert row is not None, f"{section}.{key} is missing from its table"
+            assert len(row) == 4, f"{section}.{key}: row has {len(row)} cells, not 4"
+            assert row[1] == _DOC_TYPES[types[key]], f"{section}.{key} type: {row[1]}"
+            assert row[2] == _doc_cell(spec["default"]), (
+                f"{section}.{key} default: the row says {row[2]}, the code {spec['default']!r}")
+        assert set(rows) <= set(keys), f"[{section}] documents unknown keys {set(rows) - set(keys)}"
+
+
+def test_the_documentation_check_reads_the_keys_own_row():
+    """A digit elsewhere on the page does not pass for a key's default."""
+    doc = ("## `[daemon]`\n\n| key | type | default | meaning |\n|---|---|---|---|\n"
+           "| `workers` | integer | `2` | Worker processes (1 to 64). |\n")
+    cells = _doc_rows(doc)["daemon"]["workers"]
+    assert cells[2] != _doc_cell(1) and "1" in doc
+    assert _doc_cell(1.0) == "`1.0`" and _doc_cell("") == '`""`' and _doc_cell(True) == "`true`"

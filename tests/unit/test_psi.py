@@ -52,10 +52,50 @@ def test_cgroup_stats_from_files(tmp_path):
     assert st["pressure"]["cpu"]["some"]["avg10"] == 1.5 and st["pressure"]["io"] is None
 
 
+def _fields(text: str) -> dict[str, dict[str, str]]:
+    """The raw words of a pressure file: {"some": {"avg10": "1.50", ...}, "full": ...}."""
+    return {kind: dict(f.split("=") for f in rest.split())
+            for kind, _, rest in (line.partition(" ") for line in text.splitlines())}
+
+
+def _avgs(files: dict[str, dict[str, dict[str, str]]]) -> dict:
+    return {(r, kind, f): v for r, kinds in files.items() for kind, words in kinds.items()
+            for f, v in words.items() if f != "total"}
+
+
 def test_system_pressure_on_this_machine():
+    """Each parsed value matches /proc/pressure read just before and just after it.
+
+    The avg fields change every 2 s: a parse between two equal readings must equal them.
+    The totals only grow: the parsed one lies between the two readings.
+    """
     if not os.path.exists("/proc/pressure/cpu"):
         pytest.fail("this kernel has no /proc/pressure; CI machines do")
-    assert psi.system_pressure()["cpu"]["some"]["total"] >= 0
+    for _ in range(20):  # an avg update fell between the readings: read again
+        before = {r: _fields((psi.SYSTEM / r).read_text()) for r in psi.RESOURCES}
+        parsed = psi.system_pressure()
+        after = {r: _fields((psi.SYSTEM / r).read_text()) for r in psi.RESOURCES}
+        if _avgs(before) == _avgs(after):
+            break
+    else:
+        pytest.fail("the avg fields changed between every pair of readings")
+    for res in psi.RESOURCES:
+        assert parsed[res] is not None and set(parsed[res]) == set(before[res]), res
+        for kind, words in before[res].items():
+            got = parsed[res][kind]
+            assert set(got) == set(words), (res, kind)
+            for field in ("avg10", "avg60", "avg300"):
+                assert got[field] == float(words[field]), (res, kind, field)
+            lo, hi = int(words["total"]), int(after[res][kind]["total"])
+            assert lo <= got["total"] <= hi, (res, kind, lo, got["total"], hi)
+
+
+def test_parse_a_captured_line_exactly():
+    line = ("some avg10=89.96 avg60=34.32 avg300=9.47 total=2754144755\n"
+            "full avg10=0.00 avg60=0.08 avg300=0.14 total=18470010\n")
+    assert psi.parse(line) == {
+        "some": {"avg10": 89.96, "avg60": 34.32, "avg300": 9.47, "total": 2754144755},
+        "full": {"avg10": 0.0, "avg60": 0.08, "avg300": 0.14, "total": 18470010}}
 
 
 def _cgroup(path, cpu_avg10: float):
