@@ -1,5 +1,8 @@
 """cancel: stop a queued or running request.
 
+Access: the request's owner (the uid that submitted it, from any connection) or root;
+others get `forbidden`.
+
 Request: {"op": "cancel", "request": "r7"}
 Reply:   {"request": "r7", "cancelled": true}
 The request's own stream ends with an error event of code cancelled. Only its owner

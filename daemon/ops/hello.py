@@ -1,5 +1,7 @@
 """hello: the handshake; the first request on every connection.
 
+Access: any peer that can connect.
+
 Request: {"op": "hello", "protocol": 1, "client": "llmctl/0.1.0"}
 Reply:   {"protocol": 1, "server": "llm-residentd", "version": "0.1.0",
           "max_frame": 1048576, "ops": [...], "uid": 1000}

@@ -1,5 +1,8 @@
 """limits: show or change a model's worker limits live (changes: root only).
 
+Access: any peer may show; a change (any field besides `model`) needs root (uid 0),
+others get `forbidden`.
+
 Request: {"op": "limits", "model": "smollm2", "cpu": "50%", "memory_high": "600M"}
 Reply:   {"model": "smollm2", "backend": "systemd",
           "limits": {"cpu": "50%", "memory_high": "600M", "memory_max": "max",

@@ -1,5 +1,7 @@
 """models: the configured models and whether they can serve.
 
+Access: any peer.
+
 Request: {"op": "models"}
 Reply:   {"models": [{"name", "state", "source", "path", "workers", "n_ctx",
                       "max_tokens", "error"}]}

@@ -1,5 +1,8 @@
 """policy: list the policies, show one, or change one live (changes: root only).
 
+Access: any peer may `list` and `show`; `set` and `disable` need root (uid 0), others
+get `forbidden`.
+
 Request: {"op": "policy", "action": "list"}
 Reply:   {"available": {NAME: MODULE}, "enabled": {NAME: {PARAM: VALUE}},
           "disabled": {NAME: WHY}, "load_errors": {NAME: TRACEBACK}, "deferred": [IDS]}

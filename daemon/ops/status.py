@@ -1,7 +1,10 @@
 """status: the daemon, its workers, and per-model queues and latency percentiles.
 
+Access: any peer.
+
 Request: {"op": "status"}
-Reply:   {"daemon": {...}, "workers": [...], "models": {NAME: {...}}}
+Reply:   {"daemon": {...}, "workers": [...], "pressure": {...}, "cpu": {...},
+          "models": {NAME: {...}}}
 docs/protocol.md lists every field.
 """
 

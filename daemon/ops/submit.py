@@ -1,5 +1,7 @@
 """submit: queue a prompt for a model and stream its tokens back.
 
+Access: any peer; the request belongs to the peer's uid.
+
 Request: {"op": "submit", "prompt": "...", "model": "smollm2", "max_tokens": 64, ...}
 Reply:   {"request": "r7", "model": "smollm2", "position": 0}  (accepted)
 Then events with the same id: {"event": "token", "text": "..."} for each piece of text,
