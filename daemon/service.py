@@ -351,7 +351,7 @@ class Service:
         elif req.id in self.requests:
             self.queues[req.model].push(req, requeue=True)
             log.info("request_requeued", request=req.id, worker=worker.name, why=code)
-            self.dispatch(req.model)
+            self.notify(Event("queued", request=req.id, model=req.model))  # and dispatch
 
     def worker_preempted(self, worker: Worker, req: Request, resume: dict[str, Any]) -> None:
         """Queue a preempted request again in its old place; it resumes where it stopped."""

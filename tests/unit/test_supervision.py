@@ -173,3 +173,57 @@ def test_a_request_without_tokens_is_requeued_twice_then_fails():
 @pytest.mark.parametrize("code", ["worker_died", "worker_hung"])
 def test_a_request_that_streamed_tokens_fails(code):
     assert after_loss(_request(tokens=5), code, "worker m-0 died") == (code, "worker m-0 died")
+
+
+class LiveListener:
+    """Just the config the liveness check reads."""
+
+    def __init__(self, liveness_timeout: float) -> None:
+        from llm_residentd.config import Config, DaemonConfig
+        self.config = Config(daemon=DaemonConfig(liveness_timeout=liveness_timeout))
+
+
+def _watch(monkeypatch: pytest.MonkeyPatch, answers: list[bool],
+           stalls: frozenset[int] = frozenset()) -> tuple[Worker, list[float], list[str]]:
+    """Run Worker._watch with liveness_timeout 8 (a ping every 2 s): answers[i] says whether
+    the worker answers ping i; a sleep in `stalls` overruns by 20 s (the daemon's own loop
+    held up). Returns the worker, the times it was pinged and the kills."""
+    from llm_residentd import workers
+
+    clock, pings, kills = Clock(), [], []
+
+    async def sleep(delay: float) -> None:
+        i = len(pings) - 1
+        clock.now += delay + (20 if i in stalls else 0)
+        if i < len(answers) and answers[i]:
+            worker._heard_at = clock.now - 0.1  # the pong came just before the sleep ended
+        if i >= 20:
+            worker._stopping = True
+
+    worker = Worker(ModelConfig(name="m", path="/m.gguf"), 0, LiveListener(8.0), 30.0,  # type: ignore[arg-type]
+                    clock=clock, sleep=sleep)
+    worker._heard_at = clock.now
+    worker._proc = object()  # type: ignore[assignment]
+    worker._send = lambda msg: pings.append(clock.now)  # type: ignore[method-assign]
+    monkeypatch.setattr(workers, "kill", lambda proc: kills.append(worker._hung))
+    asyncio.run(worker._watch())
+    return worker, pings, kills
+
+
+def test_a_worker_that_answers_pings_lives(monkeypatch):
+    _, pings, kills = _watch(monkeypatch, [True] * 30)
+    assert kills == [] and len(pings) == 21 and pings[1] - pings[0] == 2.0
+
+
+def test_a_silent_worker_is_killed_after_the_deadline(monkeypatch):
+    _, pings, kills = _watch(monkeypatch, [True, True] + [False] * 30)
+    # Heard last at 1003.9; unanswered pings at 1004 ... 1010; silent 8.1 s at 1012.
+    assert kills == ["killed: no heartbeat for 8.1 s while idle (daemon.liveness_timeout 8 s)"]
+    assert len(pings) == 6
+
+
+def test_a_stalled_daemon_loop_is_not_taken_for_a_silent_worker(monkeypatch):
+    """After the daemon's loop was held up 20 s, the worker's pongs wait unread in the
+    socket: the check lets the reader take them in before it judges."""
+    _, _, kills = _watch(monkeypatch, [True, False, True] + [True] * 30, stalls=frozenset({1}))
+    assert kills == []
