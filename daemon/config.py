@@ -46,6 +46,8 @@ class DaemonConfig:
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = _opt("auto", "log format", choices=("auto", "json", "console"))
     restart_backoff_max: float = _opt(30.0, "longest wait before restarting a worker", 0.1, 3600)
+    liveness_timeout: float = _opt(60.0, "seconds a worker may send nothing (no token, no "
+                                   "answer to a ping) before it is killed as hung", 1, 3600)
     shutdown_grace: float = _opt(5.0, "seconds workers get to exit on shutdown", 0.1, 300)
     backend: str = _opt("auto", "where workers run", choices=("auto", "systemd", "cgroupfs", "none"))
     slice: str = _opt("llm.slice", "systemd slice of the worker scopes")

@@ -36,6 +36,7 @@ ERROR_CODES: dict[str, str] = {
     "timeout": "the request's deadline passed",
     "deferred_timeout": "the request's deadline passed while a policy held it back",
     "worker_died": "the worker process running the request died",
+    "worker_hung": "the worker running the request stopped answering and was killed",
     "shutting_down": "the daemon is stopping",
     "too_many_connections": "the daemon is at its connection limit",
     "internal": "an unexpected server error; details are in the daemon log",

@@ -32,6 +32,7 @@ class Request:
     finished: bool = False
     tokens_sent: int = 0
     preemptions: int = 0
+    lost_workers: int = 0  # workers that died or hung under it before its first token
     resume: dict[str, Any] | None = None  # from the worker that was preempted
     seq: int | None = None  # FIFO order in its queue, kept when it is queued again
 

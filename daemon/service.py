@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from . import __version__, cgroupstats, cpumonitor, modelsource, psi, snapshots
+from . import __version__, cgroupstats, cpumonitor, modelsource, psi, snapshots, supervision
 from .config import Config, limits_of, trigger_of
 from .limits import LimitError, Limits, check_order
 from .metrics import ModelMetrics
@@ -228,17 +228,7 @@ class Service:
             return path
 
     def model_state(self, model: str) -> str:
-        """ready (a worker is up), unavailable (every worker failed to load) or loading."""
-        workers = self.workers[model]
-        if any(w.state in ("idle", "busy") for w in workers):
-            return "ready"
-        if all(w.load_error for w in workers):
-            return "unavailable"
-        return "loading"
-
-    def _unavailable_reason(self, model: str) -> str:
-        reasons = sorted({w.load_error for w in self.workers[model] if w.load_error})
-        return f"model {model!r} cannot be loaded: {'; '.join(reasons)}"
+        return supervision.model_state(self.workers[model])
 
     # -- requests ----------------------------------------------------------------
 
@@ -251,7 +241,7 @@ class Service:
             known = ", ".join(sorted(self.queues))
             raise ProtocolError("no_such_model", f"no model {model!r} (configured: {known})")
         if self.model_state(model) == "unavailable":
-            raise ProtocolError("model_unavailable", self._unavailable_reason(model))
+            raise ProtocolError("model_unavailable", supervision.load_trouble(model, self.workers[model]))
         req = Request(id=f"r{next(self._ids)}", model=model, prompt=prompt, params=params,
                       priority=priority, uid=uid, sink=sink)
         position = self.queues[model].push(req)
@@ -354,6 +344,15 @@ class Service:
     def worker_error(self, worker: Worker, req: Request, code: str, message: str) -> None:
         self._finish(req, code, message)
 
+    def worker_lost(self, worker: Worker, req: Request, code: str, message: str) -> None:
+        """req's worker died or hung: without a token yet, req waits for the next worker."""
+        if req.id in self.requests and (failure := supervision.after_loss(req, code, message)):
+            self._finish(req, *failure)
+        elif req.id in self.requests:
+            self.queues[req.model].push(req, requeue=True)
+            log.info("request_requeued", request=req.id, worker=worker.name, why=code)
+            self.notify(Event("queued", request=req.id, model=req.model))  # and dispatch
+
     def worker_preempted(self, worker: Worker, req: Request, resume: dict[str, Any]) -> None:
         """Queue a preempted request again in its old place; it resumes where it stopped."""
         if req.id not in self.requests:
@@ -397,7 +396,7 @@ class Service:
         model = worker.model.name
         if self.model_state(model) == "unavailable":
             while (req := self.queues[model].pop()) is not None:
-                self._finish(req, "model_unavailable", self._unavailable_reason(model))
+                self._finish(req, "model_unavailable", supervision.load_trouble(model, self.workers[model]))
 
     # -- views --------------------------------------------------------------------
 
@@ -445,14 +444,13 @@ class Service:
     def models(self) -> list[dict[str, Any]]:
         out = []
         for name, cfg in self.config.models.items():
-            workers = self.workers[name]
             out.append({
                 "name": name, "state": self.model_state(name),
                 "source": cfg.package or cfg.path,
                 "path": str(self._paths[name]) if name in self._paths else None,
-                "workers": len(workers), "n_ctx": cfg.n_ctx, "max_tokens": cfg.max_tokens,
-                "error": self._unavailable_reason(name) if any(w.load_error for w in workers)
-                else None,
+                "workers": len(self.workers[name]), "n_ctx": cfg.n_ctx,
+                "max_tokens": cfg.max_tokens,
+                "error": supervision.load_trouble(name, self.workers[name]) or None,
             })
         return out
 

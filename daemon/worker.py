@@ -5,7 +5,8 @@ speaking the framed msgpack of protocol.py. Control messages (cancel, set_thread
 preempt, KV operations, shutdown) are read between tokens, and during a request also by
 a watcher thread (decodestop.py) that stops the llama_decode call in progress for a
 cancel, a thread change or shutdown, so none of them waits for a slow token or a prompt
-chunk.
+chunk. The daemon's liveness pings are answered at once wherever they are read: by the
+main loop while idle, by that thread during a long prompt evaluation.
 """
 
 from __future__ import annotations
@@ -77,12 +78,14 @@ class Channel:
         self.shutdown = False
         self._pending: list[dict[str, Any]] = []
         self.lock = threading.RLock()  # poll() runs on the main thread and the DecodeStop's
+        self._send_lock = threading.Lock()  # so does send(): a pong beside the tokens
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def send(self, msg: dict[str, Any]) -> None:
-        send_frame(self.sock, msg)
+        with self._send_lock:
+            send_frame(self.sock, msg)
 
     def recv(self) -> dict[str, Any] | None:
         """Next command: held-back ones first, then a blocking read."""
@@ -109,6 +112,8 @@ class Channel:
                     self.kv_ops.append(msg)
                 elif kind == "shutdown":
                     self.shutdown = True
+                elif kind == "ping":
+                    self.send({"type": "pong"})
                 else:
                     self._pending.append(msg)
 
@@ -497,6 +502,8 @@ def serve(ch: Channel, engine: Engine) -> None:
             engine.take_threads()
         elif kind in KV_OPS:
             ch.send(engine.kv_op(msg))
+        elif kind == "ping":
+            ch.send({"type": "pong"})
         elif kind == "shutdown":
             return
         while ch.kv_ops:  # asked for while the request was ending

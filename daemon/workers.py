@@ -11,19 +11,20 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
 import structlog
 
-from .config import ModelConfig
+from .config import Config, ModelConfig
 from .protocol import ProtocolError, decode, encode, read_frame
 from .scheduler import Request
 from .scopes import Scope
+from .supervision import Backoff, Clock, ping_period
 
 LOAD_TIMEOUT = 600.0
-STABLE_AFTER = 30.0  # a worker up this long resets the backoff
 IPC_MAX_FRAME = 64 << 20
 
 
@@ -39,10 +40,13 @@ def kill(proc: asyncio.subprocess.Process) -> None:
 
 
 class Listener(Protocol):
+    config: Config  # read at each use: a reload changes it
+
     async def model_path(self, model: str) -> Path: ...
     def worker_idle(self, worker: Worker) -> None: ...
     def worker_done(self, worker: Worker, req: Request, msg: dict[str, Any]) -> None: ...
     def worker_error(self, worker: Worker, req: Request, code: str, message: str) -> None: ...
+    def worker_lost(self, worker: Worker, req: Request, code: str, message: str) -> None: ...
     def worker_load_failed(self, worker: Worker) -> None: ...
     def oom_killed(self, worker: Worker) -> bool: ...
     def worker_preempted(self, worker: Worker, req: Request, resume: dict[str, Any]) -> None: ...
@@ -71,16 +75,19 @@ def run_as(user: str) -> dict[str, Any]:
 
 
 class Worker:
-    """One model worker process, restarted with exponential backoff when it dies."""
+    """One model worker process, restarted with exponential backoff when it dies, and
+    killed and restarted when it stops answering (supervision.py decides the waits)."""
 
     def __init__(self, model: ModelConfig, index: int, listener: Listener,
-                 backoff_max: float, user: str = "") -> None:
+                 backoff_max: float, user: str = "", *, clock: Clock = time.monotonic,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self.model = model
         self.user = user  # daemon.worker_user
         self.index = index
         self.name = f"{model.name}-{index}"
         self.listener = listener
-        self.backoff_max = backoff_max
+        self.backoff = Backoff(backoff_max, clock)
+        self._clock, self._sleep = clock, sleep
         self.state = "starting"
         self.pid: int | None = None
         self.threads = 0
@@ -92,6 +99,9 @@ class Worker:
         self.restarts = 0
         self.last_error = ""
         self.load_error = ""  # set while the model cannot be loaded
+        self.load_failures = 0  # failed loads in a row
+        self._heard_at = 0.0  # when the process last sent anything (clock())
+        self._hung = ""  # why the liveness check killed the process, until it is reaped
         self.current: Request | None = None
         self.scope: Scope | None = None
         self.scope_error = ""
@@ -108,32 +118,34 @@ class Worker:
     # -- supervision ---------------------------------------------------------
 
     async def supervise(self) -> None:
-        failures = 0
         while not self._stopping:
-            started = time.monotonic()
-            reader, failed = None, ""
+            reader, failed, served = None, "", self.served
             try:
                 reader = await self._spawn_and_load()
             except LoadFailed as exc:
                 failed = str(exc)
             if reader is not None:
+                self.backoff.up()
+                self.load_failures = 0
                 self.state = "idle"
                 self.listener.worker_idle(self)
-                await self._read_loop(reader)
+                await self._serve(reader)
             oom = await self._reap()
             if failed:
                 self.last_error = self.load_error = f"{failed}; {oom}" if oom else failed
-                self.log.error("worker_load_failed", error=self.load_error)
+                self.load_failures += 1
+                self.log.error("worker_load_failed", error=self.load_error,
+                               load_failures=self.load_failures)
                 self.listener.worker_load_failed(self)
             if self._stopping:
                 break
-            lived = time.monotonic() - started
-            failures = 1 if lived > STABLE_AFTER else failures + 1
-            delay = min(self.backoff_max, 0.5 * 2 ** (failures - 1))
+            delay = self.backoff.failed(served=self.served > served)
             self.state = "restarting" if reader is not None else "failed"
             self.restarts += 1
-            self.log.warning("worker_restart_scheduled", delay_s=delay, failures=failures)
-            await asyncio.sleep(delay)
+            self.log.warning("worker_restart_scheduled", delay_s=delay,
+                             failures=self.backoff.failures)
+            await self._sleep(delay)
+            self.backoff.retry_at = None
         self.state = "stopped"
 
     async def _spawn_and_load(self) -> asyncio.StreamReader | None:
@@ -173,9 +185,10 @@ class Worker:
             raise LoadFailed(f"worker exited while loading {path}" + (f": {tail}" if tail else ""))
         if msg.get("type") != "ready":
             raise LoadFailed(msg.get("message", f"unexpected reply {msg!r}"))
+        self._heard_at = self._clock()
         self.threads, self.n_ctx = msg["threads"], msg["n_ctx"]
         self.threads_why, self.threads_asked = msg["threads_why"], None
-        self.last_error = self.load_error = ""
+        self.load_error = ""  # last_error stays: status says why the last process ended
         self.log.info("worker_ready", pid=self.pid, path=str(path), threads=self.threads,
                       n_ctx=self.n_ctx, load_s=round(msg["load_s"], 3))
         return reader
@@ -183,6 +196,39 @@ class Worker:
     async def _recv(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
         body = await read_frame(reader, IPC_MAX_FRAME)
         return None if body is None else decode(body)
+
+    async def _serve(self, reader: asyncio.StreamReader) -> None:
+        """Relay the worker's messages, checking that it lives, until its stream ends."""
+        watch = asyncio.get_running_loop().create_task(self._watch(), name=f"{self.name}-live")
+        try:
+            await self._read_loop(reader)
+        finally:
+            watch.cancel()
+
+    async def _watch(self) -> None:
+        """Ping the worker; kill it once it has sent nothing (no token, no pong) for
+        daemon.liveness_timeout: a stopped or hung process would otherwise keep its request
+        until the request's own timeout and leave the model "ready". The worker answers
+        pings from its decode-stop thread while llama_decode runs, so a long prompt
+        evaluation is not taken for a hang."""
+        while not self._stopping:
+            limit = self.listener.config.daemon.liveness_timeout
+            period = ping_period(limit)
+            self._send({"type": "ping"})
+            asked = self._clock()
+            await self._sleep(period)
+            now = self._clock()
+            if now - asked > 2 * period:
+                continue  # the daemon's own loop was held up: its reader gets a turn first
+            silent = now - self._heard_at
+            if silent > limit and not self._stopping and self._proc is not None:
+                doing = f"running {self.current.id}" if self.current else "idle"
+                self._hung = (f"killed: no heartbeat for {silent:.1f} s while {doing} "
+                              f"(daemon.liveness_timeout {limit:g} s)")
+                self.log.error("worker_hung", pid=self.pid, silent_s=round(silent, 1),
+                               request=self.current.id if self.current else None)
+                kill(self._proc)  # its stream then ends; _reap says why
+                return
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         while True:
@@ -193,6 +239,7 @@ class Worker:
                 return
             if msg is None:
                 return
+            self._heard_at = self._clock()
             try:
                 self._handle(msg)
             except Exception:
@@ -200,6 +247,8 @@ class Worker:
 
     def _handle(self, msg: dict[str, Any]) -> None:
         kind, req = msg.get("type"), self.current
+        if kind == "pong":
+            return
         if kind == "threads":
             self.log.info("threads_applied", threads=msg["n"], stage=msg["stage"], at=msg["at"],
                           redone=msg.get("redone", False), request=req.id if req else None)
@@ -235,6 +284,8 @@ class Worker:
         the kernel's OOM killer took it, else ""."""
         oom = ""
         proc, self._proc = self._proc, None
+        # No more requests for it: one dispatched while the process is reaped would be lost.
+        self.state = "stopped" if self._stopping else "restarting"
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -242,21 +293,23 @@ class Worker:
             kill(proc)
             code = await proc.wait()
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            if code == -signal.SIGKILL and self.listener.oom_killed(self):
+            if self._hung:
+                how = self._hung
+            elif code == -signal.SIGKILL and self.listener.oom_killed(self):
                 # No figure: a limits change that caused the kill may not have returned yet.
                 how = oom = ("killed by the kernel's OOM killer (out of memory: its scope's "
                              "memory.max, shown by llmctl limits, or the machine's memory)")
-            self.last_error = self.last_error or f"worker process {proc.pid} {how}"
+            self.last_error = f"worker process {proc.pid} {how}"
             if not self._stopping:
                 self.log.error("worker_exited", pid=proc.pid, how=how, stderr=self._tail())
             req, self.current = self.current, None
             if req is not None:
-                self.listener.worker_error(
-                    self, req, "worker_died", f"worker {self.name} (pid {proc.pid}) {how}")
+                self.listener.worker_lost(self, req, "worker_hung" if self._hung else
+                                          "worker_died", f"worker {self.name} (pid {proc.pid}) {how}")
         if self.scope is not None:
             await self.listener.release(self)
             self.scope = None
-        self.pid, self.threads_asked = None, None
+        self.pid, self.threads_asked, self._hung = None, None, ""
         self.state = "stopped" if self._stopping else "restarting"
         return oom
 
@@ -330,6 +383,8 @@ class Worker:
             "rss_bytes": self.rss(), "served": self.served, "restarts": self.restarts,
             "request": self.current.id if self.current else None,
             "last_error": self.last_error or None,
+            "load_failures": self.load_failures,
+            "retry_in_s": None if (t := self.backoff.retry_in()) is None else round(t, 3),
             "unit": self.scope.name if self.scope else None,
             "scope_error": self.scope_error or None,
         }
