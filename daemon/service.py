@@ -38,7 +38,8 @@ class Service:
         self.state_dir = Path(config.daemon.state_dir or default_state_dir())
         self.started_at = time.monotonic()
         self.stopping = False
-        self.queues = {n: ModelQueue(n, m.max_queue) for n, m in config.models.items()}
+        self.queues = {n: ModelQueue(n, m.max_queue, m.max_queue_per_uid)
+                       for n, m in config.models.items()}
         self.metrics = {n: ModelMetrics() for n in config.models}
         self.workers = {
             n: [Worker(m, i, self, config.daemon.restart_backoff_max, config.daemon.worker_user)
