@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where workers run: a systemd scope each, a child cgroup of a "
                    "delegated cgroup2 subtree, or no cgroup (default: the config's, auto)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--log-format", choices=("auto", "json", "console"))
+    p.add_argument("--log-format", choices=("auto", "journal", "json", "console"))
     p.add_argument("--check-config", action="store_true",
                    help="validate the config and each model's GGUF file, print them, "
                    "and exit (2 naming the key of each problem)")
