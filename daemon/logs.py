@@ -34,17 +34,19 @@ JOURNAL_FIELDS = frozenset({
     "SYSLOG_PID", "SYSLOG_TIMESTAMP", "SYSLOG_RAW", "DOCUMENTATION", "TID", "UNIT",
     "USER_UNIT", "OBJECT_PID", "COREDUMP_UNIT", "COREDUMP_USER_UNIT"})
 NOT_FIELDS = ("level", "timestamp")  # PRIORITY says the one; the journal stamps each entry
-# Request outcomes by the level they are logged at: the daemon's own failures are errors,
-# those a client or its deadline caused are warnings; completed and cancelled are info.
-ERROR_OUTCOMES = frozenset({"worker_died", "internal", "model_unavailable", "scope_error"})
+# Request outcomes by the level they are logged at: completed and cancelled are info, what
+# a client or its deadline caused is a warning, and any other code is the daemon's own
+# failure (worker_died, internal, model_unavailable, ...): an error.
 INFO_OUTCOMES = frozenset({"completed", "cancelled"})
+WARNING_OUTCOMES = frozenset({"timeout", "deferred_timeout", "too_long", "bad_request",
+                              "shutting_down"})
 
 
 def outcome_level(outcome: str) -> str:
     """The log level of a request_finished event with this outcome (an error code)."""
     if outcome in INFO_OUTCOMES:
         return "info"
-    return "error" if outcome in ERROR_OUTCOMES else "warning"
+    return "warning" if outcome in WARNING_OUTCOMES else "error"
 
 
 def request_finished(request: str, outcome: str, details: dict[str, Any]) -> None:

@@ -159,7 +159,7 @@ class Connection:
             self.send({"id": msg_id, "ok": False, "error": exc.as_dict()})
             return exc.code != "unsupported_protocol"
         except Exception as exc:
-            self.log.exception("op_failed", op=msg.get("op"))
+            self.log.exception("op_failed", op=msg.get("op"), code="internal")
             self.send({"id": msg_id, "ok": False, "error": {
                 "code": "internal", "message": f"{type(exc).__name__}: {exc} (see the daemon log)"}})
         return True

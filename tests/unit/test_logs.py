@@ -145,6 +145,7 @@ def test_elsewhere_json_lines_as_before(monkeypatch):
     ("completed", "info"), ("cancelled", "info"), ("timeout", "warning"),
     ("deferred_timeout", "warning"), ("too_long", "warning"), ("shutting_down", "warning"),
     ("worker_died", "error"), ("internal", "error"), ("model_unavailable", "error"),
+    ("a_code_added_later", "error"),  # a new failure is the daemon's until said otherwise
 ])
 def test_request_outcomes_have_levels(outcome, level):
     assert logs.outcome_level(outcome) == level
