@@ -39,12 +39,15 @@ class DaemonConfig:
     state_dir: str = _opt("", "where assembled model files are kept; empty means the default")
     max_frame: int = _opt(1 << 20, "largest accepted frame in bytes", 1024, 64 << 20)
     max_connections: int = _opt(256, "open connections at once", 1, 65536)
+    max_connections_per_uid: int = _opt(32, "open connections at once from one uid other "
+                                        "than root", 1, 65536)
     client_buffer: int = _opt(8 << 20, "bytes of replies and tokens queued for a client that "
                               "does not read before it is disconnected", 64 << 10, 1 << 30)
     hello_timeout: float = _opt(10.0, "seconds from connect until hello succeeds", 0.05, 3600)
     frame_timeout: float = _opt(10.0, "seconds to finish a frame from its first byte", 0.05, 3600)
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
-    log_format: str = _opt("auto", "log format", choices=("auto", "json", "console"))
+    log_format: str = _opt("auto", "log format",
+                           choices=("auto", "journal", "json", "console"))
     restart_backoff_max: float = _opt(30.0, "longest wait before restarting a worker", 0.1, 3600)
     liveness_timeout: float = _opt(60.0, "seconds a worker may send nothing (no token, no "
                                    "answer to a ping) before it is killed as hung", 1, 3600)
@@ -74,6 +77,8 @@ class ModelConfig:
     n_batch: int = _opt(512, "prompt batch size", 1, 1 << 16)
     threads: int = _opt(0, "threads per worker; 0 follows the CPUs the worker may use", 0, 1024)
     max_queue: int = _opt(64, "waiting requests before queue_full", 1, 1 << 20)
+    max_queue_per_uid: int = _opt(32, "waiting requests of one uid before too_many_requests",
+                                  1, 1 << 20)
     max_tokens: int = _opt(256, "completion tokens when a request does not say (at most n_ctx)",
                            1, 1 << 20)
     stream_interval: float = _opt(0.05, "seconds of tokens gathered into one token event",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import structlog
 
-from . import __version__, config, logs, notify
-from .paths import SOCKET_ENV, default_socket
+from . import __version__, config, logs, modelsource, notify
+from .paths import SOCKET_ENV, default_socket, default_state_dir
 from .scopes import ScopeError
 from .server import Server, activated_socket
 from .service import Service
@@ -52,9 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where workers run: a systemd scope each, a child cgroup of a "
                    "delegated cgroup2 subtree, or no cgroup (default: the config's, auto)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--log-format", choices=("auto", "json", "console"))
+    p.add_argument("--log-format", choices=("auto", "journal", "json", "console"))
     p.add_argument("--check-config", action="store_true",
-                   help="validate the config, print it, and exit")
+                   help="validate the config and each model's GGUF file, print them, "
+                   "and exit (2 naming the key of each problem)")
     p.add_argument("--version", action="version", version=f"llm-residentd {__version__}")
     return p.parse_args(argv)
 
@@ -127,6 +128,26 @@ async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None 
     return 0
 
 
+def check_config(cfg: config.Config) -> int:
+    """--check-config: 0 and "config OK" only when every model's file is a GGUF that
+    llama.cpp can read; else 2, with each problem named by its key."""
+    state_dir = Path(cfg.daemon.state_dir or default_state_dir())
+    found, errors = {}, []
+    for name, model in cfg.models.items():
+        try:
+            found[name] = modelsource.check(model, state_dir)
+        except modelsource.ModelUnavailable as exc:
+            errors.append(str(exc))
+    for error in errors:
+        print(f"llm-residentd: config error: {cfg.source}: {error}", file=sys.stderr)
+    if errors:
+        return 2
+    print(f"config OK ({cfg.source})")
+    for name, model in cfg.models.items():
+        print(f"  model {name}: {found[name]}, {model.workers} worker(s), n_ctx {model.n_ctx}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -135,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-residentd: config error: {exc}", file=sys.stderr)
         return 2
     if args.check_config:
-        print(f"config OK ({cfg.source})")
-        for name, model in cfg.models.items():
-            print(f"  model {name}: {model.package or model.path}, {model.workers} worker(s), "
-                  f"n_ctx {model.n_ctx}")
-        return 0
+        return check_config(cfg)
     if args.backend:
         cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, backend=args.backend))
     logs.setup(args.log_level or cfg.daemon.log_level, args.log_format or cfg.daemon.log_format)

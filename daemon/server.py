@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from . import ops
+from .fairness import ROOT_RESERVE, ConnectionSlots
 from .protocol import HEADER, ProtocolError, check_length, decode, encode
 from .scheduler import Request
 from .service import Service
@@ -158,7 +159,7 @@ class Connection:
             self.send({"id": msg_id, "ok": False, "error": exc.as_dict()})
             return exc.code != "unsupported_protocol"
         except Exception as exc:
-            self.log.exception("op_failed", op=msg.get("op"))
+            self.log.exception("op_failed", op=msg.get("op"), code="internal")
             self.send({"id": msg_id, "ok": False, "error": {
                 "code": "internal", "message": f"{type(exc).__name__}: {exc} (see the daemon log)"}})
         return True
@@ -187,37 +188,48 @@ class Server:
         self.path = path
         self.activated = sock  # passed by systemd: not ours to chmod or unlink
         self.connections: set[Connection] = set()
+        self.slots = ConnectionSlots()
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
         cfg = self.service.config.daemon
+        # A burst of connects beyond the backlog gets EAGAIN (or blocks), so the kernel
+        # must queue at least as many as the daemon serves. asyncio calls listen() with
+        # it on a socket systemd passed too, which resets that socket's Backlog=.
+        backlog = cfg.max_connections + ROOT_RESERVE
         if self.activated is not None:
             # Python 3.13+ would unlink the path on close; systemd owns it.
             keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
-            self._server = await asyncio.start_unix_server(self._accept, sock=self.activated, **keep)
+            self._server = await asyncio.start_unix_server(
+                self._accept, sock=self.activated, backlog=backlog, **keep)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(self.path)
-        self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
+        self._server = await asyncio.start_unix_server(self._accept, path=str(self.path),
+                                                       backlog=backlog)
         os.chmod(self.path, int(cfg.socket_mode, 8))
         if cfg.socket_group:
             os.chown(self.path, -1, grp.getgrnam(cfg.socket_group).gr_gid)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        limit = self.service.config.daemon.max_connections
-        if len(self.connections) >= limit:
-            err = ProtocolError("too_many_connections", f"the daemon serves {limit} at once")
+        cfg = self.service.config.daemon
+        conn = Connection(self, reader, writer)
+        refusal = self.slots.refusal(conn.uid, cfg.max_connections, cfg.max_connections_per_uid)
+        if refusal is not None:
+            conn.log.warning("connection_refused", code="too_many_connections", reason=refusal)
+            err = ProtocolError("too_many_connections", refusal)
             writer.write(encode({"id": None, "ok": False, "error": err.as_dict()}))
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.drain()
             writer.close()
             return
-        conn = Connection(self, reader, writer)
         self.connections.add(conn)
+        self.slots.opened(conn.uid)
         try:
             await conn.serve()
         finally:
             self.connections.discard(conn)
+            self.slots.closed(conn.uid)
 
     async def stop_listening(self) -> None:
         if self._server is not None:

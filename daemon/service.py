@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from . import __version__, cgroupstats, cpumonitor, modelsource, psi, snapshots, supervision
+from . import __version__, cgroupstats, cpumonitor, logs, modelsource, psi, snapshots, supervision
 from .config import Config, limits_of, trigger_of
 from .limits import LimitError, Limits, check_order
 from .metrics import ModelMetrics
@@ -38,7 +38,7 @@ class Service:
         self.state_dir = Path(config.daemon.state_dir or default_state_dir())
         self.started_at = time.monotonic()
         self.stopping = False
-        self.queues = {n: ModelQueue(n, m.max_queue) for n, m in config.models.items()}
+        self.queues = {n: ModelQueue(n, m.max_queue, m.max_queue_per_uid) for n, m in config.models.items()}
         self.metrics = {n: ModelMetrics() for n in config.models}
         self.workers = {
             n: [Worker(m, i, self, config.daemon.restart_backoff_max, config.daemon.worker_user)
@@ -141,7 +141,7 @@ class Service:
             worker.scope_error = ""
         except ScopeError as exc:
             worker.scope_error = str(exc)
-            log.error("scope_failed", worker=worker.name, error=str(exc))
+            log.error("scope_failed", worker=worker.name, code="scope_error", error=str(exc))
             return
         finally:
             self.engine.kv_asked.pop(worker.name, None)  # a new process answers nothing old
@@ -311,8 +311,7 @@ class Service:
         else:
             req.fail(outcome, message)
             self.metrics[req.model].record_outcome(outcome)
-        details = stats or {"model": req.model, "error": message}
-        log.info("request_finished", request=req.id, outcome=outcome, **details)
+        logs.request_finished(req.id, outcome, stats or {"model": req.model, "error": message})
         self.engine.forget(req.id)
         self.engine.notify(Event("finished", request=req.id, model=req.model))
 

@@ -174,6 +174,22 @@ def test_a_member_of_group_llm_streams_tokens():
     assert tokens("--max-tokens", "3", "The capital of France is", user="alice") == 3
 
 
+def test_the_service_logs_natively_and_listens_with_a_backlog_of_264():
+    """The unit leaves --log-format at auto: stderr is the journal stream, so each event is
+    an entry with a priority and fields, through the hardening (AF_UNIX only, /run
+    read-only). The backlog: Backlog= of the socket unit, then the daemon's own listen()."""
+    def finished() -> list[dict]:
+        out = run("journalctl", "-u", SERVICE, "-o", "json", "--no-pager",
+                  "SYSLOG_IDENTIFIER=llm-residentd", "EVENT=request_finished").stdout
+        return [json.loads(line) for line in out.splitlines()]
+    entry = wait_for(finished, timeout=30, what="request_finished in the journal")[-1]
+    assert entry["OUTCOME"] == "completed" and entry["PRIORITY"] == "6", entry
+    assert entry["REQUEST"].startswith("r") and entry["MODEL"] == "smollm2", entry
+    assert show(SOCKET, "Backlog")["Backlog"] == "264"
+    listening = run("ss", "-xlnH", "src", str(SOCKET_PATH)).stdout.split()
+    assert listening[3] == "264", listening  # Send-Q of a listening socket: its backlog
+
+
 def test_a_user_outside_group_llm_is_refused_clearly():
     run("useradd", "--create-home", "bob")
     r = run(CTL, "status", ok=False, user="bob")

@@ -31,8 +31,10 @@ def start_daemon(tmp_path: Path) -> Iterator:
 
 @pytest.fixture(scope="module")
 def tiny_daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[Daemon]:
-    """One daemon with the tiny model shared by a module's tests (n_ctx 256, 1 worker)."""
-    d = Daemon(tmp_path_factory.mktemp("tinyd"), tiny_config(tiny_model_path))
+    """One daemon with the tiny model shared by a module's tests (n_ctx 256, 1 worker).
+    Floods of connections come from one uid here, so it has no per-uid limit to speak of."""
+    d = Daemon(tmp_path_factory.mktemp("tinyd"),
+               tiny_config(tiny_model_path, daemon="max_connections_per_uid = 65536"))
     d.start()
     yield d
     d.stop()

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,62 @@ def read_until_done(sock: socket.socket, want: int) -> list[dict[str, Any]]:
         if msg.get("event") in ("done", "error"):
             ended += 1
     return frames
+
+
+OTHER_UID = 65534  # nobody: the uid of connect_as() peers when the tests run as root
+
+
+def shared_socket_dir() -> Path:
+    """A directory that any uid may search, for a daemon that connect_as() peers reach
+    (the test's tmp_path is private to its owner). Pair it with socket_mode = "0666"."""
+    path = Path(tempfile.mkdtemp(prefix="llm-test-"))
+    path.chmod(0o755)
+    return path
+
+
+def connect_as(uid: int, path: Path) -> socket.socket:
+    """A connection to path whose peer credentials (SO_PEERCRED) are uid's.
+
+    The daemon reads the credentials of the process that called connect(), so a forked
+    child switches to uid, connects and hands the connected socket back (SCM_RIGHTS).
+    Needs root unless uid is our own.
+    """
+    if uid == os.geteuid():
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+        return sock
+    if os.geteuid() != 0:
+        raise PermissionError(f"connecting as uid {uid} needs root; the tests run as "
+                              f"uid {os.geteuid()}")
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing but the syscalls, then _exit
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(path))
+            socket.send_fds(child, [b"x"], [sock.fileno()])
+            status = 0
+        finally:
+            os._exit(status)
+    child.close()
+    try:
+        _, fds, _, _ = socket.recv_fds(parent, 1, 1)
+    finally:
+        parent.close()
+        _, status = os.waitpid(pid, 0)
+    assert fds and status == 0, f"the uid {uid} child could not connect to {path}"
+    sock = socket.socket(fileno=fds[0])
+    sock.settimeout(30)
+    return sock
+
+
+def hello(sock: socket.socket) -> dict[str, Any]:
+    send_frame(sock, {"id": 0, "op": "hello", "protocol": 1})
+    return recv_frame(sock)
 
 
 def wait_for(predicate: Any, timeout: float = 10, what: str = "condition") -> Any:
