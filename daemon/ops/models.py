@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import views
 from . import Context, Op, register
 
 
@@ -17,4 +18,4 @@ class Models(Op):
     name = "models"
 
     def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-        return {"models": ctx.service.models()}
+        return {"models": views.models(ctx.service)}
