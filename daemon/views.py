@@ -61,10 +61,13 @@ def _describe_worker(service: Service, worker: Worker) -> dict[str, Any]:
 
 
 def models(service: Service) -> list[dict[str, Any]]:
-    """The models with workers, a removed one that is draining included."""
+    """The configured models in config order (the first is the default), then those a
+    reload removed that are still draining."""
     out = []
-    for name, workers in service.workers.items():
-        cfg = workers[0].model
+    draining = [n for n in service.workers if n not in service.config.models]
+    for name in [*service.config.models, *draining]:
+        workers = service.workers[name]
+        cfg = service.config.models.get(name) or workers[0].model
         out.append({
             "name": name, "state": model_state(service, name),
             "source": cfg.package or cfg.path,
