@@ -169,3 +169,15 @@ def _catches_sighup(pid: int) -> bool:
         if line.startswith("SigCgt:"):
             return bool(int(line.split()[1], 16) & 1)
     return False
+
+
+def test_a_limit_the_backend_cannot_apply_is_reported_and_nothing_restarts(
+        start_daemon, tiny_model_path):
+    cfg = tiny_config(tiny_model_path, daemon='backend = "none"')
+    d = start_daemon(cfg)
+    (pid,) = _pids(d, "tiny")
+    r = _reload(d, cfg.replace("[models.tiny]", '[models.tiny]\ncpu = "50%"'))
+    assert r["result"] == "partial" and r["changed"] == ["tiny"], r
+    assert "models.tiny: limits not applied" in r["error"] and "none backend" in r["error"]
+    assert _pids(d, "tiny") == [pid]
+    d.assert_serving()
