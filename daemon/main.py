@@ -33,7 +33,7 @@ EPILOG = f"""\
 environment:
   {SOCKET_ENV}  socket path (overridden by --socket)
 
-Under systemd it reports READY/STATUS/WATCHDOG to $NOTIFY_SOCKET and takes its socket
+Under systemd it reports READY/RELOADING/STATUS/WATCHDOG to $NOTIFY_SOCKET and takes its socket
 from socket activation ($LISTEN_FDS) when a .socket unit passes one.
 
 SIGHUP (systemctl reload) reloads the config file: models added start, models removed
