@@ -112,6 +112,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     d = st["daemon"]
     print(f"llm-residentd {d['version']}  pid {d['pid']}  up {d['uptime_s']:.0f}s  "
           f"backend {d['backend']}  config {d['config']}  socket {d['socket']}")
+    if d.get("reload"):
+        print(_fmt_reload(d["reload"]))
     print()
     print(_table(
         ["WORKER", "MODEL", "PID", "STATE", "THREADS", "RSS", "SERVED", "RESTARTS", "REQUEST"],
@@ -158,6 +160,15 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
             if w.get(key):
                 print(f"\n{w['name']}: {w[key]}")
     return EXIT_OK
+
+
+def _fmt_reload(r: dict[str, Any]) -> str:
+    """The last reload (SIGHUP): when, its result, and what changed or why it was refused."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+    what = [f"{k} {', '.join(r[k])}" for k in ("added", "removed", "changed", "needs_restart")
+            if r.get(k)]
+    detail = "; ".join([*what, *([r["error"]] if r.get("error") else [])])
+    return f"last reload {when}: {r['result']}" + (f" ({detail})" if detail else "")
 
 
 def _fmt_threads(w: dict[str, Any]) -> str:

@@ -10,12 +10,14 @@ import resource
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
 from . import __version__, config, logs, modelsource, notify
 from .paths import SOCKET_ENV, default_socket, default_state_dir
+from .reload import Reloader
 from .scopes import ScopeError
 from .server import Server, activated_socket
 from .service import Service
@@ -31,8 +33,12 @@ EPILOG = f"""\
 environment:
   {SOCKET_ENV}  socket path (overridden by --socket)
 
-Under systemd it reports READY/STATUS/WATCHDOG to $NOTIFY_SOCKET and takes its socket
+Under systemd it reports READY/RELOADING/STATUS/WATCHDOG to $NOTIFY_SOCKET and takes its socket
 from socket activation ($LISTEN_FDS) when a .socket unit passes one.
+
+SIGHUP (systemctl reload) reloads the config file: models added start, models removed
+finish their requests and stop, changed models restart their workers after their current
+requests; a config with an error is refused and the old one keeps serving.
 
 exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on a runtime error,
 2 on a usage or configuration error.
@@ -88,9 +94,33 @@ async def _report_to_systemd(service: Service) -> None:
             last_ping = loop.time()
 
 
-async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None = None) -> int:
+_early_hup = False  # a SIGHUP came before the event loop took the signal over
+
+
+def _on_early_hup(signum: int, frame: object) -> None:
+    global _early_hup
+    _early_hup = True
+
+
+async def _reload_on_hup(reloader: Reloader, hups: asyncio.Event) -> None:
+    """One reload at a time; SIGHUPs during a reload make one more after it."""
+    while True:
+        await hups.wait()
+        hups.clear()
+        await reloader.reload()
+
+
+async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None = None,
+              load: Callable[[], config.Config] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads through `load` (the config file)."""
     log = structlog.get_logger()
+    loop = asyncio.get_running_loop()
+    hups = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, hups.set)  # handled once the service runs
+    if _early_hup:
+        hups.set()
     service = Service(cfg, socket_path)
+    reloader = Reloader(service, load or (lambda: cfg), lambda: status_line(service))
     server = Server(service, socket_path, sock)
     try:
         await server.start()
@@ -98,7 +128,6 @@ async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None 
         log.error("socket_failed", socket=str(socket_path), error=str(exc))
         return 1
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -115,10 +144,13 @@ async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None 
     # Ready once the socket listens and the workers are starting; models load after.
     notify.notify(f"READY=1\nSTATUS={status_line(service)}")
     reporter = loop.create_task(_report_to_systemd(service)) if notify.enabled() else None
+    reloads = loop.create_task(_reload_on_hup(reloader, hups))
     await stop.wait()
     notify.notify("STOPPING=1\nSTATUS=stopping")
     if reporter is not None:
         reporter.cancel()
+    reloads.cancel()
+    await reloader.close()
     log.info("daemon_stopping", live_requests=len(service.requests))
     await server.stop_listening()
     service.fail_all()
@@ -149,16 +181,24 @@ def check_config(cfg: config.Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGHUP, _on_early_hup)  # its default action would kill the daemon
     args = parse_args(argv)
-    try:
+
+    def load() -> config.Config:
+        """The config file (again on SIGHUP), with the command line's overrides."""
         cfg = config.load(args.config)
+        if args.backend:
+            daemon = dataclasses.replace(cfg.daemon, backend=args.backend)
+            cfg = dataclasses.replace(cfg, daemon=daemon)
+        return cfg
+
+    try:
+        cfg = load()
     except config.ConfigError as exc:
         print(f"llm-residentd: config error: {exc}", file=sys.stderr)
         return 2
     if args.check_config:
         return check_config(cfg)
-    if args.backend:
-        cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, backend=args.backend))
     logs.setup(args.log_level or cfg.daemon.log_level, args.log_format or cfg.daemon.log_format)
     socket_path = Path(args.socket or os.environ.get(SOCKET_ENV) or cfg.daemon.socket
                        or default_socket())
@@ -170,4 +210,4 @@ def main(argv: list[str] | None = None) -> int:
     if sock is not None and isinstance(sock.getsockname(), str) and sock.getsockname():
         socket_path = Path(sock.getsockname())  # what the .socket unit listens on
     _raise_fd_limit()
-    return asyncio.run(run(cfg, socket_path, sock))
+    return asyncio.run(run(cfg, socket_path, sock, load))

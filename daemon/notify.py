@@ -1,4 +1,5 @@
-"""sd_notify without libsystemd: READY=1, STATUS=..., WATCHDOG=1, STOPPING=1 to $NOTIFY_SOCKET."""
+"""sd_notify without libsystemd: READY=1, RELOADING=1, STATUS=..., WATCHDOG=1, STOPPING=1 to
+$NOTIFY_SOCKET."""
 
 from __future__ import annotations
 

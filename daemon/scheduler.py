@@ -7,9 +7,12 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .protocol import ProtocolError
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 Sink = Callable[[dict[str, Any]], None]
 
@@ -70,6 +73,10 @@ class ModelQueue:
         self._heap: list[tuple[int, int, Request]] = []
         self._live: dict[str, Request] = {}
         self._seq = itertools.count()
+
+    def bound(self, model: ModelConfig) -> None:
+        """Take a reloaded model config's max_queue and max_queue_per_uid."""
+        self.limit, self.per_uid = model.max_queue, model.max_queue_per_uid
 
     def __len__(self) -> int:
         return len(self._live)

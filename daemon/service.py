@@ -13,14 +13,14 @@ from typing import Any
 
 import structlog
 
-from . import __version__, cgroupstats, cpumonitor, logs, modelsource, psi, snapshots, supervision
-from .config import Config, limits_of, trigger_of
+from . import cgroupstats, cpumonitor, logs, modelsource, psi, snapshots, supervision
+from .config import Config, ModelConfig, limits_of, trigger_of
 from .limits import LimitError, Limits, check_order
 from .metrics import ModelMetrics
 from .paths import default_state_dir
 from .policies import Event, Snapshot
 from .policyengine import PolicyEngine
-from .protocol import PROTOCOL_VERSION, ProtocolError
+from .protocol import ProtocolError
 from .scheduler import ModelQueue, Request, Sink
 from .scopes import Backend, ScopeError, make_backend
 from .workers import Worker
@@ -38,20 +38,20 @@ class Service:
         self.state_dir = Path(config.daemon.state_dir or default_state_dir())
         self.started_at = time.monotonic()
         self.stopping = False
-        self.queues = {n: ModelQueue(n, m.max_queue, m.max_queue_per_uid) for n, m in config.models.items()}
-        self.metrics = {n: ModelMetrics() for n in config.models}
-        self.workers = {
-            n: [Worker(m, i, self, config.daemon.restart_backoff_max, config.daemon.worker_user)
-                for i in range(m.workers)]
-            for n, m in config.models.items()
-        }
+        self.last_reload: dict[str, Any] | None = None  # set by reload.Reloader
+        self.queues: dict[str, ModelQueue] = {}
+        self.metrics: dict[str, ModelMetrics] = {}
+        self.workers: dict[str, list[Worker]] = {}
+        self.limits: dict[str, Limits] = {}
+        self.paths: dict[str, Path] = {}
+        self._path_locks: dict[str, asyncio.Lock] = {}
+        for model in config.models.values():
+            self.add_model(model)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count(1)
-        self._paths: dict[str, Path] = {}
-        self._path_locks = {n: asyncio.Lock() for n in config.models}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task] = []
-        self.limits: dict[str, Limits] = {n: limits_of(m) for n, m in config.models.items()}
+        self._supervisors: dict[Worker, asyncio.Task] = {}
         self.backend = Backend()
         self.psi: psi.PsiWatcher | None = None
         self.pressure_events: collections.deque[dict[str, Any]] = collections.deque(
@@ -89,8 +89,7 @@ class Service:
         for resource in psi.RESOURCES if self._system_trigger else ():
             self._watch(f"system/{resource}", psi.SYSTEM / resource, self._system_trigger)
         self.cpu.start(self.psi)
-        for worker in self.all_workers():
-            self._tasks.append(loop.create_task(worker.supervise(), name=worker.name))
+        self.start_workers(self.all_workers())
         self._tasks.append(loop.create_task(self._tick(), name="policy-tick"))
 
     async def _tick(self) -> None:
@@ -216,19 +215,64 @@ class Service:
     def all_workers(self) -> list[Worker]:
         return [w for ws in self.workers.values() for w in ws]
 
+    # -- models come and go (reload.py) ---------------------------------------------
+
+    def add_model(self, model: ModelConfig) -> None:
+        """A model's queue, metrics, limits and workers; start_workers runs them."""
+        name = model.name
+        self.queues[name] = ModelQueue(name, model.max_queue, model.max_queue_per_uid)
+        self.metrics[name] = ModelMetrics()
+        self.limits[name] = limits_of(model)
+        self._path_locks[name] = asyncio.Lock()
+        self.workers[name] = [self.new_worker(model, i) for i in range(model.workers)]
+
+    def new_worker(self, model: ModelConfig, index: int) -> Worker:
+        daemon = self.config.daemon
+        return Worker(model, index, self, daemon.restart_backoff_max, daemon.worker_user)
+
+    def start_workers(self, workers: list[Worker]) -> None:
+        loop = asyncio.get_running_loop()
+        for worker in workers:
+            self._supervisors[worker] = loop.create_task(worker.supervise(), name=worker.name)
+
+    async def retire_workers(self, workers: list[Worker], grace: float,
+                             finish_requests: bool = True) -> None:
+        """Stop workers (each once its current request is done, taking no new one, unless
+        finish_requests is False), end their supervisors and release their scopes."""
+        await asyncio.gather(*(w.retire(grace) if finish_requests else w.stop(grace)
+                               for w in workers))
+        tasks = [self._supervisors.pop(w) for w in workers if w in self._supervisors]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for worker in workers:
+            if worker.scope is not None:
+                await self.release(worker)
+                worker.scope = None
+
+    def drop_model(self, name: str) -> None:
+        """Forget a removed model whose requests are done and whose workers are retired."""
+        for table in (self.queues, self.metrics, self.workers, self.limits, self.paths,
+                      self._path_locks):
+            table.pop(name, None)
+
     # -- model files -------------------------------------------------------------
 
     async def model_path(self, model: str) -> Path:
+        # A model a reload removed still drains with its workers' config.
+        cfg = self.config.models.get(model) or self.workers[model][0].model
         async with self._path_locks[model]:
-            path = self._paths.get(model)
+            path = self.paths.get(model)
             if path is None or not path.exists():
-                cfg = self.config.models[model]
                 path = await asyncio.to_thread(modelsource.resolve, cfg, self.state_dir)
-                self._paths[model] = path
+                self.paths[model] = path
             return path
 
     def model_state(self, model: str) -> str:
         return supervision.model_state(self.workers[model])
+
+    def unavailable_reason(self, model: str) -> str:
+        return supervision.load_trouble(model, self.workers[model])
 
     # -- requests ----------------------------------------------------------------
 
@@ -237,11 +281,11 @@ class Service:
         """Accept a request into its model's queue; returns it and its queue position."""
         if self.stopping:
             raise ProtocolError("shutting_down", "the daemon is stopping")
-        if model not in self.queues:
-            known = ", ".join(sorted(self.queues))
+        if model not in self.config.models:  # a removed model drains, but takes no more
+            known = ", ".join(sorted(self.config.models))
             raise ProtocolError("no_such_model", f"no model {model!r} (configured: {known})")
         if self.model_state(model) == "unavailable":
-            raise ProtocolError("model_unavailable", supervision.load_trouble(model, self.workers[model]))
+            raise ProtocolError("model_unavailable", self.unavailable_reason(model))
         req = Request(id=f"r{next(self._ids)}", model=model, prompt=prompt, params=params,
                       priority=priority, uid=uid, sink=sink)
         position = self.queues[model].push(req)
@@ -395,63 +439,13 @@ class Service:
         model = worker.model.name
         if self.model_state(model) == "unavailable":
             while (req := self.queues[model].pop()) is not None:
-                self._finish(req, "model_unavailable", supervision.load_trouble(model, self.workers[model]))
+                self._finish(req, "model_unavailable", self.unavailable_reason(model))
 
-    # -- views --------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "daemon": {
-                "version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
-                "uptime_s": round(time.monotonic() - self.started_at, 3),
-                "socket": str(self.socket_path), "config": self.config.source,
-                "backend": self.backend.name, "stopping": self.stopping,
-            },
-            "workers": [self._describe_worker(w) for w in self.all_workers()],
-            "pressure": {
-                "system": psi.system_pressure(),
-                "outside": self.observer.outside(),
-                "triggers": dict(self.psi.counts) if self.psi else {},
-                "recent": list(self.pressure_events)[-20:],
-            },
-            "cpu": self.cpu.describe(),
-            "models": {
-                name: {
-                    "state": self.model_state(name),
-                    "queue_depth": len(queue), "max_queue": queue.limit,
-                    "running": sum(1 for w in self.workers[name] if w.current is not None),
-                    "queued": [r.id for r in queue.ordered(self.engine.rank)],
-                    **self.metrics[name].snapshot(),
-                }
-                for name, queue in self.queues.items()
-            },
-        }
+    # -- views (the status and models ops: views.py) ----------------------------------
 
     def snapshot(self) -> Snapshot:
         """What the policies see: PSI, workers with their scope stats, waiting requests."""
         return self.observer.snapshot()
-
-    def _describe_worker(self, worker: Worker) -> dict[str, Any]:
-        out = worker.describe()
-        out["backend"] = self.backend.name
-        out["limits"] = self.limits[worker.model.name].describe()
-        out["cgroup"] = self.observer.cgroup_stats(worker)
-        counts = self.psi.counts if self.psi else {}
-        out["pressure_events"] = sum(counts.get(f"{worker.name}/{r}", 0) for r in psi.RESOURCES)
-        return out
-
-    def models(self) -> list[dict[str, Any]]:
-        out = []
-        for name, cfg in self.config.models.items():
-            out.append({
-                "name": name, "state": self.model_state(name),
-                "source": cfg.package or cfg.path,
-                "path": str(self._paths[name]) if name in self._paths else None,
-                "workers": len(self.workers[name]), "n_ctx": cfg.n_ctx,
-                "max_tokens": cfg.max_tokens,
-                "error": supervision.load_trouble(name, self.workers[name]) or None,
-            })
-        return out
 
     # -- shutdown -------------------------------------------------------------------
 
@@ -464,14 +458,11 @@ class Service:
     async def stop(self) -> None:
         """Stop the workers (after fail_all)."""
         self.fail_all()
-        workers = self.all_workers()
-        await asyncio.gather(*(w.stop(self.config.daemon.shutdown_grace) for w in workers))
+        await self.retire_workers(self.all_workers(), self.config.daemon.shutdown_grace,
+                                  finish_requests=False)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for worker in workers:
-            if worker.scope is not None:
-                await self.release(worker)
         self.cpu.stop()
         if self.psi is not None:
             self.psi.stop()

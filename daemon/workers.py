@@ -113,7 +113,7 @@ class Worker:
 
     @property
     def idle(self) -> bool:
-        return self.state == "idle" and self.current is None
+        return self.state == "idle" and self.current is None and not self._stopping
 
     # -- supervision ---------------------------------------------------------
 
@@ -360,6 +360,13 @@ class Worker:
             return psutil.Process(self.pid).memory_info().rss if self.pid else None
         except psutil.Error:
             return None
+
+    async def retire(self, grace: float) -> None:
+        """Take no new request; stop once the current one is done (a reload's restart)."""
+        self._stopping = True
+        while self.current is not None:
+            await asyncio.sleep(0.05)
+        await self.stop(grace)
 
     async def stop(self, grace: float) -> None:
         """Ask the worker to exit; kill it after grace seconds."""

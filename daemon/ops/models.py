@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import views
 from . import Context, Op, register
 
 
@@ -19,4 +20,4 @@ class Models(Op):
     name = "models"
 
     def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-        return {"models": ctx.service.models()}
+        return {"models": views.models(ctx.service)}

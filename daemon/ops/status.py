@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import views
 from . import Context, Op, register
 
 
@@ -20,4 +21,4 @@ class Status(Op):
     name = "status"
 
     def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-        return ctx.service.status()
+        return views.status(ctx.service)

@@ -289,6 +289,56 @@ def test_missing_or_unreadable_models_are_unavailable_and_others_serve():
     wait_ready()
 
 
+def _last_reload(after: float = 0) -> dict | None:
+    r = status()["daemon"].get("reload")
+    return r if r and r["at"] > after else None
+
+
+def _active() -> bool:
+    return show(SERVICE, "ActiveState")["ActiveState"] == "active"
+
+
+def test_systemctl_reload_applies_a_new_config_and_refuses_a_bad_one():
+    MODELS.mkdir(exist_ok=True)
+    shutil.copyfile("/share/tiny.gguf", MODELS / "tiny.gguf")
+    good = CONFIG.read_text()
+    with_tiny = good + f'\n[models.tiny]\npath = "{MODELS}/tiny.gguf"\nn_ctx = 256\n'
+    daemon, worker, before = main_pid(), worker_pid(), restarts()
+    CONFIG.write_text(with_tiny)
+    try:
+        run("systemctl", "reload", SERVICE)
+        r = wait_for(_last_reload, 120, "the reload")
+        assert r["result"] == "ok" and r["added"] == ["tiny"] and r["removed"] == [], r
+        wait_for(_active, 60, "active after the reload")
+        assert run("systemctl", "is-active", SERVICE).stdout.strip() == "active"
+        # Reloaded, not restarted: same daemon, and smollm2's worker untouched.
+        assert (main_pid(), restarts(), worker_pid()) == (daemon, before, worker)
+        run(CTL, "wait", "tiny", "--timeout", str(LOAD_TIMEOUT), timeout=LOAD_TIMEOUT + 30)
+        out = run(CTL, "status").stdout
+        assert "last reload" in out and "added tiny" in out, out
+        assert status()["models"]["tiny"]["state"] == "ready"
+        assert tokens("-m", "tiny", "--max-tokens", "4", "hi") == 4
+        assert "reload_applied" in journal(200)
+
+        # A file with an error is refused: the unit stays active and the old config serves.
+        CONFIG.write_text(with_tiny.replace("n_ctx = 256", 'n_ctx = "lots"'))
+        run("systemctl", "reload", SERVICE)
+        r = wait_for(lambda: _last_reload(r["at"]), 120, "the refused reload")
+        assert r["result"] == "failed" and "models.tiny.n_ctx" in r["error"], r
+        wait_for(_active, 60, "active after the refused reload")
+        assert run("systemctl", "is-active", SERVICE).stdout.strip() == "active"
+        assert (main_pid(), restarts()) == (daemon, before)
+        assert "reload_failed" in journal(200) and "models.tiny.n_ctx" in journal(200)
+        assert tokens("-m", "tiny", "--max-tokens", "2", "hi") == 2
+    finally:
+        CONFIG.write_text(good)
+        run("systemctl", "reload", SERVICE)
+    # The removed model drains (nothing runs on it) and goes, scope and all.
+    wait_for(lambda: "tiny" not in status()["models"], 120, "tiny to be gone")
+    wait_for(lambda: llm_scopes() == [SCOPE], 60, "tiny's scope to be released")
+    assert main_pid() == daemon and _active()
+
+
 def test_systemctl_stop_removes_every_scope():
     run("systemctl", "stop", SERVICE)
     assert show(SERVICE, "ActiveState")["ActiveState"] == "inactive"

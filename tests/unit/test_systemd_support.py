@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,53 @@ def test_run_loop_reports_ready_status_watchdog_and_stopping(tmp_path, monkeypat
     assert "STATUS=models: m unavailable" in got
     assert got[-1].startswith("STOPPING=1")
     assert not (tmp_path / "llm.sock").exists()
+
+
+def test_sighup_reports_reloading_then_ready_and_a_refused_file_keeps_the_daemon(
+        tmp_path, monkeypatch):
+    """systemctl reload: RELOADING=1 with MONOTONIC_USEC, then READY=1, for a refused file
+    too; the daemon goes on serving (it used to die of SIGHUP)."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    cfg = config.parse({"daemon": {"backend": "none", "psi_system_trigger": "",
+                                   "psi_scope_trigger": "", "state_dir": str(tmp_path)},
+                        "models": {"m": {"path": str(tmp_path / "absent.gguf")}}}, "test")
+    loads = iter([ConfigError("models.m.n_ctx: expected int, got str"), cfg])
+
+    def load() -> config.Config:
+        got = next(loads)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    recv = _receiver(tmp_path / "notify")
+    recv.setblocking(False)
+
+    async def scenario() -> tuple[int, list[str], bool]:
+        loop = asyncio.get_running_loop()
+        daemon = asyncio.create_task(run(cfg, tmp_path / "llm.sock", load=load))
+        got: list[str] = []
+        async with asyncio.timeout(10):
+            got.append((await loop.sock_recv(recv, 4096)).decode())  # READY=1 at start
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGHUP)
+                got.append((await loop.sock_recv(recv, 4096)).decode())
+                got.append((await loop.sock_recv(recv, 4096)).decode())
+            alive = not daemon.done()
+            os.kill(os.getpid(), signal.SIGTERM)
+            code = await daemon
+        return code, got, alive
+
+    code, got, alive = asyncio.run(scenario())
+    recv.close()
+    assert alive and code == 0
+    assert got[0].startswith("READY=1")
+    for reloading, ready in (got[1:3], got[3:5]):
+        lines = reloading.split("\n")
+        assert lines[0] == "RELOADING=1" and lines[1].startswith("MONOTONIC_USEC=")
+        usec = int(lines[1].split("=")[1])
+        assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 10_000_000
+        assert ready.startswith("READY=1\nSTATUS=models: m")
 
 
 # -- socket activation -------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""What the status and models ops show: read-only views of a running Service."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import __version__, psi
+from .protocol import PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from .service import Service
+    from .workers import Worker
+
+
+def model_state(service: Service, name: str) -> str:
+    """As Service.model_state, and "draining" for a model a reload removed that still
+    finishes its requests."""
+    return "draining" if name not in service.config.models else service.model_state(name)
+
+
+def status(service: Service) -> dict[str, Any]:
+    return {
+        "daemon": {
+            "version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - service.started_at, 3),
+            "socket": str(service.socket_path), "config": service.config.source,
+            "backend": service.backend.name, "stopping": service.stopping,
+            "reload": service.last_reload,
+        },
+        "workers": [_describe_worker(service, w) for w in service.all_workers()],
+        "pressure": {
+            "system": psi.system_pressure(),
+            "outside": service.observer.outside(),
+            "triggers": dict(service.psi.counts) if service.psi else {},
+            "recent": list(service.pressure_events)[-20:],
+        },
+        "cpu": service.cpu.describe(),
+        "models": {
+            name: {
+                "state": model_state(service, name),
+                "queue_depth": len(queue), "max_queue": queue.limit,
+                "running": sum(1 for w in service.workers[name] if w.current is not None),
+                "queued": [r.id for r in queue.ordered(service.engine.rank)],
+                **service.metrics[name].snapshot(),
+            }
+            for name, queue in service.queues.items()
+        },
+    }
+
+
+def _describe_worker(service: Service, worker: Worker) -> dict[str, Any]:
+    out = worker.describe()
+    out["backend"] = service.backend.name
+    out["limits"] = service.limits[worker.model.name].describe()
+    out["cgroup"] = service.observer.cgroup_stats(worker)
+    counts = service.psi.counts if service.psi else {}
+    out["pressure_events"] = sum(counts.get(f"{worker.name}/{r}", 0) for r in psi.RESOURCES)
+    return out
+
+
+def models(service: Service) -> list[dict[str, Any]]:
+    """The configured models in config order (the first is the default), then those a
+    reload removed that are still draining."""
+    out = []
+    draining = [n for n in service.workers if n not in service.config.models]
+    for name in [*service.config.models, *draining]:
+        workers = service.workers[name]
+        cfg = service.config.models.get(name) or workers[0].model
+        out.append({
+            "name": name, "state": model_state(service, name),
+            "source": cfg.package or cfg.path,
+            "path": str(service.paths[name]) if name in service.paths else None,
+            "workers": len(workers), "n_ctx": cfg.n_ctx, "max_tokens": cfg.max_tokens,
+            "error": service.unavailable_reason(name) or None,
+        })
+    return out
