@@ -106,6 +106,11 @@ def test_order_of_checks_shape_then_authorization_then_values(start_daemon, tiny
         assert reply["error"]["code"] == "forbidden" and "needs root" in reply["error"]["message"]
     assert as_nobody(action="show", name="static")["ok"] is True  # reading is for everyone
     assert _state(d, "static") == (None, False)
+    # the limits op keeps the same order: root before the model's existence and the values
+    reply = _as_uid(65534, d, {"id": 2, "op": "limits", "model": "nope", "cpu": "banana"})
+    assert reply["error"]["code"] == "forbidden", reply
+    reply = _as_uid(65534, d, {"id": 3, "op": "limits", "model": "tiny", "cpu": 5})
+    assert reply["error"]["code"] == "bad_request", reply  # a shape: before authorization
 
 
 def _as_uid(uid, d, msg):
