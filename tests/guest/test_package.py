@@ -35,6 +35,7 @@ PACKAGE_PATHS = [
     "/usr/lib/llm-residentd", "/usr/bin/llmctl", "/usr/sbin/llm-residentd",
     "/usr/share/llm-residentd", "/usr/share/doc/llm-residentd", "/etc/llm-residentd",
     "/var/lib/llm-residentd", "/run/llm-residentd",
+    "/usr/share/bash-completion/completions/llmctl", "/usr/share/zsh/vendor-completions/_llmctl",
 ]
 
 
@@ -172,6 +173,14 @@ def test_a_member_of_group_llm_streams_tokens():
     assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o660", int(run("getent", "group", "llm")
                                                                   .stdout.split(":")[2]))
     assert tokens("--max-tokens", "3", "The capital of France is", user="alice") == 3
+
+
+def test_the_packaged_bash_completion_names_the_models_of_the_running_daemon():
+    script = ("source /usr/share/bash-completion/completions/llmctl; "
+              "COMP_WORDS=(llmctl submit -m ''); COMP_CWORD=3; _llmctl; echo \"${COMPREPLY[@]}\"")
+    assert run("bash", "-c", script, user="alice").stdout.split() == ["smollm2"]
+    assert Path("/usr/share/zsh/vendor-completions/_llmctl").read_text().startswith(
+        "#compdef llmctl")
 
 
 def test_a_user_outside_group_llm_is_refused_clearly():

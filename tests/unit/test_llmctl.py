@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from llm_residentd.ops.submit import Submit
-from llmctl import cli, completion
+from llmctl import cli, completion, progress
 
 NO_DAEMON = "/nonexistent/llm.sock"  # a command that got this far would exit 3, not 2
 
@@ -171,3 +171,42 @@ def test_zsh_completion_script_parses_and_registers():
 def test_completion_scripts_are_package_data():
     assert "_llmctl()" in completion.script("bash")
     assert completion.script("zsh").startswith("#compdef llmctl")
+
+
+# -- what a terminal is told -------------------------------------------------------------------
+
+class FakeStream:
+    request, model = "r9", "tiny"
+
+    def __init__(self, stats=None):
+        self.stats = stats
+
+
+@pytest.mark.parametrize(("model", "want"), [
+    ({"state": "ready", "queued": ["r7", "r8", "r9", "r10"], "running": 2},
+     "llmctl: queued: 4 ahead (2 running, 2 queued), 12 s"),
+    ({"state": "loading", "queued": ["r9"], "running": 0},
+     "llmctl: loading model tiny, queued: 0 ahead (0 running, 0 queued), 12 s"),
+    ({"state": "loading", "queued": [], "running": 0}, "llmctl: loading model tiny, 12 s"),
+    ({"state": "ready", "queued": [], "running": 1}, "llmctl: processing the prompt, 12 s"),
+])
+def test_waiting_line_text(model, want):
+    assert progress.describe_wait({"models": {"tiny": model}}, FakeStream(), 12.2) == want
+
+
+class ModelsClient:
+    def models(self):
+        return [{"name": "tiny", "n_ctx": 256, "max_tokens": 16}]
+
+
+@pytest.mark.parametrize(("stats", "asked", "want"), [
+    ({"finish_reason": "stop", "completion_tokens": 3}, None, None),
+    ({"finish_reason": "length", "completion_tokens": 16}, None,
+     "llmctl: stopped at max_tokens 16; use -n to allow more"),
+    ({"finish_reason": "length", "completion_tokens": 40}, 40,
+     "llmctl: stopped at max_tokens 40; use -n to allow more"),
+    ({"finish_reason": "length", "completion_tokens": 200}, 250,
+     "llmctl: stopped: the context of model tiny is full (256 tokens)"),
+])
+def test_stop_notice(stats, asked, want):
+    assert progress.stop_notice(ModelsClient(), FakeStream(stats), asked) == want
