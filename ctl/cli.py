@@ -549,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llmctl: {exc.message} ({exc.code})", file=sys.stderr)
         return EXIT_FOR_CODE.get(exc.code, EXIT_FAILED)
     except KeyboardInterrupt:
+        if args.json:
+            _emit_json(_error_json("interrupted", "interrupted"))
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
