@@ -48,7 +48,8 @@ class Param:
             try:
                 self.valid(value)
             except ValueError as exc:
-                raise PolicyError(f"{name}: {exc}") from None
+                why = str(exc)  # parse_cpu and the like name the value already
+                raise PolicyError(why if why.startswith(name) else f"{name}: {why}") from None
         return value
 
     def _from_text(self, name: str, text: str) -> Any:
