@@ -10,9 +10,14 @@ import time
 from typing import Any
 
 from llm_residentd import __version__
+from llm_residentd.ops import Param
+from llm_residentd.ops.submit import SAMPLING_DEFAULTS, Submit
 from llm_residentd.paths import SOCKET_ENV
+from llm_residentd.protocol import ProtocolError
 
+from . import completion
 from .client import Client, LlmctlError
+from .progress import StatusLine, events_with_status, stop_notice
 
 # Exit codes, documented in --help and docs/llmctl.md.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_TIMEOUT = 0, 1, 2, 3, 4
@@ -25,10 +30,14 @@ environment:
 exit status:
   0    success
   1    the daemon refused or failed the request (the message names its error code)
-  2    usage error
+  2    usage error (nothing is sent to the daemon)
   3    the daemon is not running or the socket cannot be reached
   4    timed out (the request's --timeout, or no answer from the daemon)
   130  interrupted; a running request was cancelled
+
+With --json, every command prints JSON on stdout, errors too: one object
+{{"ok": false, "error": {{"code": ..., "message": ...}}}} (usage errors: code "usage");
+the exit status is the same as without --json.
 """
 
 
@@ -58,14 +67,27 @@ def _emit_json(obj: Any) -> None:
     print(json.dumps(obj, sort_keys=True), flush=True)
 
 
+def _error_json(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message}, **extra}
+
+
+def _tty(args: argparse.Namespace) -> bool:
+    """Whether stderr may carry notes meant for a person: not with --json, not to a pipe."""
+    return not args.json and sys.stderr.isatty()
+
+
 # -- commands -----------------------------------------------------------------------------
+
+def submit_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The submit op's fields from the options (each one is an op Param, see build_parser)."""
+    return {name: getattr(args, name) for name in Submit.params
+            if name != "prompt" and getattr(args, name) not in (None, False)}
+
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    stream = client.submit(prompt, model=args.model, max_tokens=args.max_tokens,
-                           priority=args.priority, timeout=args.timeout,
-                           temperature=args.temperature, seed=args.seed, raw=args.raw or None,
-                           ignore_eos=args.ignore_eos or None)
+    stream = client.submit(prompt, **submit_fields(args))
+    accepted_at = time.monotonic()
     if args.json:
         _emit_json({"event": "accepted", "request": stream.request, "model": stream.model,
                     "position": stream.position})
@@ -73,10 +95,12 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
         print(f"request {stream.request} accepted for {stream.model}, "
               f"{stream.position} ahead in the queue", file=sys.stderr)
     error = None
+    line = StatusLine(sys.stderr) if _tty(args) else None
     try:
-        for event in stream.events():
+        for event in events_with_status(client, stream, line, accepted_at):
             if args.json:
-                _emit_json({k: v for k, v in event.items() if k != "id"})
+                out = {k: v for k, v in event.items() if k != "id"}
+                _emit_json({**out, "ok": False} if event["event"] == "error" else out)
             elif event["event"] == "token":
                 sys.stdout.write(event["text"])
                 sys.stdout.flush()
@@ -86,11 +110,15 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         with contextlib.suppress(LlmctlError):
             stream.cancel()
-        print("\nllmctl: interrupted; request cancelled", file=sys.stderr)
+        if args.json:
+            _emit_json(_error_json("interrupted", "interrupted; request cancelled",
+                                   event="error"))
+        else:
+            print("\nllmctl: interrupted; request cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if not args.json and (stream.stats or error) and stream.client_printed:
-            print()
+            print(flush=True)
     if error is not None:
         if args.json:
             return EXIT_FOR_CODE.get(error.code, EXIT_FAILED)
@@ -101,6 +129,10 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
         print(f"[{s['prompt_tokens']} prompt + {s['completion_tokens']} tokens, "
               f"TTFT {s['ttft_s'] * 1000:.0f} ms, total {s['total_s']:.2f} s, {tps} tok/s, "
               f"{s['finish_reason']}]", file=sys.stderr)
+    if _tty(args):
+        notice = stop_notice(client, stream, args.max_tokens)
+        if notice:
+            print(notice, file=sys.stderr)
     return EXIT_OK
 
 
@@ -121,16 +153,19 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
           _fmt_bytes(w["rss_bytes"]), w["served"], w["restarts"], w["request"]]
          for w in st["workers"]]))
     print()
-    rows = []
+    rows, failures = [], []
     for name, m in st["models"].items():
-        out = m["outcomes"]
-        failed = sum(v for k, v in out.items() if k != "completed")
+        counts = outcome_counts(m["outcomes"])
         rows.append([name, m["state"], f"{m['queue_depth']}/{m['max_queue']}", m["running"],
-                     out.get("completed", 0), failed, _fmt_ms(m["ttft_s"]),
-                     _fmt_ms(m["latency_s"]),
+                     *counts.values(), _fmt_ms(m["ttft_s"]), _fmt_ms(m["latency_s"]),
                      "-" if m["tokens_per_s"]["p50"] is None else f"{m['tokens_per_s']['p50']:.1f}"])
-    print(_table(["MODEL", "STATE", "QUEUE", "RUNNING", "DONE", "FAILED",
+        failed = {k: v for k, v in sorted(m["outcomes"].items()) if k not in OUTCOME_COLUMNS}
+        if failed:
+            failures.append(f"{name} failed: " + ", ".join(f"{k} {v}" for k, v in failed.items()))
+    print(_table(["MODEL", "STATE", "QUEUE", "RUNNING", *(c.upper() for c in counts),
                   "TTFT ms p50/95/99", "LATENCY ms p50/95/99", "TOK/S p50"], rows))
+    if failures:
+        print("\n".join(failures))
     scoped = [w for w in st["workers"] if w.get("cgroup")]
     if scoped:
         print()
@@ -169,6 +204,20 @@ def _fmt_reload(r: dict[str, Any]) -> str:
             if r.get(k)]
     detail = "; ".join([*what, *([r["error"]] if r.get("error") else [])])
     return f"last reload {when}: {r['result']}" + (f" ({detail})" if detail else "")
+
+
+# How a finished request ended, by the outcome codes the daemon counts (its status op's
+# "outcomes"): every code not named here is a failure.
+OUTCOME_COLUMNS = {"completed": "done", "cancelled": "cancelled", "timeout": "timeout",
+                   "deferred_timeout": "timeout"}
+
+
+def outcome_counts(outcomes: dict[str, int]) -> dict[str, int]:
+    """done, cancelled, timeout (also while deferred by a policy) and failed (the rest)."""
+    counts = {"done": 0, "cancelled": 0, "timeout": 0, "failed": 0}
+    for code, n in outcomes.items():
+        counts[OUTCOME_COLUMNS.get(code, "failed")] += n
+    return counts
 
 
 def _fmt_threads(w: dict[str, Any]) -> str:
@@ -220,13 +269,10 @@ def cmd_limits(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_policy(client: Client, args: argparse.Namespace) -> int:
-    if args.action == "set":
-        settings = {}
-        for item in args.settings:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise LlmctlError("bad_request", f"{item!r}: write settings as key=value")
-            settings[key] = value
+    if args.action == "list":
+        reply = client.call("policy", action="list")
+    elif args.action in ("set", "enable"):
+        settings = dict(args.settings) if args.action == "set" else {}
         reply = client.call("policy", action="set", name=args.name, settings=settings)
     else:
         reply = client.call("policy", action=args.action, name=args.name)
@@ -247,7 +293,7 @@ def cmd_policy(client: Client, args: argparse.Namespace) -> int:
                      [[k, p["type"], p["default"], p["min"], p["max"],
                        (reply["settings"] or {}).get(k), p["help"]]
                       for k, p in reply["params"].items()]))
-    elif args.action == "disable":
+    elif "disabled" in reply:  # disable, or set enabled=false
         print(f"{reply['name']}: {reply['disabled']}")
     else:
         print(f"{reply['name']}: " + " ".join(f"{k}={v}" for k, v in reply["settings"].items()))
@@ -277,6 +323,12 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 def wait_ready(path: str | None, model: str | None, timeout: float) -> int:
     """Poll until the daemon answers and the model (or every model) is ready."""
+    ready_models(path, model, timeout)
+    return EXIT_OK
+
+
+def ready_models(path: str | None, model: str | None, timeout: float) -> list[dict[str, Any]]:
+    """The models once they are all ready; raises LlmctlError if one cannot be, or on timeout."""
     deadline = time.monotonic() + timeout
     last = "the daemon did not answer"
     while time.monotonic() < deadline:
@@ -294,25 +346,113 @@ def wait_ready(path: str | None, model: str | None, timeout: float) -> int:
             if bad:
                 raise LlmctlError("model_unavailable", bad[0]["error"])
             if all(m["state"] == "ready" for m in models):
-                return EXIT_OK
+                return models
             last = ", ".join(f"{m['name']} is {m['state']}" for m in models)
         time.sleep(0.2)
     raise LlmctlError("client_timeout", f"not ready after {timeout:g} s: {last}")
 
 
+def cmd_wait(args: argparse.Namespace) -> int:
+    models = ready_models(args.socket or args.global_socket, args.model, args.timeout)
+    if args.json:
+        _emit_json({"ok": True, "models": {m["name"]: m["state"] for m in models}})
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    sys.stdout.write(completion.script(args.shell))
+    return EXIT_OK
+
+
 # -- argument parsing ------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are JSON on stdout when --json was given."""
+
+    json_errors = False  # set by main from the command line, before parsing
+
+    def error(self, message: str) -> Any:
+        if Parser.json_errors:
+            _emit_json(_error_json("usage", f"{self.prog}: {message}"))
+            sys.exit(EXIT_USAGE)
+        super().error(message)
+
+
+def _common(nested: bool = False) -> argparse.ArgumentParser:
+    """--socket and --json. Under `policy`, both levels take them; the inner level must not
+    reset what the outer one set, hence no defaults there."""
+    default = {"default": argparse.SUPPRESS} if nested else {}
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--socket", metavar="PATH", help="daemon socket (default: "
                         f"${SOCKET_ENV}, else /run/llm-residentd/llm.sock as root, "
                         "$XDG_RUNTIME_DIR/llm-residentd.sock otherwise if it exists, "
-                        "else /run/llm-residentd/llm.sock)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+                        "else /run/llm-residentd/llm.sock)", **default)
+    common.add_argument("--json", action="store_true", help="machine-readable output, errors "
+                        "included", **default)
+    return common
+
+
+# What the submit op's Params cannot say: the short aliases, metavars and defaults that
+# depend on the daemon's config.
+SUBMIT_EXTRAS: dict[str, tuple[list[str], str, str]] = {
+    "model": (["-m"], "MODEL", ""),
+    "max_tokens": (["-n"], "N", "default: the model's max_tokens, 256 unless configured; "
+                   "on a terminal, llmctl says when an answer stopped there"),
+    "priority": (["-p"], "P", "default 0"),
+    "timeout": (["-t"], "S", "exit 4 when it passes"),
+}
+
+
+def _param_type(name: str, param: Param) -> Any:
+    """argparse type: the text as the Param's kind, within its bounds (else exit 2)."""
+    def convert(text: str) -> Any:
+        try:
+            return param.check(name, param.kind(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {param.kind.__name__}") from None
+        except ProtocolError as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+    convert.__name__ = param.kind.__name__  # argparse names the type in its messages
+    return convert
+
+
+def _bounds(param: Param) -> str:
+    if param.kind is str or param.min is None or param.max is None:
+        return ""
+    return f"{param.kind(param.min):g}..{param.kind(param.max):g}"
+
+
+def add_submit_options(parser: argparse.ArgumentParser) -> None:
+    """One option per field of the submit op, from its Param declarations, so that the CLI
+    offers exactly what the daemon takes."""
+    for name, param in Submit.params.items():
+        if name == "prompt":
+            continue
+        aliases, metavar, extra = SUBMIT_EXTRAS.get(name, ([], name.split("_")[-1].upper(), ""))
+        default = SAMPLING_DEFAULTS.get(name)
+        notes = [_bounds(param), extra,
+                 f"default {default}" if param.kind is not bool and default is not None else ""]
+        text = "; ".join(n for n in [param.help, *notes] if n).replace("%", "%%")
+        flags = [*aliases, f"--{name.replace('_', '-')}"]
+        if param.kind is bool:
+            parser.add_argument(*flags, dest=name, action="store_true", help=text)
+        else:
+            parser.add_argument(*flags, dest=name, type=_param_type(name, param),
+                                metavar=metavar, help=text)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: write settings as key=value")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="llmctl", description="Control llm-residentd: submit "
-                                "prompts, watch workers and queues.", epilog=EPILOG,
-                                formatter_class=fmt)
+    p = Parser(prog="llmctl", description="Control llm-residentd: submit prompts, watch "
+               "workers and queues.", epilog=EPILOG, formatter_class=fmt)
     p.add_argument("--version", action="version", version=f"llmctl {__version__}")
     p.add_argument("--socket", dest="global_socket", metavar="PATH", help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -320,25 +460,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", parents=[common], formatter_class=fmt, epilog=EPILOG,
                        help="generate from a prompt, streaming the text to stdout",
                        description="Generate from PROMPT and stream the text to stdout. With "
-                       "--json, print one JSON object per event (accepted, token, done, error).")
+                       "--json, print one JSON object per event (accepted, token, done, error). "
+                       "On a terminal, a line on stderr says where the request waits (queue "
+                       "position, model loading) until the text starts.")
     s.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
-    s.add_argument("--model", "-m", help="model name (default: the daemon's first model)")
-    s.add_argument("--max-tokens", "-n", type=int, metavar="N", help="most tokens to generate")
-    s.add_argument("--priority", "-p", type=int, metavar="P",
-                   help="higher runs first, -1000..1000 (default 0)")
-    s.add_argument("--timeout", "-t", type=float, metavar="S",
-                   help="fail the request if not finished S seconds after it was accepted")
-    s.add_argument("--temperature", type=float, metavar="T", help="0 is greedy (default 0.8)")
-    s.add_argument("--seed", type=int, help="sampling seed")
-    s.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
-    s.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence")
+    add_submit_options(s)
     s.add_argument("--verbose", "-v", action="store_true",
                    help="print the request id and the stats on stderr")
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("status", parents=[common], help="daemon, workers, queues, latencies",
                        description="Show the daemon, each worker (pid, state, threads, RSS) and "
-                       "each model's queue with TTFT, latency and tokens/s percentiles.")
+                       "each model's queue, how its requests ended (done, cancelled, timeout, "
+                       "failed) and TTFT, latency and tokens/s percentiles.")
     s.set_defaults(func=cmd_status)
     s = sub.add_parser("models", parents=[common], help="configured models and their state",
                        description="List the configured models and whether they can serve.")
@@ -365,12 +499,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list, show or change the resource policies",
                        description="list: every policy and whether it is enabled. show NAME: "
                        "its manual and parameters. set NAME key=value...: change parameters "
-                       "live, enabling the policy if it was off (root only). disable NAME: "
-                       "switch it off (root only; what it set stays).")
-    s.add_argument("action", choices=("list", "show", "set", "disable"))
-    s.add_argument("name", nargs="?", metavar="NAME")
-    s.add_argument("settings", nargs="*", metavar="KEY=VALUE")
+                       "live, enabling the policy if it was off; enabled=false disables it "
+                       "(root only). enable NAME, disable NAME: switch it on or off (root "
+                       "only; what it set stays).")
     s.set_defaults(func=cmd_policy)
+    actions = s.add_subparsers(dest="action", metavar="ACTION", required=True)
+    nested = _common(nested=True)
+    actions.add_parser("list", parents=[nested], help="every policy and its state")
+    for action, what in (("show", "its manual and parameters"),
+                         ("set", "change parameters (root); enabled=false disables"),
+                         ("enable", "switch it on with its current settings (root)"),
+                         ("disable", "switch it off; what it set stays (root)")):
+        a = actions.add_parser(action, parents=[nested], help=what, description=what)
+        a.add_argument("name", metavar="NAME", help="the policy (llmctl policy list)")
+        if action == "set":
+            a.add_argument("settings", nargs="+", metavar="KEY=VALUE", type=_key_value)
     s = sub.add_parser("events", parents=[common], help="the actions the policies took",
                        description="The policies' recent actions (admit, defer, set_limits, "
                        "set_threads, disable) with their targets, results and reasons.")
@@ -382,25 +525,43 @@ def build_parser() -> argparse.ArgumentParser:
                        "4 on timeout. For scripts that start the daemon.")
     s.add_argument("model", metavar="MODEL", nargs="?", help="the model to wait for")
     s.add_argument("--timeout", type=float, default=60, metavar="S", help="default 60")
-    s.set_defaults(func=None)
+    s.set_defaults(func=None, local=cmd_wait)
+    s = sub.add_parser("completion", help="print a shell completion script",
+                       description="Print the completion script for bash or zsh; e.g. "
+                       "source <(llmctl completion bash). Model and policy names are asked "
+                       "from the daemon as you type (none when it is down). The Debian "
+                       "package installs both scripts.")
+    s.add_argument("shell", choices=sorted(completion.SCRIPTS))
+    s.set_defaults(func=None, local=cmd_completion, json=False, socket=None)
     return p
 
 
 EXIT_FOR_CODE = {"not_running": EXIT_NOT_RUNNING, "timeout": EXIT_TIMEOUT,
-                 "client_timeout": EXIT_TIMEOUT}
+                 "deferred_timeout": EXIT_TIMEOUT, "client_timeout": EXIT_TIMEOUT}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv[:1] == ["__complete"]:  # the completion scripts ask here; not a command
+        return completion.complete(parser, argv[1:])
+    Parser.json_errors = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
+    args = parser.parse_args(argv)
     try:
-        if args.command == "wait":
-            return wait_ready(args.socket or args.global_socket, args.model, args.timeout)
+        if args.func is None:
+            return args.local(args)
         with Client(args.socket or args.global_socket) as client:
             return args.func(client, args)
     except LlmctlError as exc:
-        print(f"llmctl: {exc.message} ({exc.code})", file=sys.stderr)
+        if args.json:
+            extra = {"event": "error"} if args.command == "submit" else {}
+            _emit_json(_error_json(exc.code, exc.message, **extra))
+        else:
+            print(f"llmctl: {exc.message} ({exc.code})", file=sys.stderr)
         return EXIT_FOR_CODE.get(exc.code, EXIT_FAILED)
     except KeyboardInterrupt:
+        if args.json:
+            _emit_json(_error_json("interrupted", "interrupted"))
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK

@@ -48,11 +48,23 @@ class Stream:
     def events(self) -> Iterator[dict[str, Any]]:
         """Every event; the last is done or error (which is yielded, not raised)."""
         while not self.finished:
-            event = self.client._next(self.msg_id)
-            if event.get("event") in ("done", "error"):
-                self.finished = True
-                self.stats = event.get("stats")
-            yield event
+            event = self.next_event()
+            if event is not None:
+                yield event
+
+    def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event, or None if none came within timeout seconds (the connection
+        stays usable: other calls, such as status, may run in between)."""
+        try:
+            event = self.client._next(self.msg_id, timeout)
+        except LlmctlError as exc:
+            if exc.code == "client_timeout" and timeout is not None:
+                return None
+            raise
+        if event.get("event") in ("done", "error"):
+            self.finished = True
+            self.stats = event.get("stats")
+        return event
 
     def text(self) -> Iterator[str]:
         """The generated text piece by piece; raises LlmctlError if the request fails."""

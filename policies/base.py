@@ -9,6 +9,7 @@ tested with a fake clock and scripted snapshots.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,6 +27,9 @@ class Param:
     help: str
     min: float | None = None
     max: float | None = None
+    # For values whose meaning a type cannot say (a CPU quota, a size): raises ValueError
+    # for a bad one, so that `policy set` refuses it before anything changes.
+    valid: Callable[[Any], object] | None = None
 
     def check(self, name: str, value: Any) -> Any:
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -40,6 +44,12 @@ class Param:
             raise PolicyError(f"{name} = {value} is below the minimum {self.min}")
         if self.max is not None and value > self.max:
             raise PolicyError(f"{name} = {value} is above the maximum {self.max}")
+        if self.valid is not None:
+            try:
+                self.valid(value)
+            except ValueError as exc:
+                why = str(exc)  # parse_cpu and the like name the value already
+                raise PolicyError(why if why.startswith(name) else f"{name}: {why}") from None
         return value
 
     def _from_text(self, name: str, text: str) -> Any:

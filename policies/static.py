@@ -13,6 +13,7 @@ more than latency.
 
 from __future__ import annotations
 
+from ..limits import parse_bytes, parse_cpu
 from .base import Action, Event, Param, Policy, Snapshot
 
 
@@ -20,8 +21,9 @@ class Static(Policy):
     name = "static"
     events = frozenset({"tick"})
     params = {
-        "cpu": Param(str, "max", "CPU quota of each worker: 50%, 1.5 or max"),
-        "memory_high": Param(str, "max", "memory.high of each worker: 600M or max"),
+        "cpu": Param(str, "max", "CPU quota of each worker: 50%, 1.5 or max", valid=parse_cpu),
+        "memory_high": Param(str, "max", "memory.high of each worker: 600M or max",
+                             valid=lambda text: parse_bytes(text, "memory_high")),
     }
 
     def __init__(self, **settings: object) -> None:

@@ -40,6 +40,12 @@ class Param:
         if isinstance(value, float) and not math.isfinite(value):
             raise ProtocolError("bad_request", f"{name} must be a finite number")
         if isinstance(value, dict):
+            # keys become names (policy parameters): a binary or numeric key is a shape error
+            for key in value:
+                if not isinstance(key, str):
+                    got = _WIRE_TYPES.get(type(key), type(key).__name__)
+                    raise ProtocolError("bad_request", f"the keys of {name} must be strings, "
+                                        f"not {got} ({key!r})")
             return value
         size = len(value) if isinstance(value, str) else value
         what = "the length of " if isinstance(value, str) else ""

@@ -11,7 +11,9 @@ Without change fields it only shows the limits. cpu is a percentage of one CPU (
 a number of CPUs ("1.5") or "max"; sizes are like "600M", "2G" or "max". A change is
 applied to every worker of the model through the backend, read back from the cgroup, and
 the workers' thread counts follow the new CPU quota. Bad values get bad_request and
-change nothing; a backend failure gets scope_error.
+change nothing; a backend failure gets scope_error. Checks run in the order of every op:
+the fields' shapes, then authorization (a change by a non-root peer is forbidden, even for
+an unknown model), then the model and the values.
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ class Limits(Op):
 
     async def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         service, model = ctx.service, args.pop("model")
+        if args and ctx.uid != 0:  # authorization before what needs the daemon, as in policy
+            raise ProtocolError("forbidden", "changing limits needs root (uid 0); "
+                                f"this peer is uid {ctx.uid}")
         if model not in service.limits:
             raise ProtocolError("no_such_model", f"no model {model!r} "
                                 f"(configured: {', '.join(sorted(service.limits))})")
-        if args and ctx.uid != 0:
-            raise ProtocolError("forbidden", "changing limits needs root (uid 0); "
-                                f"this peer is uid {ctx.uid}")
         try:
             changes = _parse(args)
         except LimitError as exc:

@@ -14,17 +14,29 @@ Request: {"op": "policy", "action": "set", "name": "psi-admission",
 Reply:   {"name", "settings": {...}}  (enables the policy if it was not)
 Request: {"op": "policy", "action": "disable", "name": "threads"}
 Reply:   {"name", "disabled": "WHY"}  (what it did stays; set enables it again)
-An unknown policy or parameter, or a value out of range, gets bad_request and changes
-nothing. set and disable need root.
+In set, the key "enabled" is the switch, as in a [[policies]] table of the config:
+{"enabled": false} (alone) is disable, {"enabled": true, ...} enables with the rest.
+
+Checks, in this order: the fields' shapes (action one of the four, a name where needed,
+settings a map with string keys); then authorization: set and disable need root (a
+non-root peer gets forbidden whatever the values); then what needs the daemon: the
+policy exists, every setting is a parameter of it and its value passes that parameter's
+declaration (type, range, and for values like a CPU quota their syntax). Any failure is
+bad_request and changes nothing: the policy stays enabled or disabled as it was, with
+its old settings.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..policies import Param as PolicyParam
 from ..policies import PolicyError
 from ..protocol import ProtocolError
 from . import Context, Op, Param, register
+
+ACTIONS = ("list", "show", "set", "disable")
+ENABLED = PolicyParam(bool, True, "false disables the policy, true enables it")
 
 
 @register
@@ -33,19 +45,22 @@ class PolicyOp(Op):
     params = {
         "action": Param(str, "list, show, set or disable", required=True, max=16),
         "name": Param(str, "the policy, for show, set and disable", max=200),
-        "settings": Param(dict, "parameters to change, for set (values may be strings)"),
+        "settings": Param(dict, "parameters to change, for set (values may be strings; "
+                          "\"enabled\" switches the policy)"),
     }
 
     def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-        engine, action = ctx.service.engine, args["action"]
-        if action == "list":
-            return engine.describe()
-        name = args.get("name")
-        if action not in ("show", "set", "disable"):
+        engine, action, name = ctx.service.engine, args["action"], args.get("name")
+        if action not in ACTIONS:
             raise ProtocolError("bad_request",
                                 f"action must be list, show, set or disable, not {action!r}")
+        if action == "list":
+            return engine.describe()
         if not name:
             raise ProtocolError("bad_request", f"policy {action} needs a name")
+        if action != "show" and ctx.uid != 0:
+            raise ProtocolError("forbidden", f"changing policies needs root; this peer is "
+                                f"uid {ctx.uid}")
         cls = engine.classes.get(name)
         if cls is None:
             raise ProtocolError("bad_request", f"no policy {name!r} "
@@ -58,14 +73,15 @@ class PolicyOp(Op):
                     __import__(cls.__module__, fromlist=["_"]).__doc__,
                     "params": {k: {"type": p.kind.__name__, "default": p.default, "min": p.min,
                                    "max": p.max, "help": p.help} for k, p in cls.params.items()}}
-        if ctx.uid != 0:
-            raise ProtocolError("forbidden", f"changing policies needs root; this peer is "
-                                f"uid {ctx.uid}")
         try:
-            if action == "disable":
+            settings = dict(args.get("settings") or {})
+            enabled = ENABLED.check("enabled", settings.pop("enabled", True))
+            if action == "disable" or not enabled:
+                if settings:
+                    raise PolicyError(f"enabled=false disables {name}; it takes no other "
+                                      f"settings (got {', '.join(sorted(settings))})")
                 engine.disable(name, f"disabled by uid {ctx.uid} (llmctl policy disable)")
                 return {"name": name, "disabled": engine.disabled[name]}
-            settings = engine.configure(name, args.get("settings") or {})
+            return {"name": name, "settings": engine.configure(name, settings)}
         except PolicyError as exc:
             raise ProtocolError("bad_request", str(exc)) from None
-        return {"name": name, "settings": settings}

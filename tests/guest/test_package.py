@@ -35,6 +35,7 @@ PACKAGE_PATHS = [
     "/usr/lib/llm-residentd", "/usr/bin/llmctl", "/usr/sbin/llm-residentd",
     "/usr/share/llm-residentd", "/usr/share/doc/llm-residentd", "/etc/llm-residentd",
     "/var/lib/llm-residentd", "/run/llm-residentd",
+    "/usr/share/bash-completion/completions/llmctl", "/usr/share/zsh/vendor-completions/_llmctl",
 ]
 
 
@@ -188,6 +189,14 @@ def test_the_service_logs_natively_and_listens_with_a_backlog_of_264():
     assert show(SOCKET, "Backlog")["Backlog"] == "264"
     listening = run("ss", "-xlnH", "src", str(SOCKET_PATH)).stdout.split()
     assert listening[3] == "264", listening  # Send-Q of a listening socket: its backlog
+
+
+def test_the_packaged_bash_completion_names_the_models_of_the_running_daemon():
+    script = ("source /usr/share/bash-completion/completions/llmctl; "
+              "COMP_WORDS=(llmctl submit -m ''); COMP_CWORD=3; _llmctl; echo \"${COMPREPLY[@]}\"")
+    assert run("bash", "-c", script, user="alice").stdout.split() == ["smollm2"]
+    assert Path("/usr/share/zsh/vendor-completions/_llmctl").read_text().startswith(
+        "#compdef llmctl")
 
 
 def test_a_user_outside_group_llm_is_refused_clearly():

@@ -111,3 +111,77 @@ def test_raw_client_written_from_the_protocol_doc(tiny_daemon):
     r = subprocess.run([sys.executable, str(client), "--socket", str(tiny_daemon.socket),
                         "--model", "nope", "hi"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "no_such_model" in r.stdout + r.stderr
+
+
+def _json_line(r) -> dict:
+    """The one JSON object a --json command printed; nothing on stderr."""
+    (line,) = r.stdout.splitlines()
+    assert r.stderr == "", r.stderr
+    return json.loads(line)
+
+
+def test_every_command_with_json_prints_its_errors_as_one_json_object(tiny_daemon, tmp_path):
+    refused = {
+        ("submit", "-m", "nope", "hi"): (1, "no_such_model"),
+        ("cancel", "r999999"): (1, "no_such_request"),
+        ("limits", "nope"): (1, "no_such_model"),
+        ("policy", "show", "nope"): (1, "bad_request"),
+        ("policy", "set", "static", "cpu=banana"): (1, "bad_request"),
+        ("policy", "disable", "static"): (1, "bad_request"),  # not enabled
+        ("wait", "nope"): (1, "no_such_model"),
+        ("submit", "-n", "100000", "hi"): (1, "bad_request"),
+        ("policy", "show"): (2, "usage"),
+        ("submit", "hi", "--top-p", "7"): (2, "usage"),
+    }
+    for args, (code, error) in refused.items():
+        r = tiny_daemon.llmctl(*args, "--json")
+        assert r.returncode == code, (args, r.stdout, r.stderr)
+        reply = _json_line(r)
+        assert reply["ok"] is False and reply["error"]["code"] == error, (args, reply)
+        assert reply["error"]["message"]
+        assert reply.get("event") == ("error" if args[0] == "submit" and code == 1 else None)
+    gone = str(tmp_path / "nothing.sock")
+    for args in (["submit", "hi"], ["status"], ["models"], ["cancel", "r1"], ["limits", "tiny"],
+                 ["policy", "list"], ["events"], ["wait", "--timeout", "0.5"]):
+        r = subprocess.run([sys.executable, "-m", "llmctl", "--socket", gone, *args, "--json"],
+                           capture_output=True, text=True, timeout=60)
+        expected = 4 if args[0] == "wait" else 3  # wait keeps trying until its timeout
+        assert r.returncode == expected, (args, r.stdout, r.stderr)
+        reply = _json_line(r)
+        assert reply["ok"] is False
+        assert reply["error"]["code"] == ("client_timeout" if args[0] == "wait" else "not_running")
+
+
+def test_json_success_of_wait_and_failure_of_a_running_request(tiny_daemon):
+    r = tiny_daemon.llmctl("wait", "--json")
+    assert r.returncode == 0 and _json_line(r) == {"ok": True, "models": {"tiny": "ready"}}
+    r = tiny_daemon.llmctl("submit", "--json", "a long story", "-n", "200", "--ignore-eos",
+                           "--timeout", "0.001")
+    assert r.returncode == 4 and r.stderr == ""
+    last = json.loads(r.stdout.splitlines()[-1])
+    assert last["event"] == "error" and last["ok"] is False
+    assert last["error"]["code"] == "timeout"
+
+
+def _model_row(text: str) -> dict[str, str]:
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("MODEL")).split()
+    row = next(line for line in lines if line.startswith("tiny ")).split()
+    return dict(zip(header[:8], row[:8], strict=True))
+
+
+def test_status_counts_cancelled_and_timed_out_apart_from_failed(start_daemon, tiny_model_path):
+    from harness import tiny_config, wait_for
+    d = start_daemon(tiny_config(tiny_model_path, n_ctx=4096))
+    with d.client() as c:
+        blocker = c.submit("keep busy", max_tokens=3000, ignore_eos=True)
+        wait_for(lambda: d.status()["workers"][0]["state"] == "busy", what="the worker busy")
+        r = d.llmctl("submit", "queued", "-t", "0.3")  # times out in the queue
+        assert r.returncode == 4, r.stderr
+        c.cancel(blocker.request)
+        assert list(blocker.events())[-1]["error"]["code"] == "cancelled"
+    assert d.llmctl("submit", "hello", "-n", "3").returncode == 0
+    row = _model_row(d.llmctl("status").stdout)
+    assert (row["DONE"], row["CANCELLED"], row["TIMEOUT"], row["FAILED"]) == ("1", "1", "1", "0")
+    outcomes = json.loads(d.llmctl("status", "--json").stdout)["models"]["tiny"]["outcomes"]
+    assert outcomes == {"completed": 1, "cancelled": 1, "timeout": 1}

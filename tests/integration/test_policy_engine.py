@@ -126,6 +126,7 @@ def test_policy_show_set_and_bad_values(tiny_daemon):
 @pytest.mark.parametrize("table, words", [
     ('name = "nope"', "policies[0].name: no policy 'nope'"),
     ('name = "psi-admission"\ndefer_above = 400', "policies[0] (psi-admission): defer_above"),
+    ('name = "static"\ncpu = "banana"', "policies[0] (static): cpu 'banana': use a percentage"),
 ])
 def test_bad_policy_config_stops_the_daemon_naming_the_key(tmp_path, tiny_model_path, table,
                                                            words):

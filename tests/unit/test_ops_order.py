@@ -72,19 +72,11 @@ def test_params_are_checked_before_who_the_peer_is(msg):
     assert _run(msg) == "bad_request"
 
 
-# The ops below deviate from the stated order (issue 12 item 16); the markers are strict,
-# so the test fails once an op is fixed and the marker must go.
 @pytest.mark.parametrize("msg", [
-    pytest.param({"op": "limits", "model": "nope", "cpu": "50%"}, marks=pytest.mark.xfail(
-        strict=True, reason="ops/limits.py answers no_such_model before forbidden")),
-    pytest.param({"op": "limits", "model": "nope", "cpu": "banana"}, marks=pytest.mark.xfail(
-        strict=True, reason="ops/limits.py answers no_such_model before forbidden")),
-    pytest.param({"op": "policy", "action": "set", "name": "nope", "settings": {}},
-                 marks=pytest.mark.xfail(strict=True, reason="ops/policy.py answers "
-                                         "bad_request (no policy) before forbidden")),
-    pytest.param({"op": "policy", "action": "disable", "name": "nope"},
-                 marks=pytest.mark.xfail(strict=True, reason="ops/policy.py answers "
-                                         "bad_request (no policy) before forbidden")),
+    {"op": "limits", "model": "nope", "cpu": "50%"},
+    {"op": "limits", "model": "nope", "cpu": "banana"},
+    {"op": "policy", "action": "set", "name": "nope", "settings": {}},
+    {"op": "policy", "action": "disable", "name": "nope"},
 ])
 def test_who_the_peer_is_is_checked_before_the_daemons_state(msg):
     assert _run(msg) == "forbidden"

@@ -112,6 +112,20 @@ def test_bad_parameters_are_refused_and_change_nothing(settings, words):
     assert p.settings == before
 
 
+@pytest.mark.parametrize("settings, words", [
+    ({"cpu": "banana"}, "cpu 'banana': use a percentage"),
+    ({"cpu": "50%", "memory_high": "lots"}, "memory_high 'lots': use a size"),
+    ({"memory_high": "1K"}, "must be at least"),
+])
+def test_static_values_are_checked_by_their_syntax_before_anything_changes(settings, words):
+    p = Static(cpu="75%")
+    with pytest.raises(PolicyError, match=words):
+        p.configure(**settings)
+    assert p.settings == {"cpu": "75%", "memory_high": "max"}
+    with pytest.raises(PolicyError, match=words):
+        Static(**settings)
+
+
 def test_text_values_from_the_cli_are_converted():
     p = PsiAdmission()
     p.configure(defer_above="55.5", calm_s="3")

@@ -1,0 +1,212 @@
+"""llmctl without a daemon: its options, usage errors, status columns and completion."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from llm_residentd.ops.submit import Submit
+from llmctl import cli, completion, progress
+
+NO_DAEMON = "/nonexistent/llm.sock"  # a command that got this far would exit 3, not 2
+
+
+def _subparser(name: str):
+    return completion._subparsers(cli.build_parser())[name]
+
+
+def test_every_submit_param_has_an_option_that_reaches_the_op():
+    dests = {a.dest for a in _subparser("submit")._actions}
+    assert set(Submit.params) - {"prompt"} <= dests
+    args = cli.build_parser().parse_args([
+        "submit", "hi", "-m", "tiny", "-n", "7", "-p", "3", "-t", "9", "--temperature", "0.5",
+        "--top-p", "0.9", "--top-k", "5", "--min-p", "0.1", "--repeat-penalty", "1.2",
+        "--seed", "42", "--raw", "--ignore-eos"])
+    assert cli.submit_fields(args) == {
+        "model": "tiny", "max_tokens": 7, "priority": 3, "timeout": 9.0, "temperature": 0.5,
+        "top_p": 0.9, "top_k": 5, "min_p": 0.1, "repeat_penalty": 1.2, "seed": 42, "raw": True,
+        "ignore_eos": True}
+    assert cli.submit_fields(cli.build_parser().parse_args(["submit", "hi"])) == {}
+
+
+def test_submit_help_shows_bounds_defaults_and_the_max_tokens_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["submit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--top-k K top-k sampling; 0 disables; 0..100000; default 40" in out
+    assert "-n N, --max-tokens N" in out and "256 unless configured" in out
+
+
+def _exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    return exc.value.code
+
+
+@pytest.mark.parametrize("argv", [
+    ["policy", "show"], ["policy", "set", "static"], ["policy", "set", "static", "cpu"],
+    ["policy", "disable"], ["policy"], ["submit", "hi", "--top-p", "2"],
+    ["submit", "hi", "--top-k", "x"], ["submit", "hi", "-n", "0"]])
+def test_usage_errors_exit_2_without_calling_the_daemon(argv, capsys):
+    assert _exit_code(["--socket", NO_DAEMON, *argv]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_usage_error_with_json_is_one_json_object_on_stdout(capsys):
+    assert _exit_code(["--socket", NO_DAEMON, "policy", "show", "--json"]) == 2
+    out, err = capsys.readouterr()
+    reply = json.loads(out)
+    assert reply["ok"] is False and reply["error"]["code"] == "usage"
+    assert "NAME" in reply["error"]["message"] and err == ""
+
+
+def test_policy_json_option_is_taken_at_either_level():
+    parse = cli.build_parser().parse_args
+    assert parse(["policy", "--json", "list"]).json is True
+    assert parse(["policy", "list", "--json"]).json is True
+    assert parse(["policy", "list"]).json is False
+    assert parse(["policy", "set", "static", "enabled=false"]).settings == [("enabled", "false")]
+
+
+def test_outcome_counts_keep_cancelled_and_timeout_apart_from_failed():
+    counts = cli.outcome_counts({"completed": 5, "cancelled": 2, "timeout": 1,
+                                 "deferred_timeout": 1, "worker_died": 3, "internal": 1})
+    assert counts == {"done": 5, "cancelled": 2, "timeout": 2, "failed": 4}
+
+
+class FakeClient:
+    def __init__(self, status):
+        self._status = status
+
+    def status(self):
+        return self._status
+
+
+def test_status_table_has_a_column_per_outcome_and_names_the_failures(capsys):
+    summary = {"p50": None, "p95": None, "p99": None}
+    st = {"daemon": {"version": "0", "pid": 1, "uptime_s": 1, "backend": "none", "config": "-",
+                     "socket": "-"},
+          "workers": [],
+          "models": {"tiny": {"state": "ready", "queue_depth": 0, "max_queue": 8, "running": 0,
+                              "outcomes": {"completed": 5, "cancelled": 2, "timeout": 1,
+                                           "worker_died": 3},
+                              "ttft_s": summary, "latency_s": summary, "tokens_per_s": summary}}}
+    cli.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"]))
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("MODEL"))
+    row = next(line for line in lines if line.startswith("tiny")).split()
+    assert header.split()[4:8] == ["DONE", "CANCELLED", "TIMEOUT", "FAILED"]
+    assert row[4:8] == ["5", "2", "1", "3"]
+    assert "tiny failed: worker_died 3" in lines
+
+
+# -- completion ------------------------------------------------------------------------------
+
+def _names(words, what):
+    return {"model": ["tiny", "smollm2"], "policy": ["static", "threads"]}[what]
+
+
+@pytest.mark.parametrize(("words", "want"), [
+    (["llmctl", "su"], ["submit"]),
+    (["llmctl", ""], ["submit", "status", "models", "cancel", "limits", "policy", "events",
+                      "wait", "completion"]),
+    (["llmctl", "submit", "--top"], ["--top-k", "--top-p"]),
+    (["llmctl", "submit", "-m", ""], ["tiny", "smollm2"]),
+    (["llmctl", "submit", "--model", "sm"], ["smollm2"]),
+    (["llmctl", "limits", ""], ["tiny", "smollm2"]),
+    (["llmctl", "wait", "--timeout", "5", "t"], ["tiny"]),
+    (["llmctl", "policy", "s"], ["show", "set"]),
+    (["llmctl", "policy", "set", "th"], ["threads"]),
+    (["llmctl", "policy", "--json", "disable", ""], ["static", "threads"]),
+    (["llmctl", "completion", ""], ["bash", "zsh"]),
+    (["llmctl", "cancel", ""], []),
+])
+def test_completion_candidates(words, want):
+    parser = cli.build_parser()
+    got = completion.candidates(parser, words, len(words) - 1, names=_names)
+    assert sorted(got) == sorted(want)
+
+
+def test_completion_with_the_daemon_down_gives_no_names():
+    words = ["llmctl", "--socket", NO_DAEMON, "submit", "-m", ""]
+    assert completion.candidates(cli.build_parser(), words, 5) == []
+
+
+def _llmctl_env() -> dict[str, str]:
+    """PATH with the llmctl of this interpreter first, as the completion scripts call it."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def test_bash_completion_script_completes_subcommands_and_options():
+    script = 'source <(llmctl completion bash); COMP_WORDS=({words}); COMP_CWORD={cword}; ' \
+             '_llmctl; echo "${{COMPREPLY[@]}}"; complete -p llmctl'
+    run = lambda words, cword: subprocess.run(  # noqa: E731
+        ["bash", "-c", script.format(words=words, cword=cword)], capture_output=True,
+        text=True, env=_llmctl_env(), timeout=60)
+    r = run("llmctl su", 1)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["submit", "complete -o default -F _llmctl llmctl"]
+    r = run(f"llmctl --socket {NO_DAEMON} submit --ignore", 4)
+    assert r.stdout.splitlines()[0] == "--ignore-eos"
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed: "
+                    "apt-get install zsh to check the zsh completion script")
+def test_zsh_completion_script_parses_and_registers():
+    r = subprocess.run(["zsh", "-n", "-c", cli.completion.script("zsh")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["zsh", "-f", "-c", "autoload -U compinit && compinit -u -D && "
+                        "source <(llmctl completion zsh) && print -r -- $_comps[llmctl]"],
+                       capture_output=True, text=True, env=_llmctl_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "_llmctl"
+
+
+def test_completion_scripts_are_package_data():
+    assert "_llmctl()" in completion.script("bash")
+    assert completion.script("zsh").startswith("#compdef llmctl")
+
+
+# -- what a terminal is told -------------------------------------------------------------------
+
+class FakeStream:
+    request, model = "r9", "tiny"
+
+    def __init__(self, stats=None):
+        self.stats = stats
+
+
+@pytest.mark.parametrize(("model", "want"), [
+    ({"state": "ready", "queued": ["r7", "r8", "r9", "r10"], "running": 2},
+     "llmctl: queued: 4 ahead (2 running, 2 queued), 12 s"),
+    ({"state": "loading", "queued": ["r9"], "running": 0},
+     "llmctl: loading model tiny, queued: 0 ahead (0 running, 0 queued), 12 s"),
+    ({"state": "loading", "queued": [], "running": 0}, "llmctl: loading model tiny, 12 s"),
+    ({"state": "ready", "queued": [], "running": 1}, "llmctl: processing the prompt, 12 s"),
+])
+def test_waiting_line_text(model, want):
+    assert progress.describe_wait({"models": {"tiny": model}}, FakeStream(), 12.2) == want
+
+
+class ModelsClient:
+    def models(self):
+        return [{"name": "tiny", "n_ctx": 256, "max_tokens": 16}]
+
+
+@pytest.mark.parametrize(("stats", "asked", "want"), [
+    ({"finish_reason": "stop", "completion_tokens": 3}, None, None),
+    ({"finish_reason": "length", "completion_tokens": 16}, None,
+     "llmctl: stopped at max_tokens 16; use -n to allow more"),
+    ({"finish_reason": "length", "completion_tokens": 40}, 40,
+     "llmctl: stopped at max_tokens 40; use -n to allow more"),
+    ({"finish_reason": "length", "completion_tokens": 200}, 250,
+     "llmctl: stopped: the context of model tiny is full (256 tokens)"),
+])
+def test_stop_notice(stats, asked, want):
+    assert progress.stop_notice(ModelsClient(), FakeStream(stats), asked) == want
