@@ -166,6 +166,18 @@ def connect_as(uid: int, path: Path) -> socket.socket:
     return sock
 
 
+def request_as(uid: int, path: Path, msg: dict[str, Any]) -> dict[str, Any]:
+    """The reply to one request sent, after hello, by a peer whose uid is uid."""
+    sock = connect_as(uid, path)
+    try:
+        sock.settimeout(30)
+        assert hello(sock)["ok"] is True
+        send_frame(sock, msg)
+        return recv_frame(sock)
+    finally:
+        sock.close()
+
+
 def hello(sock: socket.socket) -> dict[str, Any]:
     send_frame(sock, {"id": 0, "op": "hello", "protocol": 1})
     return recv_frame(sock)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import read_until_done, tiny_config, wait_for
+from harness import read_until_done, request_as, tiny_config, wait_for
 from llm_residentd.protocol import recv_frame, send_frame
 
 LONG = {"max_tokens": 3000, "ignore_eos": True}  # keeps the single worker busy for a while
@@ -109,38 +109,18 @@ def test_cancel_of_another_users_request_is_forbidden(start_daemon, tiny_model_p
     sock = d.raw()
     _submit(sock, "b", **LONG)
     rid = _accepted(sock, "b")["request"]
-    reply = _as_uid(65534, d, {"id": 1, "op": "cancel", "request": rid})
+    reply = request_as(65534, d.socket, {"id": 1, "op": "cancel", "request": rid})
     assert reply["error"]["code"] == "forbidden" and "uid 0" in reply["error"]["message"]
-    reply = _as_uid(65534, d, {"id": 2, "op": "limits", "model": "tiny", "cpu": "50%"})
+    reply = request_as(65534, d.socket, {"id": 2, "op": "limits", "model": "tiny", "cpu": "50%"})
     assert reply["error"]["code"] == "forbidden" and "needs root" in reply["error"]["message"]
-    reply = _as_uid(65534, d, {"id": 3, "op": "policy", "action": "set", "name": "static",
+    reply = request_as(65534, d.socket, {"id": 3, "op": "policy", "action": "set", "name": "static",
                                "settings": {"cpu": "50%"}})
     assert reply["error"]["code"] == "forbidden" and "needs root" in reply["error"]["message"]
-    reply = _as_uid(65534, d, {"id": 4, "op": "policy", "action": "list"})
+    reply = request_as(65534, d.socket, {"id": 4, "op": "policy", "action": "list"})
     assert reply["ok"] is True and "static" in reply["available"]  # reading is for everyone
     with d.client() as c:
         c.cancel(rid)  # root may
 
-
-def _as_uid(uid, d, msg):
-    """Send one request from a forked child that runs as uid (peer credentials are per connect)."""
-    import json
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            sock = d.raw()
-            send_frame(sock, msg)
-            os.write(write_end, json.dumps(recv_frame(sock)).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
 
 
 def test_timeout_of_queued_and_running_requests(busy_daemon):

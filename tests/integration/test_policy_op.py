@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from harness import tiny_config
+from harness import request_as, tiny_config
 from llm_residentd.protocol import recv_frame, send_frame
 from llmctl import LlmctlError
 
@@ -91,7 +91,7 @@ def test_order_of_checks_shape_then_authorization_then_values(start_daemon, tiny
     sockdir.chmod(0o755)  # pytest's tmp dirs are 0700: another uid could not reach the socket
     d = start_daemon(tiny_config(tiny_model_path, daemon='socket_mode = "0666"'),
                      socket=sockdir / "llm.sock")
-    as_nobody = lambda **m: _as_uid(65534, d, {"id": 1, "op": "policy", **m})  # noqa: E731
+    as_nobody = lambda **m: request_as(65534, d.socket, {"id": 1, "op": "policy", **m})  # noqa: E731
     # shapes first: a non-root peer learns its request is malformed
     assert as_nobody(action="set", name="static", settings={b"cpu": "1"})["error"]["code"] \
         == "bad_request"
@@ -107,27 +107,8 @@ def test_order_of_checks_shape_then_authorization_then_values(start_daemon, tiny
     assert as_nobody(action="show", name="static")["ok"] is True  # reading is for everyone
     assert _state(d, "static") == (None, False)
     # the limits op keeps the same order: root before the model's existence and the values
-    reply = _as_uid(65534, d, {"id": 2, "op": "limits", "model": "nope", "cpu": "banana"})
+    reply = request_as(65534, d.socket, {"id": 2, "op": "limits", "model": "nope", "cpu": "banana"})
     assert reply["error"]["code"] == "forbidden", reply
-    reply = _as_uid(65534, d, {"id": 3, "op": "limits", "model": "tiny", "cpu": 5})
+    reply = request_as(65534, d.socket, {"id": 3, "op": "limits", "model": "tiny", "cpu": 5})
     assert reply["error"]["code"] == "bad_request", reply  # a shape: before authorization
 
-
-def _as_uid(uid, d, msg):
-    """One request from a forked child that runs as uid (peer credentials are per connect)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            sock = d.raw()
-            send_frame(sock, msg)
-            os.write(write_end, json.dumps(recv_frame(sock), default=repr).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
