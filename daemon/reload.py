@@ -25,11 +25,12 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from . import notify
+from . import modelsource, notify
 from .config import Config, ConfigError, DaemonConfig, ModelConfig, limits_of
 from .policies import PolicyError
 from .protocol import ProtocolError
@@ -107,6 +108,15 @@ def effective(old: Config, new: Config, d: Diff) -> Config:
     return dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, **kept))
 
 
+def _check_new_files(old: Config, new: Config, d: Diff, state_dir: Path) -> None:
+    """The GGUF of each added model, and of each model whose file changed, is one;
+    ModelUnavailable names the key."""
+    for name in (*d.added, *d.restarted):
+        was, now = old.models.get(name), new.models[name]
+        if was is None or (was.path, was.package) != (now.path, now.package):
+            modelsource.check(now, state_dir)
+
+
 def _notify_reloading() -> None:
     # MONOTONIC_USEC: systemd (253+, Type=notify-reload) matches it to the reload it asked for.
     notify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
@@ -152,6 +162,13 @@ class Reloader:
             return False
         old = service.config
         d = diff(old, loaded)
+        try:  # as --check-config does: a typo in a path is refused, not retried forever
+            await asyncio.to_thread(_check_new_files, old, loaded, d, service.state_dir)
+        except modelsource.ModelUnavailable as exc:
+            log.error("reload_failed", error=str(exc), key=_key(str(exc)),
+                      config=service.config.source, serving="the old config")
+            self._record("failed", str(exc))
+            return False
         new = effective(old, loaded, d)
         for key in d.daemon_restart:
             log.warning("reload_needs_restart", key=f"daemon.{key}",

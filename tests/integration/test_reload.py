@@ -148,6 +148,20 @@ def test_bad_config_is_refused_and_the_old_one_serves(start_daemon, tiny_model_p
     assert _reload(d, good.replace("n_ctx = 256", "n_ctx = 512"))["result"] == "ok"
 
 
+def test_a_model_file_that_is_no_gguf_is_refused_by_name(start_daemon, tiny_model_path, tmp_path):
+    good = tiny_config(tiny_model_path)
+    d = start_daemon(good)
+    (pid,) = _pids(d, "tiny")
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("not a model")
+    for path in (tmp_path / "no-such.gguf", bad):
+        r = _reload(d, good + _model("new", path))
+        assert r["result"] == "failed" and "models.new.path" in r["error"], r
+        assert set(d.status()["models"]) == {"tiny"} and _pids(d, "tiny") == [pid]
+    assert "no such file" in _events(d, "reload_failed")[0]["error"]
+    d.assert_serving()
+
+
 def test_sighup_during_startup_does_not_kill_the_daemon(start_daemon, tiny_model_path):
     d = start_daemon(tiny_config(tiny_model_path), wait=False)
     # As early as the process can take it: once it has a handler for SIGHUP (SigCgt bit 0),
