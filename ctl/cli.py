@@ -419,7 +419,7 @@ def _param_type(name: str, param: Param) -> Any:
 def _bounds(param: Param) -> str:
     if param.kind is str or param.min is None or param.max is None:
         return ""
-    return f"{param.kind(param.min):g}..{param.kind(param.max):g}"
+    return f"{param.kind(param.min)}..{param.kind(param.max)}"  # 2147483647, not 2.14748e+09
 
 
 def add_submit_options(parser: argparse.ArgumentParser) -> None:

@@ -80,7 +80,8 @@ class PolicyOp(Op):
                 if settings:
                     raise PolicyError(f"enabled=false disables {name}; it takes no other "
                                       f"settings (got {', '.join(sorted(settings))})")
-                engine.disable(name, f"disabled by uid {ctx.uid} (llmctl policy disable)")
+                how = "disable" if action == "disable" else "set with enabled=false"
+                engine.disable(name, f"disabled by uid {ctx.uid} (policy {how})")
                 return {"name": name, "disabled": engine.disabled[name]}
             return {"name": name, "settings": engine.configure(name, settings)}
         except PolicyError as exc:
