@@ -102,7 +102,10 @@ def test_a_thread_change_mid_prompt_applies_between_chunks_and_changes_no_output
     # applied at a prompt chunk's start (n_batch 16): the chunk in progress, if any, was
     # stopped and evaluated again with the new count; not after the prompt
     assert answer["stage"] == "prefill", f"not mid-prompt: {answer} (prompt evaluated too fast?)"
-    assert 0 < answer["at"] < done["stats"]["prompt_tokens"] and answer["at"] % 16 == 0, answer
+    assert answer["at"] < done["stats"]["prompt_tokens"] and answer["at"] % 16 == 0, answer
+    # At 0 only if the first chunk was still being computed (a slow start on a loaded
+    # machine): then that call was stopped and made again with the new count.
+    assert answer["at"] > 0 or answer["redone"], answer
     assert text == expected  # the request finished as if nothing had changed
     assert again == expected and later == []
 
