@@ -78,7 +78,7 @@ METRICS = {d.name: d for d in (
              "Worker processes that ended without being asked to, by cause: oom (the "
              "kernel's OOM killer), signal (another signal or SIGKILL), exit (exited by "
              "itself), hung (killed by the daemon's liveness check), load_failed (the model "
-             "did not load)."),
+             "did not load, unless an OOM kill ended the load: that is oom)."),
     Declared("worker_served_total", "counter", W, "Requests the worker finished."),
     Declared("worker_threads", "gauge", (*W, "why"),
              "Threads the worker computes with; why: the first word of status threads_why "

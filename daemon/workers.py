@@ -135,7 +135,8 @@ class Worker:
                 self.listener.worker_idle(self)
                 await self._serve(reader)
             oom = await self._reap()
-            cause = "load_failed" if failed else self._ended
+            # An OOM kill is named even while loading: a model too big for memory.max.
+            cause = "load_failed" if failed and self._ended != "oom" else self._ended
             if cause and not self._stopping:
                 self.deaths[cause] += 1
             if failed:

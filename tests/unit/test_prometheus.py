@@ -239,11 +239,11 @@ def test_supervise_counts_deaths_but_not_a_stop():
         pass
 
     worker = Worker(ModelConfig(name="m", path="/m.gguf"), 0, Listener(), 30.0, sleep=sleep)  # type: ignore[arg-type]
-    lives = iter(["signal", "load", "exit", "stop"])
+    lives = iter(["signal", "load", "exit", "load-oom", "stop"])
 
     async def spawn_and_load() -> object:
         worker._life = next(lives)  # type: ignore[attr-defined]
-        if worker._life == "load":  # type: ignore[attr-defined]
+        if worker._life.startswith("load"):  # type: ignore[attr-defined]
             raise LoadFailed("bad magic")
         return object()
 
@@ -252,10 +252,11 @@ def test_supervise_counts_deaths_but_not_a_stop():
             worker._stopping = True
 
     async def reap() -> str:
-        worker._ended = "exit" if worker._life in ("load", "stop") else worker._life  # type: ignore[attr-defined]
+        life = worker._life  # type: ignore[attr-defined]
+        worker._ended = {"load": "exit", "stop": "exit", "load-oom": "oom"}.get(life, life)
         return ""
 
     worker._spawn_and_load, worker._serve, worker._reap = spawn_and_load, serve, reap  # type: ignore[method-assign]
     asyncio.run(asyncio.wait_for(worker.supervise(), 5))
-    assert worker.deaths == {"signal": 1, "load_failed": 1, "exit": 1}
-    assert worker.describe()["deaths"] == {"signal": 1, "load_failed": 1, "exit": 1}
+    want = {"signal": 1, "load_failed": 1, "exit": 1, "oom": 1}  # not the stop
+    assert worker.deaths == want and worker.describe()["deaths"] == want
