@@ -51,6 +51,23 @@ def _fmt_bytes(n: int | None) -> str:
     return "-"
 
 
+def _fmt_count(n: int | None) -> str:
+    """12, 7.3k, 1.2M: a counter that grows without bound, in a few characters."""
+    if n is None:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _fmt_pair(w: dict[str, Any], first: str, second: str) -> str:
+    """"3/7.3k" from two counters of a worker's status entry; "-" without a process."""
+    if w.get(first) is None and w.get(second) is None:
+        return "-"
+    return f"{_fmt_count(w.get(first))}/{_fmt_count(w.get(second))}"
+
+
 def _fmt_ms(summary: dict[str, float | None]) -> str:
     vals = [summary.get(k) for k in ("p50", "p95", "p99")]
     return "/".join("-" if v is None else f"{v * 1000:.0f}" for v in vals)
@@ -148,9 +165,14 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         print(_fmt_reload(d["reload"]))
     print()
     print(_table(
-        ["WORKER", "MODEL", "PID", "STATE", "THREADS", "RSS", "SERVED", "RESTARTS", "REQUEST"],
+        ["WORKER", "MODEL", "PID", "STATE", "THREADS", "RSS", "CPU%", "FAULTS maj/min",
+         "CTXSW vol/invol", "SERVED", "RESTARTS", "REQUEST"],
         [[w["name"], w["model"], w["pid"], w["state"], _fmt_threads(w),
-          _fmt_bytes(w["rss_bytes"]), w["served"], w["restarts"], w["request"]]
+          _fmt_bytes(w["rss_bytes"]),
+          "-" if w.get("cpu_percent") is None else f"{w['cpu_percent']:.0f}",
+          _fmt_pair(w, "major_faults", "minor_faults"),
+          _fmt_pair(w, "ctx_switches_voluntary", "ctx_switches_involuntary"),
+          w["served"], w["restarts"], w["request"]]
          for w in st["workers"]]))
     print()
     rows, failures = [], []

@@ -46,6 +46,8 @@ class PolicyEngine:
         self.ranks: dict[str, float] = {}  # request id -> rank within its priority
         self.kv_asked: dict[str, str] = {}  # worker -> the policy whose KV change is pending
         self.actions: collections.deque[dict[str, Any]] = collections.deque(maxlen=ACTIONS_KEPT)
+        # Every recorded action since the start, by (policy, kind): the ring forgets.
+        self.action_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         named = {spec["name"] for spec in specs}
         for name, cls in sorted(self.classes.items()):
             if cls.on_by_default and name not in named:
@@ -187,6 +189,7 @@ class PolicyEngine:
                  "target": action.target, "values": action.values, "reason": action.reason,
                  "result": result}
         self.actions.append(entry)
+        self.action_counts[name, action.kind] += 1
         log.info("policy_action", **entry)
 
     def describe(self) -> dict[str, Any]:

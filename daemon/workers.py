@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import psutil
 import structlog
 
+from . import procstats
 from .config import Config, ModelConfig
 from .protocol import ProtocolError, decode, encode, read_frame
 from .scheduler import Request
@@ -97,6 +97,10 @@ class Worker:
         self.n_ctx = 0
         self.served = 0
         self.restarts = 0
+        # How its processes ended when not asked to: oom, signal, exit, hung, load_failed.
+        self.deaths: collections.Counter[str] = collections.Counter()
+        self._ended = ""  # the cause _reap found, until supervise counts it
+        self.process = procstats.Sampler()
         self.last_error = ""
         self.load_error = ""  # set while the model cannot be loaded
         self.load_failures = 0  # failed loads in a row
@@ -131,6 +135,10 @@ class Worker:
                 self.listener.worker_idle(self)
                 await self._serve(reader)
             oom = await self._reap()
+            # An OOM kill is named even while loading: a model too big for memory.max.
+            cause = "load_failed" if failed and self._ended != "oom" else self._ended
+            if cause and not self._stopping:
+                self.deaths[cause] += 1
             if failed:
                 self.last_error = self.load_error = f"{failed}; {oom}" if oom else failed
                 self.load_failures += 1
@@ -282,7 +290,7 @@ class Worker:
     async def _reap(self) -> str:
         """Wait for the process to end and release its scope; returns how it ended when
         the kernel's OOM killer took it, else ""."""
-        oom = ""
+        oom = self._ended = ""
         proc, self._proc = self._proc, None
         # No more requests for it: one dispatched while the process is reaped would be lost.
         self.state = "stopped" if self._stopping else "restarting"
@@ -293,9 +301,11 @@ class Worker:
             kill(proc)
             code = await proc.wait()
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            self._ended = "signal" if code < 0 else "exit"
             if self._hung:
-                how = self._hung
+                how, self._ended = self._hung, "hung"
             elif code == -signal.SIGKILL and self.listener.oom_killed(self):
+                self._ended = "oom"
                 # No figure: a limits change that caused the kill may not have returned yet.
                 how = oom = ("killed by the kernel's OOM killer (out of memory: its scope's "
                              "memory.max, shown by llmctl limits, or the machine's memory)")
@@ -355,12 +365,6 @@ class Worker:
         self.threads_asked, self._threads_why_asked = n, why
         self._send({"type": "set_threads", "n": n})
 
-    def rss(self) -> int | None:
-        try:
-            return psutil.Process(self.pid).memory_info().rss if self.pid else None
-        except psutil.Error:
-            return None
-
     async def retire(self, grace: float) -> None:
         """Take no new request; stop once the current one is done (a reload's restart)."""
         self._stopping = True
@@ -387,7 +391,8 @@ class Worker:
             "pid": self.pid, "state": self.state, "threads": self.threads,
             "threads_why": self.threads_why or None, "threads_asked": self.threads_asked,
             "n_ctx": self.n_ctx,
-            "rss_bytes": self.rss(), "served": self.served, "restarts": self.restarts,
+            **self.process.read(self.pid), "served": self.served, "restarts": self.restarts,
+            "deaths": dict(self.deaths),
             "request": self.current.id if self.current else None,
             "last_error": self.last_error or None,
             "load_failures": self.load_failures,

@@ -63,6 +63,10 @@ def test_an_oom_killed_worker_is_reported_as_such_and_recovers(tmp_path, tiny_mo
         # What the kernel counted: at least the two kills the daemon reported.
         print(f"oom_kill +{slice_oom_kills() - ooms0}; exits {exits(d)}; submit: {r.stderr}")
         assert slice_oom_kills() - ooms0 >= 2
+        # The deaths counter (status, and Prometheus worker_deaths_total) names them: the
+        # control's SIGKILL, then the OOM kill while running and at least one while loading.
+        deaths = d.worker("tiny-0")["deaths"]
+        assert deaths.get("signal") == 1 and deaths.get("oom", 0) >= 2, deaths
 
         # Lifting the limit lets the next restart load and serve.
         d.ctl("limits", "tiny", "--memory-max", "max")

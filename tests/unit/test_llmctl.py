@@ -210,3 +210,30 @@ class ModelsClient:
 ])
 def test_stop_notice(stats, asked, want):
     assert progress.stop_notice(ModelsClient(), FakeStream(stats), asked) == want
+
+
+def test_status_shows_cpu_faults_and_context_switches_per_worker(capsys):
+    summary = {"p50": None, "p95": None, "p99": None}
+    worker = {"name": "tiny-0", "model": "tiny", "pid": 42, "state": "busy", "threads": 2,
+              "threads_why": "config: threads = 2", "threads_asked": None,
+              "rss_bytes": 50 << 20, "served": 3, "restarts": 1, "request": "r7",
+              "cpu_percent": 187.4, "major_faults": 3, "minor_faults": 7345,
+              "ctx_switches_voluntary": 1_250_000, "ctx_switches_involuntary": 12}
+    gone = {**worker, "name": "tiny-1", "pid": None, "state": "restarting", "request": None,
+            "rss_bytes": None, "cpu_percent": None, "major_faults": None, "minor_faults": None,
+            "ctx_switches_voluntary": None, "ctx_switches_involuntary": None}
+    st = {"daemon": {"version": "0", "pid": 1, "uptime_s": 1, "backend": "none", "config": "-",
+                     "socket": "-"},
+          "workers": [worker, gone],
+          "models": {"tiny": {"state": "ready", "queue_depth": 0, "max_queue": 8, "running": 1,
+                              "outcomes": {}, "ttft_s": summary, "latency_s": summary,
+                              "tokens_per_s": summary}}}
+    cli.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"]))
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("WORKER"))
+    assert "CPU%  FAULTS maj/min  CTXSW vol/invol" in header
+    # THREADS is two words ("2 config")
+    assert next(line for line in lines if line.startswith("tiny-0")).split()[6:10] == [
+        "50.0M", "187", "3/7.3k", "1.2M/12"]
+    assert next(line for line in lines if line.startswith("tiny-1")).split()[6:10] == [
+        "-", "-", "-", "-"]

@@ -15,7 +15,7 @@ SOURCES="${LLM_VM_SOURCES:-/etc/apt/sources.list.d/debian.sources}"
 IMAGE_SIZE=3G
 PACKAGES=(
   systemd systemd-sysv dbus udev kmod linux-image-amd64 initramfs-tools zstd
-  python3 python3-pystemd python3-msgpack python3-structlog python3-psutil
+  python3 python3-pystemd python3-msgpack python3-structlog python3-psutil python3-prometheus-client
   python3-numpy python3-typing-extensions python3-diskcache python3-jinja2 python3-pytest
   libgomp1 stress-ng iproute2 procps
 )
