@@ -6,9 +6,11 @@ saved state or by recompute) must produce the same tokens as one that ran throug
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,3 +189,73 @@ def test_a_request_that_needs_room_grows_a_shrunk_context_back(tiny_model_path: 
         assert done["stats"]["completion_tokens"] == GREEDY["max_tokens"] and text == reference
     finally:
         w.close()
+
+
+ARRAY = {"type": "array", "minItems": 20, "maxItems": 20,
+         "items": {"type": "string", "maxLength": 6}}
+
+
+def _output(worker: WorkerProc, req: str, after: int | None = None,
+            resume: dict[str, Any] | None = None, **fields: Any) -> tuple[str, dict[str, Any]]:
+    """generate() with output fields (json_schema, stop) and a preempt after `after` tokens."""
+    worker.send({"type": "generate", "req": req, "prompt": PROMPT, **GREEDY,
+                 "ignore_eos": False, **fields, **({"resume": resume} if resume else {})})
+    text, tokens, sent = "", 0, False
+    while True:
+        msg = worker.recv()
+        if msg["type"] != "token":
+            return text, msg
+        text += msg["text"]
+        tokens += msg["tokens"]
+        if after is not None and tokens >= after and not sent:
+            worker.send({"type": "preempt", "req": req, "state_min_tokens": 0})
+            sent = True
+
+
+def test_a_preempted_grammar_request_resumes_where_its_grammar_was(worker: WorkerProc) -> None:
+    reference, done = _output(worker, "gref", json_schema=ARRAY)
+    assert done["type"] == "done" and done["stats"]["finish_reason"] == "stop", done
+    assert len(json.loads(reference)) == 20 and done["stats"]["completion_tokens"] > 60
+    first, msg = _output(worker, "g1", after=30, json_schema=ARRAY)
+    assert msg["type"] == "preempted", msg
+    worker.generate("other")  # the worker serves something else meanwhile
+    rest, done = _output(worker, "g1", resume=msg["resume"], json_schema=ARRAY)
+    assert done["type"] == "done", done
+    # a grammar started afresh would open a second array here
+    assert first + rest == reference
+
+
+@pytest.fixture(scope="module")
+def mid_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProc]:
+    """A wider model: its tokens take long enough for a preempt to land among them."""
+    import tinymodel
+    path = tinymodel.write_tiny_model(tmp_path_factory.mktemp("midkv") / "mid.gguf",
+                                      n_layer=4, n_embd=256, n_ff=512)
+    w = WorkerProc(path)
+    yield w
+    w.close()
+
+
+def test_a_preempted_request_keeps_the_stop_string_start_it_held_back(
+        mid_worker: WorkerProc) -> None:
+    reference, _, _ = mid_worker.generate("sref")
+    # A stop string that starts after the first token's text and runs 100 characters (tens
+    # of tokens): from its start, the text is held back. The preempt goes 50 ms after the
+    # first token, when some of the stop string's start is held and it is not complete.
+    first_text = reference[:1]
+    stop = reference[1:101]
+    assert len(stop) == 100 and reference.index(stop) == 1
+    mid_worker.send({"type": "generate", "req": "s1", "prompt": PROMPT, **GREEDY,
+                     "stop": [stop]})
+    msg = mid_worker.recv()
+    assert msg["type"] == "token" and msg["text"] == first_text, msg
+    time.sleep(0.05)
+    mid_worker.send({"type": "preempt", "req": "s1", "state_min_tokens": 0})
+    msg = mid_worker.recv()
+    assert msg["type"] == "preempted", msg  # no text came: it is all held
+    held = msg["resume"]["held"]
+    assert held and stop.startswith(held), msg["resume"]
+    rest, done = _output(mid_worker, "s1", resume=msg["resume"], stop=[stop], ignore_eos=True)
+    assert done["type"] == "done" and done["stats"]["finish_reason"] == "stop", done
+    assert first_text + rest == reference[:1]  # a scanner without the held start would
+    # have let the text through and ended 100 characters later
