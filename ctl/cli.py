@@ -81,8 +81,10 @@ def _tty(args: argparse.Namespace) -> bool:
 def submit_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The submit op's fields from the options (each one is an op Param, see build_parser),
     but the text: prompt_fields says how the prompt goes."""
-    return {name: getattr(args, name) for name in Submit.params
-            if name not in ("prompt", "messages") and getattr(args, name, None) not in (None, False)}
+    values = {name: getattr(args, name, None) for name in Submit.params
+              if name not in ("prompt", "messages")}
+    # `is`, not `in`: 0 == False, and --temperature 0 is a value (greedy), not an absence
+    return {k: v for k, v in values.items() if v is not None and v is not False}
 
 
 def prompt_fields(prompt: str, system: str | None) -> dict[str, Any]:

@@ -68,3 +68,26 @@ n_ctx = 1024
     assert stream.stats["model"] == "gemma" and stream.stats["completion_tokens"] >= 1
     r = d.llmctl("submit", "-m", "smollm2", "Say hello.", "-n", "8")
     assert r.returncode == 0 and r.stdout.strip()
+
+
+CITY = {"type": "object", "additionalProperties": False,
+        "required": ["city", "country", "population"],
+        "properties": {"city": {"type": "string", "maxLength": 40},
+                       "country": {"type": "string", "maxLength": 40},
+                       "population": {"type": "integer", "minimum": 0}}}
+
+
+def test_json_schema_answer_from_smollm2_parses_validates_and_makes_sense(start_daemon):
+    import json
+    d = start_daemon(None)
+    messages = [{"role": "system", "content": "You answer in JSON."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    with d.client() as c:
+        stream = c.submit(messages=messages, json_schema=CITY, max_tokens=200, temperature=0.0)
+        text = "".join(stream.text())
+    assert stream.stats["finish_reason"] == "stop", (text, stream.stats)
+    answer = json.loads(text)
+    assert set(answer) == {"city", "country", "population"}  # required, nothing else
+    assert isinstance(answer["city"], str) and isinstance(answer["country"], str)
+    assert isinstance(answer["population"], int) and answer["population"] >= 0
+    assert "Paris" in answer["city"], answer

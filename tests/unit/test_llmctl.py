@@ -39,6 +39,9 @@ def test_every_submit_param_has_an_option_that_reaches_the_op(tmp_path):
     # --system makes the request a conversation: messages instead of prompt
     assert cli.prompt_fields("hi", args.messages) == {"messages": [
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    zeros = cli.build_parser().parse_args(["submit", "hi", "--temperature", "0", "--seed", "0",
+                                           "--top-k", "0", "--min-p", "0"])
+    assert cli.submit_fields(zeros) == {"temperature": 0.0, "seed": 0, "top_k": 0, "min_p": 0.0}
     plain = cli.build_parser().parse_args(["submit", "hi"])
     assert cli.submit_fields(plain) == {} and cli.prompt_fields("hi", plain.messages) == {
         "prompt": "hi"}
