@@ -90,3 +90,52 @@ def _stderr() -> Iterator[list[str]]:
             os.close(saved)
             tmp.seek(0)
             out.append(tmp.read().decode(errors="replace"))
+
+
+class GreedyPicker:
+    """Greedy sampling inside a grammar without checking the whole vocabulary each token.
+
+    The grammar sampler in a chain checks every candidate (49k for SmolLM2) per token,
+    which halved decoding speed here. Greedy needs only the highest logit's token: it is
+    checked alone, and only when the grammar refuses it is the grammar applied to every
+    token and the highest remaining one taken (as llama.cpp's common sampler does). The
+    choice is the chain's: the first highest logit among the tokens the grammar allows.
+    """
+
+    def __init__(self, llama_cpp: Any, np: Any, vocab: Any, grammar: Any, n_vocab: int,
+                 accepted: list[int]) -> None:
+        """accepted: the tokens generated so far, which bring the grammar to its place."""
+        self.lib, self.np = llama_cpp, np
+        self.sampler = llama_cpp.llama_sampler_init_grammar(
+            vocab, grammar._grammar.encode(), grammar._root.encode())
+        if not self.sampler:
+            raise ValueError("grammar: llama.cpp cannot use it")  # checked at start already
+        for token in accepted:
+            llama_cpp.llama_sampler_accept(self.sampler, token)
+        self.one = (llama_cpp.llama_token_data * 1)()
+        self.one_view = llama_cpp.llama_token_data_array(self.one, 1, -1, False)
+        # every token, in llama_token_data's layout (int32 id, float logit, float p)
+        self.all = np.zeros(n_vocab, np.dtype([("id", np.int32), ("logit", np.float32),
+                                               ("p", np.float32)]))
+        self.all["id"] = np.arange(n_vocab, dtype=np.int32)
+        self.all_view = llama_cpp.llama_token_data_array(
+            self.all.ctypes.data_as(llama_cpp.llama_token_data_p), n_vocab, -1, False)
+
+    def pick(self, logits: Any) -> int:
+        lib = self.lib
+        token = int(logits.argmax())
+        self.one[0].id, self.one[0].logit = token, float(logits[token])
+        self.one_view.size, self.one_view.selected = 1, -1
+        lib.llama_sampler_apply(self.sampler, ctypes.byref(self.one_view))
+        if self.one[0].logit == float("-inf"):  # refused: the best the grammar allows
+            self.all["logit"] = logits
+            self.all_view.size, self.all_view.selected = len(self.all), -1
+            lib.llama_sampler_apply(self.sampler, ctypes.byref(self.all_view))
+            token = int(self.all["logit"].argmax())
+        lib.llama_sampler_accept(self.sampler, token)
+        return token
+
+    def close(self) -> None:
+        if self.sampler:
+            self.lib.llama_sampler_free(self.sampler)
+            self.sampler = None

@@ -91,3 +91,14 @@ def test_json_schema_answer_from_smollm2_parses_validates_and_makes_sense(start_
     assert isinstance(answer["city"], str) and isinstance(answer["country"], str)
     assert isinstance(answer["population"], int) and answer["population"] >= 0
     assert "Paris" in answer["city"], answer
+    # the same tokens as llama-cpp-python's own grammar sampling (its chain checks every
+    # candidate; the worker's greedy path checks the best one first)
+    import llama_cpp
+    from llama_cpp.llama_grammar import LlamaGrammar
+    threads = d.status()["workers"][0]["threads"]
+    llm = llama_cpp.Llama(model_path=str(_smollm2_path()), n_ctx=2048, flash_attn=True,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    ref = llm.create_chat_completion(messages=messages, max_tokens=200, temperature=0.0,
+                                     repeat_penalty=1.0,
+                                     grammar=LlamaGrammar.from_json_schema(json.dumps(CITY)))
+    assert text == ref["choices"][0]["message"]["content"]
