@@ -225,6 +225,16 @@ def test_a_preempted_grammar_request_resumes_where_its_grammar_was(worker: Worke
     assert first + rest == reference
 
 
+def test_a_sampled_grammar_request_resumes_inside_its_grammar(worker: WorkerProc) -> None:
+    sampled = {"json_schema": ARRAY, "temperature": 1.0, "top_k": 40, "seed": 5,
+               "max_tokens": 400}
+    first, msg = _output(worker, "gs", after=30, **sampled)
+    assert msg["type"] == "preempted", msg
+    rest, done = _output(worker, "gs", resume=msg["resume"], **sampled)
+    assert done["type"] == "done" and done["stats"]["finish_reason"] == "stop", done
+    assert first and rest and len(json.loads(first + rest)) == 20  # one array, not two
+
+
 @pytest.fixture(scope="module")
 def mid_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProc]:
     """A wider model: its tokens take long enough for a preempt to land among them."""
