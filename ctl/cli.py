@@ -15,7 +15,7 @@ from llm_residentd.ops.submit import SAMPLING_DEFAULTS, Submit
 from llm_residentd.paths import SOCKET_ENV
 from llm_residentd.protocol import ProtocolError
 
-from . import completion
+from . import chat, completion
 from .client import Client, LlmctlError
 from .progress import StatusLine, events_with_status, stop_notice
 
@@ -96,14 +96,25 @@ def _tty(args: argparse.Namespace) -> bool:
 # -- commands -----------------------------------------------------------------------------
 
 def submit_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The submit op's fields from the options (each one is an op Param, see build_parser)."""
-    return {name: getattr(args, name) for name in Submit.params
-            if name != "prompt" and getattr(args, name) not in (None, False)}
+    """The submit op's fields from the options (each one is an op Param, see build_parser),
+    but the text: prompt_fields says how the prompt goes."""
+    values = {name: getattr(args, name, None) for name in Submit.params
+              if name not in ("prompt", "messages")}
+    # `is`, not `in`: 0 == False, and --temperature 0 is a value (greedy), not an absence
+    return {k: v for k, v in values.items() if v is not None and v is not False}
+
+
+def prompt_fields(prompt: str, system: str | None) -> dict[str, Any]:
+    """The prompt, or with a system prompt the conversation [system, user]."""
+    if system is None:
+        return {"prompt": prompt}
+    return {"messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": prompt}]}
 
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    stream = client.submit(prompt, **submit_fields(args))
+    stream = client.submit(**prompt_fields(prompt, args.messages), **submit_fields(args))
     accepted_at = time.monotonic()
     if args.json:
         _emit_json({"event": "accepted", "request": stream.request, "model": stream.model,
@@ -151,6 +162,11 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
         if notice:
             print(notice, file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_chat(client: Client, args: argparse.Namespace) -> int:
+    fields = {k: v for k, v in submit_fields(args).items() if k != "model"}
+    return chat.run(client, args.model, args.messages, fields)
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
@@ -444,11 +460,67 @@ def _bounds(param: Param) -> str:
     return f"{param.kind(param.min)}..{param.kind(param.max)}"  # 2147483647, not 2.14748e+09
 
 
-def add_submit_options(parser: argparse.ArgumentParser) -> None:
+def _file_param(name: str, param: Param, as_json: bool) -> Any:
+    """argparse type: a file's text (or its JSON), checked as the Param (else exit 2)."""
+    def convert(path: str) -> Any:
+        if path == "-":  # the prompt may be on stdin already
+            raise argparse.ArgumentTypeError("give a file, not - (stdin)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f) if as_json else f.read()
+            return param.check(name, value)
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"{path}: {exc.strerror}") from None
+        except ValueError as exc:  # JSON or UTF-8
+            raise argparse.ArgumentTypeError(f"{path}: not JSON: {exc}") from None
+        except ProtocolError as exc:
+            raise argparse.ArgumentTypeError(f"{path}: {exc.message}") from None
+    convert.__name__ = "file"
+    return convert
+
+
+class _Append(argparse.Action):
+    """A repeatable option gathering an array field, at most param.max items."""
+
+    def __init__(self, *args: Any, param: Param, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.param = param
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        items = [*(getattr(namespace, self.dest) or []), values]
+        if self.param.max is not None and len(items) > self.param.max:
+            raise argparse.ArgumentError(self, f"at most {self.param.max:g} times")
+        setattr(namespace, self.dest, items)
+
+
+def _add_special(parser: argparse.ArgumentParser, name: str, param: Param) -> None:
+    """The submit fields that are no single value on the command line."""
+    if name == "messages":  # the positional PROMPT is the user message
+        parser.add_argument("--system", dest=name, metavar="TEXT", help="a system prompt: "
+                            "the request is then messages [system TEXT, user PROMPT] in the "
+                            "model's chat template (not with --raw)")
+    elif name == "stop":
+        item = param.items or Param(str, name)
+        parser.add_argument("--stop", dest=name, metavar="STR", action=_Append, param=param,
+                            type=_param_type(name, item), help=f"{param.help}; repeat for "
+                            f"more, at most {param.max:g}, each {item.min:g}..{item.max:g} "
+                            "characters")
+    else:  # json_schema, grammar: a file
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, dest=name, metavar="FILE", help=f"{param.help}; read from "
+                            "FILE" + (" (JSON)" if param.kind is dict else ""),
+                            type=_file_param(name, param, as_json=param.kind is dict))
+
+
+def add_submit_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One option per field of the submit op, from its Param declarations, so that the CLI
     offers exactly what the daemon takes."""
     for name, param in Submit.params.items():
-        if name == "prompt":
+        if name == "prompt" or name in skip:
+            continue
+        if param.kind in (list, dict) or name == "grammar":
+            _add_special(parser, name, param)
             continue
         aliases, metavar, extra = SUBMIT_EXTRAS.get(name, ([], name.split("_")[-1].upper(), ""))
         default = SAMPLING_DEFAULTS.get(name)
@@ -490,6 +562,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verbose", "-v", action="store_true",
                    help="print the request id and the stats on stderr")
     s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("chat", formatter_class=fmt, epilog=EPILOG,
+                       help="talk with a model: multi-turn, streamed, on a terminal",
+                       description="An interactive conversation with a model, like `ollama "
+                       "run`: each question is sent with the conversation so far (rendered "
+                       "with the model's chat template) and the answer streams. Ctrl-C "
+                       "cancels an answer and leaves that question out of the conversation; "
+                       "Ctrl-D or /bye leaves; /clear forgets the conversation; /system TEXT "
+                       "sets the system prompt; /? lists the commands. With standard input "
+                       "not a terminal, all of it is one question: the answer is printed "
+                       "and llmctl exits. No --json: for scripts, use submit --system.")
+    s.add_argument("--socket", metavar="PATH", help="daemon socket (as for the other commands)")
+    add_submit_options(s, skip=("raw",))
+    s.set_defaults(func=cmd_chat, json=False)
 
     s = sub.add_parser("status", parents=[common], help="daemon, workers, queues, latencies",
                        description="Show the daemon, each worker (pid, state, threads, RSS) and "

@@ -166,9 +166,11 @@ class Client:
         reply = self._request(op, {k: v for k, v in args.items() if v is not None})[1]
         return {k: v for k, v in reply.items() if k not in ("id", "ok")}
 
-    def submit(self, prompt: str, **params: Any) -> Stream:
-        """Submit a prompt; params are the submit op's fields (model, max_tokens, ...)."""
-        args = {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
+    def submit(self, prompt: str | None = None, **params: Any) -> Stream:
+        """Submit a prompt; params are the submit op's other fields (model, max_tokens,
+        ...), or messages instead of the prompt."""
+        args = {"prompt": prompt, **params}
+        args = {k: v for k, v in args.items() if v is not None}
         msg_id, reply = self._request("submit", args)
         return Stream(self, msg_id, reply)
 

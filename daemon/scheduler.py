@@ -39,6 +39,11 @@ class Request:
     resume: dict[str, Any] | None = None  # from the worker that was preempted
     seq: int | None = None  # FIFO order in its queue, kept when it is queued again
 
+    @property
+    def prompt_chars(self) -> int:
+        """The prompt's length, or its messages' (for the log and shortest-job-first)."""
+        return len(self.prompt) + sum(len(m["content"]) for m in self.params.get("messages", ()))
+
     def emit(self, event: dict[str, Any]) -> None:
         if self.sink is not None:
             self.sink(event)

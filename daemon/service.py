@@ -295,7 +295,7 @@ class Service:
             loop = asyncio.get_running_loop()
             self._timers[req.id] = loop.call_later(timeout, self._expire, req.id)
         log.info("request_accepted", request=req.id, model=model, priority=priority,
-                 position=position, uid=uid, prompt_chars=len(prompt))
+                 position=position, uid=uid, prompt_chars=req.prompt_chars)
         asyncio.get_running_loop().call_soon(
             self.notify, Event("queued", request=req.id, model=model))
         return req, position

@@ -97,6 +97,6 @@ def _pressures(parsed: dict[str, Any]) -> dict[str, Pressure]:
 
 
 def _view(req: Request, now: float, worker: str = "", deferred: bool = False) -> RequestView:
-    return RequestView(req.id, req.model, req.priority, len(req.prompt),
+    return RequestView(req.id, req.model, req.priority, req.prompt_chars,
                        req.params.get("max_tokens", 0), now - req.accepted_at, worker=worker,
                        tokens=req.tokens_sent, preemptions=req.preemptions, deferred=deferred)

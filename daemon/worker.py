@@ -25,10 +25,11 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import kvstate
+from . import grammars, kvstate
 from .cpus import usable_cpus
 from .decodestop import DecodeStop
 from .protocol import recv_frame, send_frame
+from .stopstrings import StopScanner
 
 IPC_MAX_FRAME = 64 << 20
 STATE_MAX = IPC_MAX_FRAME - (1 << 20)  # a larger saved state is recomputed instead
@@ -61,6 +62,8 @@ class Run:
     prompt_tokens: int
     generated: int
     max_tokens: int
+    output: list[int] = field(default_factory=list)  # the generated tokens, never trimmed
+    grammar: Any = None  # a llama_cpp.LlamaGrammar the output must match
     finish: str | None = None
     first_at: float | None = None
     started: float = field(default_factory=time.monotonic)
@@ -126,18 +129,38 @@ class Channel:
 class Outbox:
     """Token text for the daemon, one frame per interval; the first token goes at once.
 
-    Fewer frames leave more CPU to the model when its threads fill every core.
+    Fewer frames leave more CPU to the model when its threads fill every core. Token bytes
+    become text here (a character may span tokens), and text that could be the start of
+    a stop string is held back until it is known not to be one.
     """
 
-    def __init__(self, ch: Channel, req: str, interval: float) -> None:
+    def __init__(self, ch: Channel, req: str, interval: float, stops: list[str],
+                 resume: dict[str, Any]) -> None:
         self.ch, self.req, self.interval = ch, req, interval
         self.text, self.tokens, self.sent_at = "", 0, -interval
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.decoder.setstate((resume.get("pending", b""), 0))
+        self.stops = StopScanner(stops, resume.get("held", ""))
 
-    def add(self, text: str) -> None:
-        self.text += text
+    def add(self, piece: bytes) -> bool:
+        """A token's bytes; True once the text holds a stop string (the end)."""
+        self.text += self.stops.feed(self.decoder.decode(piece))
         self.tokens += 1
         if time.monotonic() - self.sent_at >= self.interval:
             self.flush()
+        return self.stops.stopped
+
+    def finish(self) -> bool:
+        """Send the rest of the text; True if it ended with a stop string."""
+        self.text += self.stops.feed(self.decoder.decode(b"", final=True))
+        self.text += self.stops.finish()
+        self.flush()
+        return self.stops.stopped
+
+    def suspend(self) -> dict[str, Any]:
+        """What is not sent yet, for the resume of a preempted request."""
+        self.flush()
+        return {"pending": self.decoder.getstate()[0], "held": self.stops.held}
 
     def flush(self) -> None:
         if self.text:
@@ -198,12 +221,29 @@ class Engine:
             eos_token=model.token_get_text(eos) if eos != -1 else "",
             bos_token=model.token_get_text(bos) if bos != -1 else "")
 
-    def tokens(self, prompt: str, raw: bool) -> list[int]:
-        if self.formatter is not None and not raw:
-            result = self.formatter(messages=[{"role": "user", "content": prompt}])
-            return self.llm.tokenize(result.prompt.encode(), add_bos=not result.added_special,
-                                     special=True)
-        return self.llm.tokenize(prompt.encode(), add_bos=True, special=False)
+    def tokens(self, msg: dict[str, Any]) -> list[int]:
+        """The request's prompt tokens: its prompt as a user message, or its messages, in
+        the model's chat template; a raw prompt (or any, without a template) as is."""
+        messages = msg.get("messages")
+        if messages is None and (self.formatter is None or msg.get("raw")):
+            return self.llm.tokenize(msg["prompt"].encode(), add_bos=True, special=False)
+        if self.formatter is None:
+            raise ValueError("messages need a chat template, and this model has none (no "
+                             "tokenizer.chat_template in its GGUF, or its config sets "
+                             "chat_template = false): send a prompt instead")
+        messages = messages or [{"role": "user", "content": msg["prompt"]}]
+        prefill = ""
+        if messages[-1]["role"] == "assistant":  # the answer continues this text
+            messages, prefill = messages[:-1], messages[-1]["content"]
+        from jinja2 import TemplateError
+
+        try:
+            result = self.formatter(messages=messages)
+        except TemplateError as exc:
+            raise ValueError(f"the model's chat template failed on these messages: "
+                             f"{type(exc).__name__}: {exc}") from None
+        return self.llm.tokenize((result.prompt + prefill).encode(),
+                                 add_bos=not result.added_special, special=True)
 
     def set_threads(self, n: int) -> None:
         n = max(1, n)
@@ -256,10 +296,11 @@ class Engine:
     def _start(self, msg: dict[str, Any]) -> Run:
         """A new request, or one resumed after preemption (with its saved state if any)."""
         resume = msg.get("resume")
+        grammar = grammars.from_request(self.llama_cpp, self.llm._model.vocab, msg)
         if resume:
             context = list(resume["context"])
             run = Run(msg["req"], context, resume["prompt_tokens"], resume["generated"],
-                      msg["max_tokens"])
+                      msg["max_tokens"], list(resume["output"]), grammar)
             self._make_room(len(context) + msg["max_tokens"] - resume["generated"])
             if len(context) >= self.n_ctx:
                 raise ValueError(f"too_long: the preempted request holds {len(context)} tokens;"
@@ -268,13 +309,13 @@ class Engine:
             if state and not kvstate.restore(self.llm, state, context[:-1]):
                 kvstate.clear(self.llm)  # the prefix is recomputed instead
             return run
-        prompt = self.tokens(msg["prompt"], msg.get("raw", False))
+        prompt = self.tokens(msg)
         self._make_room(len(prompt) + msg["max_tokens"])
         if len(prompt) >= self.n_ctx:
             raise ValueError(f"too_long: the prompt is {len(prompt)} tokens; the context "
                              f"holds {self.n_ctx} and needs room for at least one more")
         return Run(msg["req"], prompt, len(prompt), 0,
-                   min(msg["max_tokens"], self.n_ctx - len(prompt)))
+                   min(msg["max_tokens"], self.n_ctx - len(prompt)), grammar=grammar)
 
     def _make_room(self, tokens: int) -> None:
         """A context shrunk under memory pressure grows back for a request that needs it."""
@@ -289,9 +330,8 @@ class Engine:
         # Seed every request: the request's, else the worker's, else a fresh one.
         seed = next((x for x in (msg.get("seed", -1), self.seed) if x >= 0), None)
         self.llm.set_seed(seed if seed is not None else random.randrange(2**31))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        decoder.setstate(((msg.get("resume") or {}).get("pending", b""), 0))
-        out = Outbox(self.channel, run.req, self.stream_interval)
+        out = Outbox(self.channel, run.req, self.stream_interval, msg.get("stop", []),
+                     msg.get("resume") or {})
         sampling = {"top_k": msg.get("top_k", 40), "top_p": msg.get("top_p", 0.95),
                     "min_p": msg.get("min_p", 0.05), "temp": msg.get("temperature", 0.8),
                     "repeat_penalty": msg.get("repeat_penalty", 1.0)}
@@ -299,13 +339,13 @@ class Engine:
         try:
             with self.stop.armed():
                 while run.finish is None:
-                    op = self._segment(run, sampling, out, decoder, msg.get("ignore_eos", False))
+                    op = self._segment(run, sampling, out, msg.get("ignore_eos", False))
                     if op is not None:
                         self.channel.send(self.kv_op(op, run))
         finally:
             self._req, self._stage = None, "idle"
-        out.text += decoder.decode(b"", final=True)
-        out.flush()
+        if out.finish():  # a stop string that the last bytes completed
+            run.finish = "stop"
         done = time.monotonic()
         decode_s = done - run.first_at if run.first_at else 0.0
         new = run.generated - (msg.get("resume") or {}).get("generated", 0)
@@ -316,12 +356,12 @@ class Engine:
             "tokens_per_s": (new - 1) / decode_s if new > 1 and decode_s > 0 else None,
         }
 
-    def _segment(self, run: Run, sampling: dict[str, Any], out: Outbox, decoder: Any,
+    def _segment(self, run: Run, sampling: dict[str, Any], out: Outbox,
                  ignore_eos: bool) -> dict[str, Any] | None:
         """Generate until the request ends (sets run.finish) or a KV operation is asked
         for at a token boundary (returned). Raises Cancelled or Preempted."""
         ch, req, vocab = self.channel, run.req, self.llm._model.vocab
-        tokens = self._tokens(run.context[-1], sampling, run.generated)
+        tokens = self._tokens(run, sampling)
         evaluating = True
         try:
             self._prefill(run.context)
@@ -334,10 +374,13 @@ class Engine:
                     return None
                 run.generated += 1
                 run.context.append(token)
+                run.output.append(token)
                 piece = self._pieces.get(token)
                 if piece is None:
                     piece = self._pieces[token] = self.llm.detokenize([token])
-                out.add(decoder.decode(piece))
+                if out.add(piece):
+                    run.finish = "stop"  # a stop string
+                    return None
                 if run.generated >= run.max_tokens or len(run.context) >= self.n_ctx:
                     run.finish = "length"
                     return None
@@ -345,8 +388,7 @@ class Engine:
                 if req in ch.cancelled or ch.shutdown:
                     raise Cancelled("decode", run.generated)
                 if req in ch.preempts:
-                    out.flush()
-                    raise Preempted(self._suspend(run, decoder, ch.preempts[req]))
+                    raise Preempted(self._suspend(run, out, ch.preempts[req]))
                 if ch.kv_ops:
                     out.flush()
                     return ch.kv_ops.pop(0)
@@ -355,16 +397,14 @@ class Engine:
                 raise
             self.llm.reset()  # the aborted decode left the context half-evaluated
             if req in ch.preempts:
-                out.flush()
-                raise Preempted(self._suspend(run, decoder, None)) from None
+                raise Preempted(self._suspend(run, out, None)) from None
             raise Cancelled("prefill" if evaluating else "decode", run.generated) from None
         finally:
             tokens.close()
         run.finish = "stop"  # the generator ended by itself
         return None
 
-    def _tokens(self, last: int, sampling: dict[str, Any],
-                done: int) -> Generator[int, None, None]:
+    def _tokens(self, run: Run, sampling: dict[str, Any]) -> Generator[int, None, None]:
         """The tokens llm.generate(context, **sampling) yields once _prefill has evaluated
         context but its last token: evaluate that one, sample, evaluate the sample, ...
 
@@ -374,21 +414,39 @@ class Engine:
         (590 KB for 49k tokens) per token, nor generate()'s bookkeeping. Measured with
         SmolLM2-135M, 2 threads: 190 -> 126 us between two llama_decode calls (this and
         the piece cache), decode tokens/s +2 to +3 % in alternating runs, the same text.
-        done: the request's tokens so far, for where a thread change was taken."""
+
+        A grammar is a sampler of the chain (before top-k and the rest), or for greedy
+        requests a GreedyPicker; each segment makes a new one (a shrink reopens the model
+        it points into), brought to where the output is by accepting the tokens
+        generated so far."""
         llm, np, lib = self.llm, self.np, self.llama_cpp
         greedy = sampling["temp"] == 0.0 and sampling["repeat_penalty"] == 1.0
-        sampler = None if greedy else llm._init_sampler(**sampling)
         n_vocab = llm.n_vocab()
-        token = last
-        while True:
-            self._eval([token], "decode", done)
-            done += 1
-            if sampler is None:
-                logits = lib.llama_get_logits_ith(llm.ctx, -1)
-                token = int(np.ctypeslib.as_array(logits, shape=(n_vocab,)).argmax())
-            else:
-                token = sampler.sample(llm._ctx, -1)
-            yield token
+        sampler, picker = None, None
+        if run.grammar is not None and greedy:
+            picker = grammars.GreedyPicker(lib, np, llm._model.vocab, run.grammar, n_vocab,
+                                           run.output)
+        elif run.grammar is not None:
+            sampler = llm._init_sampler(**sampling, grammar=run.grammar)
+            for token in run.output:
+                sampler.accept(token)
+        elif not greedy:
+            sampler = llm._init_sampler(**sampling)
+        token, done = run.context[-1], run.generated  # done: where a thread change is taken
+        try:
+            while True:
+                self._eval([token], "decode", done)
+                done += 1
+                if sampler is None:
+                    logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(llm.ctx, -1),
+                                                   shape=(n_vocab,))
+                    token = picker.pick(logits) if picker else int(logits.argmax())
+                else:
+                    token = sampler.sample(llm._ctx, -1)
+                yield token
+        finally:
+            if picker is not None:
+                picker.close()
 
     def _prefill(self, context: list[int]) -> None:
         """Evaluate all but the last token of context, n_batch tokens per llama_decode
@@ -409,7 +467,7 @@ class Engine:
         for start in range(held, upto, self.cfg["n_batch"]):
             self._eval(context[start:min(upto, start + self.cfg["n_batch"])], "prefill", start)
 
-    def _suspend(self, run: Run, decoder: Any, state_min_tokens: int | None) -> dict[str, Any]:
+    def _suspend(self, run: Run, out: Outbox, state_min_tokens: int | None) -> dict[str, Any]:
         """What another worker needs to continue run: its tokens and, for a long context,
         the saved KV (short ones are cheaper to recompute)."""
         held = len(run.context) - 1
@@ -417,7 +475,8 @@ class Engine:
         if state_min_tokens is not None and held >= state_min_tokens:
             state = kvstate.save(self.llm, STATE_MAX)
         return {"context": run.context, "prompt_tokens": run.prompt_tokens,
-                "generated": run.generated, "state": state, "pending": decoder.getstate()[0]}
+                "generated": run.generated, "output": run.output, "state": state,
+                **out.suspend()}
 
     # -- KV operations -------------------------------------------------------------
 

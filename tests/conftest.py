@@ -19,3 +19,11 @@ import tinymodel  # noqa: E402
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A tiny random-weight llama GGUF model, written once per test session."""
     return tinymodel.write_tiny_model(tmp_path_factory.mktemp("tinymodel") / "tiny.gguf")
+
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The tiny model with a ChatML chat template in its GGUF."""
+    return tinymodel.write_tiny_model(tmp_path_factory.mktemp("tinychat") / "chat.gguf",
+                                      chat_template=tinymodel.CHATML)

@@ -56,6 +56,19 @@ BIAS_CHANNEL = 0  # residual channel that holds a constant 1.0 (see above)
 SUPPRESS_WEIGHT = np.float32(-2.0)  # output weight on it for suppressed tokens
 
 
+# ChatML, as SmolLM2's template renders it (without its default system prompt).
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chatml(messages: list[dict[str, str]]) -> str:
+    """What CHATML renders for messages, with the generation prompt: written out by hand,
+    so that a test checks the worker's rendering against something it did not run."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                   for m in messages) + "<|im_start|>assistant\n"
+
+
 def build_vocab() -> tuple[list[str], list[float], list[int]]:
     """Return (tokens, scores, token_types) of the tiny SPM vocabulary."""
     tokens: list[str] = ["<unk>", "<s>", "</s>"]

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..service import Service
 
 _NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-          dict: "a map"}
+          dict: "a map", list: "an array"}
 _WIRE_TYPES = {type(None): "nil", bytes: "binary", list: "array", dict: "map", str: "string",
                int: "integer", float: "number", bool: "boolean"}
 
@@ -28,8 +28,12 @@ class Param:
     kind: type
     help: str
     required: bool = False
-    min: float | None = None  # for strings: the shortest length
-    max: float | None = None  # for strings: the longest length
+    min: float | None = None  # strings: the shortest length; arrays: the fewest items
+    max: float | None = None  # strings: the longest length; arrays: the most items
+    items: Param | None = None  # arrays: what each item must be
+    # What a type and bounds cannot say (which roles a message may have, a map that must be
+    # JSON): raises ValueError naming the problem. The same hook as policies.base.Param.valid.
+    valid: Callable[[Any], object] | None = None
 
     def check(self, name: str, value: Any) -> Any:
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -46,14 +50,25 @@ class Param:
                     got = _WIRE_TYPES.get(type(key), type(key).__name__)
                     raise ProtocolError("bad_request", f"the keys of {name} must be strings, "
                                         f"not {got} ({key!r})")
-            return value
-        size = len(value) if isinstance(value, str) else value
-        what = "the length of " if isinstance(value, str) else ""
+        else:
+            self._bounds(name, value)
+        if self.items is not None:
+            value = [self.items.check(f"{name}[{i}]", item) for i, item in enumerate(value)]
+        if self.valid is not None:
+            try:
+                self.valid(value)
+            except ValueError as exc:
+                raise ProtocolError("bad_request", f"{name}: {exc}") from None
+        return value
+
+    def _bounds(self, name: str, value: Any) -> None:
+        size = len(value) if isinstance(value, str | list) else value
+        what = ("the length of " if isinstance(value, str) else
+                "the number of items in " if isinstance(value, list) else "")
         if self.min is not None and size < self.min:
             raise ProtocolError("bad_request", f"{what}{name} must be at least {self.min}")
         if self.max is not None and size > self.max:
             raise ProtocolError("bad_request", f"{what}{name} must be at most {self.max}")
-        return value
 
 
 @dataclass

@@ -36,7 +36,9 @@ PAGE = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 COMMAND = "python -m llm_residentd.ops.docs"
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z0-9 _-]+?) \(.*?\) -->\n)(?P<body>.*?)"
                    r"(<!-- end generated -->)", re.DOTALL)
-_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "map"}
+_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "map",
+          list: "array"}
+_PLURALS = {str: "strings", int: "integers", float: "numbers", bool: "booleans", dict: "maps"}
 HELLO_REQUEST = {"id": 1, "op": "hello", "protocol": 1, "client": "doc/1"}
 
 
@@ -66,9 +68,21 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
+def type_name(p: Param) -> str:
+    return f"array of {_PLURALS[p.items.kind]}" if p.items is not None else _TYPES[p.kind]
+
+
 def bounds(p: Param) -> str:
-    """Param bounds in words; for strings they count characters."""
+    """Param bounds in words; for strings they count characters, for arrays items (and
+    then what each item may be)."""
     lo, hi = p.min, p.max
+    if p.kind is list:
+        unit = "items" if (hi if hi is not None else lo) != 1 else "item"
+        count = ("" if lo is None and hi is None else f"at most {_num(hi)} {unit}"
+                 if lo is None else f"at least {_num(lo)} {unit}" if hi is None
+                 else f"{_num(lo)} to {_num(hi)} {unit}")
+        each = bounds(p.items) if p.items is not None else ""
+        return "; ".join(x for x in (count, f"each {each}" if each else "") if x)
     if p.kind is str:
         if lo is None and hi is None:
             return ""
@@ -88,7 +102,7 @@ def fields_table(op: Op) -> str:
         return "No fields: any field is `bad_request`.\n"
     rows = ["| field | type | required | bounds | meaning |", "|---|---|---|---|---|"]
     for name, p in op.params.items():
-        rows.append(f"| `{name}` | {_TYPES[p.kind]} | {'yes' if p.required else 'no'} | "
+        rows.append(f"| `{name}` | {type_name(p)} | {'yes' if p.required else 'no'} | "
                     f"{bounds(p)} | {p.help} |")
     return "\n".join(rows) + "\n"
 

@@ -3,6 +3,7 @@
 Access: any peer; the request belongs to the peer's uid.
 
 Request: {"op": "submit", "prompt": "...", "model": "smollm2", "max_tokens": 64, ...}
+     or: {"op": "submit", "messages": [{"role": "user", "content": "..."}], ...}
 Reply:   {"request": "r7", "model": "smollm2", "position": 0}  (accepted)
 Then events with the same id: {"event": "token", "text": "..."} for each piece of text,
 and exactly one of {"event": "done", "stats": {...}} or {"event": "error", "error": {...}}.
@@ -11,20 +12,57 @@ A request refused before acceptance gets an error reply and no events.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..protocol import ProtocolError
+from ..scheduler import Request, Sink
 from . import Context, Op, Param, register
 
 SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05,
                      "repeat_penalty": 1.0, "seed": -1, "raw": False, "ignore_eos": False}
+# What the worker gets besides the sampling values, when the request has them.
+OUTPUT_FIELDS = ("messages", "stop", "json_schema", "grammar")
+ROLES = ("system", "user", "assistant")
+MAX_STOPS, MAX_STOP_CHARS = 8, 200
+
+
+def _message(msg: dict[str, Any]) -> None:
+    """One chat message: exactly a role and a string content."""
+    extra = sorted(set(msg) - {"role", "content"})
+    if extra:
+        raise ValueError(f"a message has only role and content, not {', '.join(extra)}")
+    if msg.get("role") not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {msg.get('role')!r}")
+    if not isinstance(msg.get("content"), str):
+        raise ValueError("content must be a string")
+
+
+def _conversation(messages: list[dict[str, Any]]) -> None:
+    """A conversation the model can answer: a user message in it, and the last message
+    from the user (the answer follows) or the assistant (the answer continues its text)."""
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError("there must be a user message")
+    if messages[-1]["role"] == "system":
+        raise ValueError("the last message must be from user or assistant, not system")
+
+
+def _json_value(schema: dict[str, Any]) -> None:
+    try:
+        json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not a JSON value ({exc})") from None
 
 
 @register
 class Submit(Op):
     name = "submit"
     params = {
-        "prompt": Param(str, "the prompt text", required=True, min=1),
+        "prompt": Param(str, "the prompt text; exactly one of prompt and messages", min=1),
+        "messages": Param(list, "the conversation, rendered with the model's chat template: "
+                          "maps {role: system, user or assistant, content: string}; the "
+                          "last is user, or assistant to continue its text", min=1,
+                          items=Param(dict, "a message", valid=_message), valid=_conversation),
         "model": Param(str, "model name; default: the first configured model", max=200),
         "max_tokens": Param(int, "most tokens to generate; 1 to the model's n_ctx", min=1),
         "priority": Param(int, "higher runs first; FIFO within a priority", min=-1000, max=1000),
@@ -38,20 +76,49 @@ class Submit(Op):
         "seed": Param(int, "sampling seed; -1 keeps the worker's", min=-1, max=2**31 - 1),
         "raw": Param(bool, "send the prompt as is, without the model's chat template"),
         "ignore_eos": Param(bool, "keep generating past end-of-sequence (benchmarks)"),
+        "stop": Param(list, "stop when the text contains one of these; it is not returned",
+                      max=MAX_STOPS, items=Param(str, "a stop string", min=1,
+                                                 max=MAX_STOP_CHARS)),
+        "json_schema": Param(dict, "constrain the text to JSON matching this JSON Schema; "
+                             "{} is any JSON value", valid=_json_value),
+        "grammar": Param(str, "constrain the text to this GBNF grammar (llama.cpp)", min=1),
     }
 
     def execute(self, ctx: Context, args: dict[str, Any]) -> None:
-        service = ctx.service
-        model = args.get("model") or next(iter(service.config.models))
-        cfg = service.config.models.get(model)
-        max_tokens = args.get("max_tokens", min(cfg.max_tokens, cfg.n_ctx) if cfg else 1)
-        if cfg is not None and max_tokens > cfg.n_ctx:
-            raise ProtocolError("bad_request", f"max_tokens must be at most {cfg.n_ctx}, "
-                                f"the context of model {model!r}")
-        params = {k: args.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
-        params["max_tokens"] = max_tokens
-        req, position = service.submit(model, args["prompt"], params, args.get("priority", 0),
-                                       args.get("timeout"), ctx.uid, sink=None)
-        ctx.send({"ok": True, "request": req.id, "model": model, "position": position})
+        req, position = accept(ctx.service, args, ctx.uid, sink=None)
+        ctx.send({"ok": True, "request": req.id, "model": req.model, "position": position})
         ctx.track(req)
         return None
+
+
+def check_combination(args: dict[str, Any]) -> None:
+    """What the fields cannot be together; raises bad_request."""
+    if ("prompt" in args) == ("messages" in args):
+        raise ProtocolError("bad_request", "submit needs exactly one of 'prompt' and "
+                            "'messages'")
+    if "messages" in args and args.get("raw"):
+        raise ProtocolError("bad_request", "raw applies to a prompt: messages are always "
+                            "rendered with the model's chat template")
+    if "json_schema" in args and "grammar" in args:
+        raise ProtocolError("bad_request", "give json_schema or grammar, not both")
+    if args.get("ignore_eos") and ("json_schema" in args or "grammar" in args):
+        raise ProtocolError("bad_request", "ignore_eos cannot go with json_schema or grammar: "
+                            "a complete answer ends with end-of-sequence")
+
+
+def accept(service: Any, args: dict[str, Any], uid: int, sink: Sink | None,
+           ) -> tuple[Request, int]:
+    """Queue a submit whose fields ops.validate() checked; returns the request and its
+    queue position. Every front end (this op, HTTP) goes through here."""
+    check_combination(args)
+    model = args.get("model") or next(iter(service.config.models))
+    cfg = service.config.models.get(model)
+    max_tokens = args.get("max_tokens", min(cfg.max_tokens, cfg.n_ctx) if cfg else 1)
+    if cfg is not None and max_tokens > cfg.n_ctx:
+        raise ProtocolError("bad_request", f"max_tokens must be at most {cfg.n_ctx}, "
+                            f"the context of model {model!r}")
+    params = {k: args.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
+    params["max_tokens"] = max_tokens
+    params.update({k: args[k] for k in OUTPUT_FIELDS if k in args})
+    return service.submit(model, args.get("prompt", ""), params, args.get("priority", 0),
+                          args.get("timeout"), uid, sink=sink)

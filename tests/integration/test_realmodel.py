@@ -68,3 +68,37 @@ n_ctx = 1024
     assert stream.stats["model"] == "gemma" and stream.stats["completion_tokens"] >= 1
     r = d.llmctl("submit", "-m", "smollm2", "Say hello.", "-n", "8")
     assert r.returncode == 0 and r.stdout.strip()
+
+
+CITY = {"type": "object", "additionalProperties": False,
+        "required": ["city", "country", "population"],
+        "properties": {"city": {"type": "string", "maxLength": 40},
+                       "country": {"type": "string", "maxLength": 40},
+                       "population": {"type": "integer", "minimum": 0}}}
+
+
+def test_json_schema_answer_from_smollm2_parses_validates_and_makes_sense(start_daemon):
+    import json
+    d = start_daemon(None)
+    messages = [{"role": "system", "content": "You answer in JSON."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    with d.client() as c:
+        stream = c.submit(messages=messages, json_schema=CITY, max_tokens=200, temperature=0.0)
+        text = "".join(stream.text())
+    assert stream.stats["finish_reason"] == "stop", (text, stream.stats)
+    answer = json.loads(text)
+    assert set(answer) == {"city", "country", "population"}  # required, nothing else
+    assert isinstance(answer["city"], str) and isinstance(answer["country"], str)
+    assert isinstance(answer["population"], int) and answer["population"] >= 0
+    assert "Paris" in answer["city"], answer
+    # the same tokens as llama-cpp-python's own grammar sampling (its chain checks every
+    # candidate; the worker's greedy path checks the best one first)
+    import llama_cpp
+    from llama_cpp.llama_grammar import LlamaGrammar
+    threads = d.status()["workers"][0]["threads"]
+    llm = llama_cpp.Llama(model_path=str(_smollm2_path()), n_ctx=2048, flash_attn=True,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    ref = llm.create_chat_completion(messages=messages, max_tokens=200, temperature=0.0,
+                                     repeat_penalty=1.0,
+                                     grammar=LlamaGrammar.from_json_schema(json.dumps(CITY)))
+    assert text == ref["choices"][0]["message"]["content"]

@@ -6,6 +6,7 @@ saved state or by recompute) must produce the same tokens as one that ran throug
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -187,3 +188,73 @@ def test_a_request_that_needs_room_grows_a_shrunk_context_back(tiny_model_path: 
         assert done["stats"]["completion_tokens"] == GREEDY["max_tokens"] and text == reference
     finally:
         w.close()
+
+
+ARRAY = {"type": "array", "minItems": 20, "maxItems": 20,
+         "items": {"type": "string", "maxLength": 6}}
+
+
+def _output(worker: WorkerProc, req: str, after: int | None = None,
+            resume: dict[str, Any] | None = None, **fields: Any) -> tuple[str, dict[str, Any]]:
+    """generate() with output fields (json_schema, stop) and a preempt after `after` tokens."""
+    worker.send({"type": "generate", "req": req, "prompt": PROMPT, **GREEDY,
+                 "ignore_eos": False, **fields, **({"resume": resume} if resume else {})})
+    text, tokens, sent = "", 0, False
+    while True:
+        msg = worker.recv()
+        if msg["type"] != "token":
+            return text, msg
+        text += msg["text"]
+        tokens += msg["tokens"]
+        if after is not None and tokens >= after and not sent:
+            worker.send({"type": "preempt", "req": req, "state_min_tokens": 0})
+            sent = True
+
+
+def test_a_preempted_grammar_request_resumes_where_its_grammar_was(worker: WorkerProc) -> None:
+    reference, done = _output(worker, "gref", json_schema=ARRAY)
+    assert done["type"] == "done" and done["stats"]["finish_reason"] == "stop", done
+    assert len(json.loads(reference)) == 20 and done["stats"]["completion_tokens"] > 60
+    first, msg = _output(worker, "g1", after=30, json_schema=ARRAY)
+    assert msg["type"] == "preempted", msg
+    worker.generate("other")  # the worker serves something else meanwhile
+    rest, done = _output(worker, "g1", resume=msg["resume"], json_schema=ARRAY)
+    assert done["type"] == "done", done
+    # a grammar started afresh would open a second array here
+    assert first + rest == reference
+
+
+def test_a_sampled_grammar_request_resumes_inside_its_grammar(worker: WorkerProc) -> None:
+    sampled = {"json_schema": ARRAY, "temperature": 1.0, "top_k": 40, "seed": 5,
+               "max_tokens": 400}
+    first, msg = _output(worker, "gs", after=30, **sampled)
+    assert msg["type"] == "preempted", msg
+    rest, done = _output(worker, "gs", resume=msg["resume"], **sampled)
+    assert done["type"] == "done" and done["stats"]["finish_reason"] == "stop", done
+    assert first and rest and len(json.loads(first + rest)) == 20  # one array, not two
+
+
+def test_a_preempted_request_keeps_the_stop_string_start_it_held_back(
+        worker: WorkerProc) -> None:
+    reference, _, _ = worker.generate("sref")
+    worker.send({"type": "generate", "req": "t1", "prompt": PROMPT, **GREEDY, "max_tokens": 1})
+    first_token, done = worker.recv()["text"], worker.recv()
+    assert done["type"] == "done" and len(first_token) >= 2 and reference.startswith(first_token)
+    # A stop string that starts inside the first token's text and runs 200 characters
+    # (tens of tokens): from its start, the text is held back, from the first token on,
+    # so wherever the preempt lands, part of it is held.
+    start = len(first_token) - 1
+    stop = reference[start:start + 200]
+    assert len(stop) == 200 and reference.index(stop) == start
+    worker.send({"type": "generate", "req": "s1", "prompt": PROMPT, **GREEDY, "stop": [stop]})
+    msg = worker.recv()
+    assert msg["type"] == "token" and msg["text"] == reference[:start], msg
+    worker.send({"type": "preempt", "req": "s1", "state_min_tokens": 0})
+    msg = worker.recv()
+    assert msg["type"] == "preempted", msg  # no more text came: it is all held
+    held = msg["resume"]["held"]
+    assert held and stop.startswith(held), msg["resume"]
+    rest, done = _output(worker, "s1", resume=msg["resume"], stop=[stop], ignore_eos=True)
+    assert done["type"] == "done" and done["stats"]["finish_reason"] == "stop", done
+    # a scanner that lost the held start would let the text through and end far later
+    assert rest == ""

@@ -20,18 +20,55 @@ def _subparser(name: str):
     return completion._subparsers(cli.build_parser())[name]
 
 
-def test_every_submit_param_has_an_option_that_reaches_the_op():
+def test_every_submit_param_has_an_option_that_reaches_the_op(tmp_path):
     dests = {a.dest for a in _subparser("submit")._actions}
     assert set(Submit.params) - {"prompt"} <= dests
+    schema, grammar = tmp_path / "schema.json", tmp_path / "g.gbnf"
+    schema.write_text('{"type": "object"}')
+    grammar.write_text('root ::= "yes" | "no"\n')
     args = cli.build_parser().parse_args([
         "submit", "hi", "-m", "tiny", "-n", "7", "-p", "3", "-t", "9", "--temperature", "0.5",
         "--top-p", "0.9", "--top-k", "5", "--min-p", "0.1", "--repeat-penalty", "1.2",
-        "--seed", "42", "--raw", "--ignore-eos"])
+        "--seed", "42", "--raw", "--ignore-eos", "--stop", "END", "--stop", "\n\n",
+        "--json-schema", str(schema), "--grammar", str(grammar), "--system", "be brief"])
     assert cli.submit_fields(args) == {
         "model": "tiny", "max_tokens": 7, "priority": 3, "timeout": 9.0, "temperature": 0.5,
         "top_p": 0.9, "top_k": 5, "min_p": 0.1, "repeat_penalty": 1.2, "seed": 42, "raw": True,
-        "ignore_eos": True}
-    assert cli.submit_fields(cli.build_parser().parse_args(["submit", "hi"])) == {}
+        "ignore_eos": True, "stop": ["END", "\n\n"], "json_schema": {"type": "object"},
+        "grammar": 'root ::= "yes" | "no"\n'}
+    # --system makes the request a conversation: messages instead of prompt
+    assert cli.prompt_fields("hi", args.messages) == {"messages": [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    zeros = cli.build_parser().parse_args(["submit", "hi", "--temperature", "0", "--seed", "0",
+                                           "--top-k", "0", "--min-p", "0"])
+    assert cli.submit_fields(zeros) == {"temperature": 0.0, "seed": 0, "top_k": 0, "min_p": 0.0}
+    plain = cli.build_parser().parse_args(["submit", "hi"])
+    assert cli.submit_fields(plain) == {} and cli.prompt_fields("hi", plain.messages) == {
+        "prompt": "hi"}
+
+
+def test_chat_takes_the_submit_options_but_raw(tmp_path):
+    dests = {a.dest for a in _subparser("chat")._actions}
+    assert set(Submit.params) - {"prompt", "raw"} <= dests and "raw" not in dests
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--stop", ""], "at least 1"),
+    (["--stop", "a", "--stop", "b", "--stop", "c", "--stop", "d", "--stop", "e", "--stop", "f",
+      "--stop", "g", "--stop", "h", "--stop", "i"], "at most 8 times"),
+    (["--json-schema", "-"], "not - (stdin)"),
+    (["--json-schema", "/nonexistent.json"], "No such file"),
+    (["--json-schema", "BADJSON"], "not JSON"),
+    (["--json-schema", "ARRAY"], "json_schema must be a map, not array"),
+    (["--grammar", "EMPTY"], "the length of grammar must be at least 1"),
+])
+def test_bad_output_options_are_usage_errors(argv, words, tmp_path, capsys):
+    files = {"BADJSON": "{nope", "ARRAY": "[1]", "EMPTY": ""}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    argv = [str(tmp_path / a) if a in files else a for a in argv]
+    assert _exit_code(["--socket", NO_DAEMON, "submit", "hi", *argv]) == 2
+    assert words in capsys.readouterr().err
 
 
 def test_submit_help_shows_bounds_defaults_and_the_max_tokens_default(capsys):
@@ -113,8 +150,9 @@ def _names(words, what):
 
 @pytest.mark.parametrize(("words", "want"), [
     (["llmctl", "su"], ["submit"]),
-    (["llmctl", ""], ["submit", "status", "models", "cancel", "limits", "policy", "events",
-                      "wait", "completion"]),
+    (["llmctl", ""], ["submit", "chat", "status", "models", "cancel", "limits", "policy",
+                      "events", "wait", "completion"]),
+    (["llmctl", "chat", "-m", ""], ["tiny", "smollm2"]),
     (["llmctl", "submit", "--top"], ["--top-k", "--top-p"]),
     (["llmctl", "submit", "-m", ""], ["tiny", "smollm2"]),
     (["llmctl", "submit", "--model", "sm"], ["smollm2"]),

@@ -29,7 +29,7 @@ def test_validate_types_bounds_and_unknown_fields():
     args = ops.validate(submit, {"id": 1, "op": "submit", "prompt": "hi", "temperature": 1})
     assert args == {"prompt": "hi", "temperature": 1.0}
     assert "no field 'zz'" in _err(ops.validate, submit, {"prompt": "x", "zz": 1}).message
-    assert "needs field 'prompt'" in _err(ops.validate, submit, {}).message
+    assert "needs field 'protocol'" in _err(ops.validate, ops.OPS["hello"], {}).message
     assert "must be a boolean" in _err(ops.validate, submit, {"prompt": "x", "raw": 1}).message
     assert "must be an integer" in _err(ops.validate, submit,
                                        {"prompt": "x", "max_tokens": 1.5}).message

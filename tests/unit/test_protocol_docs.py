@@ -26,7 +26,8 @@ def test_every_op_has_a_field_table_and_a_row_in_the_ops_table():
     for name, op in ops.OPS.items():
         assert f"<!-- generated: fields {name} (" in text
         assert f"| `{name}` | {docs.summary(op)} | {docs.access(op)} |" in text
-    assert "| `prompt` | string | yes | at least 1 character | the prompt text |" in text
+    assert "| `prompt` | string | no | at least 1 character | the prompt text; exactly one " \
+        "of prompt and messages |" in text
 
 
 def _page(*blocks: str) -> str:
