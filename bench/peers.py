@@ -15,6 +15,9 @@ Setups (--setups):
   llama-server     llama-server with its defaults (-m GGUF --host 127.0.0.1 --port P)
   llama-server-t1  the same with -t 1: the hand-tuned peer
   residentd-t1/t2  controls, not in the default list: threads = 1 / 2 pinned in the config
+  residentd-http   the daemon asked through its OpenAI-compatible HTTP front (POST
+                   /v1/completions, streamed, TCP loopback) instead of the msgpack socket
+  llama-server-oai llama-server asked through its own /v1/completions, the same way
 
 Conditions (--conditions):
   quiet            nothing else running
@@ -52,6 +55,8 @@ Goals, each per round (a goal passes if every round meets it):
   neighbours:             the neighbours' work rate beside residentd >= beside llama-server
   quiet, 1 client:        residentd >= 0.97 x llama-server tokens/s, TTFT p50 within 10 %
   quota, 1 client:        residentd >= 1.0 x llama-server-t1 tokens/s
+  quiet (HTTP, issue 13): residentd-http >= 0.98 x residentd tokens/s and TTFT p50 at
+                          most 5 ms above it; at 1 client >= 0.97 x llama-server-oai
 
 llama-server is built once, when --llama-server is missing, from the llama.cpp vendored in
 the llama-cpp-python 0.3.36 sdist (6-11 minutes on 2 cores); nothing of llama.cpp is
@@ -110,7 +115,10 @@ DEFAULT_SERVER = (Path.home() / ".cache" / "llm-residentd" / f"llama-server-{LLA
 CMAKE_FLAGS = ("-DLLAMA_BUILD_SERVER=ON", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_UI=OFF",
                "-DLLAMA_USE_PREBUILT_UI=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DCMAKE_BUILD_TYPE=Release")
 
-SETUPS = ("residentd", "llama-server", "llama-server-t1", "residentd-t1", "residentd-t2")
+# -http / -oai: the same servers asked through their OpenAI-compatible POST /v1/completions
+# (streamed, TCP loopback) instead of the msgpack socket and llama-server's /completion.
+SETUPS = ("residentd", "llama-server", "llama-server-t1", "residentd-t1", "residentd-t2",
+          "residentd-http", "llama-server-oai")
 DEFAULT_SETUPS = SETUPS[:3]
 CONDITIONS = ("quiet", "neighbours", "quota")
 MODEL_NAME = "bench"  # overhead.wait_ready looks for this name
@@ -129,13 +137,18 @@ CGROUP_NAME = "llm-peers-bench"
 LOG_PATTERN = re.compile(r"system_info|n_threads|n_slots|n_parallel|flash_attn|n_ctx|"
                          r"prompt cache|cache_ram|build:|kv_unified|continuous batching", re.I)
 GOALS = (
-    # (name, condition, clients, metric, against, threshold)
+    # (name, condition, clients, metric, against, threshold[, mine, how]): mine/against per
+    # round (how "ratio"), or mine - against (how "diff"); mine is residentd unless named.
     ("neighbours-1", "neighbours", 1, "tokens_per_s", "llama-server-t1", 0.9),
     ("neighbours-8", "neighbours", 8, "tokens_per_s", "llama-server-t1", 0.65),
     ("neighbours-work", "neighbours", None, "neighbour_units_per_s", "llama-server", 1.0),
     ("quiet-1", "quiet", 1, "tokens_per_s", "llama-server", 0.97),
     ("quiet-1-ttft", "quiet", 1, "ttft_p50_ms", "llama-server", 1.10),  # lower is better
     ("quota-1", "quota", 1, "tokens_per_s", "llama-server-t1", 1.0),
+    # The HTTP front (issue 13): beside the msgpack path, and against llama-server's HTTP.
+    ("http-msgpack", "quiet", None, "tokens_per_s", "residentd", 0.98, "residentd-http", "ratio"),
+    ("http-ttft-ms", "quiet", None, "ttft_p50_ms", "residentd", 5.0, "residentd-http", "diff"),
+    ("http-peer-1", "quiet", 1, "tokens_per_s", "llama-server-oai", 0.97, "residentd-http", "ratio"),
 )
 LOWER_IS_BETTER = {"ttft_p50_ms"}
 
@@ -412,7 +425,9 @@ class Residentd(Server):
         self.setup = setup
         cfg, self.sock = tmp / "config.toml", tmp / "llm.sock"
         pinned = {"residentd-t1": "threads = 1\n", "residentd-t2": "threads = 2\n"}.get(setup, "")
+        self.port = free_port()  # the HTTP front's, used by ResidentdHttp
         cfg.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp / 'state'))}\n"
+                       f'[http]\nsocket = "none"\nlisten = "127.0.0.1:{self.port}"\n'
                        f"[models.{MODEL_NAME}]\npath = {json.dumps(model)}\n{pinned}")
         super().__init__(overhead.daemon_command(cfg, self.sock), tmp, quota)
         try:
@@ -564,9 +579,67 @@ class LlamaServer(Server):
         return "stream ended without a stop event", first
 
 
+def openai_completion(port: int, prompt: str, n: int, tally: Tally) -> Reply:
+    """POST /v1/completions, streamed (SSE), on one new TCP connection; the usage chunk
+    must say n tokens were generated. A chunk's `tokens` (the daemon's extension: it
+    gathers a stream_interval's tokens in one chunk) counts its tokens, else 1 (llama-server
+    streams token by token)."""
+    body = json.dumps({"model": MODEL_NAME, "prompt": prompt, "max_tokens": n, "stream": True,
+                       "stream_options": {"include_usage": True}, "ignore_eos": True, **SAMPLING})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
+    t0, first, usage, error = time.monotonic(), None, None, ""
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            error = f"HTTP {resp.status}: {resp.read()[:200]!r}"
+        for raw in resp if not error else ():
+            if not raw.startswith(b"data: ") or raw.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(raw[6:])
+            if "error" in chunk:
+                error = f"error: {chunk['error']}"
+                break
+            usage = chunk.get("usage") or usage
+            if any(c.get("text") for c in chunk.get("choices") or ()):
+                first = first or time.monotonic()
+                tally(chunk.get("tokens", 1))
+    finally:
+        conn.close()
+    end = time.monotonic()
+    tokens = (usage or {}).get("completion_tokens", 0)
+    if error or tokens != n:
+        return Reply(False, error or f"short: {tokens} of {n} tokens", end=end)
+    return Reply(True, ttft_s=(first or end) - t0, latency_s=end - t0, tokens=tokens, end=end)
+
+
+class ResidentdHttp(Residentd):
+    """The daemon, asked through its OpenAI-compatible HTTP front."""
+
+    def connect(self) -> None:
+        return None
+
+    def request(self, conn: None, prompt: str, n: int, tally: Tally) -> Reply:
+        return openai_completion(self.port, prompt, n, tally)
+
+
+class LlamaServerOai(LlamaServer):
+    """llama-server with its defaults, asked through its OpenAI-compatible /v1/completions."""
+
+    def connect(self) -> None:
+        return None
+
+    def request(self, conn: None, prompt: str, n: int, tally: Tally) -> Reply:
+        return openai_completion(self.port, prompt, n, tally)
+
+
 def start_server(setup: str, args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> Server:
+    if setup == "residentd-http":
+        return ResidentdHttp(setup, args.model, tmp, quota)
     if setup.startswith("residentd"):
         return Residentd(setup, args.model, tmp, quota)
+    if setup == "llama-server-oai":
+        return LlamaServerOai(setup, args.llama_server, args.model, tmp, quota)
     return LlamaServer(setup, args.llama_server, args.model, tmp, quota)
 
 
@@ -895,12 +968,14 @@ def ratio(a: float, b: float) -> float:
 
 
 def ratios(rows: list[dict[str, Any]], condition: str, clients: int, metric: str, against: str,
-           lower_better: bool = False) -> dict[str, Any]:
-    """residentd / against per round; the mean, and the worst round (lowest, or highest if
-    lower is better)."""
+           lower_better: bool = False, mine: str = "residentd",
+           how: str = "ratio") -> dict[str, Any]:
+    """mine / against (or mine - against, how "diff") per round; the mean, and the worst
+    round (lowest, or highest if lower is better)."""
     rounds = sorted({r["round"] for r in rows})
-    per = [ratio(value(rows, k, "residentd", condition, clients, metric),
-                 value(rows, k, against, condition, clients, metric)) for k in rounds]
+    pairs = [(value(rows, k, mine, condition, clients, metric),
+              value(rows, k, against, condition, clients, metric)) for k in rounds]
+    per = [a - b if how == "diff" else ratio(a, b) for a, b in pairs]
     per = [x for x in per if x == x]
     if not per:
         return {"per_round": [], "mean": float("nan"), "worst": float("nan")}
@@ -910,16 +985,17 @@ def ratios(rows: list[dict[str, Any]], condition: str, clients: int, metric: str
 def goal_results(rows: list[dict[str, Any]], clients_levels: list[int]) -> list[dict[str, Any]]:
     """Each goal, per round; met only if every round meets it (None: not measured)."""
     out = []
-    for name, condition, clients, metric, against, threshold in GOALS:
+    for name, condition, clients, metric, against, threshold, *rest in GOALS:
+        mine, how = rest or ("residentd", "ratio")
         for n in [clients] if clients is not None else clients_levels:
             lower = metric in LOWER_IS_BETTER
-            rat = ratios(rows, condition, n, metric, against, lower)
+            rat = ratios(rows, condition, n, metric, against, lower, mine, how)
             met = None
             if rat["per_round"]:
                 met = all((x <= threshold) if lower else (x >= threshold) for x in rat["per_round"])
             out.append({"goal": name, "condition": condition, "clients": n, "metric": metric,
-                        "against": against, "threshold": threshold, "lower_is_better": lower, **rat,
-                        "met": met})
+                        "mine": mine, "how": how, "against": against, "threshold": threshold,
+                        "lower_is_better": lower, **rat, "met": met})
     return out
 
 
@@ -1029,7 +1105,9 @@ def print_goals(summary: dict[str, Any]) -> None:
     for g in summary["goals"]:
         rel = "<=" if g["lower_is_better"] else ">="
         rounds = " ".join(f"{x:.3f}" for x in g["per_round"]) or "-"
-        print(f"  {g['goal']:<16} {g['condition']:<10} {g['clients']} client(s): residentd/{g['against']} "
+        op = "-" if g.get("how") == "diff" else "/"
+        mine = g.get("mine", "residentd")
+        print(f"  {g['goal']:<16} {g['condition']:<10} {g['clients']} client(s): {mine}{op}{g['against']} "
               f"{g['metric']} {rel} {g['threshold']}: rounds {rounds}  {verdict[g['met']]}")
 
 
