@@ -12,6 +12,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -126,6 +127,20 @@ def http_socket_path(cfg: config.Config, socket_path: Path) -> Path | None:
     return socket_path.with_name(f"{socket_path.stem}-http.sock")
 
 
+def _http_front(service: Service, path: Path | None, sock: socket.socket | None) -> Any:
+    """The HTTP front; None when aiohttp is missing and HTTP was only on by default (a
+    daemon run from a checkout without it keeps serving the msgpack socket)."""
+    try:
+        from .http.app import HttpFront
+    except ImportError as exc:
+        cfg = service.config.http
+        if sock is not None or cfg.listen or cfg.socket:
+            raise RuntimeError(f"the HTTP API is configured but cannot run: {exc}") from None
+        structlog.get_logger().warning("http_unavailable", error=str(exc))
+        return None
+    return HttpFront(service, path, sock)
+
+
 async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None = None,
               load: Callable[[], config.Config] | None = None,
               http_sock: socket.socket | None = None) -> int:
@@ -144,10 +159,9 @@ async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None 
     try:
         await server.start()
         if http_path is not None or http_sock is not None or cfg.http.listen:
-            from .http.app import HttpFront  # aiohttp only when HTTP is served
-
-            http = HttpFront(service, http_path, http_sock)
-            await http.start()
+            http = _http_front(service, http_path, http_sock)
+            if http is not None:
+                await http.start()
     except (OSError, RuntimeError, ValueError) as exc:
         log.error("socket_failed", socket=str(socket_path), http_socket=str(http_path),
                   http_listen=cfg.http.listen, error=str(exc))

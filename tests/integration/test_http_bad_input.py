@@ -156,3 +156,20 @@ def test_bad_input_leaves_streams_intact(strict_daemon):
     assert _read_all(bad).split(b"\r\n")[0].endswith(b" 400 Bad Request")
     assert b"data: [DONE]\n\n" in _read_all(stream)
     assert http_socket(strict_daemon).exists()
+
+
+def test_without_aiohttp_the_default_http_socket_is_skipped(start_daemon, tiny_model_path,
+                                                           tmp_path, monkeypatch):
+    """A checkout without aiohttp still serves the msgpack socket; configured HTTP fails."""
+    fake = tmp_path / "fake"
+    (fake / "aiohttp").mkdir(parents=True)
+    (fake / "aiohttp" / "__init__.py").write_text("raise ImportError('no aiohttp here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    d = start_daemon(tiny_config(tiny_model_path))
+    d.assert_serving()
+    assert not http_socket(d).exists()
+    assert [e for e in d.logs() if e.get("event") == "http_unavailable"]
+    d2 = start_daemon(tiny_config(tiny_model_path) + '[http]\nlisten = "127.0.0.1:0"\n',
+                      wait=False)
+    assert d2.proc.wait(60) == 1
+    assert "the HTTP API is configured but cannot run" in d2.logfile.read_text()

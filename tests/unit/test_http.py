@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-
 from llm_residentd import config
 from llm_residentd.http import auth, openai
 from llm_residentd.http.app import STATUS, error_body, error_response
@@ -113,7 +112,7 @@ def test_only_loopback_listens_without_keys(listen, loopback, tmp_path):
     if loopback:
         assert config.parse(data, "t").http.listen == listen
     else:
-        with pytest.raises(config.ConfigError, match="http.listen.*api_keys_file"):
+        with pytest.raises(config.ConfigError, match=r"http\.listen.*api_keys_file"):
             config.parse(data, "t")
         keys = tmp_path / "k"
         keys.write_text("n " + "k" * 16 + "\n")
@@ -123,7 +122,7 @@ def test_only_loopback_listens_without_keys(listen, loopback, tmp_path):
 
 @pytest.mark.parametrize("listen", ["11435", "127.0.0.1:99999", ":80", "127.0.0.1:x"])
 def test_bad_listen(listen):
-    with pytest.raises(config.ConfigError, match="http.listen"):
+    with pytest.raises(config.ConfigError, match=r"http\.listen"):
         config.parse({"http": {"listen": listen}, "models": {"m": {"path": "/x"}}}, "t")
 
 
@@ -164,7 +163,7 @@ def test_activated_sockets_by_name(tmp_path, names, want):
     assert out.stdout.strip() == want
 
 
-def test_socket_module_is_used():  # the peer of a socketpair is ourselves
-    a, b = socket.socketpair()
+def test_unix_peer_is_read_from_so_peercred():  # a socketpair's peer is ourselves
+    a, _b = socket.socketpair()
     peer = auth.unix_peer(a)
     assert (peer.uid, peer.pid) == (os.geteuid(), os.getpid()) and peer.name == f"uid {os.geteuid()}"
