@@ -24,7 +24,8 @@ _UNSUPPORTED = {
 # OpenAI name -> submit op name, for fields passed through unchanged.
 _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "seed": "seed",
              "top_k": "top_k", "min_p": "min_p", "repeat_penalty": "repeat_penalty",
-             "priority": "priority", "timeout": "timeout", "model": "model"}
+             "ignore_eos": "ignore_eos", "priority": "priority", "timeout": "timeout",
+             "model": "model"}
 _ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
 
 

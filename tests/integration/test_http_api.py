@@ -27,11 +27,18 @@ HTTP = '[http]\nlisten = "127.0.0.1:0"\n'
 
 
 @pytest.fixture(scope="module")
-def http_daemon(tmp_path_factory, tiny_model_path):
+def http_daemon(request, tmp_path_factory, tiny_model_path):
+    """The tiny model; with the msgapi branch also "chat", the tiny model with ChatML (its
+    fixture tiny_chat_model_path comes with that branch)."""
     from harness import Daemon
+    chat = ""
+    if HAS_CHAT_OP:
+        path = request.getfixturevalue("tiny_chat_model_path")
+        chat = (f'[models.chat]\npath = "{path}"\nn_ctx = 512\nmax_tokens = 16\n'
+                "threads = 1\n")
     d = Daemon(tmp_path_factory.mktemp("httpd"),
                tiny_config(tiny_model_path, n_ctx=4096, daemon="max_connections = 2048")
-               + HTTP)
+               + chat + HTTP)
     d.start()
     yield d
     d.stop()
@@ -68,7 +75,7 @@ def test_streamed_completions_with_usage(http_daemon, over):
 def test_models_list_and_one_model(http_daemon):
     client = unix_client(http_daemon)
     models = client.models.list()
-    assert [m.id for m in models.data] == ["tiny"] and models.data[0].object == "model"
+    assert models.data[0].id == "tiny" and models.data[0].object == "model"
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
@@ -98,7 +105,8 @@ def test_curl_streams_sse_over_the_unix_socket(http_daemon):
 
 def test_health_is_200_when_a_model_is_ready(http_daemon):
     r = unix_http(http_daemon, "GET", "/health")
-    assert r.status_code == 200 and r.json() == {"status": "ok", "models": {"tiny": "ready"}}
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.json()["models"]["tiny"] == "ready"
 
 
 def test_health_503_and_model_unavailable(start_daemon, tiny_model_path, tmp_path):
@@ -220,31 +228,63 @@ def test_chat_with_the_openai_package(http_daemon, over):
                 {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "And again?"}]
-    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5)
+    reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=5)
     assert reply.id.startswith("chatcmpl-r") and reply.object == "chat.completion"
     assert reply.choices[0].message.role == "assistant"
     assert isinstance(reply.choices[0].message.content, str)
     assert 1 <= reply.usage.completion_tokens <= 5
     chunks = list(client.chat.completions.create(
-        model="tiny", messages=messages, max_completion_tokens=5, stream=True,
+        model="chat", messages=messages, max_completion_tokens=5, stream=True,
         stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage.completion_tokens >= 1
 
 
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "n"],
+          "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}}}
+GREEDY = {"temperature": 0.0, "seed": 1}
+
+
 @needs_chat_op
-def test_chat_stop_and_json_schema(http_daemon):
+def test_chat_json_schema_and_json_object(http_daemon):
     client = unix_client(http_daemon)
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     reply = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "a number"}], max_tokens=60,
-        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
-    if reply.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(reply.choices[0].message.content)["n"], int)
+        model="chat", messages=[{"role": "user", "content": "a user"}], max_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": "u", "schema": SCHEMA}},
+        **GREEDY)
+    assert reply.choices[0].finish_reason == "stop", reply
+    value = json.loads(reply.choices[0].message.content)
+    assert set(value) == {"name", "n"} and isinstance(value["n"], int)
+    assert isinstance(value["name"], str) and len(value["name"]) <= 12
     reply = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=40,
-        stop=["a", "e", "i", "o", "u", " "])
-    assert not any(s in reply.choices[0].message.content for s in "aeiou ")
+        model="chat", messages=[{"role": "user", "content": "json"}], max_tokens=200,
+        response_format={"type": "json_object"}, **GREEDY)
+    assert reply.choices[0].finish_reason == "stop"
+    json.loads(reply.choices[0].message.content)
+    r = unix_http(http_daemon, "POST", "/v1/chat/completions", {
+        "model": "chat", "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}})
+    assert r.status_code == 400 and "json_schema" in r.json()["error"]["message"], r.text
+
+
+@needs_chat_op
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_sequences(http_daemon, stream):
+    client = unix_client(http_daemon)
+    common = {"model": "tiny", "prompt": "the quick brown fox", **GREEDY}
+    reference = client.completions.create(max_tokens=40, extra_body={"ignore_eos": True},
+                                          **common).choices[0].text
+    assert len(reference) > 30
+    stop = reference[12:19]
+    if stream:
+        chunks = list(client.completions.create(max_tokens=40, stop=["never there", stop],
+                                                stream=True, **common))
+        text = "".join(c.choices[0].text for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        reply = client.completions.create(max_tokens=40, stop=stop, **common)
+        text, finish = reply.choices[0].text, reply.choices[0].finish_reason
+    assert text == reference[:reference.index(stop)] and finish == "stop"
 
 
 @needs_chat_op
@@ -255,7 +295,7 @@ def test_chat_stop_and_json_schema(http_daemon):
 ])
 def test_chat_bad_messages(http_daemon, messages, words):
     r = unix_http(http_daemon, "POST", "/v1/chat/completions",
-                  {"model": "tiny", "messages": messages})
+                  {"model": "chat", "messages": messages})
     assert r.status_code == 400 and words in r.json()["error"]["message"]
 
 
