@@ -313,3 +313,26 @@ def test_chat_bad_shapes_are_refused_before_the_op(http_daemon):
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
     assert time.monotonic()  # the daemon is still there:
     http_daemon.assert_serving()
+
+
+def test_an_error_after_the_stream_started_is_an_sse_event(start_daemon, tiny_model_path):
+    d = start_daemon(tiny_config(tiny_model_path, n_ctx=4096) + HTTP)
+    r = unix_http(d, "POST", "/v1/completions", {"model": "tiny", "prompt": "x", "stream": True,
+                                                 "max_tokens": 3000, "timeout": 1.5})
+    assert r.status_code == 200 and r.headers["Content-Type"] == "text/event-stream"
+    events = [e for e in r.text.split("\n\n") if e]
+    assert json.loads(events[0][6:])["choices"][0]["text"] is not None  # tokens came first
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert last["error"]["code"] == "timeout" and "data: [DONE]" not in events
+
+
+def test_metrics_endpoint(http_daemon):
+    r = unix_http(http_daemon, "GET", "/metrics")
+    try:
+        import llm_residentd.prometheus  # noqa: F401  (the metrics branch of issue 13)
+    except ImportError:
+        assert r.status_code == 501 and r.json()["error"]["code"] == "not_implemented"
+        return
+    from prometheus_client.parser import text_string_to_metric_families
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    assert list(text_string_to_metric_families(r.text))
