@@ -96,8 +96,22 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    socket: str = _opt("", "HTTP Unix socket path; empty means the default for the user, "
+                       "\"none\" serves no HTTP socket")
+    listen: str = _opt("", "TCP host:port of the HTTP API; empty: no TCP")
+    api_keys_file: str = _opt("", "file of API keys, one \"NAME KEY\" a line; empty: no keys")
+    max_body: int = _opt(1 << 20, "largest request body in bytes", 1024, 64 << 20)
+    header_timeout: float = _opt(10.0, "seconds to receive a request's headers and body",
+                                 0.05, 3600)
+    keepalive_timeout: float = _opt(15.0, "seconds an idle keep-alive connection stays open",
+                                    0.05, 3600)
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     policies: tuple[dict[str, Any], ...] = ()
     source: str = "built-in default"
@@ -144,6 +158,26 @@ def _check_mode(text: str) -> None:
         raise ConfigError(f"daemon.socket_mode: {text} is out of range")
 
 
+def _check_http(http: HttpConfig) -> None:
+    """TCP beyond loopback only with API keys: anyone on the network could use the models."""
+    if not http.listen:
+        return
+    from .http.auth import is_loopback, load_keys, split_listen
+
+    try:
+        host, _ = split_listen(http.listen)
+    except ValueError as exc:
+        raise ConfigError(f"http.listen: {exc}") from None
+    if http.api_keys_file:
+        try:
+            load_keys(Path(http.api_keys_file))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"http.api_keys_file: {exc}") from None
+    elif not is_loopback(host):
+        raise ConfigError(f"http.listen: {http.listen!r} is not a loopback address; serving "
+                          "the network needs http.api_keys_file (bearer tokens)")
+
+
 def limits_of(model: ModelConfig) -> Limits:
     """The model's configured worker limits; LimitError names the bad key."""
     limits = Limits(cpu=parse_cpu(model.cpu),
@@ -169,9 +203,11 @@ def trigger_of(text: str) -> Trigger | None:
 def parse(data: dict[str, Any], source: str) -> Config:
     """Validate a parsed TOML document."""
     for key in data:
-        if key not in ("daemon", "models", "policies"):
-            raise ConfigError(f"{key}: unknown section (known: daemon, models, policies)")
+        if key not in ("daemon", "http", "models", "policies"):
+            raise ConfigError(f"{key}: unknown section (known: daemon, http, models, policies)")
     daemon = _build(DaemonConfig, data.get("daemon", {}), "daemon")
+    http = _build(HttpConfig, data.get("http", {}), "http")
+    _check_http(http)
     _check_mode(daemon.socket_mode)
     if daemon.worker_user:
         try:
@@ -200,7 +236,7 @@ def parse(data: dict[str, Any], source: str) -> Config:
         except LimitError as exc:
             raise ConfigError(f"{key}.{exc}") from None
         models[name] = model
-    return Config(daemon=daemon, models=models, policies=_policies(data.get("policies", [])),
+    return Config(daemon=daemon, http=http, models=models, policies=_policies(data.get("policies", [])),
                   source=source)
 
 
@@ -254,7 +290,8 @@ def load(path: str | os.PathLike | None) -> Config:
 def describe() -> dict[str, dict[str, dict[str, Any]]]:
     """Every key with its default and help, for docs and --help."""
     out = {}
-    for section, cls in (("daemon", DaemonConfig), ("models.NAME", ModelConfig)):
+    for section, cls in (("daemon", DaemonConfig), ("http", HttpConfig),
+                         ("models.NAME", ModelConfig)):
         out[section] = {
             f.name: {"default": f.default, **{k: v for k, v in f.metadata.items() if v is not None}}
             for f in dataclasses.fields(cls)

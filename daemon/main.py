@@ -12,14 +12,15 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from . import __version__, config, logs, modelsource, notify
-from .paths import SOCKET_ENV, default_socket, default_state_dir
+from .paths import SOCKET_ENV, default_http_socket, default_socket, default_state_dir
 from .reload import Reloader
 from .scopes import ScopeError
-from .server import Server, activated_socket
+from .server import Server, activated_sockets
 from .service import Service
 
 DESCRIPTION = """\
@@ -33,8 +34,12 @@ EPILOG = f"""\
 environment:
   {SOCKET_ENV}  socket path (overridden by --socket)
 
-Under systemd it reports READY/RELOADING/STATUS/WATCHDOG to $NOTIFY_SOCKET and takes its socket
-from socket activation ($LISTEN_FDS) when a .socket unit passes one.
+Under systemd it reports READY/RELOADING/STATUS/WATCHDOG to $NOTIFY_SOCKET and takes its sockets
+from socket activation ($LISTEN_FDS): the fd named "http" ($LISTEN_FDNAMES) serves the HTTP API,
+the other the msgpack control socket.
+
+It also serves an OpenAI-compatible HTTP API ([http] in the config; docs/http.md) on a Unix
+socket beside the control socket and, when [http] listen is set, on TCP.
 
 SIGHUP (systemctl reload) reloads the config file: models added start, models removed
 finish their requests and stop, changed models restart their workers after their current
@@ -110,8 +115,35 @@ async def _reload_on_hup(reloader: Reloader, hups: asyncio.Event) -> None:
         await reloader.reload()
 
 
+def http_socket_path(cfg: config.Config, socket_path: Path) -> Path | None:
+    """http.socket, else the default; beside the control socket when that one was moved
+    (--socket), so that daemons with sockets of their own do not share one HTTP socket."""
+    if cfg.http.socket == "none":
+        return None
+    if cfg.http.socket:
+        return Path(cfg.http.socket)
+    if socket_path == default_socket():
+        return default_http_socket()
+    return socket_path.with_name(f"{socket_path.stem}-http.sock")
+
+
+def _http_front(service: Service, path: Path | None, sock: socket.socket | None) -> Any:
+    """The HTTP front; None when aiohttp is missing and HTTP was only on by default (a
+    daemon run from a checkout without it keeps serving the msgpack socket)."""
+    try:
+        from .http.app import HttpFront
+    except ImportError as exc:
+        cfg = service.config.http
+        if sock is not None or cfg.listen or cfg.socket:
+            raise RuntimeError(f"the HTTP API is configured but cannot run: {exc}") from None
+        structlog.get_logger().warning("http_unavailable", error=str(exc))
+        return None
+    return HttpFront(service, path, sock)
+
+
 async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None = None,
-              load: Callable[[], config.Config] | None = None) -> int:
+              load: Callable[[], config.Config] | None = None,
+              http_sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM/SIGINT; SIGHUP reloads through `load` (the config file)."""
     log = structlog.get_logger()
     loop = asyncio.get_running_loop()
@@ -122,10 +154,18 @@ async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None 
     service = Service(cfg, socket_path)
     reloader = Reloader(service, load or (lambda: cfg), lambda: status_line(service))
     server = Server(service, socket_path, sock)
+    http_path = http_socket_path(cfg, socket_path)
+    http = None
     try:
         await server.start()
-    except (OSError, RuntimeError) as exc:
-        log.error("socket_failed", socket=str(socket_path), error=str(exc))
+        if http_path is not None or http_sock is not None or cfg.http.listen:
+            http = _http_front(service, http_path, http_sock)
+            if http is not None:
+                await http.start()
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.error("socket_failed", socket=str(socket_path), http_socket=str(http_path),
+                  http_listen=cfg.http.listen, error=str(exc))
+        await server.stop_listening()
         return 1
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,10 +176,13 @@ async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None 
         log.error("backend_failed", error=str(exc))
         notify.notify(f"STATUS=backend failed: {exc}")
         await server.stop_listening()
+        if http is not None:
+            await http.stop_listening()
         return 1
     settings = {f"daemon.{k}": v for k, v in dataclasses.asdict(cfg.daemon).items()}
     log.info("daemon_started", version=__version__, listening=str(socket_path),
-             socket_activated=sock is not None, config=cfg.source, models=sorted(cfg.models),
+             socket_activated=sock is not None, config=cfg.source,
+             http=http.addresses() if http else [], models=sorted(cfg.models),
              **settings)
     # Ready once the socket listens and the workers are starting; models load after.
     notify.notify(f"READY=1\nSTATUS={status_line(service)}")
@@ -153,8 +196,12 @@ async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None 
     await reloader.close()
     log.info("daemon_stopping", live_requests=len(service.requests))
     await server.stop_listening()
+    if http is not None:
+        await http.stop_listening()
     service.fail_all()
     await server.close_connections()
+    if http is not None:
+        await http.close()
     await service.stop()
     log.info("daemon_stopped")
     return 0
@@ -203,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     socket_path = Path(args.socket or os.environ.get(SOCKET_ENV) or cfg.daemon.socket
                        or default_socket())
     try:
-        sock = activated_socket()
+        sockets = activated_sockets()
+        sock = sockets.get("control")
     except (OSError, RuntimeError) as exc:
         structlog.get_logger().error("socket_failed", error=str(exc))
         return 1
     if sock is not None and isinstance(sock.getsockname(), str) and sock.getsockname():
         socket_path = Path(sock.getsockname())  # what the .socket unit listens on
     _raise_fd_limit()
-    return asyncio.run(run(cfg, socket_path, sock, load))
+    return asyncio.run(run(cfg, socket_path, sock, load, sockets.get("http")))

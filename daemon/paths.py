@@ -7,6 +7,7 @@ from pathlib import Path
 
 SOCKET_ENV = "LLM_RESIDENTD_SOCKET"
 SYSTEM_SOCKET = Path("/run/llm-residentd/llm.sock")
+SYSTEM_HTTP_SOCKET = Path("/run/llm-residentd/http.sock")
 SYSTEM_STATE = Path("/var/lib/llm-residentd")
 
 
@@ -18,6 +19,14 @@ def default_socket() -> Path:
         return SYSTEM_SOCKET
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/llm-residentd-{os.geteuid()}"
     return Path(runtime) / "llm-residentd.sock"
+
+
+def default_http_socket() -> Path:
+    """The HTTP API's Unix socket: the system one for root, else one in $XDG_RUNTIME_DIR."""
+    if os.geteuid() == 0:
+        return SYSTEM_HTTP_SOCKET
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/llm-residentd-{os.geteuid()}"
+    return Path(runtime) / "llm-residentd-http.sock"
 
 
 def client_socket() -> Path:

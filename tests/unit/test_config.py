@@ -108,7 +108,7 @@ def test_every_key_is_documented():
     from pathlib import Path
     doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
     tables = _doc_rows(doc)
-    classes = {"daemon": config.DaemonConfig, "models.NAME": config.ModelConfig}
+    classes = {"daemon": config.DaemonConfig, "http": config.HttpConfig, "models.NAME": config.ModelConfig}
     for section, keys in config.describe().items():
         types = {f.name: f.type for f in dataclasses.fields(classes[section])}
         rows = tables.get(section)

@@ -101,3 +101,13 @@ def test_the_key_of_a_config_error():
     assert reload._key(f"/etc/x.toml: {exc.value}") == "models.a.n_ctx"
     assert reload._key("/etc/x.toml: not valid TOML: oops") is None
     assert reload._key("/etc/x.toml: No such file or directory") is None
+
+
+def test_http_settings_need_a_restart():
+    """The HTTP sockets are bound at start: a reload keeps the running [http]."""
+    models = {"m": {"path": "/x.gguf"}}
+    old = parse({"models": models}, "old")
+    new = parse({"http": {"listen": "127.0.0.1:11435", "max_body": 4096}, "models": models},
+                "new")
+    running = reload.effective(old, new, reload.diff(old, new))
+    assert running.http == old.http and running.http.listen == ""

@@ -17,6 +17,7 @@ PACKAGES=(
   systemd systemd-sysv dbus udev kmod linux-image-amd64 initramfs-tools zstd
   python3 python3-pystemd python3-msgpack python3-structlog python3-psutil python3-prometheus-client
   python3-numpy python3-typing-extensions python3-diskcache python3-jinja2 python3-pytest
+  python3-aiohttp
   libgomp1 stress-ng iproute2 procps
 )
 
