@@ -307,7 +307,7 @@ class HttpFront:
                 await resp.prepare(request)
                 await resp.write(_sse(shape.chunk("", first=True)) if shape.chat else b"")
             if kind == "token":
-                await resp.write(_sse(shape.chunk(event["text"])))
+                await resp.write(_sse(shape.chunk(event["text"], tokens=event.get("tokens"))))
             elif kind == "done":
                 stats = event["stats"]
                 await resp.write(_sse(shape.chunk(None, stats["finish_reason"])))

@@ -162,7 +162,9 @@ class Shape:
         return {**self._base(False), "choices": [choice], "usage": usage(stats)}
 
     def chunk(self, text: str | None, finish_reason: str | None = None,
-              first: bool = False) -> dict[str, Any]:
+              first: bool = False, tokens: int | None = None) -> dict[str, Any]:
+        """One streamed chunk; `tokens` (an extension, like llama-server's own fields) counts
+        the tokens its text holds: the daemon gathers a stream_interval's tokens in one."""
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
@@ -171,7 +173,8 @@ class Shape:
             choice["delta"] = delta
         else:
             choice["text"] = text or ""
-        return {**self._base(True), "choices": [choice]}
+        counted = {} if tokens is None else {"tokens": tokens}
+        return {**self._base(True), "choices": [choice], **counted}
 
     def usage_chunk(self, stats: dict[str, Any]) -> dict[str, Any]:
         return {**self._base(True), "choices": [], "usage": usage(stats)}
