@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from .. import ops, views
+from .. import ops, prometheus, views
 from ..protocol import ProtocolError
 from . import auth, openai
 from .guard import Guard, refusal_bytes
@@ -40,7 +40,7 @@ STATUS = {
     "scope_error": 500, "internal": 500,
     # HTTP's own
     "invalid_api_key": 401, "body_too_large": 413, "request_timeout": 408,
-    "not_found": 404, "method_not_allowed": 405, "not_implemented": 501,
+    "not_found": 404, "method_not_allowed": 405,
 }
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 408: "invalid_request_error",
@@ -343,11 +343,7 @@ class HttpFront:
                                   "models": states}, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        try:
-            from ..prometheus import render  # the metrics helper's module (issue 13)
-        except ImportError:
-            raise HttpError("not_implemented", "metrics are not built in") from None
-        body, content_type = render(self.service)
+        body, content_type = prometheus.render(self.service)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -326,13 +326,21 @@ def test_an_error_after_the_stream_started_is_an_sse_event(start_daemon, tiny_mo
     assert last["error"]["code"] == "timeout" and "data: [DONE]" not in events
 
 
-def test_metrics_endpoint(http_daemon):
-    r = unix_http(http_daemon, "GET", "/metrics")
-    try:
-        import llm_residentd.prometheus  # noqa: F401  (the metrics branch of issue 13)
-    except ImportError:
-        assert r.status_code == 501 and r.json()["error"]["code"] == "not_implemented"
-        return
+def test_metrics_endpoint_counts_a_completion(http_daemon):
     from prometheus_client.parser import text_string_to_metric_families
-    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
-    assert list(text_string_to_metric_families(r.text))
+
+    def completed() -> tuple[float, float]:
+        r = unix_http(http_daemon, "GET", "/metrics")
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith(
+            "text/plain; version=0.0.4"), r.headers
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(r.text) for s in family.samples}
+        return (samples.get(("llm_residentd_requests_total",
+                             (("model", "tiny"), ("outcome", "completed"))), 0.0),
+                samples[("llm_residentd_completion_tokens_total", (("model", "tiny"),))])
+
+    before = completed()
+    r = unix_http(http_daemon, "POST", "/v1/completions",
+                  {"model": "tiny", "prompt": "x", "max_tokens": 3, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert completed() == (before[0] + 1, before[1] + 3)
