@@ -10,13 +10,6 @@ from typing import Any
 import httpx
 import openai
 from harness import Daemon, wait_for
-from llm_residentd.ops import OPS
-
-# The chat fields of the submit op (messages, stop, json_schema) come from the msgapi
-# branch of issue 13; until it is merged, the tests that need them cannot run here.
-HAS_CHAT_OP = {"messages", "stop", "json_schema"} <= set(OPS["submit"].params)
-NEEDS_CHAT_OP = ("NEEDS THE msgapi BRANCH: the submit op has no messages/stop/json_schema "
-                 "field yet (issue 13 item 3)")
 
 
 def http_socket(d: Daemon) -> Path:

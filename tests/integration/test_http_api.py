@@ -12,8 +12,6 @@ import openai
 import pytest
 from harness import tiny_config, wait_for
 from http_helpers import (
-    HAS_CHAT_OP,
-    NEEDS_CHAT_OP,
     http_socket,
     post_bytes,
     raw_unix,
@@ -22,20 +20,15 @@ from http_helpers import (
     unix_http,
 )
 
-needs_chat_op = pytest.mark.skipif(not HAS_CHAT_OP, reason=NEEDS_CHAT_OP)
 HTTP = '[http]\nlisten = "127.0.0.1:0"\n'
 
 
 @pytest.fixture(scope="module")
-def http_daemon(request, tmp_path_factory, tiny_model_path):
-    """The tiny model; with the msgapi branch also "chat", the tiny model with ChatML (its
-    fixture tiny_chat_model_path comes with that branch)."""
+def http_daemon(tmp_path_factory, tiny_model_path, tiny_chat_model_path):
+    """Two models: "tiny", and "chat", the tiny model with a ChatML template."""
     from harness import Daemon
-    chat = ""
-    if HAS_CHAT_OP:
-        path = request.getfixturevalue("tiny_chat_model_path")
-        chat = (f'[models.chat]\npath = "{path}"\nn_ctx = 512\nmax_tokens = 16\n'
-                "threads = 1\n")
+    chat = (f'[models.chat]\npath = "{tiny_chat_model_path}"\nn_ctx = 512\nmax_tokens = 16\n'
+            "threads = 1\n")
     d = Daemon(tmp_path_factory.mktemp("httpd"),
                tiny_config(tiny_model_path, n_ctx=4096, daemon="max_connections = 2048")
                + chat + HTTP)
@@ -218,9 +211,8 @@ def test_client_disconnect_frees_the_worker(start_daemon, tiny_model_path, strea
     d.assert_serving()
 
 
-# -- chat: needs the submit op's messages/stop/json_schema (the msgapi branch) -----------
+# -- chat: the submit op's messages, stop and json_schema ---------------------------------
 
-@needs_chat_op
 @pytest.mark.parametrize("over", ["tcp", "unix"])
 def test_chat_with_the_openai_package(http_daemon, over):
     client = tcp_client(http_daemon) if over == "tcp" else unix_client(http_daemon)
@@ -245,7 +237,6 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
 GREEDY = {"temperature": 0.0, "seed": 1}
 
 
-@needs_chat_op
 def test_chat_json_schema_and_json_object(http_daemon):
     client = unix_client(http_daemon)
     reply = client.chat.completions.create(
@@ -267,7 +258,6 @@ def test_chat_json_schema_and_json_object(http_daemon):
     assert r.status_code == 400 and "json_schema" in r.json()["error"]["message"], r.text
 
 
-@needs_chat_op
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_sequences(http_daemon, stream):
     client = unix_client(http_daemon)
@@ -287,7 +277,6 @@ def test_stop_sequences(http_daemon, stream):
     assert text == reference[:reference.index(stop)] and finish == "stop"
 
 
-@needs_chat_op
 @pytest.mark.parametrize("messages, words", [
     ([], "messages"),
     ([{"role": "wizard", "content": "x"}], "role"),
