@@ -53,7 +53,18 @@ stop:
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install lint
+# Tools some tests run (installed when missing, as root, like deb-tools): zsh for the zsh
+# completion script, promtool (Debian package prometheus) to check /metrics, curl for SSE.
+TEST_TOOLS := zsh prometheus curl
+.PHONY: test-tools
+test-tools:
+	@missing=$$(for p in $(TEST_TOOLS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	  | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing" $$missing; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    --no-install-recommends $$missing; fi
+
+test: install lint test-tools
 	$(VENV)/bin/pytest -ra
 
 clean:
