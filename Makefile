@@ -53,16 +53,21 @@ stop:
 lint: install
 	$(VENV)/bin/ruff check .
 
+# The Debian packages of $(1) that are not installed, installed with apt (needs root).
+define apt_install
+@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+  | grep -q '^install ok installed$$' || echo $$p; done); \
+if [ -n "$$missing" ]; then echo "installing" $$missing; \
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+    --no-install-recommends $$missing; fi
+endef
+
 # Tools some tests run (installed when missing, as root, like deb-tools): zsh for the zsh
 # completion script, promtool (Debian package prometheus) to check /metrics, curl for SSE.
 TEST_TOOLS := zsh prometheus curl
 .PHONY: test-tools
 test-tools:
-	@missing=$$(for p in $(TEST_TOOLS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
-	  | grep -q '^install ok installed$$' || echo $$p; done); \
-	if [ -n "$$missing" ]; then echo "installing" $$missing; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	    --no-install-recommends $$missing; fi
+	$(call apt_install,$(TEST_TOOLS))
 
 test: install lint test-tools
 	$(VENV)/bin/pytest -ra
@@ -86,11 +91,7 @@ DEB_SRC   := build/deb/llm-residentd-$(VERSION)
 DEB_TOOLS := debhelper dpkg-dev fakeroot lintian python3-pip
 .PHONY: deb deb-tools
 deb-tools:
-	@missing=$$(for p in $(DEB_TOOLS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
-	  | grep -q '^install ok installed$$' || echo $$p; done); \
-	if [ -n "$$missing" ]; then echo "installing" $$missing; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	    --no-install-recommends $$missing; fi
+	$(call apt_install,$(DEB_TOOLS))
 
 # Not `deb: install`: that would reinstall the venv. It only needs the venv and the llama wheel.
 deb: deb-tools
