@@ -158,20 +158,15 @@ class Reloader:
 
     async def _reload(self) -> bool:
         service = self.service
+        old = service.config
         try:
             loaded = self.load()
-        except ConfigError as exc:
-            log.error("reload_failed", error=str(exc), key=_key(str(exc)),
-                      config=service.config.source, serving="the old config")
-            self._record("failed", str(exc))
-            return False
-        old = service.config
-        d = diff(old, loaded)
-        try:  # as --check-config does: a typo in a path is refused, not retried forever
+            d = diff(old, loaded)
+            # as --check-config does: a typo in a path is refused, not retried forever
             await asyncio.to_thread(_check_new_files, old, loaded, d, service.state_dir)
-        except modelsource.ModelUnavailable as exc:
+        except (ConfigError, modelsource.ModelUnavailable) as exc:
             log.error("reload_failed", error=str(exc), key=_key(str(exc)),
-                      config=service.config.source, serving="the old config")
+                      config=old.source, serving="the old config")
             self._record("failed", str(exc))
             return False
         new = effective(old, loaded, d)
