@@ -368,11 +368,11 @@ class Worker:
     def run(self, req: Request) -> None:
         """Start req in a free slot."""
         assert self.free_slots > 0 and req.id not in self.running
+        msg = messages.Generate(req=req.id, prompt=req.prompt, resume=req.resume, **req.params)
         self.running[req.id] = req
         self.state = "busy"
         req.started_at = req.started_at or time.monotonic()
-        self._send(messages.Generate(req=req.id, prompt=req.prompt, resume=req.resume,
-                                     **req.params))
+        self._send(msg)
         req.resume = None  # the worker has it now; it sends a new one if preempted again
 
     def cancel(self, req: Request) -> None:
