@@ -124,7 +124,7 @@ METRICS = {d.name: d for d in (
              "<worker>/<resource>, threads/...), as status pressure.triggers."),
     # -- policies
     Declared("policy_actions_total", "counter", ("policy", "kind"),
-             "Actions the policies took, by policy and kind (admit, defer, set_limits, "
+             "Actions the policies took, by policy and kind (admit, defer, set_limits, set_batch, "
              "set_threads, preempt, trim_kv, shrink_kv, disable); rank is not counted."),
     # -- processes (psutil, /proc/PID/stat)
     Declared("process_resident_memory_bytes", "gauge", ("process",),

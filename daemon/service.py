@@ -255,7 +255,7 @@ class Service:
     def drop_model(self, name: str) -> None:
         """Forget a removed model whose requests are done and whose workers are retired."""
         for table in (self.queues, self.metrics, self.workers, self.limits, self.paths,
-                      self._path_locks):
+                      self._path_locks, self.slots.by_model):
             table.pop(name, None)
 
     # -- model files -------------------------------------------------------------
