@@ -43,13 +43,13 @@ class Priority(Policy):
         self.asked &= {r.id for r in snap.running}
         actions = []
         for model in sorted({r.model for r in snap.queued}):
-            if any(w.model == model and w.free_slots for w in snap.workers):
-                continue  # it gets a slot without taking one from anybody
             waiting = sorted((r for r in snap.queued if r.model == model and not r.deferred),
                              key=lambda r: -r.priority)
             running = [r for r in snap.running if r.model == model]
+            # The first in line take the free slots, and those being given up, from nobody.
+            free = sum(w.free_slots for w in snap.workers if w.model == model)
             pending = sum(1 for r in running if r.id in self.asked)
-            for req in waiting[pending:]:
+            for req in waiting[free + pending:]:
                 victim = self._victim(req, running)
                 if victim is None:
                     break

@@ -63,6 +63,9 @@ def test_priority_preempts_only_when_no_slot_is_free():
         return [a.target for a in Priority().on_event(Event("queued"), snap)]
 
     assert decide(worker(slots=4, busy=3)) == []  # one slot free
+    two = Snapshot(now=0, workers=(worker(slots=4, busy=3),), running=running,
+                   queued=(req("hi", 5), req("hi2", 5)))
+    assert [a.target for a in Priority().on_event(Event("queued"), two)] == ["lo0"]
     assert decide(worker(slots=3, busy=3)) == ["lo0"]  # full: the least advanced goes
     assert decide(worker(slots=4, busy=3, limit=3)) == ["lo0"]  # set_batch: 3 is full
     assert decide(worker(state="restarting", slots=4, busy=0)) == ["lo0"]  # not serving
