@@ -42,7 +42,7 @@ def status(service: Service) -> dict[str, Any]:
                 "state": model_state(service, name),
                 "queue_depth": len(queue), "max_queue": queue.limit,
                 "running": sum(len(w.running) for w in service.workers[name]),
-                "slots": sum(w.slots for w in service.workers[name]),
+                "slots": sum(w.slots for w in service.workers[name] if w.state in ("idle", "busy")),
                 "queued": [r.id for r in queue.ordered(service.engine.rank)],
                 **service.metrics[name].snapshot(),
             }
