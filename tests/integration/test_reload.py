@@ -18,7 +18,9 @@ LONG = {"max_tokens": 1500, "ignore_eos": True}  # keeps a worker busy for a few
 
 
 def _model(name: str, path: Path, extra: str = "") -> str:
-    return f'\n[models.{name}]\npath = "{path}"\nn_ctx = 4096\nthreads = 1\nmax_tokens = 16\n{extra}'
+    """One slot (parallel = 1), as tiny_config: a second request waits behind the first."""
+    return (f'\n[models.{name}]\npath = "{path}"\nn_ctx = 4096\nthreads = 1\nmax_tokens = 16\n'
+            f'parallel = 1\n{extra}')
 
 
 def _reload(d: Daemon, config: str) -> dict:

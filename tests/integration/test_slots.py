@@ -5,6 +5,7 @@ a full batch. A real daemon and worker with the generated tiny model."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -106,3 +107,18 @@ def test_priority_preempts_one_sequence_only_when_no_slot_is_free(start_daemon,
     for rid in (low, other):
         send_frame(sock, {"id": f"c{rid}", "op": "cancel", "request": rid})
     read_until_done(sock, 2)
+
+
+def test_a_reload_that_changes_parallel_restarts_the_worker_with_the_new_slots(
+        start_daemon, tiny_model_path):
+    d = start_daemon(tiny_config(tiny_model_path, parallel=1))
+    old = d.status()["workers"][0]
+    assert old["slots"] == 1 and d.status()["models"]["tiny"]["slots"] == 1
+    d.config.write_text(tiny_config(tiny_model_path, parallel=3))
+    d.proc.send_signal(signal.SIGHUP)
+    w = wait_for(lambda: (w := d.status()["workers"][0])["slots"] == 3
+                 and w["state"] == "idle" and w, what="the worker restarted with 3 slots")
+    assert w["pid"] != old["pid"]
+    assert d.status()["daemon"]["reload"]["changed"] == ["tiny"]
+    assert [m["parallel"] for m in json.loads(d.llmctl("models", "--json").stdout)] == [3]
+    d.assert_serving()
