@@ -4,7 +4,7 @@ worker's PREFILL_CHUNK (daemon/worker.py).
 A step holds one token of each decoding sequence; a chunk of a new prompt in the same
 step delays every one of those tokens by the chunk's cost. This times llama_decode for
 `decoding` sequences alone and with chunks of 32..512 prompt tokens beside them, in the
-worker's context layout (one KV buffer for every sequence), alternating the shapes so
+worker's context layout (a KV stream per sequence), alternating the shapes so
 that a change in the machine's load hits them alike.
 
     python bench/batch_chunk.py [--model GGUF] [--threads 2] [--decoding 4] [--rounds 5]
@@ -38,7 +38,7 @@ def main() -> None:
     slots = args.decoding + 1
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch = 2048 * slots, 512 + slots, 512 + slots
-    params.n_seq_max, params.kv_unified = slots, True
+    params.n_seq_max, params.kv_unified = slots, False
     params.n_threads = params.n_threads_batch = args.threads
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     ctx = _internals.LlamaContext(model=model, params=params, verbose=False)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+MIN_REUSE = 8  # a shorter common prefix (a BOS, a template's first tokens) saves little
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -77,7 +79,15 @@ class Batcher:
             raise ValueError(f"no free slot for {req}")
         busy = {s.slot for s in self.running.values()}
         free = [i for i in range(self.slots) if i not in busy]
-        slot = max(free, key=lambda i: (_common(self.cached[i], tokens), -i))
+
+        def worth(i: int) -> tuple[int, int, int]:
+            """A cached prefix worth reusing first, then a slot beside busy ones (llama.cpp
+            evaluates consecutive sequence ids in one ubatch), then the lowest."""
+            common = _common(self.cached[i], tokens)
+            beside = (i - 1 in busy) + (i + 1 in busy) + (not busy and i == 0)
+            return (common if common >= MIN_REUSE else 0, beside, -i)
+
+        slot = max(free, key=worth)
         held = min(_common(self.cached[slot], tokens), len(tokens) - 1)
         self.cached[slot] = []
         seq = Sequence(req, slot, list(tokens), held, next(self._order))

@@ -158,7 +158,9 @@ def test_piped_stdin_is_one_question(daemon, vocab):
                                           {"role": "user", "content": question}],
                                 temperature=0.0, max_tokens=5).text())
     assert run.stdout == want + "\n"
-    (first, _) = _finished(daemon)
+    # the daemon may log the second request's end a moment after its done event
+    (first, _) = wait_for(lambda: len(f := _finished(daemon)) == 2 and f,
+                          what="two request_finished lines")
     assert first["prompt_tokens"] == _prompt_tokens(
         vocab, [{"role": "system", "content": "one word"}, {"role": "user", "content": question}])
     empty = subprocess.run([sys.executable, "-m", "llmctl", "--socket", str(daemon.socket),
