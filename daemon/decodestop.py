@@ -17,8 +17,7 @@ from __future__ import annotations
 import ctypes
 import select
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Protocol
 
 _STRLEN = ctypes.CDLL(None).strlen
@@ -57,19 +56,19 @@ class DecodeStop:
     def clear(self) -> None:
         self._flag[0] = b"\0"
 
-    @contextmanager
-    def armed(self) -> Iterator[None]:
-        """Watch the socket while the block runs (a request); the caller reads it itself
-        outside, with blocking reads the watcher must not race."""
-        with self._cond:
-            self._armed = True
-            self._cond.notify()
-        try:
-            yield
-        finally:
+    def arm(self) -> None:
+        """Watch the socket (while sequences run); the main thread reads it itself
+        otherwise, with blocking reads the watcher must not race."""
+        if not self._armed:
+            with self._cond:
+                self._armed = True
+                self._cond.notify()
+
+    def disarm(self) -> None:
+        if self._armed:
             with self._cond:
                 self._armed = False
-            self.clear()
+        self.clear()
 
     def _watch(self) -> None:
         while True:

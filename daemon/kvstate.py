@@ -1,17 +1,14 @@
-"""One sequence's KV cache in a llama_cpp.Llama: save, restore, trim, clear.
+"""One sequence's KV cache in a llama context: save, restore, trim, drop.
 
-Only sequence 0 is used. `save` takes llama_state_seq_get_data, which copies the KV of the
-sequence alone; Llama.save_state() would also copy the logits (512 MB for a 262k vocabulary).
-After each change, llm.input_ids[:n_tokens] names the tokens the KV holds, so the next
-Llama.generate() call finds them as a cached prefix and evaluates only what follows.
+`save` takes llama_state_seq_get_data, which copies the KV of that sequence alone; a
+whole-context save would also copy the logits (512 MB for a 262k vocabulary). `ctx` is
+the raw llama_context pointer; `seq` the sequence id (the worker's slot).
 """
 
 from __future__ import annotations
 
 import ctypes
 from typing import Any
-
-SEQ = 0
 
 
 def _lib() -> Any:
@@ -20,58 +17,53 @@ def _lib() -> Any:
     return llama_cpp
 
 
-def _mem(llm: Any) -> Any:
-    return _lib().llama_get_memory(llm.ctx)
+def _mem(ctx: Any) -> Any:
+    return _lib().llama_get_memory(ctx)
 
 
-def _holds(llm: Any, tokens: list[int]) -> None:
-    llm.input_ids[: len(tokens)] = tokens
-    llm.n_tokens = len(tokens)
-
-
-def save(llm: Any, limit: int) -> bytes | None:
+def save(ctx: Any, seq: int, limit: int) -> bytes | None:
     """The sequence's KV state, or None if empty or larger than limit bytes."""
     lib = _lib()
-    size = lib.llama_state_seq_get_size(llm.ctx, SEQ)
+    size = lib.llama_state_seq_get_size(ctx, seq)
     if size == 0 or size > limit:
         return None
     buf = (ctypes.c_uint8 * size)()
-    n = lib.llama_state_seq_get_data(llm.ctx, buf, size, SEQ)
+    n = lib.llama_state_seq_get_data(ctx, buf, size, seq)
     return bytes(memoryview(buf)[:n]) if n else None
 
 
-def restore(llm: Any, state: bytes, tokens: list[int]) -> bool:
-    """Load a saved state holding `tokens`; False (and an empty cache) if it does not fit."""
+def restore(ctx: Any, seq: int, state: bytes) -> bool:
+    """Load a saved state into sequence seq; False (and an empty sequence) if it does
+    not fit."""
     lib = _lib()
-    clear(llm)
+    drop(ctx, seq)
     buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-    if lib.llama_state_seq_set_data(llm.ctx, buf, len(state), SEQ) == 0:
-        clear(llm)
+    if lib.llama_state_seq_set_data(ctx, buf, len(state), seq) == 0:
+        drop(ctx, seq)
         return False
-    _holds(llm, tokens)
     return True
 
 
-def trim(llm: Any, tokens: list[int], keep: int, drop: int) -> list[int] | None:
-    """Drop `drop` cached tokens after the first `keep` and shift the rest down (context
-    shift). `tokens` are those the cache holds; returns the ones it holds after, or None
-    if the model's memory cannot shift positions."""
+def can_shift(ctx: Any) -> bool:
+    return bool(_lib().llama_memory_can_shift(_mem(ctx)))
+
+
+def trim(ctx: Any, seq: int, held: int, keep: int, drop_n: int) -> bool:
+    """Drop `drop_n` cached positions after the first `keep` of a sequence holding `held`
+    and shift the rest down (context shift); False if the memory cannot shift."""
     lib = _lib()
-    mem = _mem(llm)
-    if not lib.llama_memory_can_shift(mem):
-        return None
-    n = len(tokens)
-    if not lib.llama_memory_seq_rm(mem, SEQ, keep, keep + drop):
-        return None
-    lib.llama_memory_seq_add(mem, SEQ, keep + drop, n, -drop)
-    kept = tokens[:keep] + tokens[keep + drop:]
-    _holds(llm, kept)
-    return kept
+    mem = _mem(ctx)
+    if not lib.llama_memory_can_shift(mem) or not lib.llama_memory_seq_rm(
+            mem, seq, keep, keep + drop_n):
+        return False
+    lib.llama_memory_seq_add(mem, seq, keep + drop_n, held, -drop_n)
+    return True
 
 
-def clear(llm: Any) -> int:
-    """Empty the cache; returns how many tokens it held."""
-    held = llm.n_tokens
-    _lib().llama_memory_clear(_mem(llm), True)
-    llm.reset()
-    return held
+def drop(ctx: Any, seq: int, start: int = 0) -> None:
+    """Forget the sequence's cache from position start on."""
+    _lib().llama_memory_seq_rm(_mem(ctx), seq, start, -1)
+
+
+def clear(ctx: Any) -> None:
+    _lib().llama_memory_clear(_mem(ctx), True)

@@ -111,8 +111,8 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def recv_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> dict[str, Any] | None:
-    """Blocking read of one decoded frame; None at end of stream."""
+def read_body(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> bytes | None:
+    """Blocking read of one frame's body; None at end of stream."""
     header = _recv_exactly(sock, HEADER.size)
     if header is None:
         return None
@@ -121,7 +121,13 @@ def recv_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> dict[
     body = _recv_exactly(sock, length)
     if body is None:
         raise ProtocolError("bad_frame", "stream ended inside a frame")
-    return decode(body)
+    return body
+
+
+def recv_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> dict[str, Any] | None:
+    """Blocking read of one decoded frame; None at end of stream."""
+    body = read_body(sock, max_frame)
+    return None if body is None else decode(body)
 
 
 class FrameReader:

@@ -1,12 +1,15 @@
-"""The worker process: owns one llama_cpp.Llama and serves generate commands one at a time.
+"""The worker process: owns one model and one llama context, and runs up to `parallel`
+requests at once with continuous batching.
 
 Run by the daemon as `python -m llm_residentd.worker --fd N`. Fd N is a socketpair end
-speaking the framed msgpack of protocol.py. Control messages (cancel, set_threads,
-preempt, KV operations, shutdown) are read between tokens, and during a request also by
-a watcher thread (decodestop.py) that stops the llama_decode call in progress for a
-cancel, a thread change or shutdown, so none of them waits for a slow token or a prompt
-chunk. The daemon's liveness pings are answered at once wherever they are read: by the
-main loop while idle, by that thread during a long prompt evaluation.
+speaking the messages of messages.py. Each step is one llama_decode call holding the
+next token of every decoding sequence and a chunk of any prompt being evaluated
+(batching.py decides which). Control messages (a new request, cancel, set_threads,
+preempt, KV operations, shutdown) are taken between steps, and during a step also by a
+watcher thread (decodestop.py) that stops the llama_decode call in progress for a thread
+change, shutdown, or a cancel or preemption of a sequence whose prompt it is evaluating,
+so none of them waits for a long prompt chunk. The daemon's liveness pings are answered
+at once wherever they are read: by the main loop while idle, by that thread during a step.
 """
 
 from __future__ import annotations
@@ -21,113 +24,86 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import grammars, kvstate
+import msgspec
+
+from . import batching, grammars, kvstate
+from . import messages as m
 from .cpus import usable_cpus
 from .decodestop import DecodeStop
-from .protocol import recv_frame, send_frame
+from .protocol import read_body
+from .sampling import Picker
 from .stopstrings import StopScanner
 
-IPC_MAX_FRAME = 64 << 20
-STATE_MAX = IPC_MAX_FRAME - (1 << 20)  # a larger saved state is recomputed instead
-KV_OPS = ("trim_kv", "shrink_kv")
-
-
-class Cancelled(Exception):
-    """A stop asked for mid-request; stage is "prefill" or "decode"."""
-
-    def __init__(self, stage: str, tokens: int) -> None:
-        super().__init__(stage)
-        self.stage = stage
-        self.tokens = tokens
-
-
-class Preempted(Exception):
-    """The request gave up its worker; resume says how to continue it elsewhere."""
-
-    def __init__(self, resume: dict[str, Any]) -> None:
-        super().__init__("preempted")
-        self.resume = resume
-
-
-@dataclass
-class Run:
-    """One request's progress, kept across segments (a trim or shrink starts a new one)."""
-
-    req: str
-    context: list[int]  # prompt and generated tokens; the KV holds all but the last
-    prompt_tokens: int
-    generated: int
-    max_tokens: int
-    output: list[int] = field(default_factory=list)  # the generated tokens, never trimmed
-    grammar: Any = None  # a llama_cpp.LlamaGrammar the output must match
-    finish: str | None = None
-    first_at: float | None = None
-    started: float = field(default_factory=time.monotonic)
+STATE_MAX = m.IPC_MAX_FRAME - (1 << 20)  # a larger saved state is recomputed instead
+# Prompt tokens per step while other sequences decode: a step of 4 decoding sequences
+# and 128 prompt tokens took about 3x a step without them (SmolLM2-135M, 2 threads).
+PREFILL_CHUNK = 128
+BATCH_REPORT_S = 1.0
+DECODE_ABORTED = 2  # llama_decode: the abort callback stopped it
 
 
 class Channel:
-    """The socket to the daemon, with control messages that arrive mid-generation."""
+    """The socket to the daemon, with control messages that arrive during a step."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.cancelled: set[str] = set()
         self.threads_wanted: int | None = None
         self.preempts: dict[str, int] = {}  # request -> save the state from this many tokens
-        self.kv_ops: list[dict[str, Any]] = []
+        self.kv_ops: list[m.TrimKv | m.ShrinkKv] = []
+        self.generates: list[m.Generate] = []
         self.shutdown = False
-        self._pending: list[dict[str, Any]] = []
         self.lock = threading.RLock()  # poll() runs on the main thread and the DecodeStop's
         self._send_lock = threading.Lock()  # so does send(): a pong beside the tokens
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: msgspec.Struct) -> None:
+        data = m.frame(msg)
         with self._send_lock:
-            send_frame(self.sock, msg)
+            self.sock.sendall(data)
 
-    def recv(self) -> dict[str, Any] | None:
-        """Next command: held-back ones first, then a blocking read."""
-        if self._pending:
-            return self._pending.pop(0)
-        return recv_frame(self.sock, IPC_MAX_FRAME)
+    def wait(self) -> None:
+        """Block until a message comes, and take it in (idle: nothing else to do)."""
+        select.select([self.sock], [], [])
+        self.poll()
 
     def poll(self) -> None:
-        """Take in every control message that is waiting, without blocking."""
+        """Take in every message that is waiting, without blocking."""
         with self.lock:
-            while select.select([self.sock], [], [], 0)[0]:
-                msg = recv_frame(self.sock, IPC_MAX_FRAME)
-                if msg is None:
+            while not self.shutdown and select.select([self.sock], [], [], 0)[0]:
+                body = read_body(self.sock, m.IPC_MAX_FRAME)
+                if body is None:
                     self.shutdown = True
                     return
-                kind = msg.get("type")
-                if kind == "cancel":
-                    self.cancelled.add(msg["req"])
-                elif kind == "set_threads":
-                    self.threads_wanted = int(msg["n"])
-                elif kind == "preempt":
-                    self.preempts[msg["req"]] = int(msg["state_min_tokens"])
-                elif kind in KV_OPS:
-                    self.kv_ops.append(msg)
-                elif kind == "shutdown":
-                    self.shutdown = True
-                elif kind == "ping":
-                    self.send({"type": "pong"})
-                else:
-                    self._pending.append(msg)
+                try:
+                    self._take(m.to_worker(body))
+                except m.DecodeError as exc:  # a daemon of another version, or a bug
+                    print(f"worker: ignored a message: {exc}", file=sys.stderr, flush=True)
 
-    def forget(self) -> None:
-        """Before a new request: drop stops of earlier ones that came too late."""
-        self.cancelled.clear()
-        self.preempts.clear()
+    def _take(self, msg: m.ToWorker) -> None:
+        if isinstance(msg, m.Generate):
+            self.generates.append(msg)
+        elif isinstance(msg, m.Cancel):
+            self.cancelled.add(msg.req)
+        elif isinstance(msg, m.SetThreads):
+            self.threads_wanted = msg.n
+        elif isinstance(msg, m.Preempt):
+            self.preempts[msg.req] = msg.state_min_tokens
+        elif isinstance(msg, m.TrimKv | m.ShrinkKv):
+            self.kv_ops.append(msg)
+        elif isinstance(msg, m.Shutdown):
+            self.shutdown = True
+        elif isinstance(msg, m.Ping):
+            self.send(m.Pong())
 
 
 class Outbox:
-    """Token text for the daemon, one frame per interval; the first token goes at once.
+    """Token text of one request, one frame per interval; the first token goes at once.
 
     Fewer frames leave more CPU to the model when its threads fill every core. Token bytes
     become text here (a character may span tokens), and text that could be the start of
@@ -135,12 +111,12 @@ class Outbox:
     """
 
     def __init__(self, ch: Channel, req: str, interval: float, stops: list[str],
-                 resume: dict[str, Any]) -> None:
+                 resume: m.Resume | None) -> None:
         self.ch, self.req, self.interval = ch, req, interval
         self.text, self.tokens, self.sent_at = "", 0, -interval
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.decoder.setstate((resume.get("pending", b""), 0))
-        self.stops = StopScanner(stops, resume.get("held", ""))
+        self.decoder.setstate((resume.pending if resume else b"", 0))
+        self.stops = StopScanner(stops, resume.held if resume else "")
 
     def add(self, piece: bytes) -> bool:
         """A token's bytes; True once the text holds a stop string (the end)."""
@@ -157,81 +133,122 @@ class Outbox:
         self.flush()
         return self.stops.stopped
 
-    def suspend(self) -> dict[str, Any]:
-        """What is not sent yet, for the resume of a preempted request."""
+    def suspend(self) -> tuple[bytes, str]:
+        """What is not sent yet (pending bytes, held text), for a preempted request."""
         self.flush()
-        return {"pending": self.decoder.getstate()[0], "held": self.stops.held}
+        return self.decoder.getstate()[0], self.stops.held
 
     def flush(self) -> None:
         if self.text:
-            self.ch.send({"type": "token", "req": self.req, "text": self.text,
-                          "tokens": self.tokens})
+            self.ch.send(m.Token(req=self.req, text=self.text, tokens=self.tokens))
             self.text, self.tokens, self.sent_at = "", 0, time.monotonic()
 
 
-class Engine:
-    """One model in this process, generating with its own token loop."""
+@dataclass(eq=False)
+class Run:
+    """One request's sequence and what it needs beside its tokens."""
 
-    def __init__(self, cfg: dict[str, Any], channel: Channel) -> None:
+    seq: batching.Sequence
+    msg: m.Generate
+    out: Outbox
+    picker: Picker
+    prompt_tokens: int
+    generated: int  # tokens generated so far, those before a preemption included
+    max_tokens: int
+    output: list[int] = field(default_factory=list)  # generated tokens, never trimmed
+    first_at: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    resumed_at: int = 0  # generated when this worker took it (for tokens/s)
+
+
+class Engine:
+    """One model and one context, serving `parallel` sequences (slots)."""
+
+    def __init__(self, cfg: m.Load, channel: Channel) -> None:
         import llama_cpp  # imported here so --help stays fast
         import numpy
+        from llama_cpp import _internals
 
-        self.llama_cpp, self.np = llama_cpp, numpy
-        self.cfg = cfg
-        self.channel = channel
-        if cfg["threads"]:
-            self.threads, self.threads_why = cfg["threads"], f"config: threads = {cfg['threads']}"
+        self.lib, self.np, self.internals = llama_cpp, numpy, _internals
+        self.cfg, self.ch = cfg, channel
+        if cfg.threads:
+            self.threads, self.threads_why = cfg.threads, f"config: threads = {cfg.threads}"
         else:
             self.threads, self.threads_why = usable_cpus()
-        self.seed = cfg["seed"]
-        self.stream_interval = cfg["stream_interval"]
-        self._req: str | None = None  # the request being generated, and where it is
-        self._stage = "idle"
-        self.stop = DecodeStop(channel, self._must_stop_or_rethread)
-        self._open(cfg["n_ctx"])
-        self.formatter = self._chat_formatter() if cfg["chat_template"] else None
-        # token -> llm.detokenize([token]); at most one entry per vocabulary token
-        self._pieces: dict[int, bytes] = {}
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)  # llama.cpp's log lines would fill the daemon's log
+        llama_cpp.llama_backend_init()
+        self.model = _internals.LlamaModel(path_model=cfg.path, verbose=False,
+                                           params=llama_cpp.llama_model_default_params())
+        self.n_vocab = self.model.n_vocab()
+        self.stop = DecodeStop(channel, self._must_stop)
+        self.ctx: Any = None
+        self.n_ctx = cfg.n_ctx  # per sequence; a shrink lowers it
+        self._open(cfg.n_ctx)
+        self.batch = _internals.LlamaBatch(n_tokens=cfg.n_batch, embd=0, n_seq_max=1,
+                                           verbose=False)
+        self.batcher = batching.Batcher(cfg.parallel, cfg.n_batch, min(PREFILL_CHUNK, cfg.n_batch))
+        self.runs: dict[str, Run] = {}
+        self.step_prefill: set[str] = set()  # requests whose prompt the current step holds
+        self.formatter = self._chat_formatter() if cfg.chat_template else None
+        self._pieces: dict[int, bytes] = {}  # token -> its bytes; one entry per vocab token
+        self._report = {"steps": 0, "tokens": 0, "sequences": 0}
+        self._reported_at = time.monotonic()
+
+    # -- the context -------------------------------------------------------------
 
     def _open(self, n_ctx: int) -> None:
-        cfg = self.cfg
-        self.llm = self.llama_cpp.Llama(
-            model_path=cfg["path"], n_ctx=n_ctx, n_batch=cfg["n_batch"],
-            n_threads=self.threads, n_threads_batch=self.threads, verbose=False,
-            # llama-server turns flash attention on for the CPU (-fa auto), llama-cpp-python
-            # leaves it off. On: decode +7 %, TTFT -15 ms (SmolLM2-135M, 2 threads, measured
-            # beside llama-server); the text then matches llama-server's, greedy included,
-            # and differs from llama-cpp-python's default.
-            flash_attn=bool(cfg.get("flash_attn", False)),
-            seed=self.seed if self.seed >= 0 else self.llama_cpp.LLAMA_DEFAULT_SEED)
-        # llama.cpp may round the context up; llama-cpp-python's buffers keep the asked size.
-        self.n_ctx = min(self.llm.n_ctx(), n_ctx)
-        self.stop.install(self.llama_cpp, self.llm.ctx)
+        """A context of n_ctx tokens per sequence. One KV buffer serves every sequence
+        (llama-server's default with automatic slots), so a step is one ubatch whatever
+        mix of sequences it holds, and an aborted step leaves no partial state."""
+        lib, cfg = self.lib, self.cfg
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx * cfg.parallel
+        params.n_batch = params.n_ubatch = cfg.n_batch
+        params.n_seq_max = cfg.parallel
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = self.threads
+        # llama-server turns flash attention on for the CPU (-fa auto), llama-cpp-python
+        # leaves it off. On: decode +7 %, TTFT -15 ms (SmolLM2-135M, 2 threads, measured
+        # beside llama-server); the text then matches llama-server's.
+        params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn
+                                  else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        self._context = self.internals.LlamaContext(model=self.model, params=params,
+                                                    verbose=False)
+        self.ctx = self._context.ctx
+        self.n_ctx = n_ctx
+        self.stop.install(lib, self.ctx)
+
+    def _close(self) -> None:
+        self._context.close()
+        self.ctx = None
 
     def _chat_formatter(self) -> Any:
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        meta = self.model.metadata()
+        template = meta.get("tokenizer.chat_template")
         if not template:
             return None
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        model = self.llm._model
-        eos, bos = self.llm.token_eos(), self.llm.token_bos()
+        eos, bos = self.model.token_eos(), self.model.token_bos()
         return Jinja2ChatFormatter(
             template=template,
-            eos_token=model.token_get_text(eos) if eos != -1 else "",
-            bos_token=model.token_get_text(bos) if bos != -1 else "")
+            eos_token=self.model.token_get_text(eos) if eos != -1 else "",
+            bos_token=self.model.token_get_text(bos) if bos != -1 else "")
 
-    def tokens(self, msg: dict[str, Any]) -> list[int]:
+    def tokens(self, msg: m.Generate) -> list[int]:
         """The request's prompt tokens: its prompt as a user message, or its messages, in
         the model's chat template; a raw prompt (or any, without a template) as is."""
-        messages = msg.get("messages")
-        if messages is None and (self.formatter is None or msg.get("raw")):
-            return self.llm.tokenize(msg["prompt"].encode(), add_bos=True, special=False)
+        messages = msg.messages
+        if messages is None and (self.formatter is None or msg.raw):
+            return self.model.tokenize(msg.prompt.encode(), add_bos=True, special=False)
         if self.formatter is None:
             raise ValueError("messages need a chat template, and this model has none (no "
                              "tokenizer.chat_template in its GGUF, or its config sets "
                              "chat_template = false): send a prompt instead")
-        messages = messages or [{"role": "user", "content": msg["prompt"]}]
+        messages = messages or [{"role": "user", "content": msg.prompt}]
         prefill = ""
         if messages[-1]["role"] == "assistant":  # the answer continues this text
             messages, prefill = messages[:-1], messages[-1]["content"]
@@ -242,287 +259,346 @@ class Engine:
         except TemplateError as exc:
             raise ValueError(f"the model's chat template failed on these messages: "
                              f"{type(exc).__name__}: {exc}") from None
-        return self.llm.tokenize((result.prompt + prefill).encode(),
-                                 add_bos=not result.added_special, special=True)
+        return self.model.tokenize((result.prompt + prefill).encode(),
+                                   add_bos=not result.added_special, special=True)
+
+    # -- threads -----------------------------------------------------------------
 
     def set_threads(self, n: int) -> None:
-        n = max(1, n)
-        self.llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
-        self.threads = n
+        self.threads = max(1, n)
+        self.lib.llama_set_n_threads(self.ctx, self.threads, self.threads)
 
     def take_threads(self, stage: str = "idle", at: int = 0, redone: bool = False) -> None:
         """Apply a thread count the daemon asked for, for decoding and prompt evaluation
-        alike; called only between llama_decode calls, never inside one. The answer says
-        where: idle, or in a request's prefill or decode after `at` tokens, and whether
-        the call in progress was stopped to take it and made again (redone)."""
-        n, self.channel.threads_wanted = self.channel.threads_wanted, None
+        alike; called only between llama_decode calls. The answer says where: idle, or in
+        a prefill or decode step after `at` tokens, and whether the call in progress was
+        stopped to take it and made again (redone)."""
+        with self.ch.lock:
+            n, self.ch.threads_wanted = self.ch.threads_wanted, None
         if n is not None:
             self.set_threads(n)
-            self.channel.send({"type": "threads", "n": self.threads, "stage": stage, "at": at,
-                               "redone": redone})
+            self.ch.send(m.Threads(n=self.threads, stage=stage, at=at, redone=redone))
 
     def _must_stop(self) -> bool:
-        """A cancel or shutdown ends the running llama_decode call for good; so does a
-        preemption during prompt evaluation (while decoding it waits for the token, so
-        that the KV state can be saved)."""
-        ch, req = self.channel, self._req
-        return req is not None and (req in ch.cancelled or ch.shutdown
-                                    or (self._stage == "prefill" and req in ch.preempts))
+        """Whether the step in progress stops: a thread change or shutdown, or a cancel or
+        preemption of a sequence whose prompt it evaluates (a decoding sequence's token
+        is worth the short wait)."""
+        ch = self.ch
+        return (ch.threads_wanted is not None or ch.shutdown
+                or any(r in ch.cancelled or r in ch.preempts for r in self.step_prefill))
 
-    def _must_stop_or_rethread(self) -> bool:
-        return self.channel.threads_wanted is not None or self._must_stop()
+    # -- requests come and go --------------------------------------------------------
 
-    def _eval(self, tokens: list[int], stage: str, at: int) -> None:
-        """llm.eval(tokens) with the thread count asked for; a call stopped for a thread
-        change is made again with it, one stopped for good raises RuntimeError (as
-        llama-cpp-python does for llama_decode's "aborted")."""
-        self._stage = stage
-        redone = False
-        while True:
-            self.stop.clear()
-            if self._must_stop():  # asked for since the last call
-                raise RuntimeError("stopped between two llama_decode calls")
-            self.take_threads(stage, at, redone)
-            try:
-                self.llm.eval(tokens)
-                return
-            except RuntimeError:
-                if not self.stop.fired or self._must_stop():
-                    raise
-                redone = True
+    def take_control(self) -> None:
+        """Between steps: new requests, cancels, preemptions and KV operations."""
+        with self.ch.lock:
+            generates, self.ch.generates = self.ch.generates, []
+        for msg in generates:
+            self._start(msg)
+        with self.ch.lock:
+            cancelled, self.ch.cancelled = self.ch.cancelled, set()
+            preempts, self.ch.preempts = self.ch.preempts, {}
+        for req in cancelled & self.runs.keys():
+            run = self._end(req)
+            run.out.flush()
+            self.ch.send(m.Done(req=req, cancelled=True, completion_tokens=run.generated,
+                                stage="prefill" if run.first_at is None else "decode"))
+        for req, state_min in preempts.items():
+            if req in self.runs:
+                self._preempt(req, state_min)
+        while self.ch.kv_ops and not self._kv_op_waits(self.ch.kv_ops[0]):
+            self.ch.send(self.kv_op(self.ch.kv_ops.pop(0)))
 
-    # -- one request ----------------------------------------------------------------
+    def _kv_op_waits(self, op: m.TrimKv | m.ShrinkKv) -> bool:
+        """A trim waits until its sequence (named, or the one holding most) has evaluated
+        its prompt: before that its cache holds little to trim."""
+        if not isinstance(op, m.TrimKv) or not self.runs:
+            return False
+        run = self.runs.get(op.req) if op.req else self._most_cells()
+        return run is not None and not run.seq.decoding
 
-    def _start(self, msg: dict[str, Any]) -> Run:
-        """A new request, or one resumed after preemption (with its saved state if any)."""
-        resume = msg.get("resume")
-        grammar = grammars.from_request(self.llama_cpp, self.llm._model.vocab, msg)
+    def _most_cells(self) -> Run:
+        return max(self.runs.values(), key=lambda r: (r.seq.done, len(r.seq.tokens)))
+
+    def _start(self, msg: m.Generate) -> None:
+        try:
+            self._admit(msg)
+        except ValueError as exc:
+            code, _, text = str(exc).partition(": ")
+            if code != "too_long":
+                code, text = "bad_request", str(exc)
+            self.ch.send(m.Error(req=msg.req, code=code, message=text))
+        except Exception as exc:  # report, then keep serving the others
+            self.ch.send(m.Error(req=msg.req, code="internal",
+                                 message=f"{type(exc).__name__}: {exc}"))
+
+    def _admit(self, msg: m.Generate) -> None:
+        if msg.req in self.runs:
+            raise ValueError(f"request {msg.req} runs already")
+        if not self.batcher.free:
+            raise RuntimeError(f"all {self.batcher.slots} slots are busy")
+        resume = msg.resume
+        grammar = grammars.from_request(self.lib, self.model.vocab,
+                                        {"json_schema": msg.json_schema, "grammar": msg.grammar})
         if resume:
-            context = list(resume["context"])
-            run = Run(msg["req"], context, resume["prompt_tokens"], resume["generated"],
-                      msg["max_tokens"], list(resume["output"]), grammar)
-            self._make_room(len(context) + msg["max_tokens"] - resume["generated"])
+            context, prompt_tokens, generated = list(resume.context), resume.prompt_tokens, \
+                resume.generated
+            output = list(resume.output)
+            self._make_room(len(context) + msg.max_tokens - generated)
             if len(context) >= self.n_ctx:
                 raise ValueError(f"too_long: the preempted request holds {len(context)} tokens;"
                                  f" this worker's context holds {self.n_ctx}")
-            state = resume.get("state")
-            if state and not kvstate.restore(self.llm, state, context[:-1]):
-                kvstate.clear(self.llm)  # the prefix is recomputed instead
-            return run
-        prompt = self.tokens(msg)
-        self._make_room(len(prompt) + msg["max_tokens"])
-        if len(prompt) >= self.n_ctx:
-            raise ValueError(f"too_long: the prompt is {len(prompt)} tokens; the context "
-                             f"holds {self.n_ctx} and needs room for at least one more")
-        return Run(msg["req"], prompt, len(prompt), 0,
-                   min(msg["max_tokens"], self.n_ctx - len(prompt)), grammar=grammar)
+            max_tokens = msg.max_tokens
+        else:
+            context = self.tokens(msg)
+            prompt_tokens, generated, output = len(context), 0, []
+            self._make_room(len(context) + msg.max_tokens)
+            if len(context) >= self.n_ctx:
+                raise ValueError(f"too_long: the prompt is {len(context)} tokens; the context "
+                                 f"holds {self.n_ctx} and needs room for at least one more")
+            max_tokens = min(msg.max_tokens, self.n_ctx - len(context))
+        # Seed every request: the request's, else the worker's, else a fresh one.
+        seed = next((x for x in (msg.seed, self.cfg.seed) if x >= 0), random.randrange(2**31))
+        sampling = {"top_k": msg.top_k, "top_p": msg.top_p, "min_p": msg.min_p,
+                    "temp": msg.temperature, "repeat_penalty": msg.repeat_penalty}
+        picker = Picker(self.lib, self.np, self.model, sampling, seed, grammar, output)
+        seq = self.batcher.admit(msg.req, context)
+        kvstate.drop(self.ctx, seq.slot, seq.done)
+        if resume and resume.state and seq.done < len(context) - 1:
+            if kvstate.restore(self.ctx, seq.slot, resume.state):
+                seq.done = len(context) - 1
+            else:  # the prefix is recomputed instead
+                seq.done = 0
+        out = Outbox(self.ch, msg.req, self.cfg.stream_interval, msg.stop, resume)
+        self.runs[msg.req] = Run(seq, msg, out, picker, prompt_tokens, generated, max_tokens,
+                                 output, resumed_at=generated)
+
+    def _end(self, req: str, keep_cache: bool = True) -> Run:
+        run = self.runs.pop(req)
+        self.batcher.release(req, keep_cache)
+        if not keep_cache:
+            kvstate.drop(self.ctx, run.seq.slot)
+        run.picker.close()
+        return run
+
+    def _preempt(self, req: str, state_min_tokens: int) -> None:
+        """Give up req's slot: another worker (or this one later) continues it from its
+        tokens and, for a long context, its saved KV (short ones are cheaper to
+        recompute). Its slot keeps the cache, so a resume here evaluates nothing again."""
+        run = self.runs[req]
+        seq = run.seq
+        state = None
+        if seq.done >= state_min_tokens and seq.done == len(seq.tokens) - 1:
+            state = kvstate.save(self.ctx, seq.slot, STATE_MAX)
+        pending, held = run.out.suspend()
+        resume = m.Resume(context=list(seq.tokens), prompt_tokens=run.prompt_tokens,
+                          generated=run.generated, output=run.output, state=state,
+                          pending=pending, held=held)
+        self._end(req)
+        self.ch.send(m.Preempted(req=req, resume=resume))
 
     def _make_room(self, tokens: int) -> None:
         """A context shrunk under memory pressure grows back for a request that needs it."""
-        full = self.cfg["n_ctx"]
-        if self.n_ctx < full and tokens > self.n_ctx:
-            report = self.kv_op({"type": "shrink_kv", "n_ctx": full})
-            self.channel.send({**report, "op": "grow_kv", "asked": False})
+        if self.n_ctx < self.cfg.n_ctx and tokens > self.n_ctx:
+            report = self.kv_op(m.ShrinkKv(n_ctx=self.cfg.n_ctx))
+            report.op, report.asked = "grow_kv", False
+            self.ch.send(report)
 
-    def generate(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Stream tokens of one request to the daemon; return its stats."""
-        run = self._start(msg)
-        # Seed every request: the request's, else the worker's, else a fresh one.
-        seed = next((x for x in (msg.get("seed", -1), self.seed) if x >= 0), None)
-        self.llm.set_seed(seed if seed is not None else random.randrange(2**31))
-        out = Outbox(self.channel, run.req, self.stream_interval, msg.get("stop", []),
-                     msg.get("resume") or {})
-        sampling = {"top_k": msg.get("top_k", 40), "top_p": msg.get("top_p", 0.95),
-                    "min_p": msg.get("min_p", 0.05), "temp": msg.get("temperature", 0.8),
-                    "repeat_penalty": msg.get("repeat_penalty", 1.0)}
-        self._req = run.req
+    # -- steps -------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.runs)
+
+    def step(self) -> None:
+        """One llama_decode call over the batch the batcher plans, then a token for every
+        sequence whose logits it computed."""
+        pieces = self.batcher.plan()
+        if not pieces:
+            return
+        outputs = self._fill(pieces)
+        self.step_prefill = {p.seq.req for p in pieces if p.prefill}
         try:
-            with self.stop.armed():
-                while run.finish is None:
-                    op = self._segment(run, sampling, out, msg.get("ignore_eos", False))
-                    if op is not None:
-                        self.channel.send(self.kv_op(op, run))
+            if not self._decode(pieces):
+                return  # stopped for a cancel, preemption or shutdown: taken next
         finally:
-            self._req, self._stage = None, "idle"
-        if out.finish():  # a stop string that the last bytes completed
-            run.finish = "stop"
+            self.step_prefill = set()
+        self.batcher.advance(pieces)
+        self._count(pieces)
+        now = time.monotonic()
+        for piece, index in outputs:
+            run = self.runs.get(piece.seq.req)
+            if run is not None:
+                run.first_at = run.first_at or now
+                self._next_token(run, run.picker.pick(self.ctx, index))
+
+    def _fill(self, pieces: list[batching.Piece]) -> list[tuple[batching.Piece, int]]:
+        """Write the pieces into the llama_batch; returns the output row of each piece
+        whose logits are wanted."""
+        b = self.batch.batch
+        n, outputs = 0, []
+        for p in pieces:
+            tokens, slot = p.seq.tokens, p.seq.slot
+            for k in range(p.count):
+                pos = p.start + k
+                b.token[n], b.pos[n], b.n_seq_id[n] = tokens[pos], pos, 1
+                b.seq_id[n][0] = slot
+                b.logits[n] = False
+                n += 1
+            if p.logits:
+                b.logits[n - 1] = True
+                outputs.append((p, n - 1))
+        b.n_tokens = n
+        return outputs
+
+    def _decode(self, pieces: list[batching.Piece]) -> bool:
+        """llama_decode with the thread count asked for; a call stopped for a thread change
+        is made again with it. False when the step must give way (cancel, preemption of
+        a prompt in it, shutdown): llama.cpp has then dropped the step's positions."""
+        prefill = any(p.prefill for p in pieces)
+        stage, at = ("prefill", min(p.start for p in pieces if p.prefill)) if prefill else \
+            ("decode", max(p.start for p in pieces))
+        redone = False
+        while True:
+            self.stop.clear()
+            if self._must_stop() and self.ch.threads_wanted is None:
+                return False
+            self.take_threads(stage, at, redone)
+            rc = self.lib.llama_decode(self.ctx, self.batch.batch)
+            if rc == 0:
+                return True
+            if rc == DECODE_ABORTED:
+                if self.ch.threads_wanted is not None or not self._must_stop():
+                    redone = True
+                    continue
+                return False
+            if rc == 1 and self.batcher.cached_tokens():
+                for slot in self.batcher.forget_caches():  # room for this step
+                    kvstate.drop(self.ctx, slot)
+                continue
+            raise RuntimeError(f"llama_decode returned {rc} for a step of "
+                               f"{self.batch.batch.n_tokens} tokens")
+
+    def _next_token(self, run: Run, token: int) -> None:
+        seq, finish = run.seq, None
+        if self.lib.llama_vocab_is_eog(self.model.vocab, token) and not run.msg.ignore_eos:
+            finish = "stop"
+        else:
+            run.generated += 1
+            seq.tokens.append(token)
+            run.output.append(token)
+            piece = self._pieces.get(token)
+            if piece is None:
+                piece = self._pieces[token] = self.model.detokenize([token])
+            if run.out.add(piece):
+                finish = "stop"  # a stop string
+            elif run.generated >= run.max_tokens or len(seq.tokens) >= self.n_ctx:
+                finish = "length"
+        if finish is not None:
+            self._finish(run, finish)
+
+    def _finish(self, run: Run, finish: str) -> None:
+        if run.out.finish():  # a stop string that the last bytes completed
+            finish = "stop"
+        self._end(run.seq.req)
         done = time.monotonic()
         decode_s = done - run.first_at if run.first_at else 0.0
-        new = run.generated - (msg.get("resume") or {}).get("generated", 0)
-        return {
-            "prompt_tokens": run.prompt_tokens, "completion_tokens": run.generated,
-            "finish_reason": run.finish,
-            "prefill_s": (run.first_at or done) - run.started,
-            "tokens_per_s": (new - 1) / decode_s if new > 1 and decode_s > 0 else None,
-        }
+        new = run.generated - run.resumed_at
+        self.ch.send(m.Done(req=run.seq.req, stats=m.Stats(
+            prompt_tokens=run.prompt_tokens, completion_tokens=run.generated,
+            finish_reason=finish, prefill_s=(run.first_at or done) - run.started,
+            tokens_per_s=(new - 1) / decode_s if new > 1 and decode_s > 0 else None)))
 
-    def _segment(self, run: Run, sampling: dict[str, Any], out: Outbox,
-                 ignore_eos: bool) -> dict[str, Any] | None:
-        """Generate until the request ends (sets run.finish) or a KV operation is asked
-        for at a token boundary (returned). Raises Cancelled or Preempted."""
-        ch, req, vocab = self.channel, run.req, self.llm._model.vocab
-        tokens = self._tokens(run, sampling)
-        evaluating = True
-        try:
-            self._prefill(run.context)
-            for token in tokens:
-                if evaluating:
-                    evaluating = False
-                    run.first_at = run.first_at or time.monotonic()
-                if self.llama_cpp.llama_vocab_is_eog(vocab, token) and not ignore_eos:
-                    run.finish = "stop"
-                    return None
-                run.generated += 1
-                run.context.append(token)
-                run.output.append(token)
-                piece = self._pieces.get(token)
-                if piece is None:
-                    piece = self._pieces[token] = self.llm.detokenize([token])
-                if out.add(piece):
-                    run.finish = "stop"  # a stop string
-                    return None
-                if run.generated >= run.max_tokens or len(run.context) >= self.n_ctx:
-                    run.finish = "length"
-                    return None
-                ch.poll()  # a thread change is taken by the next _eval
-                if req in ch.cancelled or ch.shutdown:
-                    raise Cancelled("decode", run.generated)
-                if req in ch.preempts:
-                    raise Preempted(self._suspend(run, out, ch.preempts[req]))
-                if ch.kv_ops:
-                    out.flush()
-                    return ch.kv_ops.pop(0)
-        except RuntimeError:
-            if not self._must_stop():  # llama_decode failed: not a stop
-                raise
-            self.llm.reset()  # the aborted decode left the context half-evaluated
-            if req in ch.preempts:
-                raise Preempted(self._suspend(run, out, None)) from None
-            raise Cancelled("prefill" if evaluating else "decode", run.generated) from None
-        finally:
-            tokens.close()
-        run.finish = "stop"  # the generator ended by itself
-        return None
+    def fail_all(self, why: str) -> None:
+        """A step failed: its sequences cannot go on (their KV is unknown)."""
+        for req in list(self.runs):
+            self._end(req, keep_cache=False)
+            self.ch.send(m.Error(req=req, code="internal", message=why))
 
-    def _tokens(self, run: Run, sampling: dict[str, Any]) -> Generator[int, None, None]:
-        """The tokens llm.generate(context, **sampling) yields once _prefill has evaluated
-        context but its last token: evaluate that one, sample, evaluate the sample, ...
+    def _count(self, pieces: list[batching.Piece]) -> None:
+        r = self._report
+        r["steps"] += 1
+        r["tokens"] += sum(p.count for p in pieces)
+        r["sequences"] += len(pieces)
 
-        Greedy requests (temperature 0, repeat_penalty 1, so llama.cpp's penalties do
-        nothing) take the argmax of the logits: the token llama.cpp's greedy sampler picks
-        (the first highest logit), without the sampler's copy of the whole vocabulary
-        (590 KB for 49k tokens) per token, nor generate()'s bookkeeping. Measured with
-        SmolLM2-135M, 2 threads: 190 -> 126 us between two llama_decode calls (this and
-        the piece cache), decode tokens/s +2 to +3 % in alternating runs, the same text.
-
-        A grammar is a sampler of the chain (before top-k and the rest), or for greedy
-        requests a GreedyPicker; each segment makes a new one (a shrink reopens the model
-        it points into), brought to where the output is by accepting the tokens
-        generated so far."""
-        llm, np, lib = self.llm, self.np, self.llama_cpp
-        greedy = sampling["temp"] == 0.0 and sampling["repeat_penalty"] == 1.0
-        n_vocab = llm.n_vocab()
-        sampler, picker = None, None
-        if run.grammar is not None and greedy:
-            picker = grammars.GreedyPicker(lib, np, llm._model.vocab, run.grammar, n_vocab,
-                                           run.output)
-        elif run.grammar is not None:
-            sampler = llm._init_sampler(**sampling, grammar=run.grammar)
-            for token in run.output:
-                sampler.accept(token)
-        elif not greedy:
-            sampler = llm._init_sampler(**sampling)
-        token, done = run.context[-1], run.generated  # done: where a thread change is taken
-        try:
-            while True:
-                self._eval([token], "decode", done)
-                done += 1
-                if sampler is None:
-                    logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(llm.ctx, -1),
-                                                   shape=(n_vocab,))
-                    token = picker.pick(logits) if picker else int(logits.argmax())
-                else:
-                    token = sampler.sample(llm._ctx, -1)
-                yield token
-        finally:
-            if picker is not None:
-                picker.close()
-
-    def _prefill(self, context: list[int]) -> None:
-        """Evaluate all but the last token of context, n_batch tokens per llama_decode
-        (each through _eval, which takes thread changes); _tokens() then evaluates the last
-        token itself. The cached prefix is kept, as llm.generate() would."""
-        llm, upto = self.llm, len(context) - 1
-        self.channel.poll()
-        held = 0
-        if not (llm._is_recurrent or llm._is_hybrid):  # their cache cannot be cut short
-            for a, b in zip(llm.input_ids[: llm.n_tokens], context[:upto], strict=False):
-                if a != b:
-                    break
-                held += 1
-        if held < llm.n_tokens:
-            llm.n_tokens = held  # eval() drops the cache from here
-        if held == 0:
-            llm.reset()
-        for start in range(held, upto, self.cfg["n_batch"]):
-            self._eval(context[start:min(upto, start + self.cfg["n_batch"])], "prefill", start)
-
-    def _suspend(self, run: Run, out: Outbox, state_min_tokens: int | None) -> dict[str, Any]:
-        """What another worker needs to continue run: its tokens and, for a long context,
-        the saved KV (short ones are cheaper to recompute)."""
-        held = len(run.context) - 1
-        state = None
-        if state_min_tokens is not None and held >= state_min_tokens:
-            state = kvstate.save(self.llm, STATE_MAX)
-        return {"context": run.context, "prompt_tokens": run.prompt_tokens,
-                "generated": run.generated, "output": run.output, "state": state,
-                **out.suspend()}
+    def report(self, force: bool = False) -> None:
+        """The Batch message: at most once a second while busy, and once going idle."""
+        now = time.monotonic()
+        if not self._report["steps"] or (not force and now - self._reported_at < BATCH_REPORT_S):
+            return
+        self.ch.send(m.Batch(**self._report,
+                             cells={req: r.seq.done for req, r in self.runs.items()}))
+        self._report = {"steps": 0, "tokens": 0, "sequences": 0}
+        self._reported_at = now
 
     # -- KV operations -------------------------------------------------------------
 
-    def kv_op(self, op: dict[str, Any], run: Run | None = None) -> dict[str, Any]:
-        """Trim the cache (trim_kv) or reopen with a smaller context (shrink_kv), in the
-        middle of a request (run) or between requests; returns the report for the daemon."""
+    def kv_op(self, op: m.TrimKv | m.ShrinkKv) -> m.Kv:
+        """Trim a sequence's cache (trim_kv) or reopen with a smaller context per sequence
+        (shrink_kv), between steps; returns the report for the daemon."""
         t0, rss0 = time.monotonic(), _rss()
-        held = run.context[:-1] if run else list(self.llm.input_ids[: self.llm.n_tokens])
-        before = len(held)
-        act = self._trim if op["type"] == "trim_kv" else self._shrink
-        result = act(held, op, run)
-        return {"type": "kv", "op": op["type"], "result": result, "tokens_before": before,
-                "tokens_after": self.llm.n_tokens, "n_ctx": self.n_ctx,
-                "rss_before": rss0, "rss_after": _rss(),
-                "ms": round((time.monotonic() - t0) * 1000, 3)}
+        before = self._held()
+        if isinstance(op, m.TrimKv):
+            req, result = self._trim(op)
+        else:
+            req, result = None, self._shrink(op)
+        return m.Kv(op="trim_kv" if isinstance(op, m.TrimKv) else "shrink_kv", result=result,
+                    tokens_before=before, tokens_after=self._held(), n_ctx=self.n_ctx,
+                    rss_before=rss0, rss_after=_rss(), req=req,
+                    ms=round((time.monotonic() - t0) * 1000, 3))
 
-    def _trim(self, held: list[int], op: dict[str, Any], run: Run | None) -> str:
-        """Keep the first `keep` and last `tail` cached tokens if `min_prune` can go."""
+    def _held(self) -> int:
+        return sum(r.seq.done for r in self.runs.values()) + self.batcher.cached_tokens()
+
+    def _trim(self, op: m.TrimKv) -> tuple[str | None, str]:
+        """Keep the first `keep` and last `tail` cached tokens of a sequence (op.req's, or
+        the one holding most) if `min_prune` can go; idle, drop every cache."""
+        if not self.runs:
+            held = self.batcher.cached_tokens()
+            for slot in self.batcher.forget_caches():
+                kvstate.drop(self.ctx, slot)
+            return None, f"cleared {held} cached tokens (idle)"
+        run = self.runs.get(op.req) if op.req else self._most_cells()
         if run is None:
-            return f"cleared {kvstate.clear(self.llm)} cached tokens (idle)"
-        keep, tail, min_prune = op.get("keep", 64), op.get("tail", 256), op.get("min_prune", 64)
-        drop = len(held) - keep - tail
+            return op.req, f"skipped: {op.req} does not run here"
+        return run.seq.req, self._trim_seq(run.seq, op.keep, op.tail, op.min_prune)
+
+    def _trim_seq(self, seq: batching.Sequence, keep: int, tail: int, min_prune: int) -> str:
+        held = seq.done
+        drop = held - keep - tail
         if drop < max(1, min_prune):
-            return f"skipped: {len(held)} tokens, keep {keep} + tail {tail} free under {min_prune}"
-        kept = kvstate.trim(self.llm, held, keep, drop)
-        if kept is None:
+            return f"skipped: {held} tokens, keep {keep} + tail {tail} free under {min_prune}"
+        if not kvstate.trim(self.ctx, seq.slot, held, keep, drop):
             return "unsupported: this model's cache cannot shift positions"
-        run.context = kept + run.context[-1:]
+        del seq.tokens[keep:keep + drop]
+        seq.done -= drop
         return f"trimmed {drop} tokens"
 
-    def _shrink(self, held: list[int], op: dict[str, Any], run: Run | None) -> str:
-        n_ctx = int(op["n_ctx"])
+    def _shrink(self, op: m.ShrinkKv) -> str:
+        """Reopen the context with op.n_ctx tokens per sequence. Each running sequence's
+        KV is saved and restored (trimmed first if too long), so the continuations are
+        unchanged; the free slots' caches are dropped."""
+        n_ctx = op.n_ctx
         if n_ctx == self.n_ctx:
             return f"unchanged: n_ctx is {n_ctx}"
-        if run is not None and len(run.context) + 1 > n_ctx:
-            why = self._trim(held, {**op, "min_prune": 0}, run)
-            held = run.context[:-1]
-            if len(run.context) + 1 > n_ctx:
-                return f"refused: {len(held)} tokens do not fit n_ctx {n_ctx} ({why})"
-        state = kvstate.save(self.llm, 1 << 62) if run is not None and held else None
+        notes = []
+        for run in self.runs.values():
+            if len(run.seq.tokens) + 1 > n_ctx:
+                notes.append(self._trim_seq(run.seq, op.keep, op.tail, 0))
+                if len(run.seq.tokens) + 1 > n_ctx:
+                    return (f"refused: {run.seq.req}'s {len(run.seq.tokens)} tokens do not "
+                            f"fit n_ctx {n_ctx} ({notes[-1]})")
+        states = {req: kvstate.save(self.ctx, r.seq.slot, 1 << 62) if r.seq.done else None
+                  for req, r in self.runs.items()}
+        self.batcher.forget_caches()
         old = self.n_ctx
-        self.llm.close()
+        self._close()
         self._open(n_ctx)
         self.set_threads(self.threads)
-        if state is not None and not kvstate.restore(self.llm, state, held):
-            kvstate.clear(self.llm)  # the next segment recomputes the context
+        for req, state in states.items():
+            seq = self.runs[req].seq
+            if state is None or not kvstate.restore(self.ctx, seq.slot, state):
+                seq.done = 0  # the next steps evaluate the context again
         return f"n_ctx {old} -> {self.n_ctx}"
 
 
@@ -532,41 +608,27 @@ def _rss() -> int:
 
 
 def serve(ch: Channel, engine: Engine) -> None:
-    while not ch.shutdown:
-        msg = ch.recv()
-        if msg is None:
-            return
-        kind = msg.get("type")
-        if kind == "generate":
-            req = msg["req"]
-            ch.forget()
-            try:
-                stats = engine.generate(msg)
-                ch.send({"type": "done", "req": req, "stats": stats})
-            except Cancelled as stop:
-                ch.send({"type": "done", "req": req, "stats": None, "cancelled": True,
-                         "stage": stop.stage, "completion_tokens": stop.tokens})
-            except Preempted as p:
-                ch.send({"type": "preempted", "req": req, "resume": p.resume})
-            except ValueError as exc:
-                code, _, text = str(exc).partition(": ")
-                if code != "too_long":
-                    code, text = "bad_request", str(exc)
-                ch.send({"type": "error", "req": req, "code": code, "message": text})
-            except Exception as exc:  # report, then keep serving
-                ch.send({"type": "error", "req": req, "code": "internal",
-                         "message": f"{type(exc).__name__}: {exc}"})
-        elif kind == "set_threads":
-            ch.threads_wanted = int(msg["n"])
+    """Steps while sequences run; between them, whatever the daemon sent."""
+    while True:
+        if not engine.busy:
+            engine.report(force=True)
+            engine.stop.disarm()  # the main thread reads the socket itself now
             engine.take_threads()
-        elif kind in KV_OPS:
-            ch.send(engine.kv_op(msg))
-        elif kind == "ping":
-            ch.send({"type": "pong"})
-        elif kind == "shutdown":
+            # The watcher may have taken messages in since the last step.
+            if not (ch.shutdown or ch.generates or ch.kv_ops or ch.cancelled or ch.preempts):
+                ch.wait()
+        else:
+            ch.poll()
+        if ch.shutdown:
             return
-        while ch.kv_ops:  # asked for while the request was ending
-            ch.send(engine.kv_op(ch.kv_ops.pop(0)))
+        engine.take_control()
+        if engine.busy:
+            engine.stop.arm()
+            try:
+                engine.step()
+            except Exception as exc:  # the step's sequences fail; the worker goes on
+                engine.fail_all(f"{type(exc).__name__}: {exc}")
+            engine.report()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -577,14 +639,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when workers stop
     ch = Channel(socket.socket(fileno=args.fd))
-    cfg = ch.recv()
-    if cfg is None or cfg.get("type") != "load":
+    body = read_body(ch.sock, m.IPC_MAX_FRAME)
+    try:
+        cfg = m.to_worker(body) if body is not None else None
+    except m.DecodeError as exc:
+        print(f"worker: bad load message: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(cfg, m.Load):
         return 2
     try:  # e.g. a file that daemon.worker_user may not read
-        open(cfg["path"], "rb").close()
+        open(cfg.path, "rb").close()
     except PermissionError:
-        ch.send({"type": "load_failed", "message": f"cannot read {cfg['path']} as uid "
-                 f"{os.getuid()}: the workers' user (daemon.worker_user) must be able to read it"})
+        ch.send(m.LoadFailed(message=f"cannot read {cfg.path} as uid {os.getuid()}: the "
+                             "workers' user (daemon.worker_user) must be able to read it"))
         return 1
     except OSError:
         pass  # the load below reports it
@@ -592,12 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine(cfg, ch)
     except Exception as exc:
-        ch.send({"type": "load_failed", "message": f"cannot load {cfg['path']}: {exc}"})
+        ch.send(m.LoadFailed(message=f"cannot load {cfg.path}: {exc}"))
         return 1
-    ch.send({"type": "ready", "pid": os.getpid(), "threads": engine.threads,
-             "threads_why": engine.threads_why,
-             "n_ctx": engine.n_ctx, "load_s": time.monotonic() - t0,
-             "chat_template": engine.formatter is not None})
+    ch.send(m.Ready(pid=os.getpid(), threads=engine.threads, threads_why=engine.threads_why,
+                    n_ctx=engine.n_ctx, slots=cfg.parallel, load_s=time.monotonic() - t0,
+                    chat_template=engine.formatter is not None))
     serve(ch, engine)
     return 0
 

@@ -255,7 +255,7 @@ class Worker:
 
     def _handle(self, msg: dict[str, Any]) -> None:
         kind, req = msg.get("type"), self.current
-        if kind == "pong":
+        if kind in ("pong", "batch"):
             return
         if kind == "threads":
             self.log.info("threads_applied", threads=msg["n"], stage=msg["stage"], at=msg["at"],

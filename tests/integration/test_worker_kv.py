@@ -40,10 +40,13 @@ class WorkerProc:
         send_frame(self.sock, msg)
 
     def recv(self) -> dict[str, Any]:
+        """The next message but the batch reports."""
         self.sock.settimeout(60)
-        msg = recv_frame(self.sock, 64 << 20)
-        assert msg is not None, "worker closed its socket"
-        return msg
+        while True:
+            msg = recv_frame(self.sock, 64 << 20)
+            assert msg is not None, "worker closed its socket"
+            if msg["type"] != "batch":
+                return msg
 
     def generate(self, req: str, after: int | None = None,
                  control: dict[str, Any] | None = None,

@@ -64,7 +64,7 @@ class Worker:
                 text += msg["text"]
             elif msg["type"] == "threads":
                 answers.append(msg)
-            else:
+            elif msg["type"] != "batch":
                 return text, answers, msg
 
     def close(self) -> None:

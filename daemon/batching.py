@@ -1,0 +1,137 @@
+"""Continuous batching: which sequences hold which slot, and what the next llama_decode
+call evaluates. Pure: no llama, so it is tested with a fake model.
+
+Each step holds the next token of every decoding sequence, then prompt tokens of the
+sequences still evaluating theirs, oldest first, up to the batch size. While some
+sequence decodes, prompt tokens per step are capped at `chunk`: a long prompt is then
+evaluated over several steps (chunked prefill) and the others keep getting a token every
+step instead of waiting for the whole prompt. llama-server builds its batches the same
+way (update_slots in tools/server/server-context.cpp), without the cap.
+
+A slot keeps the tokens its KV cache holds after its sequence ends; a new sequence takes
+the free slot sharing the longest prefix with it and evaluates only the rest (a chat's
+next turn, a request resumed after preemption).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Sequence:
+    req: str
+    slot: int
+    tokens: list[int]  # prompt and generated tokens; position i holds tokens[i]
+    done: int = 0  # tokens[:done] are in the KV cache
+    order: int = 0  # admission order: older prompts are evaluated first
+
+    @property
+    def pending(self) -> int:
+        """Tokens still to evaluate: 1 while decoding (the last sampled token)."""
+        return len(self.tokens) - self.done
+
+    @property
+    def decoding(self) -> bool:
+        return self.pending == 1
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of one sequence's tokens in a step: tokens[start:start + count] at positions
+    start.., with the logits of the last one wanted when the sequence samples next."""
+
+    seq: Sequence
+    start: int
+    count: int
+    logits: bool
+    prefill: bool  # part of the prompt (a cancel or preemption need not wait for it)
+
+
+@dataclass
+class Batcher:
+    slots: int
+    n_batch: int  # most tokens in one step
+    chunk: int  # most prompt tokens in one step while another sequence decodes
+    running: dict[str, Sequence] = field(default_factory=dict)
+    cached: list[list[int]] = field(default_factory=list)  # per slot, held by a free slot
+    _order: itertools.count = field(default_factory=itertools.count)
+    _turn: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.cached:
+            self.cached = [[] for _ in range(self.slots)]
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.running)
+
+    def admit(self, req: str, tokens: list[int]) -> Sequence:
+        """Give req a free slot: the one whose cache shares the longest prefix with tokens.
+        The KV of that slot from seq.done on must be dropped by the caller; the last token
+        is always evaluated again (its logits pick the next one)."""
+        if req in self.running:
+            raise ValueError(f"{req} runs already")
+        if not self.free:
+            raise ValueError(f"no free slot for {req}")
+        busy = {s.slot for s in self.running.values()}
+        free = [i for i in range(self.slots) if i not in busy]
+        slot = max(free, key=lambda i: (_common(self.cached[i], tokens), -i))
+        held = min(_common(self.cached[slot], tokens), len(tokens) - 1)
+        self.cached[slot] = []
+        seq = Sequence(req, slot, list(tokens), held, next(self._order))
+        self.running[req] = seq
+        return seq
+
+    def release(self, req: str, keep_cache: bool = True) -> Sequence:
+        """End req's sequence; its slot keeps the KV it holds unless keep_cache is False
+        (the caller then drops it)."""
+        seq = self.running.pop(req)
+        self.cached[seq.slot] = seq.tokens[: seq.done] if keep_cache else []
+        return seq
+
+    def cached_tokens(self) -> int:
+        return sum(len(c) for c in self.cached)
+
+    def forget_caches(self) -> list[int]:
+        """Free slots drop what their cache holds; returns those slots (to clear)."""
+        slots = [i for i, c in enumerate(self.cached) if c]
+        self.cached = [[] for _ in range(self.slots)]
+        return slots
+
+    def plan(self) -> list[Piece]:
+        """The next step: every decoding sequence's token, then prompt chunks."""
+        decoding = [s for s in self._by_age() if s.decoding]
+        if len(decoding) > self.n_batch:  # a batch smaller than the slots: take turns
+            self._turn = (self._turn + 1) % len(decoding)
+            decoding = (decoding[self._turn:] + decoding[: self._turn])[: self.n_batch]
+        pieces = [Piece(s, s.done, 1, True, False) for s in decoding]
+        budget = self.n_batch - len(pieces)
+        if decoding:
+            budget = min(budget, self.chunk)
+        for seq in self._by_age():
+            if budget <= 0:
+                break
+            if seq.pending > 1:
+                count = min(seq.pending, budget)
+                pieces.append(Piece(seq, seq.done, count, seq.done + count == len(seq.tokens), True))
+                budget -= count
+        return pieces
+
+    def advance(self, pieces: list[Piece]) -> None:
+        """The step was evaluated: its tokens are in the cache."""
+        for p in pieces:
+            p.seq.done = max(p.seq.done, p.start + p.count)
+
+    def _by_age(self) -> list[Sequence]:
+        return sorted(self.running.values(), key=lambda s: s.order)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
