@@ -185,6 +185,9 @@ def test_workers_run_as_llm_worker_with_the_packaged_llama():
     assert run("ps", "-o", "user=", "-p", str(pid)).stdout.strip() == "llm-worker"
     maps = Path(f"/proc/{pid}/maps").read_text()
     assert "/usr/lib/llm-residentd/llama_cpp/lib/libllama.so" in maps
+    # The worker speaks the typed messages: msgspec's C extension from the private tree.
+    assert re.search(r"/usr/lib/llm-residentd/msgspec/_core\.cpython-311-x86_64-linux-gnu\.so",
+                     maps), maps
     assert run("ps", "-o", "user=", "-p", str(main_pid())).stdout.strip() == "root"
     assert all(w["backend"] == "systemd" for w in status()["workers"])
 
