@@ -182,13 +182,17 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     print()
     print(_table(
         ["WORKER", "MODEL", "PID", "STATE", "THREADS", "RSS", "CPU%", "FAULTS maj/min",
-         "CTXSW vol/invol", "SERVED", "RESTARTS", "REQUEST"],
+         "CTXSW vol/invol", "SERVED", "RESTARTS", "SLOTS busy/free", "BATCH",
+         "REQUESTS:KV cells"],
         [[w["name"], w["model"], w["pid"], w["state"], _fmt_threads(w),
           _fmt_bytes(w["rss_bytes"]),
           "-" if w.get("cpu_percent") is None else f"{w['cpu_percent']:.0f}",
           _fmt_pair(w, "major_faults", "minor_faults"),
           _fmt_pair(w, "ctx_switches_voluntary", "ctx_switches_involuntary"),
-          w["served"], w["restarts"], w["request"]]
+          w["served"], w["restarts"], _fmt_slots(w),
+          "-" if (w.get("batch") or {}).get("size") is None else f"{w['batch']['size']:.2f}",
+          " ".join(f"{r['id']}:{'-' if r['kv_cells'] is None else r['kv_cells']}"
+                   for r in w.get("requests") or ()) or None]
          for w in st["workers"]]))
     print()
     rows, failures = [], []
@@ -256,6 +260,16 @@ def outcome_counts(outcomes: dict[str, int]) -> dict[str, int]:
     for code, n in outcomes.items():
         counts[OUTCOME_COLUMNS.get(code, "failed")] += n
     return counts
+
+
+def _fmt_slots(w: dict[str, Any]) -> str:
+    """"3/1": running requests and slots still free (within a policy's batch limit, which
+    follows as "max 2" when it holds the worker below its slots); "-" before it loads."""
+    slots, busy = w.get("slots") or 0, w.get("slots_busy", 0)
+    if not slots:
+        return "-"
+    limit = min(slots, w.get("batch_limit") or slots)
+    return f"{busy}/{max(0, limit - busy)}" + (f" max {limit}" if limit < slots else "")
 
 
 def _fmt_threads(w: dict[str, Any]) -> str:

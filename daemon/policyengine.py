@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from . import policies
+from . import messages, policies
 from .limits import LimitError, parse_bytes, parse_cpu
 from .policies import Action, Event, Policy, PolicyError, Snapshot
 from .protocol import ProtocolError
@@ -24,14 +24,17 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 ACTIONS_KEPT = 500
 KINDS = ("admit", "defer", "rank", "set_limits", "set_threads", "preempt", "trim_kv",
-         "shrink_kv")
+         "shrink_kv", "set_batch")
 # The integer values each worker-side action takes, with their bounds.
 INT_VALUES = {
     "set_threads": {"threads": (1, 1024)},
     "preempt": {"state_min_tokens": (0, 1 << 31)},
     "trim_kv": {"keep": (0, 1 << 31), "tail": (0, 1 << 31), "min_prune": (0, 1 << 31)},
     "shrink_kv": {"n_ctx": (16, 1 << 31), "keep": (0, 1 << 31), "tail": (0, 1 << 31)},
+    "set_batch": {"sequences": (1, policies.base.BATCH_UNLIMITED)},  # the maximum lifts it
 }
+# The string values they take besides: trim_kv's `req` names the sequence to trim.
+STR_VALUES = {"trim_kv": ("req",)}
 
 
 class PolicyEngine:
@@ -119,10 +122,14 @@ class PolicyEngine:
                 raise PolicyError(f"on_event returned {a!r}, not an Action of {KINDS}")
             allowed = INT_VALUES.get(a.kind, {})
             for key, value in a.values.items() if allowed else ():
+                if key in STR_VALUES.get(a.kind, ()) and isinstance(value, str):
+                    continue
                 low, high = allowed.get(key, (None, None))
                 if low is None or not isinstance(value, int) or not low <= value <= high:
                     raise PolicyError(f"{a.kind} {key}={value!r}: takes integers "
                                       f"{', '.join(allowed)} in range")
+            if a.kind == "set_batch" and "sequences" not in a.values:
+                raise PolicyError(f"{a!r}: set_batch needs sequences")
 
     def disable(self, name: str, why: str) -> None:
         """Switch a policy off (an admin's `llmctl policy disable`); what it did stays."""
@@ -155,20 +162,26 @@ class PolicyEngine:
         elif action.kind == "set_limits":
             asyncio.get_running_loop().create_task(self._set_limits(name, action))
         elif action.kind == "preempt":
-            self._record(name, action, self.service.preempt(
+            self._record(name, action, self.service.slots.preempt(
                 action.target, action.values.get("state_min_tokens", 0)))
+        elif action.kind == "set_batch":
+            result = self.service.slots.set_batch(action.target, action.values["sequences"])
+            if result != "unchanged":  # a policy may repeat it every tick
+                self._record(name, action, result)
         elif action.target not in self.kv_asked:  # trim_kv, shrink_kv: one at a time
-            result = self.service.kv_op(action.target, action.kind, action.values)
+            result = self.service.slots.kv_op(action.target, action.kind, action.values)
             if result == "asked":
                 self.kv_asked[action.target] = name
             self._record(name, action, result)
 
-    def kv_reported(self, worker: str, report: dict[str, Any]) -> None:
+    def kv_reported(self, worker: str, report: messages.Kv) -> None:
         """The worker's answer to a trim_kv or shrink_kv, recorded for its policy."""
-        name = self.kv_asked.pop(worker, "(none)") if report.get("asked", True) else "(worker)"
-        values = {k: report[k] for k in ("tokens_before", "tokens_after", "n_ctx",
-                                         "rss_before", "rss_after", "ms")}
-        self._record(name, Action(report["op"], worker, values), report["result"])
+        name = self.kv_asked.pop(worker, "(none)") if report.asked else "(worker)"
+        values = {k: getattr(report, k) for k in ("tokens_before", "tokens_after", "n_ctx",
+                                                  "rss_before", "rss_after", "ms")}
+        if report.req is not None:
+            values["req"] = report.req
+        self._record(name, Action(report.op, worker, values), report.result)
 
     async def _set_limits(self, name: str, action: Action) -> None:
         try:

@@ -54,7 +54,8 @@ METRICS = {d.name: d for d in (
              "event (cancelled, timeout, deferred_timeout, worker_died, too_long, ...)."),
     Declared("queue_depth", "gauge", M, "Requests waiting in the model's queue."),
     Declared("queue_capacity", "gauge", M, "The model's max_queue."),
-    Declared("running_requests", "gauge", M, "Workers of the model running a request."),
+    Declared("running_requests", "gauge", M,
+             "Requests running on the model's workers (one per busy slot)."),
     Declared("model_state", "gauge", (*M, "state"),
              "1 for the model's state (ready, loading, unavailable, draining), 0 for the "
              "others."),
@@ -80,6 +81,19 @@ METRICS = {d.name: d for d in (
              "itself), hung (killed by the daemon's liveness check), load_failed (the model "
              "did not load, unless an OOM kill ended the load: that is oom)."),
     Declared("worker_served_total", "counter", W, "Requests the worker finished."),
+    Declared("worker_slots", "gauge", (*W, "state"),
+             "The worker's slots (models.NAME.parallel) by state: busy (running a request) "
+             "or free (busy plus free is the slots dispatch may fill: fewer than parallel "
+             "while a policy's set_batch holds it lower). None before the worker loads."),
+    Declared("worker_batch_steps_total", "counter", W,
+             "llama_decode calls of the worker's batch (its Batch reports, processes summed)."),
+    Declared("worker_batch_tokens_total", "counter", W,
+             "Tokens in those calls: each running sequence's next token plus prompt chunks."),
+    Declared("worker_batch_sequences_total", "counter", W,
+             "Sequences in those calls, summed over the calls: rate(sequences) / rate(steps) "
+             "is the mean batch size per step."),
+    Declared("worker_kv_cells", "gauge", W,
+             "KV cells the worker's running sequences hold (its last Batch report)."),
     Declared("worker_threads", "gauge", (*W, "why"),
              "Threads the worker computes with; why: the first word of status threads_why "
              "(config, affinity, quota, contention; none before the first load)."),
@@ -110,7 +124,7 @@ METRICS = {d.name: d for d in (
              "<worker>/<resource>, threads/...), as status pressure.triggers."),
     # -- policies
     Declared("policy_actions_total", "counter", ("policy", "kind"),
-             "Actions the policies took, by policy and kind (admit, defer, set_limits, "
+             "Actions the policies took, by policy and kind (admit, defer, set_limits, set_batch, "
              "set_threads, preempt, trim_kv, shrink_kv, disable); rank is not counted."),
     # -- processes (psutil, /proc/PID/stat)
     Declared("process_resident_memory_bytes", "gauge", ("process",),
@@ -210,6 +224,14 @@ def _worker(out: _Out, w: dict[str, Any]) -> None:
     for cause in DEATH_CAUSES:
         out.add("worker_deaths_total", w["deaths"].get(cause, 0), cause=cause, **ids)
     out.add("worker_served_total", w["served"], **ids)
+    if w["slots"]:
+        out.add("worker_slots", w["slots_busy"], state="busy", **ids)
+        out.add("worker_slots", max(0, w["batch_limit"] - w["slots_busy"]), state="free", **ids)
+    batch = w["batch"]
+    out.add("worker_batch_steps_total", batch["steps"], **ids)
+    out.add("worker_batch_tokens_total", batch["tokens"], **ids)
+    out.add("worker_batch_sequences_total", batch["sequences"], **ids)
+    out.add("worker_kv_cells", sum(r["kv_cells"] or 0 for r in w["requests"]), **ids)
     why = ((w["threads_why"] or "").split(":", 1)[0].split() or ["none"])[0]
     out.add("worker_threads", w["threads"], why=why, **ids)
     cg = w.get("cgroup")

@@ -6,9 +6,9 @@ takes it (Reloader), without dropping a request.
 - Models removed drain: submits get no_such_model at once, but their running and queued
   requests complete (queued ones too: they were accepted); then their workers stop and their
   scopes are released.
-- Models whose load settings changed (path, n_ctx, workers, threads, ...) restart each
-  worker with the new settings once its current request is done; it takes no new one
-  meanwhile. Workers of unchanged models are not touched.
+- Models whose load settings changed (path, n_ctx, parallel, workers, threads, ...)
+  restart each worker with the new settings once its running requests are done; it takes
+  no new one meanwhile. Workers of unchanged models are not touched.
 - Live model settings (LIVE_MODEL_FIELDS: the limits, the queue bounds, max_tokens) apply without
   a restart; limits reach the running scopes as `llmctl limits` does.
 - [[policies]]: a changed table re-enables its policy with the new settings, enabled = false
@@ -267,7 +267,7 @@ class Reloader:
 
     def _drained(self, name: str) -> bool:
         return (not self.service.queues[name]
-                and all(w.current is None for w in self.service.workers[name]))
+                and not any(w.running for w in self.service.workers[name]))
 
     async def _drop(self, name: str) -> bool:
         """Stop a drained model's workers and forget it; False if a reload added it back

@@ -13,6 +13,7 @@ from .protocol import ProtocolError
 
 if TYPE_CHECKING:
     from .config import ModelConfig
+    from .messages import Resume
 
 Sink = Callable[[dict[str, Any]], None]
 
@@ -36,7 +37,7 @@ class Request:
     tokens_sent: int = 0
     preemptions: int = 0
     lost_workers: int = 0  # workers that died or hung under it before its first token
-    resume: dict[str, Any] | None = None  # from the worker that was preempted
+    resume: Resume | None = None  # from the worker that was preempted
     seq: int | None = None  # FIFO order in its queue, kept when it is queued again
 
     @property

@@ -1,4 +1,4 @@
-"""The core: accept requests, queue them per model, dispatch to idle workers, finish each once."""
+"""The core: accept requests, queue them per model, dispatch to free slots, finish each once."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from . import cgroupstats, cpumonitor, logs, modelsource, psi, snapshots, supervision
+from . import cgroupstats, cpumonitor, logs, messages, modelsource, psi, snapshots, supervision
 from .config import Config, ModelConfig, limits_of, trigger_of
 from .limits import LimitError, Limits, check_order
 from .metrics import ModelMetrics
@@ -23,6 +23,7 @@ from .policyengine import PolicyEngine
 from .protocol import ProtocolError
 from .scheduler import ModelQueue, Request, Sink
 from .scopes import Backend, ScopeError, make_backend
+from .slots import Slots
 from .workers import Worker
 
 log = structlog.get_logger()
@@ -53,6 +54,7 @@ class Service:
         self._tasks: list[asyncio.Task] = []
         self._supervisors: dict[Worker, asyncio.Task] = {}
         self.backend = Backend()
+        self.slots = Slots(self.all_workers)  # dispatch, batch limits, per-request commands
         self.psi: psi.PsiWatcher | None = None
         self.pressure_events: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=PRESSURE_EVENTS_KEPT)
@@ -237,7 +239,7 @@ class Service:
 
     async def retire_workers(self, workers: list[Worker], grace: float,
                              finish_requests: bool = True) -> None:
-        """Stop workers (each once its current request is done, taking no new one, unless
+        """Stop workers (each once its running requests are done, taking no new one, unless
         finish_requests is False), end their supervisors and release their scopes."""
         await asyncio.gather(*(w.retire(grace) if finish_requests else w.stop(grace)
                                for w in workers))
@@ -253,7 +255,7 @@ class Service:
     def drop_model(self, name: str) -> None:
         """Forget a removed model whose requests are done and whose workers are retired."""
         for table in (self.queues, self.metrics, self.workers, self.limits, self.paths,
-                      self._path_locks):
+                      self._path_locks, self.slots.by_model):
             table.pop(name, None)
 
     # -- model files -------------------------------------------------------------
@@ -301,16 +303,9 @@ class Service:
         return req, position
 
     def dispatch(self, model: str) -> None:
-        queue = self.queues[model]
-        for worker in self.workers[model]:
-            if not queue:
-                return
-            if worker.idle:
-                req = queue.pop(held=self.engine.is_deferred, rank=self.engine.rank)
-                if req is not None:
-                    log.debug("request_dispatched", request=req.id, worker=worker.name)
-                    worker.run(req)
-                    self.engine.notify(Event("started", request=req.id, model=model))
+        for req in self.slots.fill(self.queues[model], self.workers[model],
+                                   self.engine.is_deferred, self.engine.rank):
+            self.engine.notify(Event("started", request=req.id, model=model))
 
     def _live(self, request_id: str) -> Request:
         req = self.requests.get(request_id)
@@ -321,9 +316,9 @@ class Service:
     def stop_request(self, request_id: str, code: str, message: str) -> Request:
         """Fail a queued or running request now; a running one is told to stop."""
         req = self._live(request_id)
-        if self.queues[req.model].remove(request_id) is None:
-            for worker in self.workers[req.model]:
-                worker.cancel(req)
+        if self.queues[req.model].remove(request_id) is None and (
+                worker := self.slots.running(request_id)) is not None:
+            worker.cancel(req)
         self._finish(req, code, message)
         return req
 
@@ -364,22 +359,21 @@ class Service:
     def worker_idle(self, worker: Worker) -> None:
         self.dispatch(worker.model.name)
 
-    def worker_done(self, worker: Worker, req: Request, msg: dict[str, Any]) -> None:
-        if msg.get("cancelled"):
+    def worker_done(self, worker: Worker, req: Request, msg: messages.Done) -> None:
+        if msg.cancelled or msg.stats is None:
             log.info("worker_stopped_request", request=req.id, worker=worker.name,
-                     stage=msg["stage"], completion_tokens=msg["completion_tokens"])
+                     stage=msg.stage, completion_tokens=msg.completion_tokens)
             self._finish(req, "cancelled", "the worker stopped the request")
             return
-        now = time.monotonic()
-        w = msg["stats"]
+        now, w = time.monotonic(), msg.stats
         stats = {
             "model": req.model, "worker": worker.name,
-            "prompt_tokens": w["prompt_tokens"], "completion_tokens": w["completion_tokens"],
-            "finish_reason": w["finish_reason"],
+            "prompt_tokens": w.prompt_tokens, "completion_tokens": w.completion_tokens,
+            "finish_reason": w.finish_reason,
             "queue_s": (req.started_at or now) - req.accepted_at,
             "ttft_s": req.first_token_at - req.accepted_at if req.first_token_at else None,
             "total_s": now - req.accepted_at,
-            "prefill_s": w["prefill_s"], "tokens_per_s": w["tokens_per_s"],
+            "prefill_s": w.prefill_s, "tokens_per_s": w.tokens_per_s,
             "preemptions": req.preemptions,
         }
         self._finish(req, "completed", stats=stats)
@@ -396,44 +390,24 @@ class Service:
             log.info("request_requeued", request=req.id, worker=worker.name, why=code)
             self.notify(Event("queued", request=req.id, model=req.model))  # and dispatch
 
-    def worker_preempted(self, worker: Worker, req: Request, resume: dict[str, Any]) -> None:
+    def worker_preempted(self, worker: Worker, req: Request, resume: messages.Resume) -> None:
         """Queue a preempted request again in its old place; it resumes where it stopped."""
         if req.id not in self.requests:
             return  # cancelled or expired while it was being preempted
         req.preemptions += 1
         req.resume = resume
         self.queues[req.model].push(req, requeue=True)
-        restore = resume.get("state") is not None
+        how = "recompute" if resume.state is None else "restore"
         log.info("request_preempted", request=req.id, worker=worker.name,
-                 generated=resume["generated"], context=len(resume["context"]),
-                 resume="restore" if restore else "recompute",
-                 state_bytes=len(resume["state"]) if restore else 0)
-        req.emit({"event": "preempted", "tokens": resume["generated"],
-                  "resume": "restore" if restore else "recompute"})
+                 generated=resume.generated, context=len(resume.context), resume=how,
+                 state_bytes=len(resume.state or b""))
+        req.emit({"event": "preempted", "tokens": resume.generated, "resume": how})
         self.engine.notify(Event("preempted", request=req.id, model=req.model))
 
-    def worker_kv(self, worker: Worker, report: dict[str, Any]) -> None:
-        log.info("kv_changed", worker=worker.name, **{k: v for k, v in report.items()
-                                                      if k != "type"})
+    def worker_kv(self, worker: Worker, report: messages.Kv) -> None:
+        log.info("kv_changed", worker=worker.name,
+                 **{k: v for k, v in messages.as_dict(report).items() if k != "type"})
         self.engine.kv_reported(worker.name, report)
-
-    def preempt(self, request_id: str, state_min_tokens: int) -> str:
-        """Ask the worker running request_id to give it up; returns what happened."""
-        req = self.requests.get(request_id)
-        worker = next((w for w in self.all_workers() if req and w.current is req), None)
-        if req is None or worker is None:
-            return "not running"
-        worker.preempt(req, state_min_tokens)
-        return "asked"
-
-    def kv_op(self, worker_name: str, op: str, values: dict[str, Any]) -> str:
-        worker = next((w for w in self.all_workers() if w.name == worker_name), None)
-        if worker is None or worker.pid is None:
-            return "no such worker"
-        if op == "shrink_kv" and values["n_ctx"] > worker.model.n_ctx:
-            return f"refused: n_ctx above the configured {worker.model.n_ctx}"
-        worker.kv_op(op, values)
-        return "asked"
 
     def worker_load_failed(self, worker: Worker) -> None:
         model = worker.model.name

@@ -45,11 +45,12 @@ class Observer:
                 pressure=_pressures(stats.get("pressure") or {}),
                 n_ctx=w.n_ctx, n_ctx_max=w.model.n_ctx, threads_asked=w.threads_asked,
                 threads_pinned=bool(w.model.threads),
-                allowed_cpus=cap.allowed if cap else 0, quota=cap.quota if cap else None))
+                allowed_cpus=cap.allowed if cap else 0, quota=cap.quota if cap else None,
+                slots=w.slots, slots_busy=len(w.running), batch_limit=s.slots.limit(w)))
         queued = tuple(_view(r, now, deferred=s.engine.is_deferred(r.id))
                        for q in s.queues.values() for r in q)
-        running = tuple(_view(w.current, now, w.name) for w in s.all_workers()
-                        if w.current is not None)
+        running = tuple(_view(r, now, w.name, kv_cells=w.batch.cells.get(r.id, 0))
+                        for w in s.all_workers() for r in w.running.values())
         return Snapshot(now=now, system=system, workers=tuple(workers), queued=queued,
                         running=running, outside=outside, cpu=s.cpu.view())
 
@@ -96,7 +97,9 @@ def _pressures(parsed: dict[str, Any]) -> dict[str, Pressure]:
     return out
 
 
-def _view(req: Request, now: float, worker: str = "", deferred: bool = False) -> RequestView:
+def _view(req: Request, now: float, worker: str = "", deferred: bool = False,
+          kv_cells: int = 0) -> RequestView:
     return RequestView(req.id, req.model, req.priority, req.prompt_chars,
                        req.params.get("max_tokens", 0), now - req.accepted_at, worker=worker,
-                       tokens=req.tokens_sent, preemptions=req.preemptions, deferred=deferred)
+                       tokens=req.tokens_sent, preemptions=req.preemptions, deferred=deferred,
+                       kv_cells=kv_cells)

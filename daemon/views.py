@@ -41,7 +41,8 @@ def status(service: Service) -> dict[str, Any]:
             name: {
                 "state": model_state(service, name),
                 "queue_depth": len(queue), "max_queue": queue.limit,
-                "running": sum(1 for w in service.workers[name] if w.current is not None),
+                "running": sum(len(w.running) for w in service.workers[name]),
+                "slots": sum(w.slots for w in service.workers[name] if w.state in ("idle", "busy")),
                 "queued": [r.id for r in queue.ordered(service.engine.rank)],
                 **service.metrics[name].snapshot(),
             }
@@ -52,6 +53,7 @@ def status(service: Service) -> dict[str, Any]:
 
 def _describe_worker(service: Service, worker: Worker) -> dict[str, Any]:
     out = worker.describe()
+    out["batch_limit"] = service.slots.limit(worker)
     out["backend"] = service.backend.name
     out["limits"] = service.limits[worker.model.name].describe()
     out["cgroup"] = service.observer.cgroup_stats(worker)
@@ -72,7 +74,8 @@ def models(service: Service) -> list[dict[str, Any]]:
             "name": name, "state": model_state(service, name),
             "source": cfg.package or cfg.path,
             "path": str(service.paths[name]) if name in service.paths else None,
-            "workers": len(workers), "n_ctx": cfg.n_ctx, "max_tokens": cfg.max_tokens,
+            "workers": len(workers), "parallel": cfg.parallel, "n_ctx": cfg.n_ctx,
+            "max_tokens": cfg.max_tokens,
             "error": service.unavailable_reason(name) or None,
         })
     return out

@@ -15,17 +15,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 
-from . import procstats
+from . import messages, procstats
 from .config import Config, ModelConfig
-from .protocol import ProtocolError, decode, encode, read_frame
+from .messages import IPC_MAX_FRAME
+from .protocol import ProtocolError, read_frame
 from .scheduler import Request
 from .scopes import Scope
+from .slots import BatchTally
 from .supervision import Backoff, Clock, ping_period
 
 LOAD_TIMEOUT = 600.0
-IPC_MAX_FRAME = 64 << 20
 
 
 def kill(proc: asyncio.subprocess.Process) -> None:
@@ -43,14 +45,15 @@ class Listener(Protocol):
     config: Config  # read at each use: a reload changes it
 
     async def model_path(self, model: str) -> Path: ...
-    def worker_idle(self, worker: Worker) -> None: ...
-    def worker_done(self, worker: Worker, req: Request, msg: dict[str, Any]) -> None: ...
+    def worker_idle(self, worker: Worker) -> None: ...  # loaded, or a slot came free
+    def worker_done(self, worker: Worker, req: Request, msg: messages.Done) -> None: ...
     def worker_error(self, worker: Worker, req: Request, code: str, message: str) -> None: ...
     def worker_lost(self, worker: Worker, req: Request, code: str, message: str) -> None: ...
     def worker_load_failed(self, worker: Worker) -> None: ...
     def oom_killed(self, worker: Worker) -> bool: ...
-    def worker_preempted(self, worker: Worker, req: Request, resume: dict[str, Any]) -> None: ...
-    def worker_kv(self, worker: Worker, report: dict[str, Any]) -> None: ...
+    def worker_preempted(self, worker: Worker, req: Request,
+                         resume: messages.Resume) -> None: ...
+    def worker_kv(self, worker: Worker, report: messages.Kv) -> None: ...
     async def place(self, worker: Worker) -> None: ...
     async def release(self, worker: Worker) -> None: ...
 
@@ -76,7 +79,11 @@ def run_as(user: str) -> dict[str, Any]:
 
 class Worker:
     """One model worker process, restarted with exponential backoff when it dies, and
-    killed and restarted when it stops answering (supervision.py decides the waits)."""
+    killed and restarted when it stops answering (supervision.py decides the waits).
+
+    It runs up to `slots` requests at once (the worker's batch); the daemon sends a
+    request only into a free slot, so `running` never holds more than the worker has.
+    """
 
     def __init__(self, model: ModelConfig, index: int, listener: Listener,
                  backoff_max: float, user: str = "", *, clock: Clock = time.monotonic,
@@ -94,7 +101,9 @@ class Worker:
         self.threads_why = ""  # what set the count: config, affinity, quota, contention
         self.threads_asked: int | None = None  # sent, not yet confirmed by the worker
         self._threads_why_asked = ""
-        self.n_ctx = 0
+        self.n_ctx = 0  # tokens per sequence
+        self.slots = 0  # sequences the process runs at once; 0 before it is ready
+        self.batch = BatchTally()
         self.served = 0
         self.restarts = 0
         # How its processes ended when not asked to: oom, signal, exit, hung, load_failed.
@@ -106,7 +115,7 @@ class Worker:
         self.load_failures = 0  # failed loads in a row
         self._heard_at = 0.0  # when the process last sent anything (clock())
         self._hung = ""  # why the liveness check killed the process, until it is reaped
-        self.current: Request | None = None
+        self.running: dict[str, Request] = {}  # by id, in the order they started
         self.scope: Scope | None = None
         self.scope_error = ""
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -116,8 +125,13 @@ class Worker:
         self.log = structlog.get_logger().bind(worker=self.name)
 
     @property
-    def idle(self) -> bool:
-        return self.state == "idle" and self.current is None and not self._stopping
+    def serving(self) -> bool:
+        """Loaded and taking requests (idle or busy), not retiring."""
+        return self.state in ("idle", "busy") and not self._stopping
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.slots - len(self.running)) if self.serving else 0
 
     # -- supervision ---------------------------------------------------------
 
@@ -179,31 +193,33 @@ class Worker:
         asyncio.get_running_loop().create_task(self._drain_stderr(self._proc.stderr))
         await self.listener.place(self)  # into its scope before the model is loaded
         reader, self._writer = await asyncio.open_unix_connection(sock=parent)
-        self._send({"type": "load", "path": str(path), "n_ctx": self.model.n_ctx,
-                    "n_batch": self.model.n_batch, "threads": self.model.threads,
-                    "chat_template": self.model.chat_template, "seed": self.model.seed,
-                    "stream_interval": self.model.stream_interval,
-                    "flash_attn": self.model.flash_attn})
+        m = self.model
+        self._send(messages.Load(
+            path=str(path), n_ctx=m.n_ctx, n_batch=m.n_batch, threads=m.threads,
+            chat_template=m.chat_template, seed=m.seed, stream_interval=m.stream_interval,
+            flash_attn=m.flash_attn, parallel=m.parallel))
         try:
             msg = await asyncio.wait_for(self._recv(reader), LOAD_TIMEOUT)
-        except (TimeoutError, ProtocolError, OSError) as exc:
+        except (TimeoutError, ProtocolError, OSError, messages.DecodeError) as exc:
             raise LoadFailed(f"no answer to load: {exc}") from None
         if msg is None:
             tail = self._tail()
             raise LoadFailed(f"worker exited while loading {path}" + (f": {tail}" if tail else ""))
-        if msg.get("type") != "ready":
-            raise LoadFailed(msg.get("message", f"unexpected reply {msg!r}"))
+        if isinstance(msg, messages.LoadFailed):
+            raise LoadFailed(msg.message)
+        if not isinstance(msg, messages.Ready):
+            raise LoadFailed(f"unexpected reply {messages.as_dict(msg)!r}")
         self._heard_at = self._clock()
-        self.threads, self.n_ctx = msg["threads"], msg["n_ctx"]
-        self.threads_why, self.threads_asked = msg["threads_why"], None
+        self.threads, self.n_ctx, self.slots = msg.threads, msg.n_ctx, msg.slots
+        self.threads_why, self.threads_asked = msg.threads_why, None
         self.load_error = ""  # last_error stays: status says why the last process ended
         self.log.info("worker_ready", pid=self.pid, path=str(path), threads=self.threads,
-                      n_ctx=self.n_ctx, load_s=round(msg["load_s"], 3))
+                      n_ctx=self.n_ctx, slots=self.slots, load_s=round(msg.load_s, 3))
         return reader
 
-    async def _recv(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    async def _recv(self, reader: asyncio.StreamReader) -> messages.FromWorker | None:
         body = await read_frame(reader, IPC_MAX_FRAME)
-        return None if body is None else decode(body)
+        return None if body is None else messages.from_worker(body)
 
     async def _serve(self, reader: asyncio.StreamReader) -> None:
         """Relay the worker's messages, checking that it lives, until its stream ends."""
@@ -222,7 +238,7 @@ class Worker:
         while not self._stopping:
             limit = self.listener.config.daemon.liveness_timeout
             period = ping_period(limit)
-            self._send({"type": "ping"})
+            self._send(messages.Ping())
             asked = self._clock()
             await self._sleep(period)
             now = self._clock()
@@ -230,11 +246,11 @@ class Worker:
                 continue  # the daemon's own loop was held up: its reader gets a turn first
             silent = now - self._heard_at
             if silent > limit and not self._stopping and self._proc is not None:
-                doing = f"running {self.current.id}" if self.current else "idle"
+                doing = f"running {', '.join(self.running)}" if self.running else "idle"
                 self._hung = (f"killed: no heartbeat for {silent:.1f} s while {doing} "
                               f"(daemon.liveness_timeout {limit:g} s)")
                 self.log.error("worker_hung", pid=self.pid, silent_s=round(silent, 1),
-                               request=self.current.id if self.current else None)
+                               requests=list(self.running))
                 kill(self._proc)  # its stream then ends; _reap says why
                 return
 
@@ -242,7 +258,8 @@ class Worker:
         while True:
             try:
                 msg = await self._recv(reader)
-            except (ProtocolError, OSError) as exc:
+            except (ProtocolError, OSError, messages.DecodeError) as exc:
+                # DecodeError: a message that breaks its declaration in messages.py.
                 self.log.error("worker_stream_broken", error=str(exc))
                 return
             if msg is None:
@@ -251,41 +268,49 @@ class Worker:
             try:
                 self._handle(msg)
             except Exception:
-                self.log.exception("worker_message_failed", type=msg.get("type"))
+                self.log.exception("worker_message_failed", type=type(msg).__name__)
 
-    def _handle(self, msg: dict[str, Any]) -> None:
-        kind, req = msg.get("type"), self.current
-        if kind in ("pong", "batch"):
+    def _handle(self, msg: messages.FromWorker) -> None:
+        if isinstance(msg, messages.Pong):
             return
-        if kind == "threads":
-            self.log.info("threads_applied", threads=msg["n"], stage=msg["stage"], at=msg["at"],
-                          redone=msg.get("redone", False), request=req.id if req else None)
-            self.threads = msg["n"]
-            if msg["n"] == self.threads_asked:
+        if isinstance(msg, messages.Threads):
+            self.log.info("threads_applied", threads=msg.n, stage=msg.stage, at=msg.at,
+                          redone=msg.redone, requests=list(self.running))
+            self.threads = msg.n
+            if msg.n == self.threads_asked:
                 self.threads_why, self.threads_asked = self._threads_why_asked, None
-            return
-        if kind == "kv":
-            self.n_ctx = msg["n_ctx"]
+        elif isinstance(msg, messages.Kv):
+            self.n_ctx = msg.n_ctx
             self.listener.worker_kv(self, msg)
+        elif isinstance(msg, messages.Batch):
+            self.batch.add(msg)
+        elif isinstance(msg, messages.Token | messages.Done | messages.Preempted
+                        | messages.Error):
+            self._handle_request(msg)
+        else:  # Ready or LoadFailed after the load
+            self.log.warning("worker_stray_message", type=type(msg).__name__)
+
+    def _handle_request(self, msg: messages.Token | messages.Done | messages.Preempted
+                        | messages.Error) -> None:
+        req = self.running.get(msg.req)
+        if req is None:
+            self.log.warning("worker_stray_message", type=type(msg).__name__, req=msg.req)
             return
-        if req is None or msg.get("req") != req.id:
-            self.log.warning("worker_stray_message", type=kind, req=msg.get("req"))
+        if isinstance(msg, messages.Token):
+            req.token(msg.text, msg.tokens)
             return
-        if kind == "token":
-            req.token(msg["text"], msg["tokens"])
-            return
-        self.current = None
-        self.served += kind != "preempted"
-        if kind == "done":
+        del self.running[msg.req]  # the worker freed the slot before it answered
+        self.batch.cells.pop(msg.req, None)
+        self.served += not isinstance(msg, messages.Preempted)
+        if isinstance(msg, messages.Done):
             self.listener.worker_done(self, req, msg)
-        elif kind == "preempted":
-            self.listener.worker_preempted(self, req, msg["resume"])
+        elif isinstance(msg, messages.Preempted):
+            self.listener.worker_preempted(self, req, msg.resume)
         else:
-            self.listener.worker_error(self, req, msg.get("code", "internal"),
-                                       msg.get("message", "worker error"))
+            self.listener.worker_error(self, req, msg.code, msg.message)
         if self.state == "busy":
-            self.state = "idle"
-            self.listener.worker_idle(self)
+            self.state = "busy" if self.running else "idle"
+            self.listener.worker_idle(self)  # a slot is free: dispatch fills it
 
     async def _reap(self) -> str:
         """Wait for the process to end and release its scope; returns how it ended when
@@ -312,8 +337,10 @@ class Worker:
             self.last_error = f"worker process {proc.pid} {how}"
             if not self._stopping:
                 self.log.error("worker_exited", pid=proc.pid, how=how, stderr=self._tail())
-            req, self.current = self.current, None
-            if req is not None:
+            # Every sequence of the process is lost; the queued requests are not.
+            lost, self.running = list(self.running.values()), {}
+            self.batch.cells.clear()
+            for req in lost:
                 self.listener.worker_lost(self, req, "worker_hung" if self._hung else
                                           "worker_died", f"worker {self.name} (pid {proc.pid}) {how}")
         if self.scope is not None:
@@ -334,41 +361,43 @@ class Worker:
 
     # -- commands --------------------------------------------------------------
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: msgspec.Struct) -> None:
         if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(encode(msg))
+            self._writer.write(messages.frame(msg))
 
     def run(self, req: Request) -> None:
-        assert self.idle
-        self.state, self.current = "busy", req
+        """Start req in a free slot."""
+        assert self.free_slots > 0 and req.id not in self.running
+        msg = messages.Generate(req=req.id, prompt=req.prompt, resume=req.resume, **req.params)
+        self.running[req.id] = req
+        self.state = "busy"
         req.started_at = req.started_at or time.monotonic()
-        resume = {"resume": req.resume} if req.resume else {}
-        self._send({"type": "generate", "req": req.id, "prompt": req.prompt, **req.params,
-                    **resume})
+        self._send(msg)
         req.resume = None  # the worker has it now; it sends a new one if preempted again
 
     def cancel(self, req: Request) -> None:
-        if self.current is req:
-            self._send({"type": "cancel", "req": req.id})
+        if req.id in self.running:
+            self._send(messages.Cancel(req=req.id))
 
     def preempt(self, req: Request, state_min_tokens: int) -> None:
-        """Ask the worker to give up req at the next token; it answers with "preempted"."""
-        if self.current is req:
-            self._send({"type": "preempt", "req": req.id, "state_min_tokens": state_min_tokens})
+        """Ask the worker to give up req's slot at the next step; it answers Preempted."""
+        if req.id in self.running:
+            self._send(messages.Preempt(req=req.id, state_min_tokens=state_min_tokens))
 
     def kv_op(self, op: str, values: dict[str, Any]) -> None:
-        """trim_kv or shrink_kv, done at the next token (or at once if idle)."""
-        self._send({"type": op, **values})
+        """trim_kv (values may name the sequence: req) or shrink_kv, done at the next step
+        (or at once if idle)."""
+        self._send(messages.TrimKv(**values) if op == "trim_kv" else messages.ShrinkKv(**values))
 
     def set_threads(self, n: int, why: str) -> None:
         """Ask for n threads; the worker stops the decode call in progress and takes them."""
         self.threads_asked, self._threads_why_asked = n, why
-        self._send({"type": "set_threads", "n": n})
+        self._send(messages.SetThreads(n=n))
 
     async def retire(self, grace: float) -> None:
-        """Take no new request; stop once the current one is done (a reload's restart)."""
+        """Take no new request; stop once the running ones are done (a reload's restart)."""
         self._stopping = True
-        while self.current is not None:
+        while self.running:
             await asyncio.sleep(0.05)
         await self.stop(grace)
 
@@ -378,7 +407,7 @@ class Worker:
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
-        self._send({"type": "shutdown"})
+        self._send(messages.Shutdown())
         try:
             await asyncio.wait_for(proc.wait(), grace)
         except TimeoutError:
@@ -390,10 +419,12 @@ class Worker:
             "name": self.name, "model": self.model.name, "index": self.index,
             "pid": self.pid, "state": self.state, "threads": self.threads,
             "threads_why": self.threads_why or None, "threads_asked": self.threads_asked,
-            "n_ctx": self.n_ctx,
+            "n_ctx": self.n_ctx, "slots": self.slots, "slots_busy": len(self.running),
             **self.process.read(self.pid), "served": self.served, "restarts": self.restarts,
             "deaths": dict(self.deaths),
-            "request": self.current.id if self.current else None,
+            "requests": [{"id": r.id, "tokens": r.tokens_sent,
+                          "kv_cells": self.batch.cells.get(r.id)} for r in self.running.values()],
+            "batch": self.batch.describe(),
             "last_error": self.last_error or None,
             "load_failures": self.load_failures,
             "retry_in_s": None if (t := self.backoff.retry_in()) is None else round(t, 3),

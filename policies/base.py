@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+# set_batch's `sequences` that lifts a batch limit: models.NAME.parallel's maximum.
+BATCH_UNLIMITED = 64
+
 
 class PolicyError(ValueError):
     """A policy name, parameter or value that cannot be used; the message says which."""
@@ -84,12 +87,21 @@ class WorkerView:
     memory_high: int | None
     memory_current: int | None
     pressure: dict[str, Pressure] = field(default_factory=dict)
-    n_ctx: int = 0  # the context it runs with now
+    n_ctx: int = 0  # the context of one sequence it runs with now
     n_ctx_max: int = 0  # the configured context
     threads_asked: int | None = None  # a count sent to the worker, not yet confirmed
     threads_pinned: bool = False  # `threads = N` in the model's config
     allowed_cpus: int = 0  # CPUs in its affinity mask (0: unknown)
     quota: float | None = None  # its cgroup CPU quota in CPUs as the kernel has it
+    slots: int = 1  # sequences its process runs at once (models.NAME.parallel)
+    slots_busy: int = 0  # requests running on it now
+    batch_limit: int = 1  # the most slots dispatch fills: slots, or fewer after set_batch
+
+    @property
+    def free_slots(self) -> int:
+        """Slots a queued request of its model can take now."""
+        serving = self.state in ("idle", "busy")
+        return max(0, self.batch_limit - self.slots_busy) if serving else 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,7 @@ class RequestView:
     tokens: int = 0  # tokens generated so far
     preemptions: int = 0
     deferred: bool = False  # held back by a policy
+    kv_cells: int = 0  # KV cells its sequence holds (the worker's last Batch report)
 
 
 @dataclass(frozen=True)
@@ -181,7 +194,9 @@ class Event:
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # admit | defer | rank | set_limits | set_threads | preempt | trim_kv | shrink_kv
+    # admit | defer | rank | set_limits | set_threads | preempt | trim_kv | shrink_kv |
+    # set_batch
+    kind: str
     target: str  # a request id, a model name or a worker name
     values: dict[str, Any] = field(default_factory=dict)
     reason: str = ""

@@ -15,9 +15,12 @@ A policy decides how the daemon reacts to pressure and load. It receives events 
 every second, a PSI trigger on the system or a worker's scope, a request queued, started
 or finished or preempted) with a read-only snapshot (PSI averages and totals of the
 system, of the rest of the machine outside the workers' cgroups, and of each scope;
-cgroup memory; the waiting and running requests), and returns
+cgroup memory; each worker's slots, busy slots and batch limit; the waiting and running
+requests, with the KV cells each running sequence holds), and returns
 actions: admit, defer or rank a waiting request, preempt a running one, set a model's
-limits, set a worker's threads, trim or shrink a worker's KV cache. The daemon applies
+limits, set a worker's threads, trim or shrink a worker's KV cache, or limit how many of
+a worker's or a model's slots dispatch fills (`set_batch`: each worker runs up to
+`parallel` requests at once, one sequence each in its batch). The daemon applies
 them and records each one (`llmctl events`); a worker's answer to a KV change is
 recorded too, with its token counts, RSS before and after, and time taken.
 

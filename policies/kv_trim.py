@@ -4,14 +4,17 @@ When a memory pressure trigger fires on a worker's scope, or on a tick its memor
 avg10` is at or above `some_above` percent, the policy asks that worker, at most once per
 `cooldown_s`, to reduce its KV cache:
 
-- mode `trim`: drop the middle of the running sequence, keeping the first `keep` tokens
-  (the instructions) and the last `tail` (the recent text), if at least `min_prune` can
-  go. The rest is shifted down, as llama.cpp's context shift does, and generation goes
-  on. It bounds how much more cache the sequence touches.
-- mode `shrink`: reopen the worker's context at `factor` of its size, not below
-  `min_ctx`. The sequence's state is saved, the llama context freed and made again
-  smaller, and the state restored, so the continuation is unchanged; the freed cache goes
-  back to the kernel. A sequence too long for the smaller context is trimmed first.
+- mode `trim`: of the sequences running on that worker, take the one that holds the most
+  KV cells (the worker reports them each second) and drop the middle of it, keeping its
+  first `keep` tokens (the instructions) and its last `tail` (the recent text), if at
+  least `min_prune` can go. The rest is shifted down, as llama.cpp's context shift does,
+  and generation goes on; the other sequences are not touched. It bounds how much more
+  cache the longest sequence touches.
+- mode `shrink`: reopen the worker's context at `factor` of its size per sequence, not
+  below `min_ctx`, for all its sequences at once. Their states are saved, the llama
+  context freed and made again smaller, and the states restored, so the continuations
+  are unchanged; the freed cache goes back to the kernel. A sequence too long for the
+  smaller context is trimmed first.
 
 After `restore_after_s` with the pressure below `some_above`, an idle worker's context
 grows back to its configured size; so does a shrunk one that a new request needs room in
@@ -30,7 +33,7 @@ from 937 to 112 MB; restoring the sequence took 2.5 ms and continued identically
 
 from __future__ import annotations
 
-from .base import Action, Event, Param, Policy, PolicyError, Snapshot, WorkerView
+from .base import Action, Event, Param, Policy, PolicyError, RequestView, Snapshot, WorkerView
 
 
 class KvTrim(Policy):
@@ -73,24 +76,28 @@ class KvTrim(Policy):
                 self.calm_since.setdefault(w.name, snap.now)
             if pressed:
                 self.calm_since.pop(w.name, None)
-                action = self._cut(w, snap.now)
+                action = self._cut(w, snap.now, snap.running)
             else:
                 action = self._restore(w, snap.now) if event.kind == "tick" else None
             if action is not None:
                 actions.append(action)
         return actions
 
-    def _cut(self, w: WorkerView, now: float) -> Action | None:
+    def _cut(self, w: WorkerView, now: float,
+             running: tuple[RequestView, ...]) -> Action | None:
         s = self.settings
         if now - self.last_cut.get(w.name, -1e18) < s["cooldown_s"]:
             return None
         why = f"memory pressure in {w.name}'s scope"
         if s["mode"] == "trim":
-            if w.state != "busy":
+            mine = [r for r in running if r.worker == w.name]
+            if not mine:
                 return None
+            longest = max(mine, key=lambda r: (r.kv_cells, r.tokens))
             self.last_cut[w.name] = now
             return Action("trim_kv", w.name, {"keep": s["keep"], "tail": s["tail"],
-                                              "min_prune": s["min_prune"]}, reason=why)
+                                              "min_prune": s["min_prune"], "req": longest.id},
+                          reason=f"{why}; {longest.id} holds {longest.kv_cells} KV cells")
         n_ctx = max(s["min_ctx"], int(w.n_ctx * s["factor"]))
         if not w.n_ctx or n_ctx >= w.n_ctx:
             return None

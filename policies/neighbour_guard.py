@@ -12,6 +12,18 @@ system-wide pressure is not used: it also counts the workers' own stalls on the 
 the guard set (a lone worker throttled at 50 % showed 49.7 % system CPU some in the
 systemd guest, docs/benchmarks.md).
 
+With `scale_batch` (on by default), the batch follows the quota: each worker of the model
+fills at most `ceil(parallel × quota / max_cpu)` of its slots (at least one), and all of
+them once the quota is back at `max_cpu` (a `set_batch` action on the model). Why: the
+quota bounds the CPU the workers take whatever the batch, so the neighbours are protected
+by the cut alone; what the batch width decides is how the smaller CPU is shared. A step
+costs more CPU the more sequences it holds, so with every slot kept full a cut to half
+slows each running request's stream to about half its speed and its clients all wait
+longer together. Narrowed with the quota, the requests that run keep most of their token
+rate, and the others wait in the queue, where `priority` and `sjf` choose which run
+next. The cost is throughput under a cut (a batch shares the weight reads, so one wide
+step costs less than several narrow ones); `scale_batch = false` keeps every slot filled.
+
 Research: LLM-OS caps LLM throughput to protect the host's other programs
 (shared/research/002); PSI gives the signal that the others are stalling.
 
@@ -23,7 +35,9 @@ Research: LLM-OS caps LLM throughput to protect the host's other programs
 
 from __future__ import annotations
 
-from .base import Action, Event, Param, Policy, Snapshot
+import math
+
+from .base import BATCH_UNLIMITED, Action, Event, Param, Policy, Snapshot
 
 
 class NeighbourGuard(Policy):
@@ -38,6 +52,8 @@ class NeighbourGuard(Policy):
         "min_cpu": Param(float, 0.25, "lowest quota in CPUs", 0.01, 1024.0),
         "max_cpu": Param(float, 2.0, "highest quota in CPUs", 0.01, 1024.0),
         "interval_s": Param(float, 2.0, "seconds between decisions", 0.5, 3600.0),
+        "scale_batch": Param(bool, True, "fill each worker's slots in proportion to the "
+                             "quota (ceil(parallel x quota / max_cpu)); all of them at max_cpu"),
     }
 
     def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
@@ -57,4 +73,22 @@ class NeighbourGuard(Policy):
             if now is None or abs(new - now) > 1e-9:
                 actions.append(Action("set_limits", model, {"cpu": f"{new * 100:g}%"},
                                       reason=f"outside cpu some avg10 {cpu:.1f}%"))
+            batch = self._batch(model, new, snap) if s["scale_batch"] else None
+            if batch is not None:
+                actions.append(batch)
         return actions
+
+    def _batch(self, model: str, quota: float, snap: Snapshot) -> Action | None:
+        """set_batch for the model's workers when the width for `quota` is not theirs."""
+        workers = [w for w in snap.workers if w.model == model and w.slots]
+        if not workers:
+            return None  # not loaded yet: the slot count is unknown
+        slots = max(w.slots for w in workers)
+        share = quota / self.settings["max_cpu"]
+        width = slots if share >= 1 else max(1, math.ceil(slots * share - 1e-9))
+        if all(w.batch_limit == min(width, w.slots) for w in workers):
+            return None
+        return Action("set_batch", model,
+                      {"sequences": width if width < slots else BATCH_UNLIMITED},
+                      reason=f"quota {quota:g} of max_cpu {self.settings['max_cpu']:g} CPUs: "
+                      f"{width} of {slots} slots")

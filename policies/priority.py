@@ -1,12 +1,13 @@
 """priority: a waiting higher-priority request preempts a running lower-priority one.
 
-When a request waits and no worker of its model is idle, the policy looks at the requests
-running there. If one has a priority at least `min_gap` below the waiting request's, it
-is preempted (the lowest priority first, then the one with the least output): its worker
-stops it at the next token, or during prompt evaluation, the daemon queues it again in
-its old place, and the waiting request takes the worker. The preempted request later
-resumes where it stopped, and its client sees one stream of tokens with a `preempted`
-event in it. A context of at least `state_min_tokens` tokens is saved and restored
+When a request waits and no worker of its model has a free slot (every slot within the
+batch limit runs a sequence), the policy looks at the requests running there. If one has
+a priority at least `min_gap` below the waiting request's, it is preempted (the lowest
+priority first, then the one with the least output): its worker takes that one sequence
+out of the batch at the next step, or during its prompt evaluation, while the others go
+on; the daemon queues it again in its old place, and the waiting request takes the slot.
+The preempted request later resumes where it stopped, and its client sees one stream of
+tokens with a `preempted` event in it. A context of at least `state_min_tokens` tokens is saved and restored
 (llama_state_seq_get_data: the sequence's KV cache alone, not the logits); a shorter one
 is recomputed, which costs less than copying its state. A request is preempted at most
 `max_preemptions` times, so low priorities still finish. Requests that another policy
@@ -42,13 +43,13 @@ class Priority(Policy):
         self.asked &= {r.id for r in snap.running}
         actions = []
         for model in sorted({r.model for r in snap.queued}):
-            if any(w.model == model and w.state == "idle" for w in snap.workers):
-                continue
             waiting = sorted((r for r in snap.queued if r.model == model and not r.deferred),
                              key=lambda r: -r.priority)
             running = [r for r in snap.running if r.model == model]
+            # The first in line take the free slots, and those being given up, from nobody.
+            free = sum(w.free_slots for w in snap.workers if w.model == model)
             pending = sum(1 for r in running if r.id in self.asked)
-            for req in waiting[pending:]:
+            for req in waiting[free + pending:]:
                 victim = self._victim(req, running)
                 if victim is None:
                     break

@@ -16,6 +16,15 @@ it also counts the workers' stalls on their own cpu.max (a worker throttled at 5
 shows about 50 % system pressure with nothing else running), so the policy deferred
 with no neighbour at all. `scope_pressure` adds the workers' scopes' CPU pressure.
 
+With batching, `keep_running` counts sequences: the requests running in the model's
+slots, summed over its workers (a worker with `parallel = 4` and four requests counts
+four). Admission is this policy's lever on the batch: a deferred request stays queued and
+takes no slot, so while the pressure lasts the batch grows by at most what
+`keep_running` leaves room for, and the sequences already running finish (none is
+stopped). It does not also narrow the batch with `set_batch`: a request admitted after
+`max_defer_s` must get a slot at once, which a batch limit would refuse, and a limit left
+behind would outlive the pressure that set it.
+
 Why `keep_running`: holding everything back while a co-located program keeps the CPU
 busy leaves the model idle, and the pressure (the other program's own) never falls, so
 every request waited `max_defer_s` and then all started at once. Both measured in the
@@ -47,8 +56,8 @@ class PsiAdmission(Policy):
                              "again", 0.0, 100.0),
         "calm_s": Param(float, 2.0, "seconds pressure must stay low before admitting", 0.0, 600.0),
         "max_defer_s": Param(float, 30.0, "longest a request is held back", 0.1, 86400.0),
-        "keep_running": Param(int, 1, "requests per model that may still run while deferring "
-                              "(0: hold every new one)", 0, 1024),
+        "keep_running": Param(int, 1, "requests (sequences, over all the model's slots) that "
+                              "may still run while deferring (0: hold every new one)", 0, 1024),
         "scope_pressure": Param(bool, False, "count the workers' own scopes' CPU pressure too "
                                 "(under a cpu.max quota that includes their throttling)"),
     }

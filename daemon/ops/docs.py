@@ -9,7 +9,9 @@ replaced; the prose around it is kept. The blocks are:
 - `ops`: each op, the first line of its module docstring, and its `Access:` line;
 - `fields OP`: the request fields of OP, from its `Param` declarations (one per op);
 - `error-codes`: daemon/protocol.py ERROR_CODES, in declaration order;
-- `hello-reply`: the worked example's hello reply, produced by the hello op itself.
+- `hello-reply`: the worked example's hello reply, produced by the hello op itself;
+- `worker-messages`: every message between the daemon and a worker, from
+  daemon/messages.py (tag, docstring, fields with their types, defaults and comments).
 
 A page without a block for some op, or with a block this module does not know, is an
 error: a new op cannot be left out of the page.
@@ -18,16 +20,20 @@ error: a new op cannot be left out of the page.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
 import sys
+import typing
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import structlog
 import structlog.testing
 
+from .. import messages
 from ..config import DaemonConfig
 from ..protocol import ERROR_CODES, encode
 from . import OPS, Context, Op, Param
@@ -145,9 +151,49 @@ def hello_example() -> str:
             f"```\n{_hex(frame)}\n```\n```json\n{json.dumps(reply)}\n```\n")
 
 
+def _comments(cls: type) -> dict[str, str]:
+    """The `# ...` comment after each field of a message class, by field name."""
+    found = re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.MULTILINE)
+    return {m[1]: m[2] for m in found}
+
+
+def _default(f: msgspec.structs.FieldInfo) -> str:
+    if f.required:
+        return "required"
+    value = f.default_factory() if f.default is msgspec.NODEFAULT else f.default
+    return f"`{json.dumps(value) if not isinstance(value, bytes) else repr(value)}`"
+
+
+def message_table(cls: type[msgspec.Struct]) -> str:
+    """One message: its tag (or, for a nested struct, its name), docstring and fields."""
+    tag = cls.__struct_config__.tag
+    title = f"`{tag}`" if tag else f"{cls.__name__} (inside a message)"
+    doc = " ".join((cls.__doc__ or "").split())
+    rows = [f"#### {title}", "", *([doc, ""] if doc else []),
+            "| field | type | default | meaning |", "|---|---|---|---|"]
+    notes = _comments(cls)
+    for f in msgspec.structs.fields(cls):
+        kind = cls.__annotations__[f.name].replace("|", "\\|")  # as written in messages.py
+        rows.append(f"| `{f.name}` | `{kind}` | {_default(f)} | {notes.get(f.name, '')} |")
+    return "\n".join(rows) + "\n"
+
+
+def worker_messages() -> str:
+    """daemon/messages.py as tables: daemon -> worker, worker -> daemon, nested structs."""
+    parts = []
+    for heading, union in (("Daemon → worker", messages.ToWorker),
+                           ("Worker → daemon", messages.FromWorker)):
+        parts.append(f"### {heading}\n")
+        parts += [message_table(cls) for cls in typing.get_args(union)]
+    parts.append("### Structures inside messages\n")
+    parts += [message_table(cls) for cls in (messages.Resume, messages.Stats)]
+    return "\n".join(parts)
+
+
 def blocks() -> dict[str, str]:
     """Every block the page must hold, by name."""
-    out = {"ops": ops_table(), "error-codes": error_codes_table(), "hello-reply": hello_example()}
+    out = {"ops": ops_table(), "error-codes": error_codes_table(), "hello-reply": hello_example(),
+           "worker-messages": worker_messages()}
     out.update({f"fields {name}": fields_table(op) for name, op in sorted(OPS.items())})
     return out
 

@@ -6,7 +6,7 @@ Request: {"op": "events", "limit": 50}
 Reply:   {"events": [{"at": UNIX_TIME, "policy", "action", "target", "values", "reason",
                       "result"}]}
 Oldest first; the daemon keeps the last 500. action is admit, defer, set_limits,
-set_threads, preempt, trim_kv, shrink_kv, grow_kv (a worker's own), or disable (a policy
+set_threads, set_batch, preempt, trim_kv, shrink_kv, grow_kv (a worker's own), or disable (a policy
 switched off by an error or an admin); result is "done", "asked", "failed: WHY", or what
 the worker reported for a KV change.
 """

@@ -25,6 +25,7 @@ workers = {workers}
 max_queue = {max_queue}
 max_tokens = 16
 threads = {threads}
+parallel = {parallel}
 """
 
 
@@ -95,12 +96,21 @@ class Daemon:
 
 
 def tiny_config(model: Path, n_ctx: int = 256, workers: int = 1, max_queue: int = 8,
-                daemon: str = "", model_extra: str = "", threads: int = 1) -> str:
+                daemon: str = "", model_extra: str = "", threads: int = 1,
+                parallel: int = 1) -> str:
     """model_extra: more lines of [models.tiny]. threads 0 lets the threads policy move
-    the count; the default pins 1, so that tests do not depend on the machine's load."""
+    the count; the default pins 1, so that tests do not depend on the machine's load.
+    parallel 1 (one request per worker, not the config's default 4) keeps the tests of
+    queueing, priority, fairness and supervision about one request; the slot tests
+    (test_slots.py) pass more."""
     body = TINY_MODEL.format(path=model, n_ctx=n_ctx, workers=workers, max_queue=max_queue,
-                             threads=threads)
+                             threads=threads, parallel=parallel)
     return f"[daemon]\nhello_timeout = 2.0\n{daemon}\n{body}{model_extra}\n"
+
+
+def running(status: dict[str, Any], worker: int = 0) -> list[str]:
+    """The ids of the requests running in a worker's slots, as status lists them."""
+    return [r["id"] for r in status["workers"][worker]["requests"]]
 
 
 def read_until_done(sock: socket.socket, want: int) -> list[dict[str, Any]]:

@@ -8,7 +8,16 @@ import signal
 import socket
 
 import pytest
-from harness import OTHER_UID, connect_as, hello, read_until_done, shared_socket_dir, tiny_config, wait_for
+from harness import (
+    OTHER_UID,
+    connect_as,
+    hello,
+    read_until_done,
+    running,
+    shared_socket_dir,
+    tiny_config,
+    wait_for,
+)
 from llm_residentd.fairness import ROOT_RESERVE
 from llm_residentd.protocol import recv_frame, send_frame
 
@@ -74,7 +83,7 @@ def test_one_uid_cannot_fill_a_models_queue(start_daemon, tiny_model_path):
                        model_extra="max_queue_per_uid = 2")
     sock = d.raw()
     blocker = _submit(sock, "blocker", **LONG)["request"]
-    wait_for(lambda: d.status()["workers"][0]["request"] == blocker, what="blocker running")
+    wait_for(lambda: running(d.status()) == [blocker], what="blocker running")
     assert _submit(sock, "q1", max_tokens=2)["ok"] and _submit(sock, "q2", max_tokens=2)["ok"]
     refused = _submit(sock, "q3", max_tokens=2)
     assert refused["error"]["code"] == "too_many_requests", refused
@@ -88,7 +97,7 @@ def test_one_uid_cannot_fill_a_models_queue(start_daemon, tiny_model_path):
     if os.geteuid() != 0:
         pytest.skip("LOUD SKIP: the other-uid half needs root (own-uid half passed)")
     blocker = _submit(sock, "blocker2", **LONG)["request"]
-    wait_for(lambda: d.status()["workers"][0]["request"] == blocker, what="blocker2 running")
+    wait_for(lambda: running(d.status()) == [blocker], what="blocker2 running")
     assert _submit(sock, "q5", max_tokens=2)["ok"] and _submit(sock, "q6", max_tokens=2)["ok"]
     other = connect_as(OTHER_UID, d.socket)
     assert hello(other)["ok"]
@@ -99,7 +108,7 @@ def test_one_uid_cannot_fill_a_models_queue(start_daemon, tiny_model_path):
 
 def _idle(d) -> bool:
     status = d.status()
-    return not status["models"]["tiny"]["queued"] and status["workers"][0]["request"] is None
+    return not status["models"]["tiny"]["queued"] and running(status) == []
 
 
 def test_a_burst_of_max_connections_connects_is_queued(start_daemon, tiny_model_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import read_until_done, request_as, tiny_config, wait_for
+from harness import read_until_done, request_as, running, tiny_config, wait_for
 from llm_residentd.protocol import recv_frame, send_frame
 
 LONG = {"max_tokens": 3000, "ignore_eos": True}  # keeps the single worker busy for a while
@@ -39,7 +39,7 @@ def test_priority_order_and_queue_full(busy_daemon):
     sock = d.raw()
     _submit(sock, "blocker", **LONG)
     blocker = _accepted(sock, "blocker")["request"]
-    wait_for(lambda: d.status()["workers"][0]["request"] == blocker, what="blocker running")
+    wait_for(lambda: running(d.status()) == [blocker], what="blocker running")
     ids = {}
     for name, prio in (("low1", 0), ("low2", 0), ("high", 5)):
         _submit(sock, name, max_tokens=2, priority=prio)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from harness import read_until_done, tiny_config, wait_for
+from harness import read_until_done, running, tiny_config, wait_for
 from llm_residentd.protocol import recv_frame, send_frame
 
 THIRD_PARTY = '''
@@ -143,7 +143,7 @@ def test_sjf_runs_the_short_job_before_an_earlier_long_one(start_daemon, tiny_mo
     send_frame(sock, {"id": "b", "op": "submit", "prompt": "go", "max_tokens": 3000,
                       "ignore_eos": True})
     blocker = recv_frame(sock)["request"]
-    wait_for(lambda: d.status()["workers"][0]["request"] == blocker, what="blocker running")
+    wait_for(lambda: running(d.status()) == [blocker], what="blocker running")
     ids = {}
     for name, n in (("long", 400), ("short", 2)):
         send_frame(sock, {"id": name, "op": "submit", "prompt": "go", "max_tokens": n,

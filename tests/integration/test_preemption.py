@@ -26,7 +26,9 @@ def mid_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                       n_layer=4, n_embd=256, n_ff=512)
 
 
-def config(model: Path, policies: str) -> str:
+def config(model: Path, policies: str, parallel: int = 1) -> str:
+    """parallel 1: one slot, so that a waiting request finds none free (test_slots.py
+    preempts one sequence of several)."""
     return f"""
 [models.mid]
 path = "{model}"
@@ -34,6 +36,7 @@ n_ctx = 1024
 max_tokens = 1000
 threads = 1
 stream_interval = 0.0
+parallel = {parallel}
 {policies}"""
 
 

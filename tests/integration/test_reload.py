@@ -18,7 +18,9 @@ LONG = {"max_tokens": 1500, "ignore_eos": True}  # keeps a worker busy for a few
 
 
 def _model(name: str, path: Path, extra: str = "") -> str:
-    return f'\n[models.{name}]\npath = "{path}"\nn_ctx = 4096\nthreads = 1\nmax_tokens = 16\n{extra}'
+    """One slot (parallel = 1), as tiny_config: a second request waits behind the first."""
+    return (f'\n[models.{name}]\npath = "{path}"\nn_ctx = 4096\nthreads = 1\nmax_tokens = 16\n'
+            f'parallel = 1\n{extra}')
 
 
 def _reload(d: Daemon, config: str) -> dict:
@@ -115,7 +117,7 @@ def test_changed_model_restarts_after_its_request_and_others_are_untouched(
     assert r["result"] == "ok" and r["changed"] == ["tiny"] and r["added"] == [], r
     # The running request keeps its worker until it is done.
     w = next(w for w in d.status()["workers"] if w["model"] == "tiny")
-    assert w["pid"] == tiny_pid and w["request"] == running
+    assert w["pid"] == tiny_pid and [r["id"] for r in w["requests"]] == [running]
     frames = read_until_done(sock, 1)
     assert frames[-1]["event"] == "done" and frames[-1]["request"] == running, frames[-1]
     w = wait_for(lambda: (w := next(w for w in d.status()["workers"] if w["model"] == "tiny"))

@@ -33,8 +33,13 @@ def _worker(d) -> dict:
     return d.status()["workers"][0]
 
 
+def _ids(worker: dict) -> list[str]:
+    """The requests running in the worker's slots."""
+    return [r["id"] for r in worker["requests"]]
+
+
 def _running(d, rid: str) -> dict:
-    return wait_for(lambda: (w := _worker(d))["request"] == rid and w, what=f"{rid} running")
+    return wait_for(lambda: rid in _ids(w := _worker(d)) and w, what=f"{rid} running")
 
 
 def _restarted(d, old_pid: int) -> dict:
@@ -111,7 +116,7 @@ def test_a_request_whose_workers_keep_dying_fails_at_the_third(start_daemon, mid
     rid = _submit(sock, "r", prompt="the sky is blue and " * 500, raw=True, max_tokens=4)
     pid = -1
     for _ in range(3):
-        pid = wait_for(lambda old=pid: (w := _worker(d))["request"] == rid and w["pid"] != old
+        pid = wait_for(lambda old=pid: rid in _ids(w := _worker(d)) and w["pid"] != old
                        and w["pid"], timeout=30, what=f"{rid} running on a new worker")
         os.kill(pid, signal.SIGKILL)
     frames = read_until_done(sock, 1)
@@ -159,7 +164,7 @@ def test_a_request_handed_to_a_hung_worker_is_requeued(start_daemon, tiny_model_
     assert re.match(rf"worker process {pid} killed: no heartbeat for [\d.]+ s while running "
                     rf"{rid} ", w["last_error"]), w
     hung = [e for e in d.logs() if e.get("event") == "worker_hung"]
-    assert [(e["pid"], e["request"]) for e in hung] == [(pid, rid)]
+    assert [(e["pid"], e["requests"]) for e in hung] == [(pid, [rid])]
 
 
 def test_an_idle_stopped_worker_is_restarted(start_daemon, tiny_model_path):

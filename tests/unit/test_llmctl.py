@@ -253,10 +253,15 @@ def test_status_shows_cpu_faults_and_context_switches_per_worker(capsys):
     summary = {"p50": None, "p95": None, "p99": None}
     worker = {"name": "tiny-0", "model": "tiny", "pid": 42, "state": "busy", "threads": 2,
               "threads_why": "config: threads = 2", "threads_asked": None,
-              "rss_bytes": 50 << 20, "served": 3, "restarts": 1, "request": "r7",
+              "rss_bytes": 50 << 20, "served": 3, "restarts": 1,
+              "slots": 4, "slots_busy": 2, "batch_limit": 4,
+              "batch": {"steps": 10, "tokens": 20, "sequences": 19, "size": 1.9},
+              "requests": [{"id": "r7", "tokens": 3, "kv_cells": 412},
+                           {"id": "r9", "tokens": 0, "kv_cells": None}],
               "cpu_percent": 187.4, "major_faults": 3, "minor_faults": 7345,
               "ctx_switches_voluntary": 1_250_000, "ctx_switches_involuntary": 12}
-    gone = {**worker, "name": "tiny-1", "pid": None, "state": "restarting", "request": None,
+    gone = {**worker, "name": "tiny-1", "pid": None, "state": "restarting", "requests": [],
+            "slots": 0, "slots_busy": 0, "batch": {"size": None},
             "rss_bytes": None, "cpu_percent": None, "major_faults": None, "minor_faults": None,
             "ctx_switches_voluntary": None, "ctx_switches_involuntary": None}
     st = {"daemon": {"version": "0", "pid": 1, "uptime_s": 1, "backend": "none", "config": "-",
@@ -274,3 +279,34 @@ def test_status_shows_cpu_faults_and_context_switches_per_worker(capsys):
         "50.0M", "187", "3/7.3k", "1.2M/12"]
     assert next(line for line in lines if line.startswith("tiny-1")).split()[6:10] == [
         "-", "-", "-", "-"]
+
+
+def test_status_shows_slots_batch_size_and_kv_cells_per_request(capsys):
+    """Issue 14: slots busy/free per worker, the mean batch size, cells per sequence."""
+    summary = {"p50": None, "p95": None, "p99": None}
+    base = {"model": "tiny", "pid": 42, "state": "busy", "threads": 2, "threads_why": None,
+            "threads_asked": None, "rss_bytes": None, "served": 0, "restarts": 0,
+            "cpu_percent": None, "major_faults": None, "minor_faults": None,
+            "ctx_switches_voluntary": None, "ctx_switches_involuntary": None}
+    workers = [
+        {**base, "name": "tiny-0", "slots": 4, "slots_busy": 2, "batch_limit": 4,
+         "batch": {"size": 1.9}, "requests": [{"id": "r7", "tokens": 3, "kv_cells": 412},
+                                              {"id": "r9", "tokens": 0, "kv_cells": None}]},
+        {**base, "name": "tiny-1", "slots": 4, "slots_busy": 2, "batch_limit": 2,
+         "batch": {"size": None}, "requests": [{"id": "r3", "tokens": 1, "kv_cells": 5},
+                                               {"id": "r4", "tokens": 1, "kv_cells": 6}]},
+        {**base, "name": "tiny-2", "state": "starting", "slots": 0, "slots_busy": 0,
+         "batch_limit": 0, "batch": {"size": None}, "requests": []}]
+    st = {"daemon": {"version": "0", "pid": 1, "uptime_s": 1, "backend": "none", "config": "-",
+                     "socket": "-"}, "workers": workers,
+          "models": {"tiny": {"state": "ready", "queue_depth": 0, "max_queue": 8, "running": 4,
+                              "outcomes": {}, "ttft_s": summary, "latency_s": summary,
+                              "tokens_per_s": summary}}}
+    cli.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"]))
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("WORKER"))
+    assert header.endswith("SLOTS busy/free  BATCH  REQUESTS:KV cells")
+    rows = {line.split()[0]: line for line in lines if line.startswith("tiny-")}
+    assert rows["tiny-0"].endswith("2/2              1.90   r7:412 r9:-")
+    assert rows["tiny-1"].endswith("2/0 max 2        -      r3:5 r4:6")
+    assert rows["tiny-2"].endswith("-                -      -")

@@ -189,6 +189,58 @@ def test_neighbour_guard_sets_the_ceiling_on_an_unlimited_model_when_calm():
     assert [a.values["cpu"] for a in p.on_event(Event("tick"), s)] == ["150%"]
 
 
+def test_neighbour_guard_narrows_the_batch_with_the_quota():
+    """Issue 14: the slots a worker fills follow the quota, ceil(parallel x quota /
+    max_cpu), at least one; at max_cpu the limit is lifted (set_batch 64)."""
+    from llm_residentd.policies.neighbour_guard import NeighbourGuard
+    p = NeighbourGuard(high=30, low=10, decrease=0.5, step=0.5, min_cpu=0.25, max_cpu=2,
+                       interval_s=1)
+    state = {"cpu": None, "limit": 8}  # what the daemon reports: it applies every action
+
+    def tick(now: float, pressure: float) -> dict[str, object]:
+        workers = tuple(WorkerView(f"m-{i}", "m", "busy", 1, state["cpu"], None, None,
+                                   slots=8, slots_busy=min(8, state["limit"]),
+                                   batch_limit=state["limit"]) for i in range(2))
+        s = Snapshot(now=now, outside={"cpu": Pressure(some_avg10=pressure)}, workers=workers)
+        out = {}
+        for a in p.on_event(Event("tick"), s):
+            assert a.target == "m"
+            if a.kind == "set_limits":
+                out["cpu"] = state["cpu"] = float(a.values["cpu"].rstrip("%")) / 100
+            else:
+                assert a.kind == "set_batch"
+                out["sequences"] = a.values["sequences"]
+                state["limit"] = min(8, a.values["sequences"])
+        return out
+
+    assert tick(0, 50) == {"cpu": 1.0, "sequences": 4}  # half the quota: half the slots
+    assert tick(1, 50) == {"cpu": 0.5, "sequences": 2}
+    assert tick(2, 50) == {"cpu": 0.25, "sequences": 1}
+    assert tick(3, 50) == {}  # at the floor: nothing changes
+    assert tick(4, 5) == {"cpu": 0.75, "sequences": 3}  # ceil(8 x 0.75 / 2)
+    assert tick(5, 5) == {"cpu": 1.25, "sequences": 5}
+    assert tick(6, 5) == {"cpu": 1.75, "sequences": 7}
+    assert tick(7, 5) == {"cpu": 2.0, "sequences": 64}  # back at max_cpu: no limit
+    assert tick(8, 5) == {}
+    off = NeighbourGuard(scale_batch=False)
+    w = WorkerView("m-0", "m", "busy", 1, None, None, None, slots=8, slots_busy=8, batch_limit=8)
+    assert kinds(off.on_event(Event("tick"), Snapshot(
+        now=0, outside={"cpu": Pressure(some_avg10=50)}, workers=(w,)))) == ["set_limits"]
+
+
+def test_psi_admission_keep_running_counts_sequences_not_workers():
+    """Issue 14: four sequences in one worker's batch are four running requests."""
+    p = PsiAdmission(defer_above=40, keep_running=3)
+    running = tuple(RequestView(f"r{i}", "m", 0, 10, 16, 1.0, worker="m-0") for i in range(2))
+    queued = tuple(RequestView(f"q{i}", "m", 0, 10, 16, 0.0) for i in range(3))
+    w = WorkerView("m-0", "m", "busy", 1, None, None, None, slots=4, slots_busy=2, batch_limit=4)
+    s = Snapshot(now=0, outside={"cpu": Pressure(some_avg10=90)}, workers=(w,), queued=queued,
+                 running=running)
+    actions = p.on_event(Event("pressure", key="system/cpu"), s)
+    assert [(a.target, a.kind) for a in actions] == [("q0", "admit"), ("q1", "defer"),
+                                                     ("q2", "defer")]
+
+
 def test_memory_tuner_probes_down_when_calm_and_backs_off_under_stall():
     from llm_residentd.policies.memory_tuner import MemoryTuner
     mb = 1 << 20

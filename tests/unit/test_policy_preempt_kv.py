@@ -10,9 +10,13 @@ from llm_residentd.policies.priority import Priority
 
 
 def worker(name: str = "m-0", state: str = "busy", n_ctx: int = 2048,
-           memory: float = 0.0) -> WorkerView:
+           memory: float = 0.0, slots: int = 1, busy: int | None = None,
+           limit: int | None = None) -> WorkerView:
+    """A worker with `slots` slots; busy ones: all of them when state is busy, by default."""
+    busy = (slots if state == "busy" else 0) if busy is None else busy
     return WorkerView(name, "m", state, 2, None, None, None,
-                      {"memory": Pressure(some_avg10=memory)}, n_ctx=n_ctx, n_ctx_max=2048)
+                      {"memory": Pressure(some_avg10=memory)}, n_ctx=n_ctx, n_ctx_max=2048,
+                      slots=slots, slots_busy=busy, batch_limit=slots if limit is None else limit)
 
 
 def req(rid: str, priority: int, tokens: int = 0, on: str = "", **kw) -> RequestView:
@@ -47,6 +51,27 @@ def test_priority_leaves_running_requests_alone(why):
                                                  running=running)) == []
 
 
+def test_priority_preempts_only_when_no_slot_is_free():
+    """Issue 14: a busy worker with a free slot takes the waiting request without taking a
+    slot from anybody; with every slot (within the batch limit) running, a sequence goes."""
+    p = Priority()
+    running = tuple(req(f"lo{i}", 0, tokens=10 * i, on="m-0") for i in range(3))
+    waiting = (req("hi", 5),)
+
+    def decide(w: WorkerView) -> list[str]:
+        snap = Snapshot(now=0, workers=(w,), queued=waiting, running=running)
+        return [a.target for a in Priority().on_event(Event("queued"), snap)]
+
+    assert decide(worker(slots=4, busy=3)) == []  # one slot free
+    two = Snapshot(now=0, workers=(worker(slots=4, busy=3),), running=running,
+                   queued=(req("hi", 5), req("hi2", 5)))
+    assert [a.target for a in Priority().on_event(Event("queued"), two)] == ["lo0"]
+    assert decide(worker(slots=3, busy=3)) == ["lo0"]  # full: the least advanced goes
+    assert decide(worker(slots=4, busy=3, limit=3)) == ["lo0"]  # set_batch: 3 is full
+    assert decide(worker(state="restarting", slots=4, busy=0)) == ["lo0"]  # not serving
+    assert p.on_event(Event("tick"), Snapshot(now=0)) == []
+
+
 def test_priority_asks_again_once_the_request_is_running_anew():
     p = Priority()
     busy = Snapshot(now=0, workers=(worker(),), queued=(req("hi", 1),),
@@ -62,14 +87,34 @@ def test_priority_asks_again_once_the_request_is_running_anew():
 
 def test_kv_trim_trims_a_busy_worker_on_its_memory_trigger_with_cooldown():
     p = KvTrim(keep=64, tail=256, min_prune=64, cooldown_s=5)
-    s = Snapshot(now=0, workers=(worker("m-0"), worker("m-1")))
+    running = (req("a", 0, on="m-0"), req("b", 0, on="m-1"))
+    s = Snapshot(now=0, workers=(worker("m-0"), worker("m-1")), running=running)
     (a,) = p.on_event(Event("pressure", key="m-1/memory"), s)
     assert (a.kind, a.target, a.values) == ("trim_kv", "m-1",
-                                            {"keep": 64, "tail": 256, "min_prune": 64})
-    assert p.on_event(Event("pressure", key="m-1/memory"), Snapshot(now=4, workers=s.workers)) == []
-    assert p.on_event(Event("pressure", key="m-1/cpu"), Snapshot(now=9, workers=s.workers)) == []
+                                            {"keep": 64, "tail": 256, "min_prune": 64, "req": "b"})
+    assert p.on_event(Event("pressure", key="m-1/memory"), Snapshot(now=4, workers=s.workers,
+                                                                    running=running)) == []
+    assert p.on_event(Event("pressure", key="m-1/cpu"), Snapshot(now=9, workers=s.workers,
+                                                                 running=running)) == []
     assert len(p.on_event(Event("pressure", key="m-1/memory"),
-                          Snapshot(now=9, workers=s.workers))) == 1
+                          Snapshot(now=9, workers=s.workers, running=running))) == 1
+    assert p.on_event(Event("pressure", key="m-0/memory"),  # nothing runs there: no trim
+                      Snapshot(now=20, workers=s.workers, running=running[1:])) == []
+
+
+def test_kv_trim_trims_the_sequence_holding_the_most_cells_on_the_pressed_worker():
+    """Issue 14: of the pressed worker's sequences, the one with the most KV cells (the
+    worker's Batch report), not another worker's longer one."""
+    p = KvTrim()
+    running = (req("short", 0, on="m-0", tokens=300, kv_cells=120),
+               req("long", 0, on="m-0", tokens=10, kv_cells=900),
+               req("mid", 0, on="m-0", kv_cells=400),
+               req("elsewhere", 0, on="m-1", kv_cells=5000))
+    snap = Snapshot(now=0, workers=(worker("m-0", slots=4, busy=3), worker("m-1")),
+                    running=running)
+    (a,) = p.on_event(Event("pressure", key="m-0/memory"), snap)
+    assert (a.kind, a.target, a.values["req"]) == ("trim_kv", "m-0", "long")
+    assert "long holds 900 KV cells" in a.reason
 
 
 def test_kv_trim_shrinks_on_a_tick_above_the_threshold_and_restores_when_calm():

@@ -32,6 +32,11 @@ def _worker_status(**over: Any) -> dict[str, Any]:
          "rss_bytes": 1000, "cpu_user_s": 1.5, "cpu_system_s": 0.25, "cpu_percent": 90.0,
          "minor_faults": 10, "major_faults": 2, "ctx_switches_voluntary": 5,
          "ctx_switches_involuntary": 6,
+         "slots": 4, "slots_busy": 3, "batch_limit": 4,
+         "batch": {"steps": 100, "tokens": 350, "sequences": 290, "size": 2.9},
+         "requests": [{"id": "r1", "tokens": 5, "kv_cells": 300},
+                      {"id": "r2", "tokens": 1, "kv_cells": 40},
+                      {"id": "r3", "tokens": 0, "kv_cells": None}],
          "cgroup": {"cpu.max": "150000 100000", "memory.high": "max",
                     "memory.max": "1073741824", "memory.current": 5000,
                     "cpu.stat": {"throttled_usec": 3_500_000, "nr_throttled": 4},
@@ -49,7 +54,8 @@ def _status() -> dict[str, Any]:
                          "prompt_tokens": 30, "tokens_per_s": {**summary, "p50": 55.5}}},
         "workers": [_worker_status(),
                     _worker_status(name="m-1", state="restarting", threads_why=None,
-                                   cgroup=None, deaths={},
+                                   cgroup=None, deaths={}, slots=0, slots_busy=0,
+                                   batch_limit=0, requests=[],
                                    **dict.fromkeys(procstats.FIELDS))],
         "pressure": {"system": {"cpu": PSI, "memory": PSI, "io": None},
                      "outside": {"cpu": PSI}, "triggers": {"system/cpu": 3}},
@@ -135,6 +141,20 @@ def test_model_and_worker_series(monkeypatch):
     assert _get(s, "process_page_faults_total", process="m-0", kind="major") == 2
     assert _get(s, "process_context_switches_total", process="m-0", kind="involuntary") == 6
     assert _get(s, "process_resident_memory_bytes", process="daemon") > 0
+
+
+def test_slots_batch_counters_and_kv_cells_per_worker(monkeypatch):
+    """Issue 14: busy and free slots, the batch counters whose rates give the mean batch
+    size, and the KV cells of the running sequences."""
+    s, _ = _scrape(monkeypatch)
+    w = {"model": "m", "worker": "m-0"}
+    assert _get(s, "worker_slots", state="busy", **w) == 3
+    assert _get(s, "worker_slots", state="free", **w) == 1
+    assert _get(s, "worker_batch_steps_total", **w) == 100
+    assert _get(s, "worker_batch_tokens_total", **w) == 350
+    assert _get(s, "worker_batch_sequences_total", **w) == 290
+    assert _get(s, "worker_kv_cells", **w) == 340
+    assert not any(k[0] == "llm_residentd_worker_slots" and ("worker", "m-1") in k for k in s)
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive():

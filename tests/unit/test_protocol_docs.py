@@ -104,3 +104,28 @@ def test_submit_defaults_in_the_prose_match_the_code():
     for key, value in SAMPLING_DEFAULTS.items():
         shown = str(value).lower() if isinstance(value, bool) else str(value)
         assert rows[key] == f"`{shown}`", (key, rows[key], value)
+
+
+def test_section_14_lists_every_worker_message_from_messages_py():
+    """Issue 14: the daemon<->worker messages are generated from daemon/messages.py, with
+    each field's type, default and comment; a changed message makes the page stale."""
+    import typing
+
+    import msgspec
+    from llm_residentd import messages
+
+    text = PAGE.read_text()
+    section = text[text.index("## 14. Worker messages"):]
+    for union in (messages.ToWorker, messages.FromWorker):
+        for cls in typing.get_args(union):
+            assert f"#### `{cls.__struct_config__.tag}`\n" in section, cls
+    assert "| `parallel` | `int` | `1` | sequences decoded together (slots) |" in section
+    assert "| `cells` | `dict[str, int]` | `{}` | request -> KV cells its sequence holds now |" \
+        in section
+    assert "| `state` | `bytes \\| None` | `null` |" in section
+
+    class Probe(msgspec.Struct, tag="probe", kw_only=True):
+        """A new message."""
+
+        n: int = 3  # how many
+    assert docs.message_table(Probe).splitlines()[-1] == "| `n` | `int` | `3` | how many |"

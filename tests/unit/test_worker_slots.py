@@ -1,0 +1,384 @@
+"""A worker with slots (issue 14), driven by typed messages from a scripted worker process:
+dispatch fills free slots within the batch limits, replies are routed by request, a dead
+process loses every running request and none of the queued ones, Batch reports are
+tallied. No process, no llama: the daemon side of daemon/messages.py only."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import structlog.testing
+from llm_residentd import messages
+from llm_residentd.config import ModelConfig
+from llm_residentd.policies import Action, Event, Policy, Snapshot
+from llm_residentd.policyengine import PolicyEngine
+from llm_residentd.scheduler import ModelQueue, Request
+from llm_residentd.slots import Slots
+from llm_residentd.workers import Worker
+
+
+class Writer:
+    """What the worker process would read: the decoded messages the daemon sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[messages.ToWorker] = []
+
+    def write(self, data: bytes) -> None:
+        while data:
+            size = int.from_bytes(data[:4], "big")
+            self.sent.append(messages.to_worker(data[4:4 + size]))
+            data = data[4 + size:]
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def kinds(self) -> list[tuple[str, str]]:
+        return [(type(m).__name__, getattr(m, "req", "")) for m in self.sent]
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def worker_idle(self, worker: Worker) -> None:
+        self.calls.append(("idle", worker.name))
+
+    def worker_done(self, worker: Worker, req: Request, msg: messages.Done) -> None:
+        self.calls.append(("done", req.id, msg.stats.completion_tokens if msg.stats else None))
+
+    def worker_error(self, worker: Worker, req: Request, code: str, message: str) -> None:
+        self.calls.append(("error", req.id, code))
+
+    def worker_lost(self, worker: Worker, req: Request, code: str, message: str) -> None:
+        self.calls.append(("lost", req.id, code, message))
+
+    def worker_preempted(self, worker: Worker, req: Request, resume: messages.Resume) -> None:
+        self.calls.append(("preempted", req.id, resume.generated))
+
+    def worker_kv(self, worker: Worker, report: messages.Kv) -> None:
+        self.calls.append(("kv", report.req, report.result))
+
+    def oom_killed(self, worker: Worker) -> bool:
+        return False
+
+
+def serving_worker(index: int = 0, slots: int = 4,
+                   listener: Listener | None = None) -> tuple[Worker, Writer]:
+    """A worker as after Ready with `slots`: idle, with a pipe the test reads."""
+    worker = Worker(ModelConfig(name="m", path="/m.gguf", parallel=slots), index,
+                    listener or Listener(), 30.0)  # type: ignore[arg-type]
+    worker.state, worker.slots, worker.pid = "idle", slots, 1000 + index
+    worker._writer = writer = Writer()  # type: ignore[assignment]
+    return worker, writer
+
+
+def queue_of(n: int) -> ModelQueue:
+    queue = ModelQueue("m", 64)
+    for i in range(n):
+        queue.push(Request(id=f"r{i}", model="m", prompt=f"p{i}",
+                           params={"max_tokens": 8, "temperature": 0.0}))
+    return queue
+
+
+def fill(slots: Slots, queue: ModelQueue, workers: list[Worker]) -> list[str]:
+    return [r.id for r in slots.fill(queue, workers, lambda _id: False, lambda _id: 0.0)]
+
+
+def feed(worker: Worker, *msgs: messages.FromWorker) -> None:
+    """Run the worker's read loop over msgs, then the end of its stream."""
+    async def run() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"".join(messages.frame(m) for m in msgs))
+        reader.feed_eof()
+        await worker._read_loop(reader)
+    asyncio.run(run())
+
+
+def stats(tokens: int) -> messages.Stats:
+    return messages.Stats(prompt_tokens=3, completion_tokens=tokens, finish_reason="stop",
+                          prefill_s=0.01, tokens_per_s=50.0)
+
+
+def test_dispatch_fills_the_free_slots_and_no_more():
+    worker, writer = serving_worker(slots=4)
+    slots, queue = Slots(lambda: [worker]), queue_of(6)
+    assert fill(slots, queue, [worker]) == ["r0", "r1", "r2", "r3"]
+    assert list(worker.running) == ["r0", "r1", "r2", "r3"] and worker.state == "busy"
+    assert [r.id for r in queue] == ["r4", "r5"]  # they wait for a slot
+    gen = writer.sent[0]
+    assert isinstance(gen, messages.Generate)
+    assert (gen.req, gen.prompt, gen.max_tokens, gen.temperature) == ("r0", "p0", 8, 0.0)
+    assert fill(slots, queue, [worker]) == []  # full
+
+
+def test_replies_are_routed_per_request_and_a_freed_slot_is_filled():
+    listener = Listener()
+    worker, _ = serving_worker(slots=2, listener=listener)
+    slots, queue = Slots(lambda: [worker]), queue_of(3)
+    fill(slots, queue, [worker])
+    sink: list[dict[str, Any]] = []
+    worker.running["r1"].sink = sink.append
+    feed(worker, messages.Token(req="r1", text="Hi", tokens=2),
+         messages.Done(req="r0", stats=stats(5)),
+         messages.Token(req="r1", text=" there", tokens=1))
+    assert [e["text"] for e in sink] == ["Hi", " there"]
+    assert listener.calls == [("done", "r0", 5), ("idle", "m-0")]
+    assert list(worker.running) == ["r1"] and worker.served == 1 and worker.state == "busy"
+    assert fill(slots, queue, [worker]) == ["r2"]
+    feed(worker, messages.Error(req="r1", code="too_long", message="no room"),
+         messages.Preempted(req="r2", resume=messages.Resume(
+             context=[1, 2], prompt_tokens=1, generated=1, output=[2])))
+    assert listener.calls[2:] == [("error", "r1", "too_long"), ("idle", "m-0"),
+                                  ("preempted", "r2", 1), ("idle", "m-0")]
+    assert worker.running == {} and worker.state == "idle" and worker.served == 2
+
+
+def test_a_message_for_a_request_it_does_not_run_is_stray():
+    listener = Listener()
+    worker, _ = serving_worker(listener=listener)
+    with structlog.testing.capture_logs() as logs:
+        feed(worker, messages.Done(req="r9", stats=stats(1)), messages.Pong())
+    assert listener.calls == []
+    assert [(e["event"], e.get("req")) for e in logs] == [("worker_stray_message", "r9")]
+
+
+def test_a_message_that_breaks_its_declaration_is_a_broken_stream():
+    listener = Listener()
+    worker, _ = serving_worker(listener=listener)
+    bad = messages.HEADER.pack(11) + b"\x81\xa4type\xa4done"  # done without its req
+    good = messages.frame(messages.Pong())
+
+    async def run() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(bad + good)
+        reader.feed_eof()
+        await worker._read_loop(reader)
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(run())
+    assert [e["event"] for e in logs] == ["worker_stream_broken"]
+    assert "req" in logs[0]["error"]
+
+
+class FakeProc:
+    pid, returncode = 4242, -signal.SIGKILL
+
+    async def wait(self) -> int:
+        return self.returncode
+
+
+def test_a_dead_process_loses_every_running_request_and_none_queued():
+    listener = Listener()
+    worker, _ = serving_worker(slots=3, listener=listener)
+    slots, queue = Slots(lambda: [worker]), queue_of(5)
+    fill(slots, queue, [worker])
+    feed(worker, messages.Batch(steps=4, tokens=10, sequences=10, cells={"r0": 40, "r1": 9}))
+    worker._proc = FakeProc()  # type: ignore[assignment]
+    with structlog.testing.capture_logs():
+        asyncio.run(worker._reap())
+    lost = [c for c in listener.calls if c[0] == "lost"]
+    assert [(c[1], c[2]) for c in lost] == [("r0", "worker_died"), ("r1", "worker_died"),
+                                            ("r2", "worker_died")]
+    assert lost[0][3] == "worker m-0 (pid 4242) killed by signal 9"
+    assert worker.running == {} and worker.batch.cells == {}
+    assert [r.id for r in queue] == ["r3", "r4"]  # the queue is untouched
+
+
+def test_a_hung_process_names_every_request_it_ran(monkeypatch):
+    from llm_residentd import workers
+    from llm_residentd.config import Config, DaemonConfig
+
+    listener = Listener()
+    listener.config = Config(daemon=DaemonConfig(liveness_timeout=4.0))  # type: ignore[attr-defined]
+    now = [100.0]
+
+    async def sleep(delay: float) -> None:
+        now[0] += delay
+
+    worker = Worker(ModelConfig(name="m", path="/m.gguf"), 0, listener, 30.0,  # type: ignore[arg-type]
+                    clock=lambda: now[0], sleep=sleep)
+    worker.state, worker.slots, worker._heard_at = "idle", 4, now[0]
+    worker._writer = Writer()  # type: ignore[assignment]
+    worker._proc = FakeProc()  # type: ignore[assignment]
+    fill(Slots(lambda: [worker]), queue_of(2), [worker])
+    monkeypatch.setattr(workers, "kill", lambda proc: None)
+    with structlog.testing.capture_logs():
+        asyncio.run(worker._watch())
+        assert worker._hung == ("killed: no heartbeat for 5.0 s while running r0, r1 "
+                                "(daemon.liveness_timeout 4 s)")
+        asyncio.run(worker._reap())
+    assert [(c[1], c[2]) for c in listener.calls if c[0] == "lost"] == [
+        ("r0", "worker_hung"), ("r1", "worker_hung")]
+
+
+def test_batch_reports_are_tallied_and_cells_shown_per_request():
+    worker, _ = serving_worker(slots=4)
+    fill(Slots(lambda: [worker]), queue_of(2), [worker])
+    feed(worker, messages.Batch(steps=10, tokens=30, sequences=20, cells={"r0": 50, "r1": 12}),
+         messages.Batch(steps=5, tokens=15, sequences=15, cells={"r0": 58, "r1": 20}),
+         messages.Batch(steps=0, tokens=0, sequences=0, cells={"r0": 58, "r1": 20}))
+    d = worker.describe()
+    assert d["batch"] == {"steps": 15, "tokens": 45, "sequences": 35, "size": 3.0}
+    assert (d["slots"], d["slots_busy"]) == (4, 2)
+    assert d["requests"] == [{"id": "r0", "tokens": 0, "kv_cells": 58},
+                             {"id": "r1", "tokens": 0, "kv_cells": 20}]
+    feed(worker, messages.Done(req="r0", stats=stats(3)))
+    assert worker.describe()["requests"] == [{"id": "r1", "tokens": 0, "kv_cells": 20}]
+
+
+def test_commands_name_their_request_and_go_only_to_running_ones():
+    worker, writer = serving_worker(slots=2)
+    fill(Slots(lambda: [worker]), queue_of(2), [worker])
+    other = Request(id="x", model="m", prompt="", params={})
+    for req in (worker.running["r1"], other):
+        worker.cancel(req)
+        worker.preempt(req, 128)
+    worker.kv_op("trim_kv", {"keep": 4, "tail": 8, "min_prune": 2, "req": "r0"})
+    worker.kv_op("shrink_kv", {"n_ctx": 128})
+    assert writer.sent[2:] == [messages.Cancel(req="r1"),
+                               messages.Preempt(req="r1", state_min_tokens=128),
+                               messages.TrimKv(keep=4, tail=8, min_prune=2, req="r0"),
+                               messages.ShrinkKv(n_ctx=128)]
+
+
+def test_a_resumed_request_sends_its_resume_once():
+    worker, writer = serving_worker(slots=1)
+    queue = queue_of(1)
+    resume = messages.Resume(context=[1, 2, 3], prompt_tokens=2, generated=1, output=[3],
+                             state=b"kv")
+    next(iter(queue)).resume = resume
+    fill(Slots(lambda: [worker]), queue, [worker])
+    gen = writer.sent[0]
+    assert isinstance(gen, messages.Generate) and gen.resume == resume
+    assert worker.running["r0"].resume is None
+
+
+def test_dispatch_spreads_over_workers_and_keeps_the_batch_limits():
+    a, _ = serving_worker(0, slots=4)
+    b, _ = serving_worker(1, slots=4)
+    slots = Slots(lambda: [a, b])
+    assert fill(slots, queue_of(3), [a, b]) == ["r0", "r1", "r2"]
+    assert (list(a.running), list(b.running)) == (["r0", "r2"], ["r1"])  # emptiest first
+    assert slots.set_batch("m", 2) == "done"
+    assert slots.set_batch("m", 2) == "unchanged"
+    assert (slots.limit(a), slots.free(a), slots.free(b)) == (2, 0, 1)
+    queue = queue_of(0)
+    for i in range(3, 6):
+        queue.push(Request(id=f"r{i}", model="m", prompt="", params={"max_tokens": 4}))
+    assert fill(slots, queue, [a, b]) == ["r3"]  # b's second slot; then both are at 2
+    assert slots.set_batch("m-1", 1) == "done"
+    assert (slots.limit(a), slots.limit(b)) == (2, 1)  # the least of worker's and model's
+    assert slots.set_batch("m", 64) == "done"  # lifts the model's limit
+    assert (slots.limit(a), slots.limit(b)) == (4, 1)
+    assert fill(slots, queue, [a, b]) == ["r4", "r5"] and len(a.running) == 4
+    assert slots.set_batch("nope", 2) == "no such worker or model"
+
+
+def test_a_retiring_or_loading_worker_takes_nothing():
+    worker, _ = serving_worker(slots=4)
+    worker.state = "starting"
+    assert fill(Slots(lambda: [worker]), queue_of(1), [worker]) == []
+    worker.state, worker._stopping = "idle", True
+    assert fill(Slots(lambda: [worker]), queue_of(1), [worker]) == []
+
+
+def test_preempt_and_kv_ops_find_the_worker_running_the_request():
+    a, wa = serving_worker(0, slots=2)
+    b, wb = serving_worker(1, slots=2)
+    slots = Slots(lambda: [a, b])
+    fill(slots, queue_of(3), [a, b])  # r0, r2 on a; r1 on b
+    assert slots.preempt("r2", 64) == "asked" and wa.sent[-1] == messages.Preempt(
+        req="r2", state_min_tokens=64)
+    assert slots.preempt("r9", 64) == "not running"
+    assert slots.kv_op("m-1", "trim_kv", {"req": "r1"}) == "asked"
+    assert wb.sent[-1] == messages.TrimKv(req="r1")
+    assert slots.kv_op("m-1", "trim_kv", {"req": "r0"}) == "refused: r0 is not running on m-1"
+    assert slots.kv_op("m-0", "shrink_kv", {"n_ctx": 4096}) == \
+        "refused: n_ctx above the configured 2048"
+    assert slots.kv_op("m-7", "trim_kv", {}) == "no such worker"
+
+
+class Batcher(Policy):
+    name = "batcher"
+
+    def __init__(self, actions: list[Action]) -> None:
+        super().__init__()
+        self.actions = actions
+
+    def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
+        return self.actions
+
+
+def _engine(actions: list[Action]) -> tuple[PolicyEngine, Worker]:
+    worker, _ = serving_worker(slots=4)
+    service = SimpleNamespace(slots=Slots(lambda: [worker]),
+                              snapshot=lambda: Snapshot(now=0))
+    with structlog.testing.capture_logs():
+        engine = PolicyEngine(service, [])  # type: ignore[arg-type]
+    engine.enabled = {"batcher": Batcher(actions)}
+    return engine, worker
+
+
+def test_set_batch_is_applied_and_recorded_when_it_changes():
+    engine, worker = _engine([Action("set_batch", "m", {"sequences": 2}, reason="r")])
+    with structlog.testing.capture_logs():
+        engine.notify(Event("tick"))
+        engine.notify(Event("tick"))  # the same limit again: not recorded again
+    assert engine.service.slots.limit(worker) == 2
+    assert [(a["action"], a["target"], a["result"]) for a in engine.actions] == [
+        ("set_batch", "m", "done")]
+
+
+@pytest.mark.parametrize("values", [{"sequences": 0}, {"sequences": 65}, {"sequences": "2"},
+                                    {}, {"sequences": 2, "extra": 1}])
+def test_set_batch_with_bad_values_disables_its_policy(values):
+    engine, worker = _engine([Action("set_batch", "m", values)])
+    with structlog.testing.capture_logs():
+        engine.notify(Event("tick"))
+    assert "batcher" in engine.disabled and engine.service.slots.limit(worker) == 4
+
+
+def test_trim_kv_may_name_its_sequence_but_nothing_else_as_text():
+    engine, worker = _engine([Action("trim_kv", "m-0", {"keep": 4, "req": "r0"})])
+    worker.running["r0"] = Request(id="r0", model="m", prompt="", params={})
+    with structlog.testing.capture_logs():
+        engine.notify(Event("tick"))
+    assert engine.kv_asked == {"m-0": "batcher"} and "batcher" in engine.enabled
+    engine, _ = _engine([Action("trim_kv", "m-0", {"keep": "4"})])
+    with structlog.testing.capture_logs():
+        engine.notify(Event("tick"))
+    assert "batcher" in engine.disabled
+
+
+def test_the_policies_see_one_running_request_per_sequence_with_its_cells():
+    """Snapshot: WorkerView slots, busy slots and batch limit; RequestView kv_cells. So
+    psi-admission's keep_running and priority count sequences, not workers."""
+    from llm_residentd import snapshots
+    from llm_residentd.limits import Limits
+
+    a, _ = serving_worker(0, slots=4)
+    b, _ = serving_worker(1, slots=4)
+    slots = Slots(lambda: [a, b])
+    queue = queue_of(7)
+    fill(slots, queue, [a, b])
+    slots.set_batch("m-1", 3)
+    feed(a, messages.Batch(steps=2, tokens=8, sequences=8, cells={"r0": 31, "r2": 7}))
+    service = SimpleNamespace(
+        all_workers=lambda: [a, b], limits={"m": Limits()}, queues={"m": queue},
+        cpu=SimpleNamespace(caps={}, view=lambda: None), slots=slots,
+        engine=SimpleNamespace(is_deferred=lambda _id: False))
+    observer = snapshots.Observer(service)  # type: ignore[arg-type]
+    observer._kernel = lambda now: ({}, {}, {})  # type: ignore[method-assign]
+    snap = observer.snapshot()
+    assert [(w.name, w.slots, w.slots_busy, w.batch_limit, w.free_slots)
+            for w in snap.workers] == [("m-0", 4, 4, 4, 0), ("m-1", 4, 3, 3, 0)]
+    assert [(r.id, r.worker, r.kv_cells) for r in snap.running] == [
+        ("r0", "m-0", 31), ("r2", "m-0", 7), ("r4", "m-0", 0), ("r6", "m-0", 0),
+        ("r1", "m-1", 0), ("r3", "m-1", 0), ("r5", "m-1", 0)]
+    assert snap.queued == ()
