@@ -440,6 +440,11 @@ class Server:
         """The compute threads the server runs with, as it reports them."""
         return ""
 
+    def batch_counters(self) -> tuple[int, int] | None:
+        """(llama_decode steps, sequences summed over them) so far, summed over the workers;
+        None if the server does not report them."""
+        return None
+
     def stop(self) -> None:
         overhead.stop_daemon(self.proc)
 
@@ -499,6 +504,13 @@ class Residentd(Server):
         with contextlib.suppress(LlmctlError, OSError, KeyError):
             return ",".join(str(w["threads"]) for w in self.status()["workers"])
         return "?"
+
+    def batch_counters(self) -> tuple[int, int] | None:
+        """From status: each worker's Batch totals (issue 14; None before it)."""
+        with contextlib.suppress(LlmctlError, OSError, KeyError, TypeError):
+            batches = [w["batch"] for w in self.status()["workers"]]
+            return sum(b["steps"] for b in batches), sum(b["sequences"] for b in batches)
+        return None
 
     def connect(self) -> Client:
         return Client(self.sock, timeout=REQUEST_TIMEOUT_S)
@@ -1000,9 +1012,11 @@ def run_cell(run: Run, setup: str, condition: str, clients: int) -> dict[str, An
             warm_up(server, args.tokens)
             load = Load(server, clients, args.tokens, args.requests, run.halt)
             with neighbours_running(condition == "neighbours") as nbr, RssSampler(server.pid) as rss:
+                batch_before = server.batch_counters()
                 before = snapshot(server.pid, nbr, quota)
                 end = load.run(args.duration)
                 after = snapshot(server.pid, nbr, quota)
+                batch_after = server.batch_counters()
                 units, rate = neighbour_rate(nbr, load.start, end)
             server.check_alive()
             threads = server.threads()
@@ -1012,7 +1026,18 @@ def run_cell(run: Run, setup: str, condition: str, clients: int) -> dict[str, An
     wall = end - load.start
     return {"wall_s": wall, "server_threads": threads, **app_evidence(load.replies, load.delivered, wall),
             **os_evidence(before, after, after.at - before.at), **rss.evidence(),
+            **batch_evidence(batch_before, batch_after, after.at - before.at),
             "neighbour_units": units, "neighbour_units_per_s": rate}
+
+
+def batch_evidence(a: tuple[int, int] | None, b: tuple[int, int] | None,
+                   wall_s: float) -> dict[str, float]:
+    """The daemon's mean batch size (sequences per llama_decode step) and steps/s in the
+    window, from its workers' Batch reports (sent at most once a second: the window's
+    edges are off by up to a second of steps); NaN for llama-server."""
+    if a is None or b is None or b[0] <= a[0]:
+        return {"batch_size": float("nan"), "steps_per_s": float("nan")}
+    return {"batch_size": (b[1] - a[1]) / (b[0] - a[0]), "steps_per_s": (b[0] - a[0]) / wall_s}
 
 
 def run_alone(run: Run) -> dict[str, Any]:
@@ -1028,6 +1053,7 @@ def run_alone(run: Run) -> dict[str, Any]:
     wall = after.at - before.at
     return {"wall_s": wall, "server_threads": "", **app_evidence([], 0, wall),
             **os_evidence(before, after, wall), **RssSampler(0).evidence(),
+            **batch_evidence(None, None, wall),
             "neighbour_units": units, "neighbour_units_per_s": rate}
 
 
@@ -1037,6 +1063,7 @@ def progress(row: dict[str, Any]) -> None:
           f"lat p95 {row['latency_p95_ms']:7.0f} ms  nbr {row['neighbour_units_per_s']:6.1f} u/s  "
           f"srv CPU {row['server_cpu_pct']:5.1f} %  other {row['other_cpu_pct']:4.1f} %  "
           f"thr {row['throttled_ms']:6.0f} ms  RSS {fmt(row['rss_max_mb'], '4.0f')} MB  "
+          f"batch {fmt(row['batch_size'], '4.2f')}  "
           f"threads {row['server_threads'] or '-'}"
           + (f"  FAILED {row['failed']}: {row['errors']}" if row["failed"] else ""),
           file=sys.stderr, flush=True)
@@ -1126,7 +1153,8 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
     cells: list[dict[str, Any]] = []
     metrics = ("tokens_per_s", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p50_ms",
                "ttft_p95_ms", "server_cpu_pct", "server_nivcsw", "throttled_ms", "psi_cpu_some_pct",
-               "neighbour_units_per_s", "other_cpu_pct", "rss_mb", "rss_max_mb", "workers_rss_mb")
+               "neighbour_units_per_s", "other_cpu_pct", "rss_mb", "rss_max_mb", "workers_rss_mb",
+               "batch_size", "steps_per_s")
     for condition in args.conditions:
         for n in args.clients:
             entry: dict[str, Any] = {"condition": condition, "clients": n, "setups": {}}
@@ -1193,10 +1221,11 @@ def fmt(x: float, spec: str = "7.1f") -> str:
 
 def print_cells(summary: dict[str, Any]) -> None:
     print("means over rounds (ms; tok/s; CPU % of one CPU; nbr = neighbour units/s; other = CPU of "
-          "other processes; RSS MB: the server tree's peak, its workers' mean)")
+          "other processes; RSS MB: the server tree's peak, its workers' mean; batch: the daemon's "
+          "sequences per llama_decode step)")
     print(f"{'condition':<10} {'cl':>2} {'setup':<15} {'tok/s':>7} {'lat50':>7} {'lat95':>7} {'lat99':>7} "
           f"{'ttft50':>7} {'ttft95':>7} {'srvCPU':>7} {'nivcsw':>7} {'thr ms':>7} {'PSI %':>7} "
-          f"{'nbr':>7} {'other':>7} {'RSS':>6} {'wkRSS':>6}")
+          f"{'nbr':>7} {'other':>7} {'RSS':>6} {'wkRSS':>6} {'batch':>6}")
     for cell in summary["cells"]:
         for setup, m in cell["setups"].items():
             print(f"{cell['condition']:<10} {cell['clients']:>2} {setup:<15} {fmt(m['tokens_per_s'])} "
@@ -1205,7 +1234,8 @@ def print_cells(summary: dict[str, Any]) -> None:
                   f"{fmt(m['server_cpu_pct'])} {fmt(m['server_nivcsw'], '7.0f')} "
                   f"{fmt(m['throttled_ms'], '7.0f')} {fmt(m['psi_cpu_some_pct'])} "
                   f"{fmt(m['neighbour_units_per_s'])} {fmt(m['other_cpu_pct'])} "
-                  f"{fmt(m['rss_max_mb'], '6.0f')} {fmt(m['workers_rss_mb'], '6.0f')}")
+                  f"{fmt(m['rss_max_mb'], '6.0f')} {fmt(m['workers_rss_mb'], '6.0f')} "
+                  f"{fmt(m['batch_size'], '6.2f')}")
 
 
 def print_ratios(summary: dict[str, Any]) -> None:
@@ -1248,7 +1278,8 @@ CSV_FIELDS = ("run", "round", "position", "setup", "condition", "clients", "wall
               "throttled_ms", "nr_throttled", "psi_cpu_some_pct", "neighbour_units", "neighbour_units_per_s",
               "neighbour_cpu_s", "bench_cpu_s", "other_cpu_pct", "load_avg", "max_tokens", "quota",
               "llama_cpp_python", "llama_server_version", "git", "cpu", "model", "errors",
-              "slots", "n_ctx", "rss_mb", "rss_max_mb", "workers_rss_mb", "workers_rss_max_mb")
+              "slots", "n_ctx", "rss_mb", "rss_max_mb", "workers_rss_mb", "workers_rss_max_mb",
+              "batch_size", "steps_per_s")
 
 
 def csv_header_problem(path: Path) -> str:
