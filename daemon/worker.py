@@ -38,9 +38,12 @@ from .sampling import Picker
 from .stopstrings import StopScanner
 
 STATE_MAX = m.IPC_MAX_FRAME - (1 << 20)  # a larger saved state is recomputed instead
-# Prompt tokens per step while other sequences decode: a step of 4 decoding sequences
-# and 128 prompt tokens took about 3x a step without them (SmolLM2-135M, 2 threads).
-PREFILL_CHUNK = 128
+# Prompt tokens per step while other sequences decode. Prompt evaluation ran at about 280
+# tokens/s whatever the chunk (SmolLM2-135M, 2 threads, bench/batch_chunk.py), so a small
+# chunk costs only the decoding sequences' tokens in each extra step, while a large one
+# holds every decoding sequence for the whole chunk: beside 4 of them a step took 21 ms
+# alone, 250 ms with 64 prompt tokens, 468 ms with 128.
+PREFILL_CHUNK = 64
 BATCH_REPORT_S = 1.0
 DECODE_ABORTED = 2  # llama_decode: the abort callback stopped it
 

@@ -29,6 +29,7 @@ psi_scope_trigger = "some 20000 1000000"
 [models.kv]
 path = "{model}"
 n_ctx = {N_CTX}
+parallel = 1  # one sequence: the squeeze below is sized for its context alone
 max_tokens = 30000
 threads = 0
 [[policies]]
