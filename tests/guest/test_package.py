@@ -148,11 +148,12 @@ def assert_one_fresh_scope(old_worker: int) -> None:
 
 def test_apt_installs_enables_and_starts_the_service():
     assert [d.name.split("_")[0] for d in DEBS] == ["llm-residentd", "llm-residentd-model-smollm2"]
-    # Only the package may provide the code: drop the image's llama-cpp-python (used by the other
-    # guest tests; the image is a -snapshot, so this does not outlive the boot).
-    for path in Path("/usr/local/lib").glob("python3*/dist-packages/llama_cpp*"):
-        shutil.rmtree(path)
-    for module in ("llama_cpp", "llm_residentd"):
+    # Only the package may provide the code: drop the image's llama-cpp-python and msgspec (used
+    # by the other guest tests; the image is a -snapshot, so this does not outlive the boot).
+    for path in Path("/usr/local/lib").glob("python3*/dist-packages/*"):
+        if path.name.startswith(("llama_cpp", "msgspec")):
+            shutil.rmtree(path)
+    for module in ("llama_cpp", "llm_residentd", "msgspec"):
         run("python3", "-c", f"import {module}", ok=False)
     apt_install()
     for unit in (SERVICE, SOCKET):
@@ -167,11 +168,26 @@ def test_apt_installs_enables_and_starts_the_service():
     assert "active (running)" in run("systemctl", "status", "--no-pager", SERVICE).stdout
 
 
+def test_the_packaged_msgspec_is_the_one_the_daemon_imports():
+    """Debian bookworm has no python3-msgspec: the package ships PyPI's wheel in
+    /usr/lib/llm-residentd, and the worker messages (llm_residentd.messages) import it from
+    there under the launchers' `python3 -I` with that directory first on sys.path."""
+    code = ("import sys; sys.path.insert(0, '/usr/lib/llm-residentd'); "
+            "import llm_residentd.messages as m; print(m.msgspec.__file__); "
+            "print(m.from_worker(m.frame(m.Pong())[4:]))")
+    out = run("python3", "-I", "-c", code).stdout.splitlines()
+    assert out == ["/usr/lib/llm-residentd/msgspec/__init__.py", "Pong()"], out
+    run("python3", "-I", "-c", "import msgspec", ok=False)  # nothing outside the private tree
+
+
 def test_workers_run_as_llm_worker_with_the_packaged_llama():
     pid = worker_pid()
     assert run("ps", "-o", "user=", "-p", str(pid)).stdout.strip() == "llm-worker"
     maps = Path(f"/proc/{pid}/maps").read_text()
     assert "/usr/lib/llm-residentd/llama_cpp/lib/libllama.so" in maps
+    # The worker speaks the typed messages: msgspec's C extension from the private tree.
+    assert re.search(r"/usr/lib/llm-residentd/msgspec/_core\.cpython-311-x86_64-linux-gnu\.so",
+                     maps), maps
     assert run("ps", "-o", "user=", "-p", str(main_pid())).stdout.strip() == "root"
     assert all(w["backend"] == "systemd" for w in status()["workers"])
 

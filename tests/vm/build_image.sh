@@ -3,8 +3,8 @@
 #
 # Usage: tests/vm/build_image.sh          -> prints the image directory on stdout
 # The image lives in $LLM_VM_CACHE/<key>/ (default ~/.cache/llm-residentd/vm), where <key> hashes
-# this script and the llama-cpp-python wheel name. It holds rootfs.img, vmlinuz, initrd.img and
-# build.log. Needs root; installs qemu-system-x86 and mmdebstrap with apt-get when missing.
+# this script and the names of the llama-cpp-python and msgspec wheels. It holds rootfs.img,
+# vmlinuz, initrd.img and build.log. Needs root; installs qemu-system-x86 and mmdebstrap with apt-get when missing.
 # The hook subcommands (essential, customize) are called back by mmdebstrap, not by people.
 set -euo pipefail
 
@@ -32,8 +32,14 @@ find_wheel() {
   echo "${found[0]}"
 }
 
-image_key() {  # hash of this script and the wheel's name
-  { cat "$SELF"; basename "$1"; } | sha256sum | cut -c1-16
+find_msgspec_wheel() {  # Debian bookworm has no python3-msgspec; `make install` fetches this wheel
+  local found=("$WHEELS"/msgspec-*-cp311-cp311-manylinux*_x86_64.whl)
+  [[ -f "${found[0]}" ]] || die "no msgspec-*-cp311-*.whl in $WHEELS: run 'make install' first, it fetches it"
+  echo "${found[-1]}"
+}
+
+image_key() {  # hash of this script and the wheels' names
+  { cat "$SELF"; basename "$1"; basename "$2"; } | sha256sum | cut -c1-16
 }
 
 image_complete() {
@@ -63,13 +69,13 @@ build_failed() {  # keep the log: the EXIT trap removes the build directory
   die "$1 failed (log: $CACHE/failed-build.log)"
 }
 
-build() {  # $1 = final directory, $2 = wheel; builds in a temp dir, then renames it
+build() {  # $1 = final directory, $2 = llama wheel, $3 = msgspec wheel; builds in a temp dir, then renames it
   local final="$1" tmp
   tmp="$(mktemp -d "$CACHE/.build-XXXXXX")"
   BUILD_TMP="$tmp"
   trap 'rm -rf --one-file-system "$BUILD_TMP"' EXIT  # never follow a mount a failed mmdebstrap left
   [[ -r "$SOURCES" ]] || die "apt sources file $SOURCES not found"
-  export LLM_VM_WHEEL="$2"  # hooks see only exported variables
+  export LLM_VM_WHEEL="$2" LLM_VM_MSGSPEC_WHEEL="$3"  # hooks see only exported variables
   local t0=$SECONDS
   log "mmdebstrap into $tmp/rootfs (log: $tmp/build.log)"
   mmdebstrap --mode=root --variant=minbase --include="$(IFS=,; echo "${PACKAGES[*]}")" \
@@ -95,9 +101,10 @@ build() {  # $1 = final directory, $2 = wheel; builds in a temp dir, then rename
 }
 
 main() {
-  local wheel key final t0=$SECONDS
+  local wheel msgspec key final t0=$SECONDS
   wheel="$(find_wheel)"
-  key="$(image_key "$wheel")"
+  msgspec="$(find_msgspec_wheel)"
+  key="$(image_key "$wheel" "$msgspec")"
   final="$CACHE/$key"
   mkdir -p "$CACHE"
   exec 9>"$CACHE/.lock"
@@ -107,7 +114,7 @@ main() {
     ensure_tools 0
   else
     ensure_tools 1
-    build "$final" "$wheel"
+    build "$final" "$wheel" "$msgspec"
     log "PHASE total $((SECONDS - t0)) s"
   fi
   echo "$final"
@@ -121,17 +128,19 @@ hook_essential() {  # before the kernel is installed: a small initrd that only m
   printf 'virtio_pci\nvirtio_blk\next4\n' >>"$1/etc/initramfs-tools/modules"
 }
 
-install_llama_wheel() {  # unzip only the package and its metadata, then byte-compile (disk is -snapshot)
-  cp "$LLM_VM_WHEEL" "$1/tmp/llama.whl"
-  chroot "$1" python3 - <<'EOF'
-import compileall, sys, sysconfig, zipfile
+install_wheel() {  # $2 = wheel, $3 = its package; unzip only the package and its metadata,
+  # then byte-compile (disk is -snapshot)
+  cp "$2" "$1/tmp/pkg.whl"
+  chroot "$1" python3 - "$3" <<'EOF'
+import compileall, sys, zipfile
+pkg = sys.argv[1]
 dest = f"/usr/local/lib/python3.{sys.version_info[1]}/dist-packages"
-with zipfile.ZipFile("/tmp/llama.whl") as whl:
-    names = [n for n in whl.namelist() if n.startswith(("llama_cpp/", "llama_cpp_python-"))]
+with zipfile.ZipFile("/tmp/pkg.whl") as whl:
+    names = [n for n in whl.namelist() if n.startswith((f"{pkg}/", f"{pkg}-", f"{pkg}_python-"))]
     whl.extractall(dest, names)
-compileall.compile_dir(f"{dest}/llama_cpp", quiet=1)
+compileall.compile_dir(f"{dest}/{pkg}", quiet=1)
 EOF
-  rm "$1/tmp/llama.whl"
+  rm "$1/tmp/pkg.whl"
 }
 
 write_guest_config() {
@@ -196,7 +205,8 @@ mask_units() {  # nothing logs in, and timers would only add TCG noise
 }
 
 hook_customize() {
-  install_llama_wheel "$1"
+  install_wheel "$1" "$LLM_VM_WHEEL" llama_cpp
+  install_wheel "$1" "$LLM_VM_MSGSPEC_WHEEL" msgspec
   write_guest_config "$1"
   write_runner "$1"
   mask_units "$1"
