@@ -122,3 +122,34 @@ def test_a_reload_that_changes_parallel_restarts_the_worker_with_the_new_slots(
     assert d.status()["daemon"]["reload"]["changed"] == ["tiny"]
     assert [m["parallel"] for m in json.loads(d.llmctl("models", "--json").stdout)] == [3]
     d.assert_serving()
+
+
+def test_a_timeout_a_disconnect_and_a_cancel_each_end_one_sequence_of_a_full_batch(
+        start_daemon, tiny_model_path):
+    """Per request as before batching: each ends its own slot, the fourth request in the
+    same batch completes with every token, and the slots are free afterwards."""
+    d = start_daemon(tiny_config(tiny_model_path, n_ctx=4096, parallel=4))
+    keeper, gone = d.raw(), d.raw()
+    timed = _submit(keeper, "t", "one", timeout=1.0, **LONG)
+    cancelled = _submit(keeper, "c", "two", **LONG)
+    full = _submit(keeper, "f", "three", max_tokens=2000, ignore_eos=True)
+    dropped = _submit(gone, "g", "four", **LONG)
+    wait_for(lambda: len(running(d.status())) == 4, what="4 running")
+    gone.close()  # the client goes away: its request is cancelled
+    send_frame(keeper, {"id": "x", "op": "cancel", "request": cancelled})
+    frames = read_until_done(keeper, 3)
+    ends = {f["request"]: f for f in frames if f.get("event") in ("done", "error")}
+    assert ends[timed]["error"]["code"] == "timeout", ends[timed]
+    assert ends[cancelled]["error"]["code"] == "cancelled"
+    assert ends[full]["event"] == "done" and ends[full]["stats"]["completion_tokens"] == 2000
+    tokens = sum(f.get("tokens", 1) for f in frames
+                 if f.get("event") == "token" and f["request"] == full)
+    assert tokens == 2000
+    finished = wait_for(lambda: {e["request"]: e for e in d.logs()
+                                 if e.get("event") == "request_finished"
+                                 and e["request"] == dropped} or None,
+                        what="the dropped client's request ended")
+    assert finished[dropped].get("code") == "cancelled", finished
+    wait_for(lambda: (w := d.status()["workers"][0])["slots_busy"] == 0
+             and w["state"] == "idle", what="every slot free")
+    d.assert_serving()
