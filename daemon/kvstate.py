@@ -44,10 +44,6 @@ def restore(ctx: Any, seq: int, state: bytes) -> bool:
     return True
 
 
-def can_shift(ctx: Any) -> bool:
-    return bool(_lib().llama_memory_can_shift(_mem(ctx)))
-
-
 def trim(ctx: Any, seq: int, held: int, keep: int, drop_n: int) -> bool:
     """Drop `drop_n` cached positions after the first `keep` of a sequence holding `held`
     and shift the rest down (context shift); False if the memory cannot shift."""
@@ -64,6 +60,3 @@ def drop(ctx: Any, seq: int, start: int = 0) -> None:
     """Forget the sequence's cache from position start on."""
     _lib().llama_memory_seq_rm(_mem(ctx), seq, start, -1)
 
-
-def clear(ctx: Any) -> None:
-    _lib().llama_memory_clear(_mem(ctx), True)

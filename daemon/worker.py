@@ -388,6 +388,13 @@ class Engine:
         run.picker.close()
         return run
 
+    def _drop_caches(self) -> int:
+        """Free slots forget their caches; returns how many tokens they held."""
+        held = self.batcher.cached_tokens()
+        for slot in self.batcher.forget_caches():
+            kvstate.drop(self.ctx, slot)
+        return held
+
     def _preempt(self, req: str, state_min_tokens: int) -> None:
         """Give up req's slot: another worker (or this one later) continues it from its
         tokens and, for a long context, its saved KV (short ones are cheaper to
@@ -483,9 +490,7 @@ class Engine:
                     redone = True
                     continue
                 return False
-            if rc == 1 and self.batcher.cached_tokens():
-                for slot in self.batcher.forget_caches():  # room for this step
-                    kvstate.drop(self.ctx, slot)
+            if rc == 1 and self._drop_caches():  # room for this step
                 continue
             raise RuntimeError(f"llama_decode returned {rc} for a step of "
                                f"{self.batch.batch.n_tokens} tokens")
@@ -565,10 +570,7 @@ class Engine:
         """Keep the first `keep` and last `tail` cached tokens of a sequence (op.req's, or
         the one holding most) if `min_prune` can go; idle, drop every cache."""
         if not self.runs:
-            held = self.batcher.cached_tokens()
-            for slot in self.batcher.forget_caches():
-                kvstate.drop(self.ctx, slot)
-            return None, f"cleared {held} cached tokens (idle)"
+            return None, f"cleared {self._drop_caches()} cached tokens (idle)"
         run = self.runs.get(op.req) if op.req else self._most_cells()
         if run is None:
             return op.req, f"skipped: {op.req} does not run here"
