@@ -113,6 +113,22 @@ def running(status: dict[str, Any], worker: int = 0) -> list[str]:
     return [r["id"] for r in status["workers"][worker]["requests"]]
 
 
+def reply(sock: socket.socket, msg_id: str) -> dict[str, Any]:
+    """The reply to msg_id on a raw connection; event frames read meanwhile are dropped."""
+    while True:
+        msg = recv_frame(sock)
+        if msg.get("id") == msg_id and "ok" in msg:
+            return msg
+
+
+def submit_raw(sock: socket.socket, msg_id: str, prompt: str = "go", **params: Any) -> str:
+    """Submit on a raw connection; the request id once accepted."""
+    send_frame(sock, {"id": msg_id, "op": "submit", "prompt": prompt, **params})
+    msg = reply(sock, msg_id)
+    assert msg["ok"], msg
+    return msg["request"]
+
+
 def read_until_done(sock: socket.socket, want: int) -> list[dict[str, Any]]:
     """Every frame on a raw connection until `want` terminal events have arrived."""
     frames, ended = [], 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from harness import read_until_done, request_as, running, tiny_config, wait_for
+from harness import read_until_done, reply, request_as, running, tiny_config, wait_for
 from llm_residentd.protocol import recv_frame, send_frame
 
 LONG = {"max_tokens": 3000, "ignore_eos": True}  # keeps the single worker busy for a while
@@ -21,11 +21,9 @@ def _submit(sock, msg_id, prompt="go", **params):
 
 
 def _accepted(sock, msg_id):
-    while True:
-        msg = recv_frame(sock)
-        if msg.get("id") == msg_id and "ok" in msg:
-            assert msg["ok"], msg
-            return msg
+    msg = reply(sock, msg_id)
+    assert msg["ok"], msg
+    return msg
 
 
 @pytest.fixture
@@ -46,7 +44,7 @@ def test_priority_order_and_queue_full(busy_daemon):
         ids[name] = _accepted(sock, name)["request"]
     # The queue is full: the next is refused at once.
     _submit(sock, "extra", max_tokens=2)
-    refused = _accepted_or_error(sock, "extra")
+    refused = reply(sock, "extra")
     assert refused["error"]["code"] == "queue_full" and "max_queue 3" in refused["error"]["message"]
     # The queue runs highest priority first, FIFO within a priority.
     queued = d.status()["models"]["tiny"]["queued"]
@@ -57,13 +55,6 @@ def test_priority_order_and_queue_full(busy_daemon):
     assert done_order == [ids["high"], ids["low1"], ids["low2"]]
     cancelled = [f for f in frames if f.get("event") == "error"]
     assert cancelled[0]["request"] == blocker and cancelled[0]["error"]["code"] == "cancelled"
-
-
-def _accepted_or_error(sock, msg_id):
-    while True:
-        msg = recv_frame(sock)
-        if msg.get("id") == msg_id and "ok" in msg:
-            return msg
 
 
 def test_cancel_running_stops_within_a_token_and_frees_the_worker(busy_daemon):

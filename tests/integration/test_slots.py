@@ -9,30 +9,19 @@ import json
 import os
 import re
 import signal
-from typing import Any
 
-from harness import read_until_done, running, tiny_config, wait_for
+from harness import read_until_done, running, submit_raw, tiny_config, wait_for
 from llm_residentd.protocol import recv_frame, send_frame
 
 LONG = {"max_tokens": 3000, "ignore_eos": True}  # keeps a slot busy for a while
 
-
-def _submit(sock: Any, msg_id: str, prompt: str = "go", **params: Any) -> str:
-    """Submit on a raw connection; the request id once accepted (events of earlier
-    requests that arrive meanwhile are kept for later reads)."""
-    send_frame(sock, {"id": msg_id, "op": "submit", "prompt": prompt, **params})
-    while True:
-        msg = recv_frame(sock)
-        if msg.get("id") == msg_id and "ok" in msg:
-            assert msg["ok"], msg
-            return msg["request"]
 
 
 def test_four_requests_run_at_once_in_one_worker_and_a_fifth_waits(start_daemon,
                                                                    tiny_model_path):
     d = start_daemon(tiny_config(tiny_model_path, n_ctx=4096, parallel=4))
     sock = d.raw()
-    ids = [_submit(sock, f"s{i}", f"prompt number {i}", **LONG) for i in range(5)]
+    ids = [submit_raw(sock, f"s{i}", f"prompt number {i}", **LONG) for i in range(5)]
     st = wait_for(lambda: len(running(st := d.status())) == 4 and st, what="4 running")
     w = st["workers"][0]
     assert running(st) == ids[:4] and (w["slots"], w["slots_busy"], w["batch_limit"]) == (4, 4, 4)
@@ -61,8 +50,8 @@ def test_a_killed_worker_loses_every_running_request_and_none_queued(start_daemo
                                                                     tiny_model_path):
     d = start_daemon(tiny_config(tiny_model_path, n_ctx=4096, parallel=3))
     sock = d.raw()
-    ids = [_submit(sock, f"s{i}", f"prompt {i}", **LONG) for i in range(3)]
-    queued = _submit(sock, "q", "the last one", max_tokens=4)
+    ids = [submit_raw(sock, f"s{i}", f"prompt {i}", **LONG) for i in range(3)]
+    queued = submit_raw(sock, "q", "the last one", max_tokens=4)
     # Each running request has streamed a token: the kill fails them (no requeue).
     seen: set[str] = set()
     while seen != set(ids):
@@ -89,15 +78,15 @@ def test_priority_preempts_one_sequence_only_when_no_slot_is_free(start_daemon,
     d = start_daemon(tiny_config(tiny_model_path, n_ctx=4096, parallel=2,
                                  model_extra='[[policies]]\nname = "priority"\n'))
     sock = d.raw()
-    low = _submit(sock, "low", "low priority", **LONG)
+    low = submit_raw(sock, "low", "low priority", **LONG)
     wait_for(lambda: running(d.status()) == [low], what="the low one running")
-    first = _submit(sock, "hi1", "a free slot", max_tokens=8, priority=5)  # takes the free slot
+    first = submit_raw(sock, "hi1", "a free slot", max_tokens=8, priority=5)  # takes the free slot
     frames = read_until_done(sock, 1)
     assert [f["request"] for f in frames if f.get("event") == "done"] == [first]
     assert not any(f.get("event") == "preempted" for f in frames)
-    other = _submit(sock, "low2", "another low one", **LONG)
+    other = submit_raw(sock, "low2", "another low one", **LONG)
     wait_for(lambda: running(d.status()) == [low, other], what="both slots busy")
-    urgent = _submit(sock, "hi2", "no free slot", max_tokens=8, priority=5)
+    urgent = submit_raw(sock, "hi2", "no free slot", max_tokens=8, priority=5)
     frames = read_until_done(sock, 1)
     (preempted,) = [f for f in frames if f.get("event") == "preempted"]
     assert preempted["request"] in (low, other)
@@ -130,10 +119,10 @@ def test_a_timeout_a_disconnect_and_a_cancel_each_end_one_sequence_of_a_full_bat
     same batch completes with every token, and the slots are free afterwards."""
     d = start_daemon(tiny_config(tiny_model_path, n_ctx=4096, parallel=4))
     keeper, gone = d.raw(), d.raw()
-    timed = _submit(keeper, "t", "one", timeout=1.0, **LONG)
-    cancelled = _submit(keeper, "c", "two", **LONG)
-    full = _submit(keeper, "f", "three", max_tokens=2000, ignore_eos=True)
-    dropped = _submit(gone, "g", "four", **LONG)
+    timed = submit_raw(keeper, "t", "one", timeout=1.0, **LONG)
+    cancelled = submit_raw(keeper, "c", "two", **LONG)
+    full = submit_raw(keeper, "f", "three", max_tokens=2000, ignore_eos=True)
+    dropped = submit_raw(gone, "g", "four", **LONG)
     wait_for(lambda: len(running(d.status())) == 4, what="4 running")
     gone.close()  # the client goes away: its request is cancelled
     send_frame(keeper, {"id": "x", "op": "cancel", "request": cancelled})

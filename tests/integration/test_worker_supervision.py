@@ -13,20 +13,12 @@ import sys
 import time
 
 import pytest
-from harness import read_until_done, tiny_config, wait_for
+from harness import read_until_done, submit_raw, tiny_config, wait_for
 from llm_residentd.protocol import recv_frame, send_frame
 
 LONG = {"max_tokens": 3000, "ignore_eos": True}  # keeps the single worker busy for a while
 LIVENESS = 'liveness_timeout = 4.0'
 
-
-def _submit(sock: socket.socket, msg_id: str, prompt: str = "go", **params) -> str:
-    send_frame(sock, {"id": msg_id, "op": "submit", "prompt": prompt, **params})
-    while True:
-        msg = recv_frame(sock)
-        if msg.get("id") == msg_id and "ok" in msg:
-            assert msg["ok"], msg
-            return msg["request"]
 
 
 def _worker(d) -> dict:
@@ -67,7 +59,7 @@ def test_request_handed_to_a_dying_worker_is_requeued(start_daemon, tiny_model_p
     pid = _worker(d)["pid"]
     os.kill(pid, signal.SIGSTOP)
     sock = d.raw()
-    rid = _submit(sock, "r", max_tokens=4, ignore_eos=True)
+    rid = submit_raw(sock, "r", max_tokens=4, ignore_eos=True)
     _running(d, rid)  # it was handed to the stopped worker
     os.kill(pid, signal.SIGKILL)
     frames = read_until_done(sock, 1)
@@ -96,7 +88,7 @@ def test_kill_and_submit_at_once(start_daemon, tiny_model_path):
 def test_a_request_that_streamed_tokens_still_fails(start_daemon, tiny_model_path):
     d = start_daemon(tiny_config(tiny_model_path, n_ctx=4096))
     sock = d.raw()
-    rid = _submit(sock, "r", **LONG)
+    rid = submit_raw(sock, "r", **LONG)
     assert recv_frame(sock)["event"] == "token"
     pid = _worker(d)["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -113,7 +105,7 @@ def test_a_request_whose_workers_keep_dying_fails_at_the_third(start_daemon, mid
     (about 2 s), before any token."""
     d = start_daemon(tiny_config(mid_model, n_ctx=4096))
     sock = d.raw()
-    rid = _submit(sock, "r", prompt="the sky is blue and " * 500, raw=True, max_tokens=4)
+    rid = submit_raw(sock, "r", prompt="the sky is blue and " * 500, raw=True, max_tokens=4)
     pid = -1
     for _ in range(3):
         pid = wait_for(lambda old=pid: rid in _ids(w := _worker(d)) and w["pid"] != old
@@ -133,7 +125,7 @@ def test_a_request_whose_workers_keep_dying_fails_at_the_third(start_daemon, mid
 def test_a_worker_stopped_while_generating_is_killed_and_restarted(start_daemon, tiny_model_path):
     d = start_daemon(tiny_config(tiny_model_path, n_ctx=4096, daemon=LIVENESS))
     sock = d.raw()
-    rid = _submit(sock, "r", timeout=120, **LONG)
+    rid = submit_raw(sock, "r", timeout=120, **LONG)
     assert recv_frame(sock)["event"] == "token"
     pid = _worker(d)["pid"]
     os.kill(pid, signal.SIGSTOP)
@@ -156,7 +148,7 @@ def test_a_request_handed_to_a_hung_worker_is_requeued(start_daemon, tiny_model_
     pid = _worker(d)["pid"]
     os.kill(pid, signal.SIGSTOP)
     sock = d.raw()
-    rid = _submit(sock, "r", max_tokens=4, ignore_eos=True)
+    rid = submit_raw(sock, "r", max_tokens=4, ignore_eos=True)
     frames = read_until_done(sock, 1)
     assert _events(frames, rid)[-1] == "done", frames
     w = _worker(d)
