@@ -124,17 +124,23 @@ class FakeClient:
         return self._status
 
 
-def test_status_table_has_a_column_per_outcome_and_names_the_failures(capsys):
+def _status_lines(capsys, workers: list, running: int = 0, outcomes: dict | None = None
+                  ) -> list[str]:
+    """`llmctl status` output for a daemon with these workers and one model, tiny."""
     summary = {"p50": None, "p95": None, "p99": None}
     st = {"daemon": {"version": "0", "pid": 1, "uptime_s": 1, "backend": "none", "config": "-",
                      "socket": "-"},
-          "workers": [],
-          "models": {"tiny": {"state": "ready", "queue_depth": 0, "max_queue": 8, "running": 0,
-                              "outcomes": {"completed": 5, "cancelled": 2, "timeout": 1,
-                                           "worker_died": 3},
+          "workers": workers,
+          "models": {"tiny": {"state": "ready", "queue_depth": 0, "max_queue": 8,
+                              "running": running, "outcomes": outcomes or {},
                               "ttft_s": summary, "latency_s": summary, "tokens_per_s": summary}}}
     cli.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"]))
-    lines = capsys.readouterr().out.splitlines()
+    return capsys.readouterr().out.splitlines()
+
+
+def test_status_table_has_a_column_per_outcome_and_names_the_failures(capsys):
+    lines = _status_lines(capsys, [], outcomes={"completed": 5, "cancelled": 2, "timeout": 1,
+                                                "worker_died": 3})
     header = next(line for line in lines if line.startswith("MODEL"))
     row = next(line for line in lines if line.startswith("tiny")).split()
     assert header.split()[4:8] == ["DONE", "CANCELLED", "TIMEOUT", "FAILED"]
@@ -250,7 +256,6 @@ def test_stop_notice(stats, asked, want):
 
 
 def test_status_shows_cpu_faults_and_context_switches_per_worker(capsys):
-    summary = {"p50": None, "p95": None, "p99": None}
     worker = {"name": "tiny-0", "model": "tiny", "pid": 42, "state": "busy", "threads": 2,
               "threads_why": "config: threads = 2", "threads_asked": None,
               "rss_bytes": 50 << 20, "served": 3, "restarts": 1,
@@ -264,14 +269,7 @@ def test_status_shows_cpu_faults_and_context_switches_per_worker(capsys):
             "slots": 0, "slots_busy": 0, "batch": {"size": None},
             "rss_bytes": None, "cpu_percent": None, "major_faults": None, "minor_faults": None,
             "ctx_switches_voluntary": None, "ctx_switches_involuntary": None}
-    st = {"daemon": {"version": "0", "pid": 1, "uptime_s": 1, "backend": "none", "config": "-",
-                     "socket": "-"},
-          "workers": [worker, gone],
-          "models": {"tiny": {"state": "ready", "queue_depth": 0, "max_queue": 8, "running": 1,
-                              "outcomes": {}, "ttft_s": summary, "latency_s": summary,
-                              "tokens_per_s": summary}}}
-    cli.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"]))
-    lines = capsys.readouterr().out.splitlines()
+    lines = _status_lines(capsys, [worker, gone], running=1)
     header = next(line for line in lines if line.startswith("WORKER"))
     assert "CPU%  FAULTS maj/min  CTXSW vol/invol" in header
     # THREADS is two words ("2 config")
@@ -283,7 +281,6 @@ def test_status_shows_cpu_faults_and_context_switches_per_worker(capsys):
 
 def test_status_shows_slots_batch_size_and_kv_cells_per_request(capsys):
     """Issue 14: slots busy/free per worker, the mean batch size, cells per sequence."""
-    summary = {"p50": None, "p95": None, "p99": None}
     base = {"model": "tiny", "pid": 42, "state": "busy", "threads": 2, "threads_why": None,
             "threads_asked": None, "rss_bytes": None, "served": 0, "restarts": 0,
             "cpu_percent": None, "major_faults": None, "minor_faults": None,
@@ -297,13 +294,7 @@ def test_status_shows_slots_batch_size_and_kv_cells_per_request(capsys):
                                                {"id": "r4", "tokens": 1, "kv_cells": 6}]},
         {**base, "name": "tiny-2", "state": "starting", "slots": 0, "slots_busy": 0,
          "batch_limit": 0, "batch": {"size": None}, "requests": []}]
-    st = {"daemon": {"version": "0", "pid": 1, "uptime_s": 1, "backend": "none", "config": "-",
-                     "socket": "-"}, "workers": workers,
-          "models": {"tiny": {"state": "ready", "queue_depth": 0, "max_queue": 8, "running": 4,
-                              "outcomes": {}, "ttft_s": summary, "latency_s": summary,
-                              "tokens_per_s": summary}}}
-    cli.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"]))
-    lines = capsys.readouterr().out.splitlines()
+    lines = _status_lines(capsys, workers, running=4)
     header = next(line for line in lines if line.startswith("WORKER"))
     assert header.endswith("SLOTS busy/free  BATCH  REQUESTS:KV cells")
     rows = {line.split()[0]: line for line in lines if line.startswith("tiny-")}
