@@ -112,7 +112,8 @@ class Batcher:
 
     def plan(self) -> list[Piece]:
         """The next step: every decoding sequence's token, then prompt chunks."""
-        decoding = [s for s in self._by_age() if s.decoding]
+        by_age = sorted(self.running.values(), key=lambda s: s.order)
+        decoding = [s for s in by_age if s.decoding]
         if len(decoding) > self.n_batch:  # a batch smaller than the slots: take turns
             self._turn = (self._turn + 1) % len(decoding)
             decoding = (decoding[self._turn:] + decoding[: self._turn])[: self.n_batch]
@@ -120,7 +121,7 @@ class Batcher:
         budget = self.n_batch - len(pieces)
         if decoding:
             budget = min(budget, self.chunk)
-        for seq in self._by_age():
+        for seq in by_age:
             if budget <= 0:
                 break
             if seq.pending > 1:
@@ -133,9 +134,6 @@ class Batcher:
         """The step was evaluated: its tokens are in the cache."""
         for p in pieces:
             p.seq.done = max(p.seq.done, p.start + p.count)
-
-    def _by_age(self) -> list[Sequence]:
-        return sorted(self.running.values(), key=lambda s: s.order)
 
 
 def _common(a: list[int], b: list[int]) -> int:
