@@ -74,10 +74,20 @@ cooldown_s = 3.0
                 # Only while the scope is at its limit: once the shrink has freed memory (and
                 # before status shows the new n_ctx) a squeeze below it could not be reclaimed.
                 if high == "max" or now > int(high) - (4 << 20):
-                    d.ctl("limits", "kv", "--memory-high", str((now - (2 << 20)) // 4096 * 4096))
+                    # In this process: a new llmctl every 2 s would keep a guest CPU busy.
+                    d.call("limits", model="kv", memory_high=str((now - (2 << 20)) // 4096 * 4096))
             return False
 
-        wait_for(shrunk, timeout=150, what="kv-trim to shrink the context")
+        def state() -> str:
+            stat = keyed(cgroup / "memory.stat")
+            return (f"kv-trim to shrink the context (memory.current "
+                    f"{(cgroup / 'memory.current').read_text().strip()}, memory.high "
+                    f"{(cgroup / 'memory.high').read_text().strip()}, anon {stat['anon']}, file "
+                    f"{stat['file']}, memory.events {keyed(cgroup / 'memory.events')}, "
+                    f"memory.pressure {(cgroup / 'memory.pressure').read_text().split()}, "
+                    f"tokens {len(tokens)}, events {d.call('events', limit=10)['events']})")
+
+        wait_for(shrunk, timeout=150, what=state)
         events = json.loads(d.ctl("events", "--json").stdout)
         reports = [e for e in events if e["action"] == "shrink_kv" and "ms" in e["values"]]
         assert reports and reports[0]["result"] == f"n_ctx {N_CTX} -> 8192", events
