@@ -11,6 +11,7 @@ from typing import Any
 
 from llm_residentd import __version__
 from llm_residentd.ops import Param
+from llm_residentd.ops.load import LOAD_WAIT_S, Load
 from llm_residentd.ops.submit import SAMPLING_DEFAULTS, Submit
 from llm_residentd.paths import SOCKET_ENV
 from llm_residentd.protocol import ProtocolError
@@ -306,6 +307,50 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _ps_row(m: dict[str, Any]) -> list[Any]:
+    if m["state"] != "ready":
+        until = m["waiting"] or m["state"]
+    elif m["unload_in_s"] is None:
+        until = "forever" if m["keep_alive_s"] is None else f"busy (then {m['keep_alive']})"
+    else:
+        until = f"in {m['unload_in_s']:.0f} s"
+    return [m["name"], m["state"], _fmt_bytes(m["memory_bytes"]),
+            f"{m['slots_busy']}/{m['slots']}", m["keep_alive"], until]
+
+
+def cmd_ps(client: Client, args: argparse.Namespace) -> int:
+    models = client.call("ps")["models"]
+    if args.json:
+        _emit_json({"models": models})
+        return EXIT_OK
+    print(_table(["NAME", "STATE", "MEMORY", "SLOTS", "KEEP_ALIVE", "UNLOADS"],
+                 [_ps_row(m) for m in models]))
+    return EXIT_OK
+
+
+def cmd_load(client: Client, args: argparse.Namespace) -> int:
+    fields = {k: v for k, v in (("keep_alive", args.keep_alive), ("timeout", args.timeout))
+              if v is not None}
+    client.timeout = (args.timeout or LOAD_WAIT_S) + 10  # the daemon answers once it loaded
+    reply = client.call("load", model=args.model, **fields)
+    if args.json:
+        _emit_json(reply)
+    else:
+        print(f"{reply['name']} loaded: {_fmt_bytes(reply['memory_bytes'])}, keep_alive "
+              f"{reply['keep_alive']}")
+    return EXIT_OK
+
+
+def cmd_unload(client: Client, args: argparse.Namespace) -> int:
+    client.timeout = None  # the daemon answers once the running requests are done
+    reply = client.call("unload", model=args.model, force=args.force)
+    if args.json:
+        _emit_json(reply)
+    else:
+        print(f"{reply['model']} unloaded")
+    return EXIT_OK
+
+
 def cmd_limits(client: Client, args: argparse.Namespace) -> int:
     changes = {"cpu": args.cpu, "memory_high": args.memory_high, "memory_max": args.memory_max,
                "tasks_max": args.tasks_max, "cpu_weight": args.cpu_weight}
@@ -397,7 +442,8 @@ def ready_models(path: str | None, model: str | None, timeout: float) -> list[di
             bad = [m for m in models if m["state"] == "unavailable"]
             if bad:
                 raise LlmctlError("model_unavailable", bad[0]["error"])
-            if all(m["state"] == "ready" for m in models):
+            # An unloaded model serves too: its first request loads it.
+            if all(m["state"] in ("ready", "unloaded") for m in models):
                 return models
             last = ", ".join(f"{m['name']} is {m['state']}" for m in models)
         time.sleep(0.2)
@@ -452,6 +498,7 @@ SUBMIT_EXTRAS: dict[str, tuple[list[str], str, str]] = {
                    "on a terminal, llmctl says when an answer stopped there"),
     "priority": (["-p"], "P", "default 0"),
     "timeout": (["-t"], "S", "exit 4 when it passes"),
+    "keep_alive": ([], "DURATION", "default: the model's keep_alive"),
 }
 
 
@@ -599,6 +646,32 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", parents=[common], help="configured models and their state",
                        description="List the configured models and whether they can serve.")
     s.set_defaults(func=cmd_models)
+    s = sub.add_parser("ps", parents=[common], help="the models in memory",
+                       description="List the loaded models (and those loading or unloading): "
+                       "memory measured, slots busy/total, keep_alive, and when each will "
+                       "unload once idle, as `ollama ps`.")
+    s.set_defaults(func=cmd_ps)
+    s = sub.add_parser("load", parents=[common], help="load a model now",
+                       description="Load MODEL and return once it serves. Idle models are "
+                       "unloaded first if it does not fit (least recently used first); it "
+                       "waits for busy ones up to --timeout. Exit 1 with insufficient_memory "
+                       "if it cannot fit even with every other model unloaded.")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--keep-alive", metavar="DURATION",
+                   type=_param_type("keep_alive", Load.params["keep_alive"]),
+                   help="how long it stays loaded once idle: 30s, 5m, 1h, 0, -1 (forever); "
+                   "default: the model's keep_alive")
+    s.add_argument("--timeout", type=float, metavar="S",
+                   help=f"seconds to wait for room and the load (default {LOAD_WAIT_S:g})")
+    s.set_defaults(func=cmd_load)
+    s = sub.add_parser("unload", parents=[common], help="unload a model, freeing its memory",
+                       description="Stop MODEL's workers and free their memory. Running "
+                       "requests finish first; with --force (root only) they fail with "
+                       "model_unloaded. Queued requests stay queued and load it again. "
+                       "Exit 1 with not_loaded if it is not loaded.")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--force", action="store_true", help="fail its running requests (root)")
+    s.set_defaults(func=cmd_unload)
     s = sub.add_parser("cancel", parents=[common], help="cancel a queued or running request",
                        description="Cancel a request by the id that submit printed "
                        "(llmctl submit -v, or --json). Only its owner or root may cancel it.")

@@ -44,13 +44,15 @@ def describe_wait(status: dict[str, Any], stream: Stream, elapsed: float) -> str
     """"queued: 3 ahead (1 running, 2 queued), 12 s" from the status op's reply."""
     model = status.get("models", {}).get(stream.model, {})
     parts = []
-    if model.get("state") == "loading":
+    if model.get("waiting"):  # a load waiting for busy models to make room
+        parts.append(f"model {stream.model} is {model['waiting']}")
+    elif model.get("state") in ("loading", "unloaded"):
         parts.append(f"loading model {stream.model}")
     queued = model.get("queued") or []
     if stream.request in queued:
         before, running = queued.index(stream.request), model.get("running", 0)
         parts.append(f"queued: {before + running} ahead ({running} running, {before} queued)")
-    elif model.get("state") != "loading":
+    elif model.get("state") not in ("loading", "unloaded"):
         parts.append("processing the prompt")
     return f"llmctl: {', '.join(parts)}, {elapsed:.0f} s"
 

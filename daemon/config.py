@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .durations import parse_keep_alive
 from .limits import LimitError, Limits, check_order, parse_bytes, parse_cpu
 from .psi import Trigger
 
@@ -66,6 +67,10 @@ class DaemonConfig:
                                 "at the CPU load at once (threads policy); empty: none")
     cpu_poll_interval: float = _opt(0.2, "seconds between CPU load readings where PSI "
                                     "triggers are refused (1 s where they work)", 0.05, 5.0)
+    memory_budget: str = _opt("max", "most memory the loaded models may take together "
+                              "(600M, 4G); max: only the machine and the slice bound them")
+    pressure_unload_grace: float = _opt(10.0, "seconds a model must have been idle before "
+                                        "memory pressure unloads it", 0, 86400)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,12 @@ class ModelConfig:
                           0, 1 << 22)
     cpu_weight: int = _opt(100, "cgroup cpu.weight of each worker", 1, 10000)
     seed: int = _opt(-1, "seed for requests that pass none; -1 draws one per request", -1, 2**31 - 1)
+    load: str = _opt("auto", "when the workers start: at_start, on_demand (at the first "
+                     "request), or auto (the first model at start, the others on demand)",
+                     choices=("auto", "at_start", "on_demand"))
+    keep_alive: str = _opt("", "how long the model stays loaded after its last request: "
+                           "30s, 5m, 1h, 0 (unload at once), -1 (forever); empty: forever "
+                           "for a model loaded at start, 5m for one loaded on demand")
 
 
 @dataclass(frozen=True)
@@ -218,6 +229,10 @@ def parse(data: dict[str, Any], source: str) -> Config:
         except KeyError:
             raise ConfigError(f"daemon.worker_user: no user {daemon.worker_user!r} on this "
                               "system") from None
+    try:
+        parse_bytes(daemon.memory_budget, "memory_budget")
+    except LimitError as exc:
+        raise ConfigError(f"daemon.{exc}") from None
     for key in ("psi_system_trigger", "psi_scope_trigger", "psi_cpu_trigger"):
         try:
             trigger_of(getattr(daemon, key))
@@ -231,7 +246,14 @@ def parse(data: dict[str, Any], source: str) -> Config:
         key = f"models.{name}"
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"{key}: a model name may hold letters, digits, '-', '_', '.'")
+        if isinstance(table, dict) and isinstance(table.get("keep_alive"), int | float):
+            table = {**table, "keep_alive": str(table["keep_alive"])}  # as ollama: 0, -1, 300
         model = _build(ModelConfig, table, key, name=name)
+        if model.keep_alive:
+            try:
+                parse_keep_alive(model.keep_alive)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.keep_alive: {exc}") from None
         if bool(model.path) == bool(model.package):
             raise ConfigError(f"{key}: set exactly one of path and package")
         cells = model.n_ctx * model.parallel

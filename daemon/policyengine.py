@@ -138,41 +138,41 @@ class PolicyEngine:
         self.enabled.pop(name)
         self.disabled[name] = why
         log.info("policy_disabled", policy=name, reason=why)
-        self._record(name, Action("disable", name, reason=why), "done")
+        self.record(name, Action("disable", name, reason=why), "done")
 
     def _disable(self, name: str, why: str) -> None:
         self.enabled.pop(name, None)
         self.disabled[name] = why
         log.error("policy_disabled", policy=name, error=why)
-        self._record(name, Action("disable", name, reason=why), "done")
+        self.record(name, Action("disable", name, reason=why), "done")
 
     def _apply(self, name: str, action: Action, snap: Snapshot) -> None:
         if action.kind in ("admit", "defer"):
             was = action.target in self.deferred
             (self.deferred.add if action.kind == "defer" else self.deferred.discard)(action.target)
             if was != (action.kind == "defer"):
-                self._record(name, action, "done")
+                self.record(name, action, "done")
         elif action.kind == "rank":
             self.ranks[action.target] = float(action.values["rank"])  # too frequent to record
         elif action.kind == "set_threads":
             worker = next((w for w in self.service.all_workers() if w.name == action.target), None)
             if worker is not None:
                 worker.set_threads(action.values["threads"], f"{action.reason} ({name})")
-            self._record(name, action, "done" if worker else "no such worker")
+            self.record(name, action, "done" if worker else "no such worker")
         elif action.kind == "set_limits":
             asyncio.get_running_loop().create_task(self._set_limits(name, action))
         elif action.kind == "preempt":
-            self._record(name, action, self.service.slots.preempt(
+            self.record(name, action, self.service.slots.preempt(
                 action.target, action.values.get("state_min_tokens", 0)))
         elif action.kind == "set_batch":
             result = self.service.slots.set_batch(action.target, action.values["sequences"])
             if result != "unchanged":  # a policy may repeat it every tick
-                self._record(name, action, result)
+                self.record(name, action, result)
         elif action.target not in self.kv_asked:  # trim_kv, shrink_kv: one at a time
             result = self.service.slots.kv_op(action.target, action.kind, action.values)
             if result == "asked":
                 self.kv_asked[action.target] = name
-            self._record(name, action, result)
+            self.record(name, action, result)
 
     def kv_reported(self, worker: str, report: messages.Kv) -> None:
         """The worker's answer to a trim_kv or shrink_kv, recorded for its policy."""
@@ -181,7 +181,7 @@ class PolicyEngine:
                                                   "rss_before", "rss_after", "ms")}
         if report.req is not None:
             values["req"] = report.req
-        self._record(name, Action(report.op, worker, values), report.result)
+        self.record(name, Action(report.op, worker, values), report.result)
 
     async def _set_limits(self, name: str, action: Action) -> None:
         try:
@@ -195,9 +195,9 @@ class PolicyEngine:
             result = "done"
         except (ProtocolError, LimitError) as exc:
             result = f"failed: {exc}"
-        self._record(name, action, result)
+        self.record(name, action, result)
 
-    def _record(self, name: str, action: Action, result: str) -> None:
+    def record(self, name: str, action: Action, result: str) -> None:
         entry = {"at": time.time(), "policy": name, "action": action.kind,
                  "target": action.target, "values": action.values, "reason": action.reason,
                  "result": result}

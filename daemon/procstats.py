@@ -30,6 +30,20 @@ def faults(pid: int, proc: Path = Path("/proc")) -> tuple[int, int] | None:
         return None
 
 
+def rss_parts(pid: int, proc: Path = Path("/proc")) -> tuple[int, int] | None:
+    """(anonymous, file-backed) resident bytes of pid from /proc/PID/status: a model's
+    mapped weights are file-backed and shared by its workers. None if unreadable."""
+    try:
+        text = (proc / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    kib = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in text.splitlines())
+           if k in ("RssAnon", "RssFile", "RssShmem")}
+    if "RssAnon" not in kib:
+        return None
+    return (kib["RssAnon"] + kib.get("RssShmem", 0)) << 10, kib.get("RssFile", 0) << 10
+
+
 class Sampler:
     """Readings of one process at a time (a worker's pid changes when it restarts); keeps
     the last CPU time to give a CPU % since the previous reading."""

@@ -28,6 +28,10 @@ ERROR_CODES: dict[str, str] = {
     "no_such_model": "no model of that name is configured",
     "model_unavailable": "the model is configured but cannot be loaded",
     "too_long": "the prompt does not fit the model's context",
+    "insufficient_memory": "the model does not fit in the memory that could be free, even "
+                           "with every other model unloaded",
+    "not_loaded": "the model is not loaded",
+    "model_unloaded": "the request's model was unloaded with --force while it ran",
     "queue_full": "the model's queue is full; try again later",
     "too_many_requests": "the peer's uid already has max_queue_per_uid requests waiting for "
                          "the model; submit more when one of them has started",

@@ -9,7 +9,8 @@ takes it (Reloader), without dropping a request.
 - Models whose load settings changed (path, n_ctx, parallel, workers, threads, ...)
   restart each worker with the new settings once its running requests are done; it takes
   no new one meanwhile. Workers of unchanged models are not touched.
-- Live model settings (LIVE_MODEL_FIELDS: the limits, the queue bounds, max_tokens) apply without
+- Live model settings (LIVE_MODEL_FIELDS: the limits, the queue bounds, max_tokens, load,
+  keep_alive) apply without
   a restart; limits reach the running scopes as `llmctl limits` does.
 - [[policies]]: a changed table re-enables its policy with the new settings, enabled = false
   disables it, a table that is gone returns the policy to its default (on if it is on by
@@ -41,11 +42,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 LIMIT_FIELDS = ("cpu", "memory_high", "memory_max", "tasks_max", "cpu_weight")
-LIVE_MODEL_FIELDS = (*LIMIT_FIELDS, "max_queue", "max_queue_per_uid", "max_tokens")
+LIVE_MODEL_FIELDS = (*LIMIT_FIELDS, "max_queue", "max_queue_per_uid", "max_tokens", "load",
+                     "keep_alive")
 # Read from service.config at each use; every other daemon key is fixed at start (the
 # socket and its listen backlog, the backend, log setup, triggers armed, workers' user...).
 LIVE_DAEMON_KEYS = ("hello_timeout", "frame_timeout", "client_buffer", "shutdown_grace",
-                    "max_connections_per_uid", "liveness_timeout")
+                    "max_connections_per_uid", "liveness_timeout", "memory_budget",
+                    "pressure_unload_grace")
 DRAIN_POLL_S = 0.1
 
 
@@ -181,7 +184,7 @@ class Reloader:
                 self._reconcile(name)
             else:
                 service.add_model(new.models[name])
-                service.start_workers(service.workers[name])
+                service.lifecycle.begin(name)
         for name in (*d.removed, *d.restarted):
             self._reconcile(name)
         errors = [*await self._retune(new, d), *self._policies(old, new, d)]
@@ -198,6 +201,7 @@ class Reloader:
         for name, fields in d.retuned.items():
             cfg = new.models[name]
             self.service.queues[name].bound(cfg)
+            self.service.lifecycle.add(name)  # a new keep_alive, unless a request set one
             for worker in self.service.workers[name]:
                 if not needs_restart(worker.model, cfg):
                     worker.model = cfg
@@ -287,7 +291,9 @@ class Reloader:
         service, index = self.service, 0
         workers = service.workers[name]
         while (want := service.config.models.get(name)) is not None:
-            if index >= max(len(workers), want.workers):
+            # An unloaded model has no workers; the lifecycle starts them when it loads.
+            wanted = want.workers if service.lifecycle.loaded(name) else 0
+            if index >= max(len(workers), wanted):
                 return
             old = workers[index] if index < len(workers) else None
             if old is not None and not needs_restart(old.model, want):
@@ -298,7 +304,7 @@ class Reloader:
                 await service.retire_workers([old], service.config.daemon.shutdown_grace)
                 # Removed meanwhile: a replacement still serves the queue while it drains.
                 want = service.config.models.get(name) or want
-                if index >= want.workers:
+                if index >= (want.workers if service.lifecycle.loaded(name) else 0):
                     workers.remove(old)
                     log.info("worker_removed", worker=old.name, reason="config changed")
                     continue

@@ -39,6 +39,8 @@ class Request:
     lost_workers: int = 0  # workers that died or hung under it before its first token
     resume: Resume | None = None  # from the worker that was preempted
     seq: int | None = None  # FIFO order in its queue, kept when it is queued again
+    cold: bool = False  # its model was not loaded when it came
+    load_s: float | None = None  # how long it waited for its model to load
 
     @property
     def prompt_chars(self) -> int:

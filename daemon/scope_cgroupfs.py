@@ -39,7 +39,7 @@ class CgroupfsBackend(Backend):
         if root is None:
             raise ScopeError("no delegated cgroup2 subtree: the daemon's cgroup must be "
                              "writable and have the cpu and memory controllers")
-        self.root = root
+        self.root = self.parent = root
         leaf = root / "daemon"
         leaf.mkdir(exist_ok=True)
         _write(leaf / "cgroup.procs", str(os.getpid()))

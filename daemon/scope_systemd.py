@@ -68,6 +68,7 @@ class SystemdBackend(Backend):
         from pystemd.systemd1 import Manager
 
         self.slice = slice_name
+        self.parent = CGROUP_ROOT / slice_name
         self._manager = Manager()
         self._manager.load()
 

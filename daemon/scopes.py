@@ -29,6 +29,7 @@ class Scope:
 
 class Backend:
     name = "none"
+    parent: Path | None = None  # the cgroup that holds every worker's scope (the slice)
 
     def place(self, name: str, pid: int, limits: Limits) -> Scope | None:
         """Put pid into a scope of its own with these limits (none: nowhere)."""

@@ -15,6 +15,7 @@ import structlog
 
 from . import cgroupstats, cpumonitor, logs, messages, modelsource, psi, snapshots, supervision
 from .config import Config, ModelConfig, limits_of, trigger_of
+from .lifecycle import Lifecycle
 from .limits import LimitError, Limits, check_order
 from .metrics import ModelMetrics
 from .paths import default_state_dir
@@ -46,6 +47,7 @@ class Service:
         self.limits: dict[str, Limits] = {}
         self.paths: dict[str, Path] = {}
         self._path_locks: dict[str, asyncio.Lock] = {}
+        self.lifecycle = Lifecycle(self)  # which models are loaded: load, keep-alive, evict
         for model in config.models.values():
             self.add_model(model)
         self.requests: dict[str, Request] = {}
@@ -90,8 +92,12 @@ class Service:
         self.psi.start()
         for resource in psi.RESOURCES if self._system_trigger else ():
             self._watch(f"system/{resource}", psi.SYSTEM / resource, self._system_trigger)
+        if self._system_trigger and self.backend.parent is not None:
+            self._watch("slice/memory", self.backend.parent / "memory.pressure",
+                        self._system_trigger)
         self.cpu.start(self.psi)
-        self.start_workers(self.all_workers())
+        for name in self.config.models:
+            self.lifecycle.begin(name)
         self._tasks.append(loop.create_task(self._tick(), name="policy-tick"))
 
     async def _tick(self) -> None:
@@ -102,6 +108,7 @@ class Service:
 
     def notify(self, event: Event) -> None:
         self.engine.notify(event)
+        self.lifecycle.check()
         for model in self.queues:
             self.dispatch(model)
 
@@ -130,6 +137,7 @@ class Service:
                  "trigger": event.trigger.line().decode()}
         self.pressure_events.append(entry)
         log.info("pressure_event", **entry)
+        self.lifecycle.pressure(event.key)
         self.notify(Event("pressure", key=event.key))
 
     # -- scopes ------------------------------------------------------------------
@@ -220,13 +228,15 @@ class Service:
     # -- models come and go (reload.py) ---------------------------------------------
 
     def add_model(self, model: ModelConfig) -> None:
-        """A model's queue, metrics, limits and workers; start_workers runs them."""
+        """A model's queue, metrics and limits; its workers start when the lifecycle loads
+        it (lifecycle.begin, or its first request)."""
         name = model.name
         self.queues[name] = ModelQueue(name, model.max_queue, model.max_queue_per_uid)
         self.metrics[name] = ModelMetrics()
         self.limits[name] = limits_of(model)
         self._path_locks[name] = asyncio.Lock()
-        self.workers[name] = [self.new_worker(model, i) for i in range(model.workers)]
+        self.workers[name] = []
+        self.lifecycle.add(name)
 
     def new_worker(self, model: ModelConfig, index: int) -> Worker:
         daemon = self.config.daemon
@@ -257,6 +267,7 @@ class Service:
         for table in (self.queues, self.metrics, self.workers, self.limits, self.paths,
                       self._path_locks, self.slots.by_model):
             table.pop(name, None)
+        self.lifecycle.forget(name)
 
     # -- model files -------------------------------------------------------------
 
@@ -271,7 +282,9 @@ class Service:
             return path
 
     def model_state(self, model: str) -> str:
-        return supervision.model_state(self.workers[model])
+        loaded = self.lifecycle.state(model)  # its workers say more once they exist
+        workers = self.workers[model]
+        return supervision.model_state(workers) if workers and loaded != "unloading" else loaded
 
     def unavailable_reason(self, model: str) -> str:
         return supervision.load_trouble(model, self.workers[model])
@@ -279,7 +292,8 @@ class Service:
     # -- requests ----------------------------------------------------------------
 
     def submit(self, model: str, prompt: str, params: dict[str, Any], priority: int,
-               timeout: float | None, uid: int, sink: Sink) -> tuple[Request, int]:
+               timeout: float | None, uid: int, sink: Sink,
+               keep_alive: str | None = None) -> tuple[Request, int]:
         """Accept a request into its model's queue; returns it and its queue position."""
         if self.stopping:
             raise ProtocolError("shutting_down", "the daemon is stopping")
@@ -292,6 +306,7 @@ class Service:
                       priority=priority, uid=uid, sink=sink)
         position = self.queues[model].push(req)
         self.requests[req.id] = req
+        self.lifecycle.accepted(req, keep_alive)
         if timeout is not None:
             req.deadline = req.accepted_at + timeout
             loop = asyncio.get_running_loop()
@@ -357,6 +372,7 @@ class Service:
     # -- worker callbacks ------------------------------------------------------------
 
     def worker_idle(self, worker: Worker) -> None:
+        self.lifecycle.check()  # a model that came up: its waiting requests were cold
         self.dispatch(worker.model.name)
 
     def worker_done(self, worker: Worker, req: Request, msg: messages.Done) -> None:
@@ -374,7 +390,7 @@ class Service:
             "ttft_s": req.first_token_at - req.accepted_at if req.first_token_at else None,
             "total_s": now - req.accepted_at,
             "prefill_s": w.prefill_s, "tokens_per_s": w.tokens_per_s,
-            "preemptions": req.preemptions,
+            "preemptions": req.preemptions, "cold": req.cold, "load_s": req.load_s,
         }
         self._finish(req, "completed", stats=stats)
 
@@ -432,6 +448,7 @@ class Service:
     async def stop(self) -> None:
         """Stop the workers (after fail_all)."""
         self.fail_all()
+        self.lifecycle.close()
         await self.retire_workers(self.all_workers(), self.config.daemon.shutdown_grace,
                                   finish_requests=False)
         for task in self._tasks:

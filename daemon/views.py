@@ -44,6 +44,7 @@ def status(service: Service) -> dict[str, Any]:
                 "running": sum(len(w.running) for w in service.workers[name]),
                 "slots": sum(w.slots for w in service.workers[name] if w.state in ("idle", "busy")),
                 "queued": [r.id for r in queue.ordered(service.engine.rank)],
+                **service.lifecycle.describe(name),
                 **service.metrics[name].snapshot(),
             }
             for name, queue in service.queues.items()
@@ -75,7 +76,20 @@ def models(service: Service) -> list[dict[str, Any]]:
             "source": cfg.package or cfg.path,
             "path": str(service.paths[name]) if name in service.paths else None,
             "workers": len(workers), "parallel": cfg.parallel, "n_ctx": cfg.n_ctx,
-            "max_tokens": cfg.max_tokens,
+            "max_tokens": cfg.max_tokens, "load": cfg.load,
+            "keep_alive": service.lifecycle.describe(name)["keep_alive"],
             "error": service.unavailable_reason(name) or None,
         })
     return out
+
+
+def loaded_model(service: Service, name: str) -> dict[str, Any]:
+    """A model in memory, for ps and load."""
+    workers = service.workers[name]
+    return {
+        "name": name, "state": model_state(service, name),
+        **service.lifecycle.describe(name),
+        "workers": len(workers), "pids": [w.pid for w in workers if w.pid is not None],
+        "slots": sum(w.slots for w in workers if w.serving),
+        "slots_busy": sum(len(w.running) for w in workers),
+    }

@@ -37,7 +37,8 @@ STATUS = {
     "model_unavailable": 503, "queue_full": 429, "too_many_requests": 429, "forbidden": 403,
     "shutting_down": 503, "too_many_connections": 503, "timeout": 504,
     "deferred_timeout": 504, "cancelled": 409, "worker_died": 500, "worker_hung": 500,
-    "scope_error": 500, "internal": 500,
+    "scope_error": 500, "internal": 500, "insufficient_memory": 503, "model_unloaded": 503,
+    "not_loaded": 409,
     # HTTP's own
     "invalid_api_key": 401, "body_too_large": 413, "request_timeout": 408,
     "not_found": 404, "method_not_allowed": 405,
@@ -48,7 +49,7 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           429: "rate_limit_error"}
 _PARAMS = {"messages", "prompt", "model", "max_tokens", "temperature", "top_p", "seed",
            "stop", "stream", "priority", "timeout", "json_schema", "top_k", "min_p",
-           "repeat_penalty", "n", "logprobs", "response_format", "tools"}
+           "repeat_penalty", "n", "logprobs", "response_format", "tools", "keep_alive"}
 RETRY_AFTER_S = "1"
 _CLOSE = ("request_timeout", "body_too_large")  # errors after which the connection closes
 
@@ -338,7 +339,8 @@ class HttpFront:
 
     async def health(self, request: web.Request) -> web.Response:
         states = {m: views.model_state(self.service, m) for m in self.service.config.models}
-        ready = any(s == "ready" for s in states.values()) and not self.service.stopping
+        # A model on demand serves too: its first request loads it.
+        ready = any(s in ("ready", "unloaded") for s in states.values()) and not self.service.stopping
         return web.json_response({"status": "ok" if ready else "unavailable",
                                   "models": states}, status=200 if ready else 503)
 

@@ -57,6 +57,10 @@ def _common(body: dict[str, Any], priority_header: str | None) -> dict[str, Any]
         if body.get(key) is not None:
             msg["max_tokens"] = body[key]
             break
+    keep_alive = body.get("keep_alive")  # ollama's field: a duration or seconds
+    if keep_alive is not None:
+        number = isinstance(keep_alive, int | float) and not isinstance(keep_alive, bool)
+        msg["keep_alive"] = str(keep_alive) if number else keep_alive
     stop = body.get("stop")
     if stop is not None:
         msg["stop"] = [stop] if isinstance(stop, str) else stop

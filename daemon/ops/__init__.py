@@ -126,4 +126,4 @@ def lookup(name: Any) -> Op:
     return op
 
 
-from . import cancel, events, hello, limits, models, policy, status, submit  # noqa: E402,F401
+from . import cancel, events, hello, limits, load, models, policy, ps, status, submit, unload  # noqa: E402,F401

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..durations import parse_keep_alive
 from ..protocol import ProtocolError
 from ..scheduler import Request, Sink
 from . import Context, Op, Param, register
@@ -82,6 +83,9 @@ class Submit(Op):
         "json_schema": Param(dict, "constrain the text to JSON matching this JSON Schema; "
                              "{} is any JSON value", valid=_json_value),
         "grammar": Param(str, "constrain the text to this GBNF grammar (llama.cpp)", min=1),
+        "keep_alive": Param(str, "how long the model stays loaded after this request: 30s, "
+                            "5m, 1h, 0 (unload when done), -1 (forever); it holds until the "
+                            "model unloads", max=32, valid=parse_keep_alive),
     }
 
     def execute(self, ctx: Context, args: dict[str, Any]) -> None:
@@ -121,4 +125,4 @@ def accept(service: Any, args: dict[str, Any], uid: int, sink: Sink | None,
     params["max_tokens"] = max_tokens
     params.update({k: args[k] for k in OUTPUT_FIELDS if k in args})
     return service.submit(model, args.get("prompt", ""), params, args.get("priority", 0),
-                          args.get("timeout"), uid, sink=sink)
+                          args.get("timeout"), uid, sink=sink, keep_alive=args.get("keep_alive"))

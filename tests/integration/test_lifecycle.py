@@ -193,7 +193,8 @@ def test_two_workers_serve_in_parallel(start_daemon, tiny_model_path):
 
 
 def test_missing_model_is_unavailable_and_others_serve(start_daemon, tiny_model_path, tmp_path):
-    cfg = tiny_config(tiny_model_path) + f'\n[models.ghost]\npath = "{tmp_path}/none.gguf"\n'
+    cfg = tiny_config(tiny_model_path) + (f'\n[models.ghost]\npath = "{tmp_path}/none.gguf"\n'
+                                          'load = "at_start"\n')
     d = start_daemon(cfg, wait=False)
     wait_for(lambda: d.socket.exists(), what="socket")
     with d.client() as c:
@@ -211,7 +212,7 @@ def test_missing_model_is_unavailable_and_others_serve(start_daemon, tiny_model_
 def test_corrupt_model_file_is_unavailable(start_daemon, tiny_model_path, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 100)
-    cfg = tiny_config(tiny_model_path) + f'\n[models.bad]\npath = "{bad}"\n'
+    cfg = tiny_config(tiny_model_path) + f'\n[models.bad]\npath = "{bad}"\nload = "at_start"\n'
     d = start_daemon(cfg, wait=False)
     wait_for(lambda: d.socket.exists(), what="socket")
     with d.client() as c:

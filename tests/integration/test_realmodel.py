@@ -59,13 +59,17 @@ n_ctx = 1024
     d = start_daemon(cfg)
     with d.client() as c:
         models = {m["name"]: m for m in c.models()}
-        assert models["gemma"]["state"] == "ready" and models["smollm2"]["state"] == "ready"
-        assert models["gemma"]["path"].startswith(str(tmp_path / "state"))
+        # The second model loads on demand: its first request waits for it.
+        assert models["gemma"]["state"] == "unloaded" and models["smollm2"]["state"] == "ready"
         stream = c.submit("What is 2 + 2? Reply with the number only.", model="gemma",
                           max_tokens=8, temperature=0.0)
         text = "".join(stream.text())
+        models = {m["name"]: m for m in c.models()}
+        assert models["gemma"]["state"] == "ready"
+        assert models["gemma"]["path"].startswith(str(tmp_path / "state"))
     assert "4" in text
     assert stream.stats["model"] == "gemma" and stream.stats["completion_tokens"] >= 1
+    assert stream.stats["cold"] is True and stream.stats["load_s"] > 0
     r = d.llmctl("submit", "-m", "smollm2", "Say hello.", "-n", "8")
     assert r.returncode == 0 and r.stdout.strip()
 

@@ -18,9 +18,10 @@ LONG = {"max_tokens": 1500, "ignore_eos": True}  # keeps a worker busy for a few
 
 
 def _model(name: str, path: Path, extra: str = "") -> str:
-    """One slot (parallel = 1), as tiny_config: a second request waits behind the first."""
+    """One slot (parallel = 1), as tiny_config: a second request waits behind the first.
+    Loaded at start, as the first model: these tests are about the reload, not the lifecycle."""
     return (f'\n[models.{name}]\npath = "{path}"\nn_ctx = 4096\nthreads = 1\nmax_tokens = 16\n'
-            f'parallel = 1\n{extra}')
+            f'parallel = 1\nload = "at_start"\n{extra}')
 
 
 def _reload(d: Daemon, config: str) -> dict:

@@ -208,7 +208,7 @@ def test_a_long_prompt_evaluation_answers_pings(mid_model):
 def test_a_model_that_keeps_failing_to_load_says_so(start_daemon, tiny_model_path, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\3\0\0\0" + b"\0" * 100)  # a GGUF header and nothing after
-    d = start_daemon(tiny_config(tiny_model_path) + f'\n[models.bad]\npath = "{bad}"\n',
+    d = start_daemon(tiny_config(tiny_model_path) + f'\n[models.bad]\npath = "{bad}"\nload = "at_start"\n',
                      wait=False)
     wait_for(lambda: d.socket.exists(), what="socket")
     with d.client() as c:

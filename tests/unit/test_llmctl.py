@@ -156,8 +156,10 @@ def _names(words, what):
 
 @pytest.mark.parametrize(("words", "want"), [
     (["llmctl", "su"], ["submit"]),
-    (["llmctl", ""], ["submit", "chat", "status", "models", "cancel", "limits", "policy",
-                      "events", "wait", "completion"]),
+    (["llmctl", ""], ["submit", "chat", "status", "models", "ps", "load", "unload", "cancel",
+                      "limits", "policy", "events", "wait", "completion"]),
+    (["llmctl", "load", ""], ["tiny", "smollm2"]),
+    (["llmctl", "unload", "s"], ["smollm2"]),
     (["llmctl", "chat", "-m", ""], ["tiny", "smollm2"]),
     (["llmctl", "submit", "--top"], ["--top-k", "--top-p"]),
     (["llmctl", "submit", "-m", ""], ["tiny", "smollm2"]),
@@ -232,6 +234,12 @@ class FakeStream:
      "llmctl: loading model tiny, queued: 0 ahead (0 running, 0 queued), 12 s"),
     ({"state": "loading", "queued": [], "running": 0}, "llmctl: loading model tiny, 12 s"),
     ({"state": "ready", "queued": [], "running": 1}, "llmctl: processing the prompt, 12 s"),
+    ({"state": "unloaded", "queued": ["r9"], "running": 0},
+     "llmctl: loading model tiny, queued: 0 ahead (0 running, 0 queued), 12 s"),
+    ({"state": "loading", "queued": ["r9"], "running": 0,
+      "waiting": "waiting for memory: needs 90 MiB, 40 MiB free; busy: big"},
+     "llmctl: model tiny is waiting for memory: needs 90 MiB, 40 MiB free; busy: big, "
+     "queued: 0 ahead (0 running, 0 queued), 12 s"),
 ])
 def test_waiting_line_text(model, want):
     assert progress.describe_wait({"models": {"tiny": model}}, FakeStream(), 12.2) == want
