@@ -5,30 +5,28 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from . import cgroupstats, cpumonitor, logs, messages, modelsource, psi, snapshots, supervision
+from . import cpumonitor, logs, messages, modelsource, psi, snapshots, supervision
 from .config import Config, ModelConfig, limits_of, trigger_of
 from .lifecycle import Lifecycle
 from .limits import LimitError, Limits, check_order
 from .metrics import ModelMetrics
 from .paths import default_state_dir
+from .placement import Placement
 from .policies import Event, Snapshot
 from .policyengine import PolicyEngine
 from .protocol import ProtocolError
 from .scheduler import ModelQueue, Request, Sink
-from .scopes import Backend, ScopeError, make_backend
+from .scopes import Backend
 from .slots import Slots
 from .workers import Worker
 
 log = structlog.get_logger()
-SCOPE_CALL_TIMEOUT = 10.0  # a D-Bus call or cgroup write that takes longer is reported
 PRESSURE_EVENTS_KEPT = 200
 TICK_S = 1.0
 
@@ -55,15 +53,13 @@ class Service:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task] = []
         self._supervisors: dict[Worker, asyncio.Task] = {}
-        self.backend = Backend()
+        self.placement = Placement()  # scopes: the backend's calls, limits, OOM kills
         self.slots = Slots(self.all_workers)  # dispatch, batch limits, per-request commands
         self.psi: psi.PsiWatcher | None = None
         self.pressure_events: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=PRESSURE_EVENTS_KEPT)
-        self._scope_exec = ThreadPoolExecutor(1, thread_name_prefix="scopes")
         self.engine = PolicyEngine(self, list(config.policies))
         self.observer = snapshots.Observer(self)
-        self._oom_kills: dict[Path, int] = {}  # last oom_kill count seen per scope parent
         self._system_trigger = trigger_of(config.daemon.psi_system_trigger)
         self._scope_trigger = trigger_of(config.daemon.psi_scope_trigger)
         self.cpu = cpumonitor.CpuMonitor(
@@ -75,24 +71,13 @@ class Service:
 
     async def start(self) -> None:
         """Choose the backend, clear stale scopes, arm PSI triggers, start the workers."""
-        cfg = self.config.daemon
         loop = asyncio.get_running_loop()
-        try:
-            self.backend = make_backend(cfg.backend, cfg.slice)
-        except (ScopeError, ImportError, OSError) as exc:
-            if cfg.backend != "auto":
-                raise ScopeError(f"backend {cfg.backend}: {exc}") from exc
-            log.warning("backend_unavailable", error=str(exc), using="none")
-        if cfg.worker_user and os.geteuid() != 0:
-            log.warning("worker_user_ignored", worker_user=cfg.worker_user,
-                        reason="only a daemon running as root switches users")
-        stale = await self._scope_call(self.backend.cleanup)
-        log.info("backend_ready", backend=self.backend.name, stale_scopes_removed=stale)
+        await self.placement.start(self.config.daemon)
         self.psi = psi.PsiWatcher(loop, self._on_pressure)
         self.psi.start()
         for resource in psi.RESOURCES if self._system_trigger else ():
             self._watch(f"system/{resource}", psi.SYSTEM / resource, self._system_trigger)
-        if self._system_trigger and self.backend.parent is not None:
+        if self._system_trigger and self.backend.parent is not None:  # the slice's own
             self._watch("slice/memory", self.backend.parent / "memory.pressure",
                         self._system_trigger)
         self.cpu.start(self.psi)
@@ -111,16 +96,6 @@ class Service:
         self.lifecycle.check()
         for model in self.queues:
             self.dispatch(model)
-
-    async def _scope_call(self, fn: Any, *args: Any) -> Any:
-        """Run a blocking backend call (D-Bus, cgroup writes) off the event loop."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._scope_exec, fn, *args)
-        try:
-            return await asyncio.wait_for(future, SCOPE_CALL_TIMEOUT)
-        except TimeoutError:
-            raise ScopeError(f"{getattr(fn, '__name__', fn)} took over "
-                             f"{SCOPE_CALL_TIMEOUT} s") from None
 
     def _watch(self, key: str, path: Path, trigger: psi.Trigger) -> None:
         assert self.psi is not None
@@ -142,53 +117,30 @@ class Service:
 
     # -- scopes ------------------------------------------------------------------
 
+    @property
+    def backend(self) -> Backend:
+        return self.placement.backend
+
     async def place(self, worker: Worker) -> None:
-        """Put a new worker process into its scope; without one it serves unlimited."""
-        try:
-            worker.scope = await self._scope_call(
-                self.backend.place, worker.name, worker.pid, self.limits[worker.model.name])
-            worker.scope_error = ""
-        except ScopeError as exc:
-            worker.scope_error = str(exc)
-            log.error("scope_failed", worker=worker.name, code="scope_error", error=str(exc))
+        """Put a new worker process into its scope, and watch the scope's pressure."""
+        self.engine.kv_asked.pop(worker.name, None)  # a new process answers nothing old
+        cgroup = await self.placement.place(worker, self.limits[worker.model.name])
+        if cgroup is None:
             return
-        finally:
-            self.engine.kv_asked.pop(worker.name, None)  # a new process answers nothing old
-        cgroup = worker.scope.cgroup if worker.scope else None
-        if cgroup is not None and cgroup.parent not in self._oom_kills:
-            self._oom_kills[cgroup.parent] = cgroupstats.oom_kills(cgroup.parent) or 0
         trigger = self._scope_trigger
-        if trigger and cgroup is not None:
-            for resource in psi.RESOURCES:
-                self._watch(f"{worker.name}/{resource}", cgroup / f"{resource}.pressure", trigger)
-        if cgroup is not None:
-            self.cpu.watch_scope(worker.name, cgroup)
+        for resource in psi.RESOURCES if trigger else ():
+            self._watch(f"{worker.name}/{resource}", cgroup / f"{resource}.pressure", trigger)
+        self.cpu.watch_scope(worker.name, cgroup)
 
     def oom_killed(self, worker: Worker) -> bool:
-        """Whether an OOM kill explains the worker's SIGKILL: its scope counted one, or,
-        the scope being gone already, the count of the scope's parent went up."""
-        cgroup = worker.scope.cgroup if worker.scope else None
-        if cgroup is None:
-            return False
-        parent = cgroupstats.oom_kills(cgroup.parent)
-        seen = self._oom_kills.get(cgroup.parent, parent)
-        if parent is not None:
-            self._oom_kills[cgroup.parent] = parent
-        own = cgroupstats.oom_kills(cgroup)
-        if own is not None:
-            return own > 0
-        return parent is not None and seen is not None and parent > seen
+        return self.placement.oom_killed(worker)
 
     async def release(self, worker: Worker) -> None:
         if self.psi is not None:
             for resource in psi.RESOURCES:
                 self.psi.remove(f"{worker.name}/{resource}")
         self.cpu.unwatch_scope(worker.name)
-        if worker.scope is not None:
-            try:
-                await self._scope_call(self.backend.release, worker.scope)
-            except ScopeError as exc:
-                log.warning("scope_release_failed", worker=worker.name, error=str(exc))
+        await self.placement.release(worker)
 
     async def set_limits(self, model: str, **changes: Any) -> dict[str, Any]:
         """Change a model's worker limits live; the policies hear of it (threads follow
@@ -200,22 +152,7 @@ class Service:
             check_order(new)
         except LimitError as exc:
             raise ProtocolError("bad_request", str(exc)) from None
-        errors = []
-        for worker in self.workers[model]:
-            if worker.scope is None:
-                # Between restarts (no process) its next scope gets the new limits.
-                if self.backend.name != "none" and worker.pid is not None:
-                    errors.append(f"{worker.name}: no scope ({worker.scope_error or worker.state})")
-                continue
-            try:
-                await self._scope_call(self.backend.apply, worker.scope, new)
-            except ScopeError as exc:
-                errors.append(f"{worker.name}: {exc}")
-        if self.backend.name == "none" and new != self.limits[model]:
-            raise ProtocolError("scope_error", "the none backend cannot set limits (no systemd "
-                                "and no delegated cgroup2 here)")
-        if errors:
-            raise ProtocolError("scope_error", "; ".join(errors))
+        await self.placement.apply(self.workers[model], self.limits[model], new)
         self.limits[model] = new
         log.info("limits_changed", model=model, **new.describe())
         self.cpu.refresh_caps()
@@ -457,5 +394,5 @@ class Service:
         self.cpu.stop()
         if self.psi is not None:
             self.psi.stop()
-        self._scope_exec.shutdown(wait=False)
+        self.placement.close()
 
