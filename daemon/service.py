@@ -40,6 +40,7 @@ class Service:
         self.started_at = time.monotonic()
         self.stopping = False
         self.last_reload: dict[str, Any] | None = None  # set by reload.Reloader
+        self.reloader: Any = None  # the reload.Reloader; the models add/remove ops use it
         self.queues: dict[str, ModelQueue] = {}
         self.metrics: dict[str, ModelMetrics] = {}
         self.workers: dict[str, list[Worker]] = {}

@@ -126,4 +126,4 @@ def lookup(name: Any) -> Op:
     return op
 
 
-from . import cancel, events, hello, limits, models, policy, status, submit  # noqa: E402,F401
+from . import add_model, cancel, events, hello, limits, models, policy, remove_model, status, submit  # noqa: E402,F401
