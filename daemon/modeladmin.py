@@ -72,8 +72,12 @@ def check_file(path: Path, worker_user: str) -> None:
     """bad_request unless path is a GGUF file that the workers' user may read (the
     daemon reads it to check, but a root daemon's workers run as daemon.worker_user)."""
     if not path.is_file():
-        raise ProtocolError("bad_request", f"{path}: no such file" if not path.exists()
-                            else f"{path}: not a regular file")
+        if path.exists():
+            raise ProtocolError("bad_request", f"{path}: not a regular file")
+        hidden = path.parts[1:2] in (("home",), ("root",)) or str(path).startswith("/run/user/")
+        raise ProtocolError("bad_request", f"{path}: no such file" + (
+            " (llm-residentd.service runs with ProtectHome=yes: /home, /root and /run/user "
+            "are hidden from it)" if hidden else ""))
     try:
         modelsource.check_gguf(path)
     except modelsource.ModelUnavailable as exc:

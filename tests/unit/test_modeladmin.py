@@ -119,6 +119,10 @@ def test_check_file_names_the_problem(tmp_path):
     assert _code(modeladmin.check_file, tmp_path / "gone.gguf", "")[1] == \
         f"{tmp_path}/gone.gguf: no such file"
     assert _code(modeladmin.check_file, tmp_path, "")[1] == f"{tmp_path}: not a regular file"
+    # Under systemd the daemon cannot see /home: a missing file there says why it may be.
+    message = _code(modeladmin.check_file, Path("/home/no-such-user-xyz/m.gguf"), "")[1]
+    assert message.startswith("/home/no-such-user-xyz/m.gguf: no such file (llm-residentd."
+                              "service runs with ProtectHome=yes")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon's workers switch to "
