@@ -148,6 +148,7 @@ class Reloader:
         self._model_locks: dict[str, asyncio.Lock] = {}  # one drain or restart per model
         self._tasks: set[asyncio.Task] = set()
         self.overlay = Overlay()  # what add_model and remove_model did, kept over reloads
+        self.last: dict[str, Any] | None = None  # the last reload, for status
         service.reloader = self  # the add_model and remove_model ops find it here
 
     async def reload(self) -> bool:
@@ -360,7 +361,7 @@ class Reloader:
 
     def _record(self, result: str, error: str, d: Diff | None = None) -> None:
         d = d or Diff()
-        self.service.last_reload = {
+        self.last = {
             "at": time.time(), "result": result, "error": error or None,
             "added": list(d.added), "removed": list(d.removed), "changed": list(d.changed),
             "needs_restart": [f"daemon.{k}" for k in d.daemon_restart],
