@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -295,6 +297,10 @@ def _scope_row(w: dict[str, Any]) -> list[Any]:
 
 
 def cmd_models(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        return _models_add(client, args)
+    if args.action == "remove":
+        return _models_remove(client, args)
     models = client.models()
     if args.json:
         _emit_json(models)
@@ -348,6 +354,71 @@ def cmd_unload(client: Client, args: argparse.Namespace) -> int:
         _emit_json(reply)
     else:
         print(f"{reply['model']} unloaded")
+    return EXIT_OK
+
+
+# `models add` options that are model keys of their own (the rest go through --set).
+MODEL_OPTIONS = {
+    "n_ctx": ("N", "context tokens of one request"),
+    "parallel": ("N", "requests one worker decodes together"),
+    "workers": ("N", "worker processes"),
+    "threads": ("N", "threads per worker; 0 follows the CPUs"),
+    "keep_alive": ("D", "how long it stays loaded while idle: 5m, 30s, 0, -1"),
+    "load": ("WHEN", "auto, at_start or on_demand"),
+}
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def model_option(text: str) -> tuple[str, Any]:
+    """argparse type of --set KEY=VALUE: VALUE as the type of the [models.NAME] key (an
+    unknown key is sent as text: the daemon's answer names the keys it knows)."""
+    from llm_residentd.config import ModelConfig
+
+    key, value = _key_value(text)
+    kind = {f.name: f.type for f in dataclasses.fields(ModelConfig)}.get(key, "str")
+    try:
+        if kind == "bool":
+            return key, _BOOLS[value.lower()]
+        return key, {"int": int, "float": float}.get(kind, str)(value)
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not {kind}") from None
+
+
+class _ModelOption(argparse.Action):
+    """`models add` options into one map of [models.NAME] keys; a key given twice (by its
+    option and by --set) is a usage error."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        key, value = values if self.const is None else (self.const, values)
+        options = dict(getattr(namespace, self.dest) or {})
+        if key in options:
+            raise argparse.ArgumentError(self, f"{key} is given twice")
+        options[key] = value
+        setattr(namespace, self.dest, options)
+
+
+def _models_add(client: Client, args: argparse.Namespace) -> int:
+    # The daemon's working directory is not ours: send the path absolute.
+    reply = client.call("add_model", name=args.new_model, path=os.path.abspath(args.path),
+                        options=args.options or {})
+    if args.json:
+        _emit_json(reply)
+        return EXIT_OK
+    m = reply["model"]
+    print(f"added {m['name']}: {m['state']}, {m['workers']} worker(s), n_ctx {m['n_ctx']} "
+          f"({m['source']})")
+    return EXIT_OK
+
+
+def _models_remove(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call("remove_model", name=args.model)
+    if args.json:
+        _emit_json(reply)
+        return EXIT_OK
+    n = reply["requests"]
+    print(f"removed {reply['model']}" + (f" ({n} request{'s' * (n != 1)} finishing first)"
+                                         if n else ""))
     return EXIT_OK
 
 
@@ -604,7 +675,7 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common()
+    common, nested = _common(), _common(nested=True)
     fmt = argparse.RawDescriptionHelpFormatter
     p = Parser(prog="llmctl", description="Control llm-residentd: submit prompts, watch "
                "workers and queues.", epilog=EPILOG, formatter_class=fmt)
@@ -643,9 +714,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "each model's queue, how its requests ended (done, cancelled, timeout, "
                        "failed) and TTFT, latency and tokens/s percentiles.")
     s.set_defaults(func=cmd_status)
-    s = sub.add_parser("models", parents=[common], help="configured models and their state",
-                       description="List the configured models and whether they can serve.")
-    s.set_defaults(func=cmd_models)
     s = sub.add_parser("ps", parents=[common], help="the models in memory",
                        description="List the loaded models (and those loading or unloading): "
                        "memory measured, slots busy/total, keep_alive, and when each will "
@@ -672,6 +740,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", metavar="MODEL")
     s.add_argument("--force", action="store_true", help="fail its running requests (root)")
     s.set_defaults(func=cmd_unload)
+    s = sub.add_parser("models", parents=[common], formatter_class=fmt,
+                       help="list the models; add or remove one (root)",
+                       description="Without ACTION: list the configured models and whether "
+                       "they can serve. add NAME --path FILE: serve one more model (root "
+                       "only); remove NAME: stop serving one, its requests finish first "
+                       "(root only). Both last until the daemon restarts; a reload of the "
+                       "config file keeps them.")
+    s.set_defaults(func=cmd_models, action=None)
+    actions = s.add_subparsers(dest="action", metavar="ACTION")
+    a = actions.add_parser("add", parents=[nested], formatter_class=fmt,
+                           help="serve one more model (root)",
+                           description="Add model NAME from the GGUF file FILE without a "
+                           "restart (root only). The options are keys of a [models.NAME] "
+                           "table (docs/configuration.md), checked as the config file's: "
+                           "--set KEY=VALUE gives any of them. FILE must be readable by the "
+                           "workers' user (daemon.worker_user).")
+    a.add_argument("new_model", metavar="NAME", help="the new model's name")
+    a.add_argument("--path", required=True, metavar="FILE", help="its GGUF file")
+    for key, (metavar, what) in MODEL_OPTIONS.items():
+        a.add_argument(f"--{key.replace('_', '-')}", dest="options", action=_ModelOption,
+                       const=key, type=int if metavar == "N" else str, metavar=metavar,
+                       help=what)
+    a.add_argument("--set", dest="options", action=_ModelOption, type=model_option,
+                   metavar="KEY=VALUE", help="any other key of [models.NAME]; repeat for more")
+    a = actions.add_parser("remove", parents=[nested], help="stop serving a model (root)",
+                           description="Remove model NAME without a restart (root only): "
+                           "it takes no new request, its queued and running requests "
+                           "finish, then its workers stop.")
+    a.add_argument("model", metavar="NAME", help="the model (llmctl models)")
     s = sub.add_parser("cancel", parents=[common], help="cancel a queued or running request",
                        description="Cancel a request by the id that submit printed "
                        "(llmctl submit -v, or --json). Only its owner or root may cancel it.")
@@ -699,7 +796,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "only; what it set stays).")
     s.set_defaults(func=cmd_policy)
     actions = s.add_subparsers(dest="action", metavar="ACTION", required=True)
-    nested = _common(nested=True)
     actions.add_parser("list", parents=[nested], help="every policy and its state")
     for action, what in (("show", "its manual and parameters"),
                          ("set", "change parameters (root); enabled=false disables"),

@@ -241,32 +241,36 @@ def parse(data: dict[str, Any], source: str) -> Config:
     tables = data.get("models", {})
     if not isinstance(tables, dict) or not tables:
         raise ConfigError("models: at least one [models.NAME] table is needed")
-    models = {}
-    for name, table in tables.items():
-        key = f"models.{name}"
-        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise ConfigError(f"{key}: a model name may hold letters, digits, '-', '_', '.'")
-        if isinstance(table, dict) and isinstance(table.get("keep_alive"), int | float):
-            table = {**table, "keep_alive": str(table["keep_alive"])}  # as ollama: 0, -1, 300
-        model = _build(ModelConfig, table, key, name=name)
-        if model.keep_alive:
-            try:
-                parse_keep_alive(model.keep_alive)
-            except ValueError as exc:
-                raise ConfigError(f"{key}.keep_alive: {exc}") from None
-        if bool(model.path) == bool(model.package):
-            raise ConfigError(f"{key}: set exactly one of path and package")
-        cells = model.n_ctx * model.parallel
-        if cells > MAX_KV_CELLS:
-            raise ConfigError(f"{key}.parallel: {key}.parallel = {model.parallel} with n_ctx = "
-                              f"{model.n_ctx} needs {cells} KV cells; at most {MAX_KV_CELLS}")
-        try:
-            limits_of(model)
-        except LimitError as exc:
-            raise ConfigError(f"{key}.{exc}") from None
-        models[name] = model
+    models = {name: model_from_table(name, table) for name, table in tables.items()}
     return Config(daemon=daemon, http=http, models=models, policies=_policies(data.get("policies", [])),
                   source=source)
+
+
+def model_from_table(name: str, table: Any) -> ModelConfig:
+    """One [models.NAME] table into a ModelConfig, checked as the config file is (also for
+    `llmctl models add`); ConfigError names the key."""
+    key = f"models.{name}"
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"{key}: a model name may hold letters, digits, '-', '_', '.'")
+    if isinstance(table, dict) and isinstance(table.get("keep_alive"), int | float):
+        table = {**table, "keep_alive": str(table["keep_alive"])}  # as ollama: 0, -1, 300
+    model = _build(ModelConfig, table, key, name=name)
+    if model.keep_alive:
+        try:
+            parse_keep_alive(model.keep_alive)
+        except ValueError as exc:
+            raise ConfigError(f"{key}.keep_alive: {exc}") from None
+    if bool(model.path) == bool(model.package):
+        raise ConfigError(f"{key}: set exactly one of path and package")
+    cells = model.n_ctx * model.parallel
+    if cells > MAX_KV_CELLS:
+        raise ConfigError(f"{key}.parallel: {key}.parallel = {model.parallel} with n_ctx = "
+                          f"{model.n_ctx} needs {cells} KV cells; at most {MAX_KV_CELLS}")
+    try:
+        limits_of(model)
+    except LimitError as exc:
+        raise ConfigError(f"{key}.{exc}") from None
+    return model
 
 
 def _policies(tables: Any) -> tuple[dict[str, Any], ...]:

@@ -43,7 +43,8 @@ socket beside the control socket and, when [http] listen is set, on TCP.
 
 SIGHUP (systemctl reload) reloads the config file: models added start, models removed
 finish their requests and stop, changed models restart their workers after their current
-requests; a config with an error is refused and the old one keeps serving.
+requests; a config with an error is refused and the old one keeps serving. Models added
+or removed at run time (llmctl models add/remove) stay so, unless the file has the name.
 
 exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on a runtime error,
 2 on a usage or configuration error.

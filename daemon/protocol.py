@@ -26,6 +26,7 @@ ERROR_CODES: dict[str, str] = {
     "bad_request": "a field is missing, of the wrong type or out of range",
     "unknown_op": "no such op",
     "no_such_model": "no model of that name is configured",
+    "model_exists": "a model of that name is configured already (add_model)",
     "model_unavailable": "the model is configured but cannot be loaded",
     "too_long": "the prompt does not fit the model's context",
     "insufficient_memory": "the model does not fit in the memory that could be free, even "

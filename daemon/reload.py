@@ -17,6 +17,12 @@ takes it (Reloader), without dropping a request.
   default, else off). Policies whose table did not change are not touched.
 - Daemon keys in LIVE_DAEMON_KEYS apply; the others keep their running values until a
   restart, each logged as reload_needs_restart.
+
+`llmctl models add/remove` (the add_model and remove_model ops) edit the running config
+through the same steps (add_model, remove_model below), so a removal drains as above.
+What they did lasts until the daemon restarts: a reload merges it into the file
+(modeladmin.Overlay): models added stay unless the file now has the name (the file wins,
+logged as runtime_model_replaced), names removed stay removed.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import structlog
 
 from . import modelsource, notify
 from .config import Config, ConfigError, DaemonConfig, ModelConfig, limits_of
+from .modeladmin import Overlay
 from .policies import PolicyError
 from .protocol import ProtocolError
 
@@ -143,6 +150,9 @@ class Reloader:
         self._lock = asyncio.Lock()  # one reload at a time
         self._model_locks: dict[str, asyncio.Lock] = {}  # one drain or restart per model
         self._tasks: set[asyncio.Task] = set()
+        self.overlay = Overlay()  # what add_model and remove_model did, kept over reloads
+        self.last: dict[str, Any] | None = None  # the last reload, for status
+        service.reloader = self  # the add_model and remove_model ops find it here
 
     async def reload(self) -> bool:
         """Load and apply the config; False when it was refused (the old one serves on)."""
@@ -163,7 +173,7 @@ class Reloader:
         service = self.service
         old = service.config
         try:
-            loaded = self.load()
+            loaded, replaced = self.overlay.merge(self.load())
             d = diff(old, loaded)
             # as --check-config does: a typo in a path is refused, not retried forever
             await asyncio.to_thread(_check_new_files, old, loaded, d, service.state_dir)
@@ -172,10 +182,51 @@ class Reloader:
                       config=old.source, serving="the old config")
             self._record("failed", str(exc))
             return False
-        new = effective(old, loaded, d)
+        self.overlay.forget(replaced)
         for key in d.daemon_restart:
             log.warning("reload_needs_restart", key=f"daemon.{key}",
                         running=getattr(old.daemon, key), configured=getattr(loaded.daemon, key))
+        errors = await self._apply(effective(old, loaded, d), d)
+        self._record("partial" if errors else "ok", "; ".join(errors), d)
+        log.info("reload_applied", added=list(d.added), removed=list(d.removed),
+                 changed=list(d.changed), restarted=list(d.restarted),
+                 policies=list(d.policies), daemon_applied=list(d.daemon_live),
+                 needs_restart=[f"daemon.{k}" for k in d.daemon_restart], errors=errors)
+        return True
+
+    async def add_model(self, model: ModelConfig) -> None:
+        """Add a checked model (modeladmin.build, check_file) to the running config, as a
+        reload that finds it in the file does; model_exists if the name is taken."""
+        async with self._lock:
+            old = self.service.config
+            if model.name in old.models:
+                raise ProtocolError("model_exists", f"a model {model.name!r} is configured "
+                                    "already (llmctl models remove it first)")
+            new = dataclasses.replace(old, models={**old.models, model.name: model})
+            await self._apply(new, diff(old, new))
+            self.overlay.add(model)
+
+    async def remove_model(self, name: str) -> int:
+        """Remove a model from the running config, as a reload that misses it in the file
+        does: it takes no new request and drains. Returns its requests still to finish."""
+        async with self._lock:
+            old = self.service.config
+            if name not in old.models:
+                raise ProtocolError("no_such_model", f"no model {name!r} (configured: "
+                                    f"{', '.join(sorted(old.models))})")
+            if len(old.models) == 1:
+                raise ProtocolError("bad_request", f"{name!r} is the only model; the daemon "
+                                    "serves at least one (add another first)")
+            new = dataclasses.replace(old, models={n: m for n, m in old.models.items()
+                                                   if n != name})
+            await self._apply(new, diff(old, new))
+            self.overlay.remove(name)
+            return len(self.service.queues[name]) + sum(
+                len(w.running) for w in self.service.workers[name])
+
+    async def _apply(self, new: Config, d: Diff) -> list[str]:
+        """Make `new` the running config; the errors of what could not be applied."""
+        service = self.service
         service.config = new  # from here submits see the new set of models
         for name in d.added:
             if name in service.workers:  # removed by an earlier reload and still draining
@@ -187,13 +238,7 @@ class Reloader:
                 service.lifecycle.begin(name)
         for name in (*d.removed, *d.restarted):
             self._reconcile(name)
-        errors = [*await self._retune(new, d), *self._policies(old, new, d)]
-        self._record("partial" if errors else "ok", "; ".join(errors), d)
-        log.info("reload_applied", added=list(d.added), removed=list(d.removed),
-                 changed=list(d.changed), restarted=list(d.restarted),
-                 policies=list(d.policies), daemon_applied=list(d.daemon_live),
-                 needs_restart=[f"daemon.{k}" for k in d.daemon_restart], errors=errors)
-        return True
+        return [*await self._retune(new, d), *self._policies(new, d)]
 
     async def _retune(self, new: Config, d: Diff) -> list[str]:
         """Live model settings: queue bounds, limits (into the running scopes)."""
@@ -216,7 +261,7 @@ class Reloader:
                 log.error("reload_limits_failed", model=name, error=str(exc))
         return errors
 
-    def _policies(self, old: Config, new: Config, d: Diff) -> list[str]:
+    def _policies(self, new: Config, d: Diff) -> list[str]:
         engine, errors = self.service.engine, []
         tables = _policy_tables(new)
         for name in d.policies:
@@ -322,7 +367,7 @@ class Reloader:
 
     def _record(self, result: str, error: str, d: Diff | None = None) -> None:
         d = d or Diff()
-        self.service.last_reload = {
+        self.last = {
             "at": time.time(), "result": result, "error": error or None,
             "added": list(d.added), "removed": list(d.removed), "changed": list(d.changed),
             "needs_restart": [f"daemon.{k}" for k in d.daemon_restart],

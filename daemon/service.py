@@ -38,7 +38,7 @@ class Service:
         self.state_dir = Path(config.daemon.state_dir or default_state_dir())
         self.started_at = time.monotonic()
         self.stopping = False
-        self.last_reload: dict[str, Any] | None = None  # set by reload.Reloader
+        self.reloader: Any = None  # reload.Reloader: the last reload; models add/remove use it
         self.queues: dict[str, ModelQueue] = {}
         self.metrics: dict[str, ModelMetrics] = {}
         self.workers: dict[str, list[Worker]] = {}

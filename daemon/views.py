@@ -27,7 +27,7 @@ def status(service: Service) -> dict[str, Any]:
             "uptime_s": round(time.monotonic() - service.started_at, 3),
             "socket": str(service.socket_path), "config": service.config.source,
             "backend": service.backend.name, "stopping": service.stopping,
-            "reload": service.last_reload,
+            "reload": service.reloader.last if service.reloader else None,
         },
         "workers": [_describe_worker(service, w) for w in service.all_workers()],
         "pressure": {

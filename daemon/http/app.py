@@ -36,9 +36,9 @@ STATUS = {
     "bad_request": 400, "too_long": 400, "no_such_model": 404, "no_such_request": 404,
     "model_unavailable": 503, "queue_full": 429, "too_many_requests": 429, "forbidden": 403,
     "shutting_down": 503, "too_many_connections": 503, "timeout": 504,
-    "deferred_timeout": 504, "cancelled": 409, "worker_died": 500, "worker_hung": 500,
-    "scope_error": 500, "internal": 500, "insufficient_memory": 503, "model_unloaded": 503,
-    "not_loaded": 409,
+    "deferred_timeout": 504, "cancelled": 409, "model_exists": 409, "worker_died": 500,
+    "worker_hung": 500, "scope_error": 500, "internal": 500, "insufficient_memory": 503,
+    "model_unloaded": 503, "not_loaded": 409,
     # HTTP's own
     "invalid_api_key": 401, "body_too_large": 413, "request_timeout": 408,
     "not_found": 404, "method_not_allowed": 405,

@@ -126,4 +126,18 @@ def lookup(name: Any) -> Op:
     return op
 
 
-from . import cancel, events, hello, limits, load, models, policy, ps, status, submit, unload  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    add_model,
+    cancel,
+    events,
+    hello,
+    limits,
+    load,
+    models,
+    policy,
+    ps,
+    remove_model,
+    status,
+    submit,
+    unload,
+)

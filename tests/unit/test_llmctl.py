@@ -171,6 +171,10 @@ def _names(words, what):
     (["llmctl", "policy", "--json", "disable", ""], ["static", "threads"]),
     (["llmctl", "completion", ""], ["bash", "zsh"]),
     (["llmctl", "cancel", ""], []),
+    (["llmctl", "models", ""], ["add", "remove"]),
+    (["llmctl", "models", "remove", ""], ["tiny", "smollm2"]),
+    (["llmctl", "models", "add", ""], []),  # a new name: nothing to offer
+    (["llmctl", "models", "add", "x", "--n"], ["--n-ctx"]),
 ])
 def test_completion_candidates(words, want):
     parser = cli.build_parser()
@@ -309,3 +313,88 @@ def test_status_shows_slots_batch_size_and_kv_cells_per_request(capsys):
     assert rows["tiny-0"].endswith("2/2              1.90   r7:412 r9:-")
     assert rows["tiny-1"].endswith("2/0 max 2        -      r3:5 r4:6")
     assert rows["tiny-2"].endswith("-                -      -")
+
+
+# -- models add / remove ---------------------------------------------------------------------
+
+class CallClient:
+    """Records the op a command sends and answers it."""
+
+    def __init__(self, reply):
+        self.reply, self.calls = reply, []
+
+    def call(self, op, **fields):
+        self.calls.append((op, fields))
+        return self.reply
+
+
+ADDED = {"model": {"name": "extra", "state": "loading", "workers": 2, "n_ctx": 512,
+                   "source": "/m/x.gguf"}}
+
+
+def test_models_add_sends_the_options_as_model_keys(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser().parse_args([
+        "models", "add", "extra", "--path", "x.gguf", "--n-ctx", "512", "--workers", "2",
+        "--parallel", "3", "--threads", "1", "--keep-alive", "10m", "--load", "on_demand",
+        "--set", "max_tokens=64", "--set", "flash_attn=false", "--set", "stream_interval=0.1",
+        "--set", "cpu=50%", "--set", "other=text"])
+    client = CallClient(ADDED)
+    assert cli.cmd_models(client, args) == 0
+    assert client.calls == [("add_model", {
+        "name": "extra", "path": str(tmp_path / "x.gguf"),  # absolute: the daemon's cwd differs
+        "options": {"n_ctx": 512, "workers": 2, "parallel": 3, "threads": 1,
+                    "keep_alive": "10m", "load": "on_demand", "max_tokens": 64,
+                    "flash_attn": False, "stream_interval": 0.1, "cpu": "50%",
+                    "other": "text"}})]
+    assert capsys.readouterr().out == "added extra: loading, 2 worker(s), n_ctx 512 (/m/x.gguf)\n"
+
+
+def test_models_add_without_options_and_json(capsys):
+    args = cli.build_parser().parse_args(["models", "add", "extra", "--path", "/m/x.gguf",
+                                          "--json"])
+    client = CallClient(ADDED)
+    assert cli.cmd_models(client, args) == 0
+    assert client.calls == [("add_model", {"name": "extra", "path": "/m/x.gguf",
+                                           "options": {}})]
+    assert json.loads(capsys.readouterr().out) == ADDED
+
+
+@pytest.mark.parametrize(("reply", "want"), [
+    ({"model": "extra", "requests": 0}, "removed extra\n"),
+    ({"model": "extra", "requests": 1}, "removed extra (1 request finishing first)\n"),
+    ({"model": "extra", "requests": 3}, "removed extra (3 requests finishing first)\n"),
+])
+def test_models_remove(capsys, reply, want):
+    client = CallClient(reply)
+    assert cli.cmd_models(client, cli.build_parser().parse_args(
+        ["models", "remove", "extra"])) == 0
+    assert client.calls == [("remove_model", {"name": "extra"})]
+    assert capsys.readouterr().out == want
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["models", "add", "x"], "the following arguments are required: --path"),
+    (["models", "add", "x", "--path", "/m", "--n-ctx", "4", "--set", "n_ctx=5"],
+     "n_ctx is given twice"),
+    (["models", "add", "x", "--path", "/m", "--set", "n_ctx=many"], "n_ctx: 'many' is not int"),
+    (["models", "add", "x", "--path", "/m", "--set", "flash_attn=maybe"],
+     "flash_attn: 'maybe' is not bool"),
+    (["models", "add", "x", "--path", "/m", "--set", "n_ctx"], "write settings as key=value"),
+    (["models", "add", "x", "--path", "/m", "--workers", "two"], "invalid int value"),
+    (["models", "remove"], "the following arguments are required: NAME"),
+])
+def test_models_usage_errors_exit_2_before_any_connection(argv, words):
+    r = subprocess.run([sys.executable, "-m", "llmctl", "--socket", NO_DAEMON, *argv],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and words in r.stderr, r.stderr
+
+
+def test_models_alone_still_lists(capsys):
+    class Lister:
+        def models(self):
+            return [{"name": "tiny", "state": "ready", "workers": 1, "n_ctx": 256,
+                     "source": "/t.gguf", "error": None}]
+    assert cli.cmd_models(Lister(), cli.build_parser().parse_args(["models"])) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["tiny", "ready", "1", "256",
+                                                               "/t.gguf"]

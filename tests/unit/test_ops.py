@@ -13,7 +13,7 @@ def _err(fn, *args):
 
 def test_registry_holds_every_op_with_a_docstring_spec():
     assert set(ops.OPS) == {"hello", "submit", "cancel", "status", "models", "limits", "policy",
-                            "events", "load", "unload", "ps"}
+                            "events", "load", "unload", "ps", "add_model", "remove_model"}
     for op in ops.OPS.values():
         module_doc = __import__(type(op).__module__, fromlist=["x"]).__doc__
         assert module_doc and "Request:" in module_doc and "Reply:" in module_doc

@@ -67,6 +67,9 @@ def _run(msg: dict[str, Any], uid: int = PEER) -> str:
     {"op": "policy", "action": "set", "name": "nope", "settings": "x"},
     {"op": "policy", "action": "disable", "name": "n" * 201},
     {"op": "cancel", "request": 7},
+    {"op": "add_model", "name": "x"},
+    {"op": "add_model", "name": "x", "path": "/m.gguf", "options": ["n_ctx"]},
+    {"op": "remove_model", "name": ""},
 ])
 def test_params_are_checked_before_who_the_peer_is(msg):
     assert _run(msg) == "bad_request"
@@ -77,6 +80,8 @@ def test_params_are_checked_before_who_the_peer_is(msg):
     {"op": "limits", "model": "nope", "cpu": "banana"},
     {"op": "policy", "action": "set", "name": "nope", "settings": {}},
     {"op": "policy", "action": "disable", "name": "nope"},
+    {"op": "add_model", "name": "bad name", "path": "relative.gguf", "options": {"n_ctx": 1}},
+    {"op": "remove_model", "name": "nope"},
 ])
 def test_who_the_peer_is_is_checked_before_the_daemons_state(msg):
     assert _run(msg) == "forbidden"
