@@ -67,7 +67,8 @@ def models(service: Service) -> list[dict[str, Any]]:
     """The configured models in config order (the first is the default), then those a
     reload removed that are still draining."""
     out = []
-    draining = [n for n in service.workers if n not in service.config.models]
+    # A removed model drains with its workers' config; one with no worker left is gone.
+    draining = [n for n, ws in service.workers.items() if n not in service.config.models and ws]
     for name in [*service.config.models, *draining]:
         workers = service.workers[name]
         cfg = service.config.models.get(name) or workers[0].model
@@ -75,7 +76,7 @@ def models(service: Service) -> list[dict[str, Any]]:
             "name": name, "state": model_state(service, name),
             "source": cfg.package or cfg.path,
             "path": str(service.paths[name]) if name in service.paths else None,
-            "workers": len(workers), "parallel": cfg.parallel, "n_ctx": cfg.n_ctx,
+            "workers": cfg.workers, "parallel": cfg.parallel, "n_ctx": cfg.n_ctx,
             "max_tokens": cfg.max_tokens, "load": cfg.load,
             "keep_alive": service.lifecycle.describe(name)["keep_alive"],
             "error": service.unavailable_reason(name) or None,

@@ -33,6 +33,9 @@ def _models(d: Daemon) -> dict[str, dict]:
 
 
 def _ready(d: Daemon, model: str, timeout: float = 60) -> None:
+    """Loaded and serving: an added model loads on demand, so load it."""
+    r = d.llmctl("load", model, "--timeout", str(timeout))
+    assert r.returncode == 0, r.stderr
     wait_for(lambda: _models(d).get(model, {}).get("state") == "ready", timeout=timeout,
              what=f"model {model} ready")
 
@@ -62,8 +65,8 @@ def test_add_then_submit(start_daemon, tiny_model_path):
     r = d.llmctl("models", "add", "extra", "--path", str(tiny_model_path), "--n-ctx", "512",
                  "--workers", "2", "--set", "max_tokens=8")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("added extra: ") and "2 worker(s), n_ctx 512" in r.stdout
-    _ready(d, "extra")
+    assert r.stdout.startswith("added extra: unloaded, 2 worker(s), n_ctx 512"), r.stdout
+    # Not the first model: it loads on demand, at its first request.
     assert _submit_text(d, "extra")["model"] == "extra"
     listed = _models(d)
     assert list(listed) == ["tiny", "extra"]
