@@ -175,8 +175,10 @@ class Lifecycle:
         """A memory PSI trigger fired: unload the least recently used idle model that has
         been idle for daemon.pressure_unload_grace and would unload anyway (a keep_alive
         that is not forever), one per trigger, before the kernel reclaims from busy ones."""
+        # A loaded model with a task is about to unload: one unload per trigger at a time.
         if not key.endswith("/memory") or any(
-                life.state == "unloading" for life in self.lives.values()):
+                life.state == "unloading" or (life.state == "loaded" and life.task is not None)
+                for life in self.lives.values()):
             return
         grace, now = self.host.config.daemon.pressure_unload_grace, self.clock()
         idle = [life for life in self._idle() if life.keep_alive is not None

@@ -1,0 +1,112 @@
+"""The lifecycle's choices on a fake host: which idle model goes for memory pressure, and
+whose memory a load may take. The real proof is tests/integration/test_model_lifecycle.py
+and tests/guest/test_model_lifecycle.py; this checks the choices a host test cannot make
+happen (PSI triggers) or make exact (the order among several idle models)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from llm_residentd import memfit
+from llm_residentd.config import Config, DaemonConfig, ModelConfig
+from llm_residentd.lifecycle import Lifecycle
+from llm_residentd.protocol import ProtocolError
+
+MIB = 1 << 20
+
+
+class Host:
+    def __init__(self, names: list[str], budget: str = "max") -> None:
+        self.config = Config(daemon=DaemonConfig(memory_budget=budget, pressure_unload_grace=5),
+                             models={n: ModelConfig(name=n, path="/m.gguf") for n in names})
+        self.workers: dict[str, list] = {n: [] for n in names}
+        self.queues: dict[str, list] = {n: [] for n in names}
+        self.backend = SimpleNamespace(parent=None)
+        self.recorded: list[tuple[str, str, str]] = []
+        self.engine = SimpleNamespace(
+            record=lambda who, action, result: self.recorded.append(
+                (action.kind, action.target, action.reason)))
+
+    async def retire_workers(self, workers, grace, finish_requests=True) -> None:
+        pass
+
+
+def loaded(lc: Lifecycle, name: str, last_used: float, idle_since: float | None,
+           keep_alive: float | None, size: int = 100 * MIB) -> None:
+    life = lc.lives[name]
+    life.state, life.last_used, life.idle_since, life.keep_alive = (
+        "loaded", last_used, idle_since, keep_alive)
+    life.need = memfit.Need(bytes=size, weights=size, kv=0, overhead=0, measured=False)
+
+
+@pytest.fixture
+def clock():
+    return SimpleNamespace(now=100.0)
+
+
+def lifecycle(host: Host, clock) -> Lifecycle:
+    lc = Lifecycle(host, clock=lambda: clock.now)
+    for name in host.config.models:
+        lc.add(name)
+    lc._measured = lambda name: 0  # no processes here: the estimates are the charges
+    return lc
+
+
+def test_memory_pressure_unloads_the_least_recently_used_idle_model_past_its_grace(clock):
+    async def go():
+        host = Host(["a", "b", "c", "d"])
+        lc = lifecycle(host, clock)
+        loaded(lc, "a", last_used=10, idle_since=10, keep_alive=None)  # kept forever
+        loaded(lc, "b", last_used=20, idle_since=20, keep_alive=300)
+        loaded(lc, "c", last_used=30, idle_since=30, keep_alive=300)
+        loaded(lc, "d", last_used=98, idle_since=98, keep_alive=300)  # idle 2 s < grace 5
+        lc.pressure("system/cpu")  # not memory: nothing
+        await asyncio.sleep(0)
+        assert host.recorded == []
+        lc.pressure("slice/memory")
+        lc.pressure("system/memory")  # one at a time: b is still unloading
+        await asyncio.sleep(0.01)
+        assert [(k, t) for k, t, _ in host.recorded] == [("evict", "b")]
+        assert "memory pressure (slice/memory PSI trigger)" in host.recorded[0][2]
+        lc.pressure("system/memory")
+        await asyncio.sleep(0.01)
+        assert [t for _, t, _ in host.recorded] == ["b", "c"]
+        lc.pressure("system/memory")
+        await asyncio.sleep(0.01)
+        assert [t for _, t, _ in host.recorded] == ["b", "c"]  # a forever, d within grace
+        assert {n: lc.lives[n].state for n in "abcd"} == {
+            "a": "loaded", "b": "unloaded", "c": "unloaded", "d": "loaded"}
+    asyncio.run(go())
+
+
+def test_a_load_evicts_idle_models_oldest_first_only_as_many_as_it_needs(clock):
+    host = Host(["new", "a", "b", "c"], budget=str(350 * MIB))
+    lc = lifecycle(host, clock)
+    for name, used in (("a", 30), ("b", 10), ("c", 20)):
+        loaded(lc, name, last_used=used, idle_since=used, keep_alive=None)
+    new = lc.lives["new"]
+    new.need = memfit.Need(bytes=150 * MIB, weights=0, kv=0, overhead=0, measured=False)
+    fits, victims, room, possible = lc._plan(new)
+    # 300 MiB loaded under 350: 50 free; b (least recently used) frees 100 more, enough.
+    assert fits and [v.name for v in victims] == ["b"] and room.bytes == 150 * MIB
+    host.queues["c"].append("busy")  # c is busy: not evictable, but it could end
+    new.need = memfit.Need(bytes=300 * MIB, weights=0, kv=0, overhead=0, measured=False)
+    fits, victims, room, possible = lc._plan(new)
+    assert not fits and victims == [] and possible  # wait for c
+    new.need = memfit.Need(bytes=400 * MIB, weights=0, kv=0, overhead=0, measured=False)
+    assert lc._plan(new)[3] is False  # never: more than the whole budget
+
+
+def test_a_model_that_can_never_fit_fails_its_load_with_insufficient_memory(clock):
+    async def go():
+        host = Host(["a"], budget=str(64 * MIB))
+        lc = lifecycle(host, clock)
+        lc.lives["a"].need = memfit.Need(bytes=100 * MIB, weights=0, kv=0, overhead=0,
+                                         measured=False)
+        with pytest.raises(ProtocolError) as err:
+            await lc._make_room(lc.lives["a"], explicit=True)
+        assert err.value.code == "insufficient_memory"
+        assert "needs about" in err.value.message and "daemon.memory_budget" in err.value.message
+    asyncio.run(go())
