@@ -187,6 +187,10 @@ class Worker:
                 "--name", self.name, pass_fds=[child.fileno()],
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE, **creds)
+        except OSError as exc:  # e.g. the workers' user may not run this Python
+            parent.close()
+            raise LoadFailed(f"cannot start a worker process ({sys.executable}"
+                             f"{' as ' + self.user if creds else ''}): {exc}") from None
         finally:
             child.close()
         self.pid = self._proc.pid

@@ -42,7 +42,7 @@ def test_models_add_as_the_workers_user_and_remove(tmp_path, tiny_model):
         private.chmod(0o755)
         out = d.ctl("models", "add", "extra", "--path", str(model), "--n-ctx", "256").stdout
         assert out.startswith("added extra: "), out
-        d.ctl("wait", "extra", "--timeout", "240", timeout=260)
+        d.ctl("load", "extra", "--timeout", "240", timeout=260)  # not first: on demand
         assert _uid(d.worker("extra-0")["pid"]) == NOBODY
         assert "llm-extra-0.scope" in llm_scopes()
         r = d.ctl("submit", "-m", "extra", "-n", "4", "--json", "hello")

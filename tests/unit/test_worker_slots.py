@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import structlog.testing
-from llm_residentd import messages
+from llm_residentd import messages, workers
 from llm_residentd.config import ModelConfig
 from llm_residentd.policies import Action, Event, Policy, Snapshot
 from llm_residentd.policyengine import PolicyEngine
@@ -191,7 +191,6 @@ def test_a_dead_process_loses_every_running_request_and_none_queued():
 
 
 def test_a_hung_process_names_every_request_it_ran(monkeypatch):
-    from llm_residentd import workers
     from llm_residentd.config import Config, DaemonConfig
 
     listener = Listener()
@@ -382,3 +381,20 @@ def test_the_policies_see_one_running_request_per_sequence_with_its_cells():
         ("r0", "m-0", 31), ("r2", "m-0", 7), ("r4", "m-0", 0), ("r6", "m-0", 0),
         ("r1", "m-1", 0), ("r3", "m-1", 0), ("r5", "m-1", 0)]
     assert snap.queued == ()
+
+
+def test_a_worker_process_that_cannot_start_is_a_failed_load_that_says_why(monkeypatch):
+    """Issue 15 review: an exec error (a workers' user that may not run this Python) left
+    the model loading forever with nothing in the log."""
+    listener = Listener()
+
+    async def model_path(model: str) -> str:
+        return "/m.gguf"
+
+    listener.model_path = model_path  # type: ignore[attr-defined]
+    worker = Worker(ModelConfig(name="m", path="/m.gguf"), 0, listener, 30.0)  # type: ignore[arg-type]
+    monkeypatch.setattr(workers.sys, "executable", "/nonexistent/python3")
+    with pytest.raises(workers.LoadFailed) as err:
+        asyncio.run(worker._spawn_and_load())
+    assert str(err.value).startswith("cannot start a worker process (/nonexistent/python3): ")
+    assert "No such file" in str(err.value) and worker._proc is None
