@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "llm_residentd_"
 WORKER_STATES = ("starting", "idle", "busy", "restarting", "failed", "stopped")
-MODEL_STATES = ("ready", "loading", "unavailable", "draining")
+MODEL_STATES = ("ready", "loading", "unavailable", "unloaded", "unloading", "draining")
 DEATH_CAUSES = ("oom", "signal", "exit", "hung", "load_failed")
 MEMORY_EVENTS = ("high", "max", "oom", "oom_kill")
 PSI_KINDS = ("some", "full")
@@ -57,8 +57,16 @@ METRICS = {d.name: d for d in (
     Declared("running_requests", "gauge", M,
              "Requests running on the model's workers (one per busy slot)."),
     Declared("model_state", "gauge", (*M, "state"),
-             "1 for the model's state (ready, loading, unavailable, draining), 0 for the "
-             "others."),
+             "1 for the model's state (ready, loading, unavailable, unloaded, unloading, "
+             "draining), 0 for the others."),
+    Declared("model_memory_bytes", "gauge", M,
+             "Memory the loaded model's workers take: each one's anonymous memory plus the "
+             "mapped model file once; absent while unloaded."),
+    Declared("model_memory_estimate_bytes", "gauge", M,
+             "What the daemon estimated before the model's last load (memfit)."),
+    Declared("model_unload_in_seconds", "gauge", M,
+             "Seconds until the idle model unloads (its keep_alive); absent while busy, "
+             "unloaded or kept forever."),
     Declared("ttft_seconds", "histogram", M,
              "Time to first token of completed requests: from acceptance (queue wait "
              "included) to the first token."),
@@ -206,6 +214,9 @@ def _models(out: _Out, service: Service, models: dict[str, dict[str, Any]]) -> N
         out.add("running_requests", m["running"], model=name)
         for state in MODEL_STATES:
             out.add("model_state", int(m["state"] == state), model=name, state=state)
+        out.add("model_memory_bytes", m.get("memory_bytes"), model=name)
+        out.add("model_memory_estimate_bytes", m.get("estimate_bytes"), model=name)
+        out.add("model_unload_in_seconds", m.get("unload_in_s"), model=name)
         out.add("completion_tokens_total", m["completion_tokens"], model=name)
         out.add("prompt_tokens_total", m["prompt_tokens"], model=name)
         out.add("tokens_per_second_p50", m["tokens_per_s"]["p50"], model=name)

@@ -208,6 +208,11 @@ def test_the_http_api_takes_keep_alive_as_ollama_does(start_daemon, tiny_model_p
     r = unix_http(d, "POST", "/v1/completions",
                   {"model": "tiny2", "prompt": "x", "max_tokens": 2, "keep_alive": "2h"})
     assert r.status_code == 200 and ps(d)["tiny2"]["keep_alive"] == "2h"
+    metrics = unix_http(d, "GET", "/metrics").text
+    assert 'llm_residentd_model_state{model="tiny2",state="ready"} 1.0' in metrics
+    assert 'llm_residentd_model_memory_bytes{model="tiny2"}' in metrics
+    assert 'llm_residentd_model_unload_in_seconds{model="tiny2"}' in metrics
+    assert 'llm_residentd_policy_actions_total{kind="unload",policy="lifecycle"} 1.0' in metrics
     r = unix_http(d, "POST", "/v1/completions",
                   {"model": "tiny2", "prompt": "x", "max_tokens": 2, "keep_alive": "later"})
     assert r.status_code == 400 and "keep_alive" in r.json()["error"]["message"]
