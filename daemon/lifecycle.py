@@ -58,6 +58,7 @@ class Host(Protocol):
     async def model_path(self, model: str) -> Path: ...
     def stop_request(self, request_id: str, code: str, message: str) -> Request: ...
     def model_state(self, model: str) -> str: ...
+    def unavailable_reason(self, model: str) -> str: ...
 
 
 @dataclass
@@ -157,6 +158,13 @@ class Lifecycle:
                 self._start_load(life, f"a request is waiting ({len(queue)} queued)")
             elif life.state == "loading" and self.host.model_state(life.name) == "ready":
                 self._came_up(life, now)
+            elif (life.state == "loading" and life.task is None and not queue
+                  and not self._at_start(life.name)
+                  and self.host.model_state(life.name) == "unavailable"):
+                # Its requests failed with the reason; retrying with nobody waiting would
+                # only burn CPU. The next request loads it again.
+                self._start_unload(life, False, "it failed to load: "
+                                   + self.host.unavailable_reason(life.name), "unload")
             if life.state != "loaded":
                 continue
             life.peak = max(life.peak, self._measured(life.name))

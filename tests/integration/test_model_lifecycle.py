@@ -218,3 +218,23 @@ def test_the_http_api_takes_keep_alive_as_ollama_does(start_daemon, tiny_model_p
     assert r.status_code == 400 and "keep_alive" in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "keep_alive"
     assert ps(d)["tiny2"]["keep_alive"] == "2h"
+
+
+def test_a_model_on_demand_whose_file_fails_fails_its_request_then_unloads(
+        start_daemon, tiny_model_path: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\3\0\0\0" + b"\0" * 100)  # a GGUF header and nothing after
+    d = start_daemon(tiny_config(tiny_model_path) + f'\n[models.bad]\npath = "{bad}"\n')
+    assert d.status()["models"]["bad"]["state"] == "unloaded"
+    with d.client() as c:
+        end = list(c.submit("hello", model="bad", max_tokens=4).events())[-1]
+    assert end["event"] == "error" and end["error"]["code"] == "model_unavailable", end
+    assert "cannot load" in end["error"]["message"]
+    # Nobody waits: its workers stop instead of retrying, and the next request tries again.
+    wait_for(lambda: workers_of(d, "bad") == [], timeout=30, what="bad's workers to stop")
+    (unload,) = [e for e in lifecycle_events(d) if e["action"] == "unload"]
+    assert unload["target"] == "bad" and "it failed to load: " in unload["reason"]
+    with d.client() as c:
+        end = list(c.submit("hello", model="bad", max_tokens=4).events())[-1]
+    assert end["error"]["code"] == "model_unavailable"
+    d.assert_serving()
