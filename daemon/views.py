@@ -76,6 +76,14 @@ def models(service: Service) -> list[dict[str, Any]]:
             "path": str(service.paths[name]) if name in service.paths else None,
             "workers": len(workers), "parallel": cfg.parallel, "n_ctx": cfg.n_ctx,
             "max_tokens": cfg.max_tokens,
+            "adapters": _adapters(cfg.adapters, workers),
             "error": service.unavailable_reason(name) or None,
         })
     return out
+
+
+def _adapters(adapters: dict[str, str], workers: list[Worker]) -> dict[str, dict[str, Any]]:
+    """Each LoRA adapter's file, and why it failed to load if a worker said so."""
+    return {name: {"path": path, "error": next((w.adapter_errors[name] for w in workers
+                                                 if name in w.adapter_errors), None)}
+            for name, path in adapters.items()}

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from . import batching, grammars, kvstate
+from . import batching, grammars, kvstate, lora
 from . import messages as m
 from .cpus import usable_cpus
 from .decodestop import DecodeStop
@@ -185,6 +185,7 @@ class Engine:
         self.model = _internals.LlamaModel(path_model=cfg.path, verbose=False,
                                            params=llama_cpp.llama_model_default_params())
         self.n_vocab = self.model.n_vocab()
+        self.adapters = lora.Adapters(llama_cpp, self.model.model, cfg.adapters)
         self.stop = DecodeStop(channel, self._must_stop)
         self.ctx: Any = None
         self.n_ctx = cfg.n_ctx  # per sequence; a shrink lowers it
@@ -226,6 +227,7 @@ class Engine:
                                                     verbose=False)
         self.ctx = self._context.ctx
         self.n_ctx = n_ctx
+        self.adapters.forget_context()
         self.stop.install(lib, self.ctx)
 
     def _close(self) -> None:
@@ -345,6 +347,7 @@ class Engine:
         if not self.batcher.free:
             raise RuntimeError(f"all {self.batcher.slots} slots are busy")
         resume = msg.resume
+        adapter = self.adapters.key(msg.adapter, msg.adapter_scale)
         grammar = grammars.from_request(self.lib, self.model.vocab,
                                         {"json_schema": msg.json_schema, "grammar": msg.grammar})
         if resume:
@@ -369,7 +372,7 @@ class Engine:
         sampling = {"top_k": msg.top_k, "top_p": msg.top_p, "min_p": msg.min_p,
                     "temp": msg.temperature, "repeat_penalty": msg.repeat_penalty}
         picker = Picker(self.lib, self.np, self.model, sampling, seed, grammar, output)
-        seq = self.batcher.admit(msg.req, context)
+        seq = self.batcher.admit(msg.req, context, adapter)
         kvstate.drop(self.ctx, seq.slot, seq.done)
         if resume and resume.state and seq.done < len(context) - 1:
             if kvstate.restore(self.ctx, seq.slot, resume.state):
@@ -431,6 +434,7 @@ class Engine:
         if not pieces:
             return
         outputs = self._fill(pieces)
+        self.adapters.apply(self.ctx, pieces[0].seq.adapter)  # one setting per step
         self.step_prefill = {p.seq.req for p in pieces if p.prefill}
         try:
             if not self._decode(pieces):
@@ -676,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ch.send(m.Ready(pid=os.getpid(), threads=engine.threads, threads_why=engine.threads_why,
                     n_ctx=engine.n_ctx, slots=cfg.parallel, load_s=time.monotonic() - t0,
-                    chat_template=engine.formatter is not None))
+                    chat_template=engine.formatter is not None,
+                    adapters=engine.adapters.status()))
     serve(ch, engine)
     return 0
 
