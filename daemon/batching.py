@@ -14,9 +14,11 @@ next turn, a request resumed after preemption).
 
 A sequence may run with a LoRA adapter (its `adapter` key: None for the base model).
 llama.cpp applies adapters to the whole context, so a step holds only sequences with the
-same key: the group of the sequence that has waited longest since its last step goes,
-the others wait a step (llama-server skips a slot whose adapters differ from the batch's
-in the same way). A cached prefix is reused only under the key that computed it.
+same key (llama-server skips a slot whose adapters differ from the batch's in the same
+way). A group keeps the steps for `turn` steps while another waits, then the group of the
+sequence that has waited longest since its last step goes: no group starves, and the
+cost of a switch (llama.cpp reserves its graph again) is paid once a turn, not every
+step. A cached prefix is reused only under the key that computed it.
 """
 
 from __future__ import annotations
@@ -65,12 +67,15 @@ class Batcher:
     slots: int
     n_batch: int  # most tokens in one step
     chunk: int  # most prompt tokens in one step while another sequence decodes
+    turn: int = 1  # steps an adapter group keeps while another group waits
     running: dict[str, Sequence] = field(default_factory=dict)
     cached: list[list[int]] = field(default_factory=list)  # per slot, held by a free slot
     cached_adapter: list[Hashable] = field(default_factory=list)  # the key that computed it
     _order: itertools.count = field(default_factory=itertools.count)
     _turn: int = 0
     _steps: int = 0
+    _group: Hashable = None  # the adapter key of the last step
+    _group_steps: int = 0  # steps it has had in a row
 
     def __post_init__(self) -> None:
         if not self.cached:
@@ -134,8 +139,8 @@ class Batcher:
         adapter group."""
         by_age = sorted(self.running.values(), key=lambda s: s.order)
         if by_age:
-            first = min(by_age, key=lambda s: (s.stepped, s.order))
-            by_age = [s for s in by_age if s.adapter == first.adapter]
+            group = self._next_group(by_age)
+            by_age = [s for s in by_age if s.adapter == group]
         decoding = [s for s in by_age if s.decoding]
         if len(decoding) > self.n_batch:  # a batch smaller than the slots: take turns
             self._turn = (self._turn + 1) % len(decoding)
@@ -153,12 +158,25 @@ class Batcher:
                 budget -= count
         return pieces
 
+    def _next_group(self, by_age: list[Sequence]) -> Hashable:
+        """The adapter key of the next step: the last step's until its turn is up while
+        another group waits, then that of the sequence that has waited longest."""
+        others = [s for s in by_age if s.adapter != self._group]
+        if not others:
+            return self._group
+        if self._group_steps < self.turn and len(others) < len(by_age):
+            return self._group
+        return min(others, key=lambda s: (s.stepped, s.order)).adapter
+
     def advance(self, pieces: list[Piece]) -> None:
         """The step was evaluated: its tokens are in the cache."""
         for p in pieces:
             p.seq.done = max(p.seq.done, p.start + p.count)
             p.seq.stepped = self._steps
         self._steps += 1
+        group = pieces[0].seq.adapter if pieces else self._group
+        self._group_steps = self._group_steps + 1 if group == self._group else 1
+        self._group = group
 
 
 def _common(a: list[int], b: list[int]) -> int:

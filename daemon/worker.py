@@ -10,6 +10,8 @@ watcher thread (decodestop.py) that stops the llama_decode call in progress for 
 change, shutdown, or a cancel or preemption of a sequence whose prompt it is evaluating,
 so none of them waits for a long prompt chunk. The daemon's liveness pings are answered
 at once wherever they are read: by the main loop while idle, by that thread during a step.
+LoRA adapters (lora.py) are loaded once with the model; a request names one, and a step
+holds only sequences of one adapter setting.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ STATE_MAX = m.IPC_MAX_FRAME - (1 << 20)  # a larger saved state is recomputed in
 # alone, 250 ms with 64 prompt tokens, 468 ms with 128.
 PREFILL_CHUNK = 64
 BATCH_REPORT_S = 1.0
+# Steps one LoRA adapter setting keeps while requests of another wait (batching.py). A
+# switch makes llama.cpp reserve its graph again: about 5 ms on a 7-9 ms step of
+# SmolLM2-135M (bench/adapters.py), which switching every step would pay every step.
+ADAPTER_TURN = 16
 DECODE_ABORTED = 2  # llama_decode: the abort callback stopped it
 
 
@@ -192,7 +198,8 @@ class Engine:
         self._open(cfg.n_ctx)
         self.batch = _internals.LlamaBatch(n_tokens=cfg.n_batch, embd=0, n_seq_max=1,
                                            verbose=False)
-        self.batcher = batching.Batcher(cfg.parallel, cfg.n_batch, min(PREFILL_CHUNK, cfg.n_batch))
+        self.batcher = batching.Batcher(cfg.parallel, cfg.n_batch, min(PREFILL_CHUNK, cfg.n_batch),
+                                        turn=ADAPTER_TURN)
         self.runs: dict[str, Run] = {}
         self.step_prefill: set[str] = set()  # requests whose prompt the current step holds
         self.formatter = self._chat_formatter() if cfg.chat_template else None

@@ -196,6 +196,24 @@ def test_adapter_groups_take_turns_step_by_step() -> None:
         assert max(b - a for a, b in itertools.pairwise(at)) <= 4, (req, at)
 
 
+def test_an_adapter_group_keeps_the_steps_for_its_turn() -> None:
+    """With turn 4, a switch comes at most every 4 steps (each costs llama.cpp a graph
+    reserve); a sequence still waits no more than the other three groups' turns."""
+    prompts = {r: prompt(i, 3) for i, r in enumerate(ADAPTERS)}
+    alone = {r: run(Batcher(1, 64, 16), FakeModel(1, 64), {r: p}, 30, adapters=ADAPTERS)[r]
+             for r, p in prompts.items()}
+    model = FakeModel(5, 64)
+    assert run(Batcher(5, 64, 16, turn=4), model, prompts, 30, adapters=ADAPTERS) == alone
+    keys = [s[0].seq.adapter for s in model.steps]
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(keys)]
+    for i, (key, n) in enumerate(runs):  # a shorter turn only when its group is done
+        assert n >= 4 or key not in [k for k, _ in runs[i + 1:]], runs
+    assert len(runs) < len(keys) / 3
+    for req in ADAPTERS:
+        at = [-1] + [i for i, s in enumerate(model.steps) if any(p.seq.req == req for p in s)]
+        assert max(b - a for a, b in itertools.pairwise(at)) <= 3 * 4 + 1, (req, at)
+
+
 def test_a_cached_prefix_is_reused_only_under_the_adapter_that_computed_it() -> None:
     batcher, model = Batcher(1, 64, 16), FakeModel(1, 64)
     chat = prompt(9, 20)
