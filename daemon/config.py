@@ -33,7 +33,6 @@ def _opt(default: Any, help: str, lo: float | None = None, hi: float | None = No
     return field(default=default, metadata=meta)
 
 
-
 @dataclass(frozen=True)
 class DaemonConfig:
     socket: str = _opt("", "socket path; empty means the default for the user")
