@@ -71,7 +71,7 @@ class Generate(_Msg, tag="generate"):
     grammar: str | None = None
     resume: Resume | None = None
     adapter: str = ""  # a LoRA adapter of Load.adapters, for this request only
-    adapter_scale: float = 1.0
+    adapter_scale: float = 1.0  # its LoRA scale; 0 is the base model
 
 
 class Cancel(_Msg, tag="cancel"):

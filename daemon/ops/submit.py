@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..config import ADAPTER_NAME_MAX
 from ..protocol import ProtocolError
 from ..scheduler import Request, Sink
 from . import Context, Op, Param, register
@@ -84,7 +85,7 @@ class Submit(Op):
                              "{} is any JSON value", valid=_json_value),
         "grammar": Param(str, "constrain the text to this GBNF grammar (llama.cpp)", min=1),
         "adapter": Param(str, "a LoRA adapter of the model (models.NAME.adapters), applied "
-                         "to this request only", min=1, max=64),
+                         "to this request only", min=1, max=ADAPTER_NAME_MAX),
         "adapter_scale": Param(float, "how strongly the adapter applies; 0 is the base "
                                "model; default 1 (with adapter only)", min=0,
                                max=MAX_ADAPTER_SCALE),
