@@ -84,6 +84,11 @@ def models(service: Service) -> list[dict[str, Any]]:
 
 def _adapters(adapters: dict[str, str], workers: list[Worker]) -> dict[str, dict[str, Any]]:
     """Each LoRA adapter's file, and why it failed to load if a worker said so."""
-    return {name: {"path": path, "error": next((w.adapter_errors[name] for w in workers
-                                                 if name in w.adapter_errors), None)}
+    return {name: {"path": path, "error": adapter_error(workers, name)}
             for name, path in adapters.items()}
+
+
+def adapter_error(workers: list[Worker], name: str) -> str | None:
+    """Why llama.cpp refused adapter `name`, if a worker of the model said so (they all
+    load the same file, so one says it for all)."""
+    return next((w.adapter_errors[name] for w in workers if name in w.adapter_errors), None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .. import views
 from ..config import ADAPTER_NAME_MAX
 from ..protocol import ProtocolError
 from ..scheduler import Request, Sink
@@ -115,13 +116,17 @@ def check_combination(args: dict[str, Any]) -> None:
         raise ProtocolError("bad_request", "adapter_scale needs adapter")
 
 
-def check_adapter(model: str, adapters: dict[str, str], name: str) -> None:
-    """A request's adapter must be one the model lists; whether it loaded, its worker
-    says (an error with llama.cpp's reason)."""
+def check_adapter(service: Any, model: str, adapters: dict[str, str], name: str) -> None:
+    """A request's adapter must be one the model lists, and not one its workers failed to
+    load (a worker not loaded yet refuses the request itself, with the same reason)."""
     if name not in adapters:
         known = ", ".join(sorted(adapters)) if adapters else "none"
         raise ProtocolError("bad_request", f"model {model!r} has no adapter {name!r} "
                             f"(its adapters: {known})")
+    why = views.adapter_error(service.workers.get(model, []), name)
+    if why:
+        raise ProtocolError("bad_request", f"adapter {name!r} of model {model!r} failed to "
+                            f"load: {why}")
 
 
 def accept(service: Any, args: dict[str, Any], uid: int, sink: Sink | None,
@@ -136,7 +141,7 @@ def accept(service: Any, args: dict[str, Any], uid: int, sink: Sink | None,
         raise ProtocolError("bad_request", f"max_tokens must be at most {cfg.n_ctx}, "
                             f"the context of model {model!r}")
     if cfg is not None and "adapter" in args:
-        check_adapter(model, cfg.adapters, args["adapter"])
+        check_adapter(service, model, cfg.adapters, args["adapter"])
     params = {k: args.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
     params["max_tokens"] = max_tokens
     params.update({k: args[k] for k in OUTPUT_FIELDS if k in args})

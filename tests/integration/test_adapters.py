@@ -61,11 +61,18 @@ def test_models_lists_the_adapters_and_why_one_failed(lora_daemon) -> None:
     assert "tiny adapter a: " in out and "tiny adapter other: failed: " in out
 
 
-def test_an_adapter_for_another_base_fails_its_request_and_the_model_serves(lora_daemon) -> None:
-    text, end = _run(lora_daemon, adapter="other")
-    assert end["event"] == "error" and end["error"]["code"] == "bad_request", end
-    assert "'other' failed to load" in end["error"]["message"]
-    assert "incorrect shape" in end["error"]["message"] and text == ""
+def test_an_adapter_for_another_base_is_refused_with_its_reason_and_the_model_serves(
+        lora_daemon) -> None:
+    """The worker said at load that llama.cpp refused it: submit refuses it at once
+    (a worker that has not said so yet fails the request itself: test_worker_adapters)."""
+    with lora_daemon.client() as c:
+        before = c.status()["models"]["tiny"]["outcomes"]
+        with pytest.raises(LlmctlError) as err:
+            c.submit(**{**GREEDY, "adapter": "other"})
+        assert c.status()["models"]["tiny"]["outcomes"] == before
+    assert err.value.code == "bad_request"
+    assert "adapter 'other' of model 'tiny' failed to load: " in err.value.message
+    assert "incorrect shape" in err.value.message
     assert _run(lora_daemon)[1]["event"] == "done"
 
 
