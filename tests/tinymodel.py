@@ -217,6 +217,70 @@ def write_tiny_model(
     return out
 
 
+LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+LORA_STD = np.float32(0.3)  # A and B: the update B @ A is then about as large as the weights
+
+
+def tiny_shapes(*, n_layer: int = 2, n_embd: int = 64, n_ff: int = 128,
+                n_embd_kv: int | None = None, n_vocab: int | None = None,
+                ) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each block matrix of a tiny model (or of any llama
+    model with these sizes), by tensor name; with n_vocab, output.weight too."""
+    kv = n_embd_kv or n_embd
+    dims = {"attn_q": (n_embd, n_embd), "attn_k": (kv, n_embd), "attn_v": (kv, n_embd),
+            "attn_output": (n_embd, n_embd), "ffn_gate": (n_ff, n_embd),
+            "ffn_up": (n_ff, n_embd), "ffn_down": (n_embd, n_ff)}
+    shapes = {f"blk.{i}.{t}.weight": dims[t] for i in range(n_layer) for t in LORA_TARGETS}
+    if n_vocab:
+        shapes["output.weight"] = (n_vocab, n_embd)
+    return shapes
+
+
+def write_lora(path: str | os.PathLike[str], shapes: dict[str, tuple[int, int]], *,
+               rank: int = 4, alpha: float | None = None, seed: int = 0,
+               std: float = float(LORA_STD)) -> pathlib.Path:
+    """Write a random LoRA adapter GGUF for the base matrices `shapes` (name ->
+    (out_features, in_features)), as convert_lora_to_gguf.py lays one out: general.type
+    "adapter", adapter.type "lora", adapter.lora.alpha, and per matrix NAME.lora_a of
+    numpy shape (rank, in) and NAME.lora_b of (out, rank); llama.cpp checks those shapes
+    against the base model's tensor of that name (llama-adapter.cpp). The update is
+    B @ A x alpha / rank; alpha defaults to rank (scale 1). The matrices that write the
+    residual leave its bias channel alone, and output.weight's leaves the suppressed
+    tokens (see the module docstring) suppressed."""
+    out = pathlib.Path(path)
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(out), ARCH)
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(alpha if alpha is not None else rank))
+    for name, (n_out, n_in) in shapes.items():
+        a = rng.standard_normal((rank, n_in), dtype=np.float32) * np.float32(std)
+        b = rng.standard_normal((n_out, rank), dtype=np.float32) * np.float32(std)
+        if name.endswith(("attn_output.weight", "ffn_down.weight")):
+            b[BIAS_CHANNEL, :] = 0.0
+        elif name == "output.weight":
+            b[:FIRST_PIECE_ID, :] = 0.0
+        stem = name.removesuffix(".weight")
+        w.add_tensor(f"{stem}.weight.lora_a", a)
+        w.add_tensor(f"{stem}.weight.lora_b", b)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def write_tiny_lora(path: str | os.PathLike[str], *, n_layer: int = 2, n_embd: int = 64,
+                    n_ff: int = 128, rank: int = 4, seed: int = 0) -> pathlib.Path:
+    """A LoRA adapter for the tiny model of these sizes (write_tiny_model's defaults);
+    other sizes make an adapter that llama.cpp refuses for the default tiny model. The
+    tiny model's text comes mostly from its output layer (its blocks' weights are small),
+    so the adapter changes output.weight as well as the blocks."""
+    shapes = tiny_shapes(n_layer=n_layer, n_embd=n_embd, n_ff=n_ff,
+                         n_vocab=len(build_vocab()[0]))
+    return write_lora(path, shapes, rank=rank, seed=seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Write a tiny random-weight llama GGUF model.")
     ap.add_argument("out", help="output .gguf path")

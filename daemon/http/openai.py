@@ -25,7 +25,7 @@ _UNSUPPORTED = {
 _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "seed": "seed",
              "top_k": "top_k", "min_p": "min_p", "repeat_penalty": "repeat_penalty",
              "ignore_eos": "ignore_eos", "priority": "priority", "timeout": "timeout",
-             "model": "model"}
+             "model": "model", "adapter": "adapter", "adapter_scale": "adapter_scale"}
 _ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
 
 

@@ -4,7 +4,7 @@ Access: any peer.
 
 Request: {"op": "models"}
 Reply:   {"models": [{"name", "state", "source", "path", "workers", "n_ctx",
-                      "max_tokens", "error"}]}
+                      "max_tokens", "adapters": {NAME: {"path", "error"}}, "error"}]}
 """
 
 from __future__ import annotations

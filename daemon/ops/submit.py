@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .. import views
+from ..config import ADAPTER_NAME_MAX
 from ..durations import parse_keep_alive
 from ..protocol import ProtocolError
 from ..scheduler import Request, Sink
@@ -23,7 +25,8 @@ from . import Context, Op, Param, register
 SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05,
                      "repeat_penalty": 1.0, "seed": -1, "raw": False, "ignore_eos": False}
 # What the worker gets besides the sampling values, when the request has them.
-OUTPUT_FIELDS = ("messages", "stop", "json_schema", "grammar")
+OUTPUT_FIELDS = ("messages", "stop", "json_schema", "grammar", "adapter", "adapter_scale")
+MAX_ADAPTER_SCALE = 4.0  # llama.cpp takes any scale; past a few the adapter swamps the model
 ROLES = ("system", "user", "assistant")
 MAX_STOPS, MAX_STOP_CHARS = 8, 200
 
@@ -83,6 +86,11 @@ class Submit(Op):
         "json_schema": Param(dict, "constrain the text to JSON matching this JSON Schema; "
                              "{} is any JSON value", valid=_json_value),
         "grammar": Param(str, "constrain the text to this GBNF grammar (llama.cpp)", min=1),
+        "adapter": Param(str, "a LoRA adapter of the model (models.NAME.adapters), applied "
+                         "to this request only", min=1, max=ADAPTER_NAME_MAX),
+        "adapter_scale": Param(float, "how strongly the adapter applies; 0 is the base "
+                               "model; default 1 (with adapter only)", min=0,
+                               max=MAX_ADAPTER_SCALE),
         "keep_alive": Param(str, "how long the model stays loaded after this request: 30s, "
                             "5m, 1h, 0 (unload when done), -1 (forever); it holds until the "
                             "model unloads", max=32, valid=parse_keep_alive),
@@ -108,6 +116,21 @@ def check_combination(args: dict[str, Any]) -> None:
     if args.get("ignore_eos") and ("json_schema" in args or "grammar" in args):
         raise ProtocolError("bad_request", "ignore_eos cannot go with json_schema or grammar: "
                             "a complete answer ends with end-of-sequence")
+    if "adapter_scale" in args and "adapter" not in args:
+        raise ProtocolError("bad_request", "adapter_scale needs adapter")
+
+
+def check_adapter(service: Any, model: str, adapters: dict[str, str], name: str) -> None:
+    """A request's adapter must be one the model lists, and not one its workers failed to
+    load (a worker not loaded yet refuses the request itself, with the same reason)."""
+    if name not in adapters:
+        known = ", ".join(sorted(adapters)) if adapters else "none"
+        raise ProtocolError("bad_request", f"model {model!r} has no adapter {name!r} "
+                            f"(its adapters: {known})")
+    why = views.adapter_error(service.workers.get(model, []), name)
+    if why:
+        raise ProtocolError("bad_request", f"adapter {name!r} of model {model!r} failed to "
+                            f"load: {why}")
 
 
 def accept(service: Any, args: dict[str, Any], uid: int, sink: Sink | None,
@@ -121,6 +144,8 @@ def accept(service: Any, args: dict[str, Any], uid: int, sink: Sink | None,
     if cfg is not None and max_tokens > cfg.n_ctx:
         raise ProtocolError("bad_request", f"max_tokens must be at most {cfg.n_ctx}, "
                             f"the context of model {model!r}")
+    if cfg is not None and "adapter" in args:
+        check_adapter(service, model, cfg.adapters, args["adapter"])
     params = {k: args.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
     params["max_tokens"] = max_tokens
     params.update({k: args[k] for k in OUTPUT_FIELDS if k in args})

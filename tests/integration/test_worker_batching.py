@@ -24,7 +24,8 @@ PROMPTS = [f"story {i}: the quick brown fox number {i} jumps over the lazy dog" 
 
 class Worker:
     def __init__(self, model: Path, parallel: int = SLOTS, n_ctx: int = 256,
-                 n_batch: int = 64, flash_attn: bool = False) -> None:
+                 n_batch: int = 64, flash_attn: bool = False,
+                 adapters: dict[str, str] | None = None) -> None:
         self.sock, child = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llm_residentd.worker", "--fd", str(child.fileno())],
@@ -32,7 +33,8 @@ class Worker:
         child.close()
         self.send({"type": "load", "path": str(model), "n_ctx": n_ctx, "n_batch": n_batch,
                    "threads": 2, "chat_template": False, "seed": 1, "stream_interval": 0.0,
-                   "parallel": parallel, "flash_attn": flash_attn})
+                   "parallel": parallel, "flash_attn": flash_attn,
+                   "adapters": adapters or {}})
         self.ready = self.recv()
         assert self.ready["type"] == "ready" and self.ready["slots"] == parallel, self.ready
         self.batches: list[dict[str, Any]] = []

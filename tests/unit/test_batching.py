@@ -8,6 +8,9 @@ that ran beside others must produce what it produces alone.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Hashable
+
 import pytest
 from llm_residentd.batching import Batcher, Piece
 
@@ -15,40 +18,53 @@ VOCAB = 97
 
 
 class FakeModel:
+    """Its cache holds, per position, the token and the adapter that computed it: a
+    continuation depends on both, as a real KV cache computed under a LoRA adapter does.
+    Like llama.cpp it applies one adapter setting to a whole step."""
+
     def __init__(self, slots: int, n_batch: int) -> None:
         self.kv: list[list[int]] = [[] for _ in range(slots)]
+        self.kv_adapter: list[list[Hashable]] = [[] for _ in range(slots)]
         self.n_batch = n_batch
         self.steps: list[list[Piece]] = []
 
     def drop(self, slot: int, start: int = 0) -> None:
         del self.kv[slot][start:]
+        del self.kv_adapter[slot][start:]
 
     def decode(self, pieces: list[Piece]) -> dict[str, int]:
         """Evaluate a step; returns the next token of each piece whose logits are wanted."""
         assert 0 < sum(p.count for p in pieces) <= self.n_batch
         assert len({p.seq.req for p in pieces}) == len(pieces), "a sequence twice in a step"
+        adapters = {p.seq.adapter for p in pieces}
+        assert len(adapters) == 1, f"one step, several adapter settings: {adapters}"
         self.steps.append(pieces)
         out = {}
         for p in pieces:
             kv = self.kv[p.seq.slot]
             assert p.start == len(kv), f"{p.seq.req}: writes at {p.start}, cache holds {len(kv)}"
             kv.extend(p.seq.tokens[p.start:p.start + p.count])
+            self.kv_adapter[p.seq.slot].extend([p.seq.adapter] * p.count)
             if p.logits:
                 assert p.start + p.count == len(p.seq.tokens), "logits before the end"
-                out[p.seq.req] = sum((i + 1) * t for i, t in enumerate(kv)) % VOCAB
+                keys = [len(str(a)) if a else 0 for a in self.kv_adapter[p.seq.slot]]
+                out[p.seq.req] = sum((i + 1) * (t + 3 * k) for i, (t, k)
+                                     in enumerate(zip(kv, keys, strict=True))) % VOCAB
         return out
 
 
 def run(batcher: Batcher, model: FakeModel, prompts: dict[str, list[int]], n_new: int,
-        arrive_at: dict[str, int] | None = None) -> dict[str, list[int]]:
-    """Admit each prompt at its step (arrive_at, default 0), generate n_new tokens each."""
-    arrive_at = arrive_at or {}
+        arrive_at: dict[str, int] | None = None, adapters: dict[str, Hashable] | None = None,
+        ) -> dict[str, list[int]]:
+    """Admit each prompt at its step (arrive_at, default 0), generate n_new tokens each,
+    each under its adapter key (default None: the base model)."""
+    arrive_at, adapters = arrive_at or {}, adapters or {}
     outputs: dict[str, list[int]] = {}
     waiting = dict(prompts)
     step = 0
     while waiting or batcher.running:
         for req in [r for r in waiting if arrive_at.get(r, 0) <= step and batcher.free]:
-            seq = batcher.admit(req, waiting.pop(req))
+            seq = batcher.admit(req, waiting.pop(req), adapters.get(req))
             model.drop(seq.slot, seq.done)
             outputs[req] = []
         pieces = batcher.plan()
@@ -153,3 +169,60 @@ def test_released_without_cache_and_forgotten_caches() -> None:
     batcher.release("b")
     assert batcher.cached_tokens() == 3 and batcher.forget_caches() == [seq.slot]
     assert batcher.cached_tokens() == 0
+
+
+ADAPTERS = {"r0": None, "r1": ("a", 1.0), "r2": ("b", 1.0), "r3": None, "r4": ("a", 0.5)}
+
+
+def test_a_step_holds_one_adapter_setting_and_each_sequence_gets_what_it_gets_alone() -> None:
+    prompts = {r: prompt(i, 4 + 7 * i) for i, r in enumerate(ADAPTERS)}
+    alone = {r: run(Batcher(1, 64, 16), FakeModel(1, 64), {r: p}, 12, adapters=ADAPTERS)[r]
+             for r, p in prompts.items()}
+    assert len({tuple(a) for a in alone.values()}) == len(ADAPTERS)  # the key matters
+    model = FakeModel(5, 64)
+    assert run(Batcher(5, 64, 16), model, prompts, 12, {"r3": 2}, ADAPTERS) == alone
+    # Both base sequences shared steps: a group runs together.
+    assert any({p.seq.req for p in s} == {"r0", "r3"} for s in model.steps)
+
+
+def test_adapter_groups_take_turns_step_by_step() -> None:
+    """The group of the sequence that has waited longest goes next: with four groups
+    decoding, each sequence is in every fourth step, none waits for another to finish."""
+    prompts = {r: prompt(i, 3) for i, r in enumerate(ADAPTERS)}
+    model = FakeModel(5, 64)
+    run(Batcher(5, 64, 16), model, prompts, 20, adapters=ADAPTERS)
+    for req in ADAPTERS:
+        at = [-1] + [i for i, s in enumerate(model.steps) if any(p.seq.req == req for p in s)]
+        assert max(b - a for a, b in itertools.pairwise(at)) <= 4, (req, at)
+
+
+def test_an_adapter_group_keeps_the_steps_for_its_turn() -> None:
+    """With turn 4, a switch comes at most every 4 steps (each costs llama.cpp a graph
+    reserve); a sequence still waits no more than the other three groups' turns."""
+    prompts = {r: prompt(i, 3) for i, r in enumerate(ADAPTERS)}
+    alone = {r: run(Batcher(1, 64, 16), FakeModel(1, 64), {r: p}, 30, adapters=ADAPTERS)[r]
+             for r, p in prompts.items()}
+    model = FakeModel(5, 64)
+    assert run(Batcher(5, 64, 16, turn=4), model, prompts, 30, adapters=ADAPTERS) == alone
+    keys = [s[0].seq.adapter for s in model.steps]
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(keys)]
+    for i, (key, n) in enumerate(runs):  # a shorter turn only when its group is done
+        assert n >= 4 or key not in [k for k, _ in runs[i + 1:]], runs
+    assert len(runs) < len(keys) / 3
+    for req in ADAPTERS:
+        at = [-1] + [i for i, s in enumerate(model.steps) if any(p.seq.req == req for p in s)]
+        assert max(b - a for a, b in itertools.pairwise(at)) <= 3 * 4 + 1, (req, at)
+
+
+def test_a_cached_prefix_is_reused_only_under_the_adapter_that_computed_it() -> None:
+    batcher, model = Batcher(1, 64, 16), FakeModel(1, 64)
+    chat = prompt(9, 20)
+    run(batcher, model, {"t1": chat}, 4, adapters={"t1": ("a", 1.0)})
+    base = batcher.admit("t2", chat)  # the slot's cache was computed under adapter a
+    assert base.done == 0
+    batcher.release("t2", keep_cache=False)
+    run(batcher, model, {"t3": chat}, 4)
+    assert batcher.admit("t4", chat, ("a", 0.5)).done == 0  # another scale, another key
+    batcher.release("t4", keep_cache=False)
+    run(batcher, model, {"t5": chat}, 4, adapters={"t5": ("a", 1.0)})
+    assert batcher.admit("t6", chat, ("a", 1.0)).done == 19  # the same key: reused

@@ -67,6 +67,45 @@ def test_errors_name_the_key(doc, message):
     assert message in str(err.value)
 
 
+def test_adapters_are_a_table_of_gguf_files(tmp_path):
+    lora = tmp_path / "style.gguf"
+    lora.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))
+    path = tmp_path / "c.toml"
+    path.write_text(f"""
+[models.a]
+path = "/m/a.gguf"
+[models.a.adapters]
+style = "{lora}"
+pirate-v2 = "{lora}"
+[models.b]
+path = "/m/b.gguf"
+""")
+    cfg = load(path)
+    assert cfg.models["a"].adapters == {"style": str(lora), "pirate-v2": str(lora)}
+    assert cfg.models["b"].adapters == {}  # each model its own (empty) table
+    assert config.describe()["models.NAME"]["adapters"]["default"] == {}
+
+
+@pytest.mark.parametrize("adapters, message", [
+    ({"x": "{missing}"}, "models.a.adapters.x: {missing}: no such file"),
+    ({"x": "{text}"}, "models.a.adapters.x: {text}: not a GGUF file"),
+    ({"x": 3}, "models.a.adapters.x: expected str, got int"),
+    ({"x y": "{text}"}, "models.a.adapters.x y: an adapter name is"),
+    ("{text}", "models.a.adapters: expected a table, got str"),
+])
+def test_adapter_errors_name_the_adapter(tmp_path, adapters, message):
+    files = {"missing": tmp_path / "absent.gguf", "text": tmp_path / "notes.txt"}
+    files["text"].write_text("not a model")
+    if isinstance(adapters, dict):
+        adapters = {k: v.format(**files) if isinstance(v, str) else v
+                    for k, v in adapters.items()}
+    else:
+        adapters = adapters.format(**files)
+    with pytest.raises(ConfigError) as err:
+        parse({"models": {"a": {"path": "/x", "adapters": adapters}}}, "test")
+    assert message.format(**files) in str(err.value)
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="No such file"):
         load(tmp_path / "missing.toml")
@@ -82,7 +121,8 @@ def test_describe_lists_every_key_with_help():
     assert all("help" in v for section in keys.values() for v in section.values())
 
 
-_DOC_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
+_DOC_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
+              "dict[str, str]": "table"}
 
 
 def _doc_cell(value: object) -> str:

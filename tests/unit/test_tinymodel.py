@@ -153,3 +153,28 @@ def test_rejects_bad_dimensions(tmp_path: pathlib.Path, kwargs: dict[str, int], 
     with pytest.raises(ValueError, match=match):
         tinymodel.write_tiny_model(tmp_path / "bad.gguf", **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tiny_lora_is_an_adapter_with_the_base_shapes(tmp_path: pathlib.Path) -> None:
+    """The keys llama-adapter.cpp checks, and lora_a (rank, in) / lora_b (out, rank) per
+    base matrix; the suppressed tokens' output rows are left alone."""
+    import gguf
+
+    path = tinymodel.write_tiny_lora(tmp_path / "l.gguf", rank=4, seed=3)
+    reader = gguf.GGUFReader(path)
+
+    def text(key: str) -> str:
+        field = reader.fields[key]
+        return bytes(field.parts[field.data[0]]).decode()
+
+    assert text("general.type") == "adapter" and text("adapter.type") == "lora"
+    assert text("general.architecture") == "llama"
+    assert float(reader.fields["adapter.lora.alpha"].parts[-1][0]) == 4.0
+    tensors = {t.name: t for t in reader.tensors}
+    n_vocab = len(tinymodel.build_vocab()[0])
+    for name, (n_out, n_in) in tinymodel.tiny_shapes(n_vocab=n_vocab).items():
+        stem = name.removesuffix(".weight")
+        a, b = tensors[f"{stem}.weight.lora_a"], tensors[f"{stem}.weight.lora_b"]
+        assert list(a.shape) == [n_in, 4] and list(b.shape) == [4, n_out]  # ggml order
+    out_b = tensors["output.weight.lora_b"].data
+    assert not out_b[:FIRST_NORMAL_ID].any() and out_b[FIRST_NORMAL_ID:].any()
