@@ -253,3 +253,16 @@ def test_unreadable_sources(tmp_path: Path) -> None:
     assert room == memfit.Room(bytes=300 * MiB, limit="daemon.memory_budget")
     nothing = memfit.room(0, 0, None, None, meminfo=gone)
     assert nothing.limit == "none" and nothing.describe().startswith("unknown")
+
+
+def test_each_worker_counts_the_model_s_adapters(tmp_path):
+    """A worker holds its own copy of each LoRA adapter's tensors."""
+    model_file = tmp_path / "m.gguf"
+    model_file.write_bytes(b"GGUF" + b"\0" * 100)
+    lora = tmp_path / "a.gguf"
+    lora.write_bytes(b"GGUF" + b"\0" * (5 << 20))
+    plain = memfit.estimate(model_file, ModelConfig(name="m", path=str(model_file), workers=2))
+    with_lora = memfit.estimate(model_file, ModelConfig(
+        name="m", path=str(model_file), workers=2, adapters={"a": str(lora)}))
+    assert with_lora.overhead - plain.overhead == 2 * lora.stat().st_size
+    assert with_lora.bytes - plain.bytes == 2 * lora.stat().st_size
