@@ -77,9 +77,6 @@ class Service:
         self.psi.start()
         for resource in psi.RESOURCES if self._system_trigger else ():
             self._watch(f"system/{resource}", psi.SYSTEM / resource, self._system_trigger)
-        if self._system_trigger and self.backend.parent is not None:  # the slice's own
-            self._watch("slice/memory", self.backend.parent / "memory.pressure",
-                        self._system_trigger)
         self.cpu.start(self.psi)
         for name in self.config.models:
             self.lifecycle.begin(name)
@@ -127,6 +124,10 @@ class Service:
         cgroup = await self.placement.place(worker, self.limits[worker.model.name])
         if cgroup is None:
             return
+        if self._system_trigger and self.psi is not None and "slice/memory" not in self.psi.counts:
+            # The slice's own memory pressure (the lifecycle unloads idle models on it); it
+            # exists once a scope does.
+            self._watch("slice/memory", cgroup.parent / "memory.pressure", self._system_trigger)
         trigger = self._scope_trigger
         for resource in psi.RESOURCES if trigger else ():
             self._watch(f"{worker.name}/{resource}", cgroup / f"{resource}.pressure", trigger)

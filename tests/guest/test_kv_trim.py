@@ -70,19 +70,22 @@ cooldown_s = 3.0
         def shrunk() -> bool:
             if d.worker("kv-0")["n_ctx"] < N_CTX:
                 return True
-            # Squeeze by 2 MiB every 2 s until the policy asks for the shrink. Squeezing on
-            # after that only starves the worker: its KV cannot be reclaimed (no swap), and
-            # the kernel throttles a scope far over memory.high at every page it charges, so
-            # the shrink's own few allocations took minutes (CI, 2026-11-29).
+            # Squeeze by 2 MiB every 2 s until the policy asks for the shrink.
             if time.monotonic() - last[0] >= 2.0 and not asked():
                 last[0] = time.monotonic()
                 now = int((cgroup / "memory.current").read_text())
                 high = (cgroup / "memory.high").read_text().strip()
+                # Never below the anonymous memory (the KV cache: no swap to move it to)
+                # plus 2 MiB: what is pressed is the 5 MiB of mapped weights, reclaimed and
+                # read again at each step. A memory.high below the anonymous memory left the
+                # scope over it for good, throttled at every page it charged, and the
+                # shrink's own allocations then took minutes (CI, 2026-11-29 and -30).
+                target = max(now - (2 << 20), keyed(cgroup / "memory.stat")["anon"] + (2 << 20))
                 # Only while the scope is at its limit: once the shrink has freed memory (and
                 # before status shows the new n_ctx) a squeeze below it could not be reclaimed.
-                if high == "max" or now > int(high) - (4 << 20):
+                if high == "max" or (now > int(high) - (4 << 20) and target < int(high)):
                     # In this process: a new llmctl every 2 s would keep a guest CPU busy.
-                    d.call("limits", model="kv", memory_high=str((now - (2 << 20)) // 4096 * 4096))
+                    d.call("limits", model="kv", memory_high=str(target // 4096 * 4096))
             return False
 
         def state() -> str:

@@ -199,6 +199,7 @@ def test_the_hardened_service_keeps_its_psi_triggers():
     for resource in ("cpu", "memory", "io"):
         assert f"/proc/pressure/{resource}" in opened
         assert f"{CGROUP}/{SLICE}/{SCOPE}/{resource}.pressure" in opened
+    assert f"{CGROUP}/{SLICE}/memory.pressure" in opened  # the lifecycle's, armed with a scope
     assert "psi_trigger_unavailable" not in journal(1000)
 
 
@@ -345,7 +346,7 @@ def test_missing_or_unreadable_models_are_unavailable_and_others_serve():
     (MODELS / "secret.gguf").chmod(0o600)  # root's: llm-worker cannot read it
     good = CONFIG.read_text()
     CONFIG.write_text(good + "".join(
-        f'\n[models.{name}]\npath = "{MODELS}/{name}.gguf"\nn_ctx = 256\n'
+        f'\n[models.{name}]\npath = "{MODELS}/{name}.gguf"\nn_ctx = 256\nload = "at_start"\n'
         for name in ("tiny", "ghost", "secret")))
     try:
         run("systemctl", "restart", SERVICE)
@@ -381,7 +382,7 @@ def test_systemctl_reload_applies_a_new_config_and_refuses_a_bad_one():
     MODELS.mkdir(exist_ok=True)
     shutil.copyfile("/share/tiny.gguf", MODELS / "tiny.gguf")
     good = CONFIG.read_text()
-    with_tiny = good + f'\n[models.tiny]\npath = "{MODELS}/tiny.gguf"\nn_ctx = 256\n'
+    with_tiny = good + f'\n[models.tiny]\npath = "{MODELS}/tiny.gguf"\nn_ctx = 256\nload = "at_start"\n'
     daemon, worker, before = main_pid(), worker_pid(), restarts()
     CONFIG.write_text(with_tiny)
     try:

@@ -49,6 +49,7 @@ path = "{wide_model}"
 n_ctx = 1024
 max_tokens = {TOKENS}
 threads = {threads}
+load = "at_start"
 """ for name, threads in (("auto", 0), ("pinned", 2)))
     d = GuestDaemon(tmp_path_factory.mktemp("threads"), models).start()
     yield d
