@@ -255,11 +255,16 @@ def parse(data: dict[str, Any], source: str) -> Config:
                   source=source)
 
 
+def _name_ok(name: str) -> bool:
+    """A model's or an adapter's name: letters, digits, '-', '_', '.'."""
+    return name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+
+
 def model_from_table(name: str, table: Any) -> ModelConfig:
     """One [models.NAME] table into a ModelConfig, checked as the config file is (also for
     `llmctl models add`); ConfigError names the key."""
     key = f"models.{name}"
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+    if not _name_ok(name):
         raise ConfigError(f"{key}: a model name may hold letters, digits, '-', '_', '.'")
     if isinstance(table, dict) and isinstance(table.get("keep_alive"), int | float):
         table = {**table, "keep_alive": str(table["keep_alive"])}  # as ollama: 0, -1, 300
@@ -289,8 +294,7 @@ def _check_adapters(key: str, adapters: dict[str, str]) -> None:
     from .modelsource import ModelUnavailable, check_gguf
 
     for name, path in adapters.items():
-        if not name or len(name) > ADAPTER_NAME_MAX or not name.replace("-", "").replace(
-                "_", "").replace(".", "").isalnum():
+        if len(name) > ADAPTER_NAME_MAX or not _name_ok(name):
             raise ConfigError(f"{key}.adapters.{name}: an adapter name is 1 to "
                               f"{ADAPTER_NAME_MAX} letters, digits, '-', '_', '.'")
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from collections.abc import Collection
 from typing import Any
 
 import msgpack
@@ -61,6 +62,13 @@ class ProtocolError(Exception):
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
+
+
+def check_model(name: str, known: Collection[str]) -> None:
+    """no_such_model, naming the models there are, unless name is one of them."""
+    if name not in known:
+        raise ProtocolError("no_such_model", f"no model {name!r} "
+                            f"(configured: {', '.join(sorted(known))})")
 
 
 def encode(msg: dict[str, Any]) -> bytes:

@@ -41,7 +41,7 @@ from . import modelsource, notify
 from .config import Config, ConfigError, DaemonConfig, ModelConfig, limits_of
 from .modeladmin import Overlay
 from .policies import PolicyError
-from .protocol import ProtocolError
+from .protocol import ProtocolError, check_model
 
 if TYPE_CHECKING:
     from .service import Service
@@ -211,9 +211,7 @@ class Reloader:
         does: it takes no new request and drains. Returns its requests still to finish."""
         async with self._lock:
             old = self.service.config
-            if name not in old.models:
-                raise ProtocolError("no_such_model", f"no model {name!r} (configured: "
-                                    f"{', '.join(sorted(old.models))})")
+            check_model(name, old.models)
             if len(old.models) == 1:
                 raise ProtocolError("bad_request", f"{name!r} is the only model; the daemon "
                                     "serves at least one (add another first)")

@@ -20,7 +20,7 @@ from .paths import default_state_dir
 from .placement import Placement
 from .policies import Event, Snapshot
 from .policyengine import PolicyEngine
-from .protocol import ProtocolError
+from .protocol import ProtocolError, check_model
 from .scheduler import ModelQueue, Request, Sink
 from .scopes import Backend
 from .slots import Slots
@@ -235,9 +235,7 @@ class Service:
         """Accept a request into its model's queue; returns it and its queue position."""
         if self.stopping:
             raise ProtocolError("shutting_down", "the daemon is stopping")
-        if model not in self.config.models:  # a removed model drains, but takes no more
-            known = ", ".join(sorted(self.config.models))
-            raise ProtocolError("no_such_model", f"no model {model!r} (configured: {known})")
+        check_model(model, self.config.models)  # a removed model drains, but takes no more
         if self.model_state(model) == "unavailable":
             raise ProtocolError("model_unavailable", self.unavailable_reason(model))
         req = Request(id=f"r{next(self._ids)}", model=model, prompt=prompt, params=params,

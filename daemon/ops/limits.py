@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..limits import LimitError, parse_bytes, parse_cpu
-from ..protocol import ProtocolError
+from ..protocol import ProtocolError, check_model
 from . import Context, Op, Param, register
 
 
@@ -42,9 +42,7 @@ class Limits(Op):
         if args and ctx.uid != 0:  # authorization before what needs the daemon, as in policy
             raise ProtocolError("forbidden", "changing limits needs root (uid 0); "
                                 f"this peer is uid {ctx.uid}")
-        if model not in service.limits:
-            raise ProtocolError("no_such_model", f"no model {model!r} "
-                                f"(configured: {', '.join(sorted(service.limits))})")
+        check_model(model, service.limits)  # a draining model's limits still show
         try:
             changes = _parse(args)
         except LimitError as exc:

@@ -19,18 +19,10 @@ from typing import Any
 
 from .. import views
 from ..durations import parse_keep_alive
-from ..protocol import ProtocolError
+from ..protocol import ProtocolError, check_model
 from . import Context, Op, Param, register
 
 LOAD_WAIT_S = 600.0
-
-
-def configured(ctx: Context, name: str) -> str:
-    """name, if it is a configured model; else no_such_model."""
-    if name not in ctx.service.config.models:
-        known = ", ".join(sorted(ctx.service.config.models))
-        raise ProtocolError("no_such_model", f"no model {name!r} (configured: {known})")
-    return name
 
 
 @register
@@ -46,7 +38,8 @@ class Load(Op):
     }
 
     async def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-        name = configured(ctx, args["model"])
+        name = args["model"]
+        check_model(name, ctx.service.config.models)
         wait = args.get("timeout", LOAD_WAIT_S)
         try:
             await asyncio.wait_for(ctx.service.lifecycle.load(name, args.get("keep_alive")),

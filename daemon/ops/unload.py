@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..protocol import ProtocolError
+from ..protocol import ProtocolError, check_model
 from . import Context, Op, Param, register
-from .load import configured
 
 
 @register
@@ -32,6 +31,7 @@ class Unload(Op):
         if force and ctx.uid != 0:
             raise ProtocolError("forbidden", "unload --force fails other users' requests and "
                                 f"needs root (uid 0); this peer is uid {ctx.uid}")
-        name = configured(ctx, args["model"])
+        name = args["model"]
+        check_model(name, ctx.service.config.models)
         await ctx.service.lifecycle.unload(name, force)
         return {"model": name, "unloaded": True}
