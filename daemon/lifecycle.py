@@ -74,8 +74,8 @@ class Life:
     load_started: float | None = None
     loaded_at: float | None = None
     need: memfit.Need | None = None
-    peak: int = 0  # largest charge measured in this load
-    measured: int | None = None  # the peak of the previous load, for the next estimate
+    measured: int | None = None  # what the previous load took when it unloaded: the next
+    # estimate (a worker keeps what it allocated while serving, so this is its peak)
     waiting: str = ""  # why a load waits
     task: asyncio.Task | None = None  # the load or unload in progress
 
@@ -140,6 +140,14 @@ class Lifecycle:
         """Whether the model's workers should run (loading or loaded)."""
         return self.state(name) in ("loading", "loaded")
 
+    def workers_wanted(self, model: ModelConfig) -> int:
+        """How many workers the model should have now: none while it is unloaded."""
+        return model.workers if self.loaded(model.name) else 0
+
+    def keep_alive(self, name: str) -> str:
+        """The model's keep-alive now, for people: "forever", "5m"."""
+        return describe_duration(self.lives[name].keep_alive)
+
     def accepted(self, req: Request, keep_alive: str | None) -> None:
         """A request was queued, with its own keep_alive or None."""
         life = self.lives[req.model]
@@ -167,7 +175,6 @@ class Lifecycle:
                                    + self.host.unavailable_reason(life.name), "unload")
             if life.state != "loaded":
                 continue
-            life.peak = max(life.peak, self._measured(life.name))
             if self._busy(life.name):
                 life.idle_since, life.last_used = None, now
             elif life.idle_since is None:
@@ -364,8 +371,8 @@ class Lifecycle:
         for worker in workers:
             if worker in host.workers.get(name, ()):
                 host.workers[name].remove(worker)
-        life.measured = max(life.peak, charge) or life.measured
-        life.state, life.peak, life.idle_since, life.loaded_at = "unloaded", 0, None, None
+        life.measured = charge or life.measured
+        life.state, life.idle_since, life.loaded_at = "unloaded", None, None
         if life.asked_keep_alive:
             life.asked_keep_alive, life.keep_alive = False, self._configured_keep_alive(name)
         self._record(kind, name, why, {"memory": charge})
@@ -422,7 +429,7 @@ class Lifecycle:
             unload_in = max(0.0, life.keep_alive - idle_for)
         return {
             "loaded": self.state(name),
-            "keep_alive": describe_duration(life.keep_alive),
+            "keep_alive": self.keep_alive(name),
             "keep_alive_s": life.keep_alive,
             "idle_s": None if life.idle_since is None else round(now - life.idle_since, 3),
             "unload_in_s": None if unload_in is None else round(unload_in, 3),

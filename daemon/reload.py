@@ -335,8 +335,7 @@ class Reloader:
         workers = service.workers[name]
         while (want := service.config.models.get(name)) is not None:
             # An unloaded model has no workers; the lifecycle starts them when it loads.
-            wanted = want.workers if service.lifecycle.loaded(name) else 0
-            if index >= max(len(workers), wanted):
+            if index >= max(len(workers), service.lifecycle.workers_wanted(want)):
                 return
             old = workers[index] if index < len(workers) else None
             if old is not None and not needs_restart(old.model, want):
@@ -347,7 +346,7 @@ class Reloader:
                 await service.retire_workers([old], service.config.daemon.shutdown_grace)
                 # Removed meanwhile: a replacement still serves the queue while it drains.
                 want = service.config.models.get(name) or want
-                if index >= (want.workers if service.lifecycle.loaded(name) else 0):
+                if index >= service.lifecycle.workers_wanted(want):
                     workers.remove(old)
                     log.info("worker_removed", worker=old.name, reason="config changed")
                     continue

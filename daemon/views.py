@@ -78,7 +78,7 @@ def models(service: Service) -> list[dict[str, Any]]:
             "path": str(service.paths[name]) if name in service.paths else None,
             "workers": cfg.workers, "parallel": cfg.parallel, "n_ctx": cfg.n_ctx,
             "max_tokens": cfg.max_tokens, "load": cfg.load,
-            "keep_alive": service.lifecycle.describe(name)["keep_alive"],
+            "keep_alive": service.lifecycle.keep_alive(name),
             "adapters": _adapters(cfg.adapters, workers),
             "error": service.unavailable_reason(name) or None,
         })
