@@ -216,6 +216,8 @@ class Lifecycle:
         life = self.lives[name]
         self._ask_keep_alive(life, keep_alive)
         while life.state != "loaded":
+            if self.host.model_state(name) == "unavailable":  # its workers failed to load
+                raise ProtocolError("model_unavailable", self.host.unavailable_reason(name))
             if life.state == "unloaded" and life.task is None:
                 self._start_load(life, "asked by llmctl load", explicit=True)
             task = life.task

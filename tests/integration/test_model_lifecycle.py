@@ -237,4 +237,9 @@ def test_a_model_on_demand_whose_file_fails_fails_its_request_then_unloads(
     with d.client() as c:
         end = list(c.submit("hello", model="bad", max_tokens=4).events())[-1]
     assert end["error"]["code"] == "model_unavailable"
+    # llmctl load says so too, at once, rather than retrying until its timeout.
+    started = time.monotonic()
+    r = d.llmctl("load", "bad", "--timeout", "60", timeout=90)
+    assert r.returncode == 1 and "cannot load" in r.stderr and "(model_unavailable)" in r.stderr
+    assert time.monotonic() - started < 30
     d.assert_serving()
