@@ -14,8 +14,9 @@ import ctypes
 from collections.abc import Hashable
 from typing import Any
 
+from . import llamalog
+
 Key = Hashable  # None: the base model alone; else (name, scale)
-GGML_LOG_LEVEL_ERROR = 4  # ggml.h (llama-cpp-python's _logger still maps the old 3)
 
 
 class Adapters:
@@ -71,24 +72,11 @@ class Adapters:
 
 def _load(lib: Any, model: Any, path: str) -> tuple[Any, str]:
     """llama_adapter_lora_init, with the reason of a failure: llama.cpp only logs it (a
-    tensor whose shape does not match the base model, another architecture, not a LoRA),
-    so its log lines are caught while it loads."""
-    errors: list[str] = []
-
-    @lib.llama_log_callback
-    def catch(level: int, text: bytes, user_data: Any) -> None:
-        if level == GGML_LOG_LEVEL_ERROR:
-            errors.append(text.decode("utf-8", "replace").strip())
-
-    lib.llama_log_set(catch, ctypes.c_void_p(0))
-    try:
+    tensor whose shape does not match the base model, another architecture, not a LoRA)."""
+    with llamalog.errors() as caught:
         adapter = lib.llama_adapter_lora_init(model, path.encode())
-    finally:
-        from llama_cpp import _logger  # llama-cpp-python's own callback again
-
-        lib.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     if adapter:
         return adapter, ""
-    why = next((e.split("failed to apply lora adapter: ", 1)[1] for e in errors
-                if "failed to apply lora adapter: " in e), "; ".join(errors))
+    why = next((e.split("failed to apply lora adapter: ", 1)[1].strip() for e in caught
+                if "failed to apply lora adapter: " in e), llamalog.reason(caught))
     return None, why or "llama_adapter_lora_init failed"

@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from . import batching, grammars, kvstate, lora
+from . import batching, grammars, kvstate, llamalog, lora
 from . import messages as m
 from .cpus import usable_cpus
 from .decodestop import DecodeStop
@@ -186,9 +186,7 @@ class Engine:
             self.threads, self.threads_why = cfg.threads, f"config: threads = {cfg.threads}"
         else:
             self.threads, self.threads_why = usable_cpus()
-        from llama_cpp._logger import set_verbose
-
-        set_verbose(False)  # llama.cpp's log lines would fill the daemon's log
+        llamalog.install(llama_cpp)
         llama_cpp.llama_backend_init()
         self.model = _internals.LlamaModel(path_model=cfg.path, verbose=False,
                                            params=llama_cpp.llama_model_default_params())
@@ -682,11 +680,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         pass  # the load below reports it
     t0 = time.monotonic()
-    try:
-        engine = Engine(cfg, ch)
-    except Exception as exc:
-        ch.send(m.LoadFailed(message=f"cannot load {cfg.path}: {exc}"))
-        return 1
+    with llamalog.errors() as caught:  # llama.cpp logs why a load fails; the call does not say
+        try:
+            engine = Engine(cfg, ch)
+        except Exception as exc:
+            why = llamalog.reason(caught)
+            ch.send(m.LoadFailed(message=f"cannot load {cfg.path}: {exc}" + (f" ({why})" if why else "")))
+            return 1
     ch.send(m.Ready(pid=os.getpid(), threads=engine.threads, threads_why=engine.threads_why,
                     n_ctx=engine.n_ctx, slots=cfg.parallel, load_s=time.monotonic() - t0,
                     chat_template=engine.formatter is not None,
