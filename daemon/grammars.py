@@ -4,8 +4,9 @@ a llama_cpp.LlamaGrammar, checked before generation starts.
 LlamaGrammar.from_string checks nothing, and a chain given a grammar that llama.cpp
 cannot parse gets a NULL sampler and crashes the worker; so the grammar is parsed once
 here, and what llama.cpp says about it becomes the request's bad_request. llama.cpp
-writes the parse error itself to stderr (fprintf) and a summary to its log, so both are
-read while it parses.
+writes the parse error itself to stderr (fprintf) and a summary to its log (as an error,
+caught through llamalog: the worker's log callback stays in place), so both are read
+while it parses.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
+
+from . import llamalog
 
 ROOT = "root"
 
@@ -47,7 +50,7 @@ def from_request(llama_cpp: Any, vocab: Any, msg: dict[str, Any]) -> Any:
 
 def check(llama_cpp: Any, vocab: Any, text: str) -> str:
     """Why llama.cpp refuses the GBNF text, or "" if it takes it."""
-    with _llama_log(llama_cpp) as logged, _stderr() as printed:
+    with llamalog.errors() as logged, _stderr() as printed:
         sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), ROOT.encode())
     if sampler:
         llama_cpp.llama_sampler_free(sampler)
@@ -55,24 +58,6 @@ def check(llama_cpp: Any, vocab: Any, text: str) -> str:
     detail = re.findall(r"error parsing grammar: (.*)", "".join(printed))
     lines = [*detail, *(line.strip() for line in logged if line.strip())]
     return "; ".join(dict.fromkeys(lines)) or "it does not parse"
-
-
-@contextlib.contextmanager
-def _llama_log(llama_cpp: Any) -> Iterator[list[str]]:
-    """llama.cpp's log lines meanwhile, instead of llama-cpp-python's handler."""
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def keep(level: int, text: bytes, user_data: Any) -> None:
-        lines.append(text.decode(errors="replace"))
-
-    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        from llama_cpp._logger import llama_log_callback
-
-        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
 
 
 @contextlib.contextmanager

@@ -48,3 +48,23 @@ def test_nested_blocks_each_catch_and_end_in_any_order():
         llamalog._log(llamalog.ERROR, b"e2\n", None)
     llamalog._log(llamalog.ERROR, b"e3\n", None)
     assert (outer, inner) == (["e1\n", "e2\n"], ["e1\n"])
+
+
+def test_a_grammar_check_leaves_the_workers_log_callback_in_place(tiny_model_path, tmp_path):
+    from llama_cpp import _internals
+    from llm_residentd import grammars
+
+    llamalog.install(llama_cpp)
+    model = _internals.LlamaModel(path_model=str(tiny_model_path), verbose=False,
+                                  params=llama_cpp.llama_model_default_params())
+    try:
+        why = grammars.check(llama_cpp, model.vocab, 'start ::= "a"')
+    finally:
+        model.close()
+    assert "grammar does not contain a 'root' symbol" in why, why
+    # llama-cpp-python's own callback (stale levels) would drop this error again.
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 100)
+    with llamalog.errors() as caught:
+        llama_cpp.llama_model_load_from_file(str(bad).encode(), llama_cpp.llama_model_default_params())
+    assert "bad GGUF version: 0" in llamalog.reason(caught), caught
