@@ -6,7 +6,7 @@ block, rank 8, small random weights: cost, not quality) by tests/tinymodel.py's
 write_lora. Two parts:
 
 1. In process, a context laid out as the worker's (benchlib.Steps, 4 sequences decoding
-   together, --sequences) and the worker's own adapter code (daemon/lora.py): the median llama_decode
+   together, --sequences) and the worker's own adapter code (daemon/worker/lora.py): the median llama_decode
    step without an adapter, with one kept applied, and right after a switch (base and
    adapter every other step, as the worker does when two adapter groups take turns); the
    switch costs the difference. Also a 128-token prompt evaluated with and without it,
@@ -77,7 +77,7 @@ def in_process(model_path: str, lora_path: str, threads: int, steps_n: int, sequ
                ) -> dict[str, Any]:
     import llama_cpp
     from benchlib import Steps, load_model
-    from llm_residentd.lora import Adapters
+    from llm_residentd.worker.lora import Adapters
 
     model = load_model(model_path)
     before = rss()
@@ -149,12 +149,12 @@ def in_process(model_path: str, lora_path: str, threads: int, steps_n: int, sequ
 class Worker:
     def __init__(self, model: str, adapters: dict[str, str], parallel: int, threads: int
                  ) -> None:
-        from llm_residentd.protocol import recv_frame, send_frame
+        from llm_residentd.wire.protocol import recv_frame, send_frame
 
         self._recv, self._send = recv_frame, send_frame
         self.sock, child = socket.socketpair()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llm_residentd.worker", "--fd", str(child.fileno())],
+            [sys.executable, "-m", "llm_residentd.worker.engine", "--fd", str(child.fileno())],
             pass_fds=[child.fileno()])
         child.close()
         send_frame(self.sock, {"type": "load", "path": model, "n_ctx": 1024, "n_batch": 512,

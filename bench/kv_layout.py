@@ -1,5 +1,5 @@
 """A decode step of several sequences in one KV buffer (kv_unified) or a KV stream per
-sequence: the choice behind daemon/worker.py's context layout.
+sequence: the choice behind daemon/worker/engine.py's context layout.
 
 Each of --sequences sequences first holds --fill tokens, then every step decodes one
 token of each; the median llama_decode time of --steps steps is printed per layout,

@@ -52,7 +52,7 @@ READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
 GOAL_TPS_RATIO = 0.98  # daemon keeps at least 98 % of in-process decode speed
 GOAL_TTFT_DELTA_MS = 10.0  # daemon adds at most 10 ms to the first token
-# The daemon's submit defaults (daemon/ops/submit.py) with temperature 0: greedy.
+# The daemon's submit defaults (daemon/front/ops/submit.py) with temperature 0: greedy.
 SAMPLING = {"top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
 LEAD_WORDS = ("Alpha", "Bravo", "Charlie", "Delta", "Echo", "Foxtrot", "Golf", "Hotel",
               "India", "Juliet", "Kilo", "Lima", "Mike", "November", "Oscar", "Papa")
@@ -176,7 +176,7 @@ class CpuMeter:
 
 
 class InProcess:
-    """llama_cpp.Llama in this process, driven like daemon/worker.py drives it."""
+    """llama_cpp.Llama in this process, driven like daemon/worker/engine.py drives it."""
 
     def __init__(self, model: str, threads: int) -> None:
         import llama_cpp  # after OPENBLAS_NUM_THREADS is set

@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from llm_residentd import cgroupstats, psi
+from llm_residentd.control import cgroupstats, psi
 
 ROOT = Path("/sys/fs/cgroup")
 

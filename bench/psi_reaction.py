@@ -22,9 +22,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from llm_residentd import psi
-from llm_residentd.limits import Limits
-from llm_residentd.scope_systemd import SystemdBackend
+from llm_residentd.control import psi
+from llm_residentd.placement.limits import Limits
+from llm_residentd.placement.systemd import SystemdBackend
 
 QUOTAS = (0.2, 0.3)  # toggled on every event, so each event is a real change
 

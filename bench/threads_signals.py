@@ -3,7 +3,7 @@
 
 A worker process decodes SmolLM2 without pause (greedy, EOS ignored) with T threads,
 while 0, 1 or 2 neighbour processes run beside it: busy loops, or loops busy for a part
-of each 20 ms. Every `--period` s the script takes one `llm_residentd.cpuload` reading
+of each 20 ms. Every `--period` s the script takes one `llm_residentd.control.cpuload` reading
 (the daemon's own reader), and reports each candidate signal over windows of `--window`
 s, with the worker's tokens/s and the neighbours' work rate:
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import RESULTS, append_csv, smollm2
-from llm_residentd import cpuload
+from llm_residentd.control import cpuload
 
 PROMPT = "The history of the city begins with a small settlement on the river, where"
 

@@ -12,11 +12,11 @@ import time
 from typing import Any
 
 from llm_residentd import __version__
-from llm_residentd.ops import Param
-from llm_residentd.ops.load import LOAD_WAIT_S, Load
-from llm_residentd.ops.submit import SAMPLING_DEFAULTS, Submit
+from llm_residentd.front.ops import Param
+from llm_residentd.front.ops.load import LOAD_WAIT_S, Load
+from llm_residentd.front.ops.submit import SAMPLING_DEFAULTS, Submit
 from llm_residentd.paths import SOCKET_ENV
-from llm_residentd.protocol import ProtocolError
+from llm_residentd.wire.protocol import ProtocolError
 
 from . import chat, completion
 from .client import Client, LlmctlError
@@ -375,7 +375,7 @@ _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0"
 def model_option(text: str) -> tuple[str, Any]:
     """argparse type of --set KEY=VALUE: VALUE as the type of the [models.NAME] key (an
     unknown key is sent as text: the daemon's answer names the keys it knows)."""
-    from llm_residentd.config import ModelConfig
+    from llm_residentd.core.config import ModelConfig
 
     key, value = _key_value(text)
     kind = {f.name: f.type for f in dataclasses.fields(ModelConfig)}.get(key, "str")

@@ -17,7 +17,7 @@ from typing import Any
 
 from llm_residentd import __version__
 from llm_residentd.paths import client_socket
-from llm_residentd.protocol import PROTOCOL_VERSION, FrameReader, ProtocolError, send_frame
+from llm_residentd.wire.protocol import PROTOCOL_VERSION, FrameReader, ProtocolError, send_frame
 
 CONNECT_TIMEOUT = 10.0
 

@@ -16,12 +16,13 @@ from typing import Any
 
 import structlog
 
-from . import __version__, config, logs, modelsource, notify
+from . import __version__, logs, notify
+from .core import config, modelsource
+from .core.reload import Reloader
+from .core.service import Service
+from .front.server import Server, activated_sockets
 from .paths import SOCKET_ENV, default_http_socket, default_socket, default_state_dir
-from .reload import Reloader
-from .scopes import ScopeError
-from .server import Server, activated_sockets
-from .service import Service
+from .placement.scopes import ScopeError
 
 DESCRIPTION = """\
 Serve local LLMs (llama.cpp) to llmctl and other clients over a msgpack Unix socket.
@@ -132,7 +133,7 @@ def _http_front(service: Service, path: Path | None, sock: socket.socket | None)
     """The HTTP front; None when aiohttp is missing and HTTP was only on by default (a
     daemon run from a checkout without it keeps serving the msgpack socket)."""
     try:
-        from .http.app import HttpFront
+        from .front.http.app import HttpFront
     except ImportError as exc:
         cfg = service.config.http
         if sock is not None or cfg.listen or cfg.socket:

@@ -121,7 +121,7 @@ class RequestView:
 
 @dataclass(frozen=True)
 class WorkerLoad:
-    """One worker's threads over the CPU view's window (daemon/cpuload.py reads them)."""
+    """One worker's threads over the CPU view's window (daemon/control/cpuload.py reads them)."""
 
     threads: int  # threads the process has now
     running: float  # threads runnable, on average over the recent readings

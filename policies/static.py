@@ -13,7 +13,7 @@ more than latency.
 
 from __future__ import annotations
 
-from ..limits import parse_bytes, parse_cpu
+from ..placement.limits import parse_bytes, parse_cpu
 from .base import Action, Event, Param, Policy, Snapshot
 
 

@@ -18,7 +18,7 @@ For each worker that is not pinned (`threads = N` in its model's config):
   three readings. The daemon reads every 0.2 s (jittered); where the kernel takes PSI
   triggers, it reads right after one (on /proc/pressure/cpu, or on a worker scope's
   cpu.pressure) and between them every second, and a triggered reading's instant stands
-  alone (daemon/cpumonitor.py).
+  alone (daemon/control/cpumonitor.py).
 - **target**: the workers' CPUs less `others` (and less the threads of busy pinned
   workers), shared by the workers that are generating (an idle one counts itself in),
   plus `margin`, rounded down; between 1 and the cap. So a worker gives up a CPU once
@@ -33,7 +33,7 @@ For each worker that is not pinned (`threads = N` in its model's config):
 - At most one change per worker per `interval_s`. The worker takes a change at the start
   of a llama_decode call (a token, or a chunk of the prompt): a call in progress is
   stopped, its partial work dropped, and made again with the new count, so a slow token
-  computed with too many threads does not hold the change back (daemon/decodestop.py).
+  computed with too many threads does not hold the change back (daemon/worker/decodestop.py).
 
 The thresholds come from bench/threads_signals.py (docs/benchmarks.md, "Which signal
 shows a neighbour"). With 2 threads, `others` read 0.01 with no neighbour, 0.39 beside a
@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 
-from ..cpus import cap
+from ..placement.cpus import cap
 from .base import Action, Event, Param, Policy, PolicyError, Snapshot, WorkerView
 
 LIVE = ("idle", "busy")

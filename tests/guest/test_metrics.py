@@ -14,9 +14,9 @@ import tomllib
 from pathlib import Path
 
 from guestlib import CGROUP, SLICE, config
-from llm_residentd import config as daemon_config
-from llm_residentd.prometheus import render
-from llm_residentd.service import Service
+from llm_residentd.core import config as daemon_config
+from llm_residentd.core.service import Service
+from llm_residentd.front.prometheus import render
 from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -170,10 +170,10 @@ def test_apt_installs_enables_and_starts_the_service():
 
 def test_the_packaged_msgspec_is_the_one_the_daemon_imports():
     """Debian bookworm has no python3-msgspec: the package ships PyPI's wheel in
-    /usr/lib/llm-residentd, and the worker messages (llm_residentd.messages) import it from
+    /usr/lib/llm-residentd, and the worker messages (llm_residentd.wire.messages) import it from
     there under the launchers' `python3 -I` with that directory first on sys.path."""
     code = ("import sys; sys.path.insert(0, '/usr/lib/llm-residentd'); "
-            "import llm_residentd.messages as m; print(m.msgspec.__file__); "
+            "import llm_residentd.wire.messages as m; print(m.msgspec.__file__); "
             "print(m.from_worker(m.frame(m.Pong())[4:]))")
     out = run("python3", "-I", "-c", code).stdout.splitlines()
     assert out == ["/usr/lib/llm-residentd/msgspec/__init__.py", "Pong()"], out

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llm_residentd.protocol import recv_frame, send_frame
+from llm_residentd.wire.protocol import recv_frame, send_frame
 from llmctl import Client
 from llmctl.cli import wait_ready
 

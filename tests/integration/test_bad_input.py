@@ -12,8 +12,8 @@ import time
 import msgpack
 import pytest
 from harness import read_until_done, tiny_config, wait_for
-from llm_residentd.fairness import ROOT_RESERVE
-from llm_residentd.protocol import ProtocolError, encode, recv_frame, send_frame
+from llm_residentd.front.fairness import ROOT_RESERVE
+from llm_residentd.wire.protocol import ProtocolError, encode, recv_frame, send_frame
 
 
 def _raw_frame(sock: socket.socket, body: bytes) -> None:

@@ -18,8 +18,8 @@ from harness import (
     tiny_config,
     wait_for,
 )
-from llm_residentd.fairness import ROOT_RESERVE
-from llm_residentd.protocol import recv_frame, send_frame
+from llm_residentd.front.fairness import ROOT_RESERVE
+from llm_residentd.wire.protocol import recv_frame, send_frame
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="LOUD SKIP: needs root to connect as other uids")

@@ -21,7 +21,7 @@ from harness import (
     tiny_config,
     wait_for,
 )
-from llm_residentd.protocol import recv_frame, send_frame
+from llm_residentd.wire.protocol import recv_frame, send_frame
 from llmctl import LlmctlError
 
 LONG = {"max_tokens": 1500, "ignore_eos": True}  # keeps a worker busy for a few seconds

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from harness import read_until_done, running, tiny_config, wait_for
-from llm_residentd.protocol import recv_frame, send_frame
+from llm_residentd.wire.protocol import recv_frame, send_frame
 
 THIRD_PARTY = '''
 from llm_residentd.policies import Action, Param, Policy

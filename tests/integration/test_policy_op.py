@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from harness import request_as, tiny_config
-from llm_residentd.protocol import recv_frame, send_frame
+from llm_residentd.wire.protocol import recv_frame, send_frame
 from llmctl import LlmctlError
 
 

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from harness import tiny_config
-from llm_residentd import __version__, config
-from llm_residentd.prometheus import CONTENT_TYPE, render
-from llm_residentd.server import Server
-from llm_residentd.service import Service
+from llm_residentd import __version__
+from llm_residentd.core import config
+from llm_residentd.core.service import Service
+from llm_residentd.front.prometheus import CONTENT_TYPE, render
+from llm_residentd.front.server import Server
 from llmctl import Client
 from prometheus_client.parser import text_string_to_metric_families
 

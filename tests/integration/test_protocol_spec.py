@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from llm_residentd.protocol import encode, recv_frame, send_frame
+from llm_residentd.wire.protocol import encode, recv_frame, send_frame
 
 DOC = Path(__file__).parents[2] / "docs" / "protocol.md"
 

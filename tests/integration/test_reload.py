@@ -1,5 +1,5 @@
 """SIGHUP reloads the config file: models added serve, removed ones drain, changed ones
-restart their workers after their requests, a bad file is refused (daemon/reload.py)."""
+restart their workers after their requests, a bad file is refused (daemon/core/reload.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 from harness import Daemon, read_until_done, tiny_config, wait_for
-from llm_residentd.protocol import recv_frame, send_frame
+from llm_residentd.wire.protocol import recv_frame, send_frame
 from llmctl import LlmctlError
 
 LONG = {"max_tokens": 1500, "ignore_eos": True}  # keeps a worker busy for a few seconds

@@ -11,7 +11,7 @@ import re
 import signal
 
 from harness import read_until_done, running, submit_raw, tiny_config, wait_for
-from llm_residentd.protocol import recv_frame, send_frame
+from llm_residentd.wire.protocol import recv_frame, send_frame
 
 LONG = {"max_tokens": 3000, "ignore_eos": True}  # keeps a slot busy for a while
 

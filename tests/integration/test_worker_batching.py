@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llm_residentd.protocol import recv_frame, send_frame
-from llm_residentd.worker import PREFILL_CHUNK
+from llm_residentd.wire.protocol import recv_frame, send_frame
+from llm_residentd.worker.engine import PREFILL_CHUNK
 
 SLOTS = 4
 GREEDY = {"max_tokens": 48, "temperature": 0.0, "raw": True, "ignore_eos": True}
@@ -28,7 +28,7 @@ class Worker:
                  adapters: dict[str, str] | None = None) -> None:
         self.sock, child = socket.socketpair()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llm_residentd.worker", "--fd", str(child.fileno())],
+            [sys.executable, "-m", "llm_residentd.worker.engine", "--fd", str(child.fileno())],
             pass_fds=[child.fileno()])
         child.close()
         self.send({"type": "load", "path": str(model), "n_ctx": n_ctx, "n_batch": n_batch,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llm_residentd.protocol import recv_frame, send_frame
+from llm_residentd.wire.protocol import recv_frame, send_frame
 
 N_CTX = 512
 PROMPT = "the quick brown fox jumps over the lazy dog " * 3

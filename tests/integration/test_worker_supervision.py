@@ -14,7 +14,7 @@ import time
 
 import pytest
 from harness import read_until_done, submit_raw, tiny_config, wait_for
-from llm_residentd.protocol import recv_frame, send_frame
+from llm_residentd.wire.protocol import recv_frame, send_frame
 
 LONG = {"max_tokens": 3000, "ignore_eos": True}  # keeps the single worker busy for a while
 LIVENESS = 'liveness_timeout = 4.0'

@@ -1,4 +1,4 @@
-"""The batching scheduler (daemon/batching.py) driven with a fake model: no llama.
+"""The batching scheduler (daemon/worker/batching.py) driven with a fake model: no llama.
 
 FakeModel keeps a KV cache per slot as the list of tokens written at each position and
 checks what a real context would refuse (a gap or overlap in positions, a step over the
@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Hashable
 
 import pytest
-from llm_residentd.batching import Batcher, Piece
+from llm_residentd.worker.batching import Batcher, Piece
 
 VOCAB = 97
 

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from llm_residentd import cpuload
-from llm_residentd.cpumonitor import Cap, CpuMonitor
+from llm_residentd.control import cpuload
+from llm_residentd.control.cpumonitor import Cap, CpuMonitor
 
 TCK = cpuload.CLK_TCK
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from llm_residentd import cpus
+from llm_residentd.placement import cpus
 
 
 def test_parse_cpu_max():

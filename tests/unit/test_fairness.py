@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from llm_residentd.fairness import ROOT_RESERVE, ConnectionSlots
-from llm_residentd.protocol import ProtocolError
-from llm_residentd.scheduler import ModelQueue, Request
+from llm_residentd.core.requests import ModelQueue, Request
+from llm_residentd.front.fairness import ROOT_RESERVE, ConnectionSlots
+from llm_residentd.wire.protocol import ProtocolError
 
 
 def _open(slots: ConnectionSlots, uid: int, n: int) -> None:

@@ -9,10 +9,10 @@ import sys
 import textwrap
 
 import pytest
-from llm_residentd import config
-from llm_residentd.http import auth, openai
-from llm_residentd.http.app import STATUS, error_body, error_response
-from llm_residentd.protocol import ERROR_CODES, ProtocolError
+from llm_residentd.core import config
+from llm_residentd.front.http import auth, openai
+from llm_residentd.front.http.app import STATUS, error_body, error_response
+from llm_residentd.wire.protocol import ERROR_CODES, ProtocolError
 
 
 def test_chat_body_becomes_the_contract_submit_message():
@@ -128,7 +128,7 @@ def test_bad_listen(listen):
 
 ACTIVATED = textwrap.dedent("""
     import os, socket, sys
-    from llm_residentd.server import activated_sockets
+    from llm_residentd.front.server import activated_sockets
 
     def listener(path):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

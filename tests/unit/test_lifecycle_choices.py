@@ -9,10 +9,10 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
-from llm_residentd import memfit
-from llm_residentd.config import Config, DaemonConfig, ModelConfig
-from llm_residentd.lifecycle import Lifecycle
-from llm_residentd.protocol import ProtocolError
+from llm_residentd.core import memfit
+from llm_residentd.core.config import Config, DaemonConfig, ModelConfig
+from llm_residentd.core.lifecycle import Lifecycle
+from llm_residentd.wire.protocol import ProtocolError
 
 MIB = 1 << 20
 

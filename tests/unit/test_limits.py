@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from llm_residentd.limits import (
+from llm_residentd.placement.limits import (
     LimitError,
     Limits,
     check_order,

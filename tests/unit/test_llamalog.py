@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import llama_cpp
-from llm_residentd import llamalog
+from llm_residentd.worker import llamalog
 
 
 def test_warnings_and_errors_reach_stderr_and_errors_are_caught(capsys):
@@ -52,7 +52,7 @@ def test_nested_blocks_each_catch_and_end_in_any_order():
 
 def test_a_grammar_check_leaves_the_workers_log_callback_in_place(tiny_model_path, tmp_path):
     from llama_cpp import _internals
-    from llm_residentd import grammars
+    from llm_residentd.worker import grammars
 
     llamalog.install(llama_cpp)
     model = _internals.LlamaModel(path_model=str(tiny_model_path), verbose=False,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from llm_residentd.ops.submit import Submit
+from llm_residentd.front.ops.submit import Submit
 from llmctl import cli, completion, progress
 
 NO_DAEMON = "/nonexistent/llm.sock"  # a command that got this far would exit 3, not 2

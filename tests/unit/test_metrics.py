@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from llm_residentd.metrics import ModelMetrics, percentile
+from llm_residentd.control.metrics import ModelMetrics, percentile
 
 
 def test_nearest_rank_percentile():

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from llm_residentd import config, modeladmin
-from llm_residentd.config import ConfigError, ModelConfig
-from llm_residentd.protocol import ProtocolError
+from llm_residentd.core import config, modeladmin
+from llm_residentd.core.config import ConfigError, ModelConfig
+from llm_residentd.wire.protocol import ProtocolError
 
 NOBODY = 65534
 

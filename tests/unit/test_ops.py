@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from llm_residentd import ops
-from llm_residentd.protocol import ProtocolError
+from llm_residentd.front import ops
+from llm_residentd.wire.protocol import ProtocolError
 
 
 def _err(fn, *args):

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from llm_residentd import ops
-from llm_residentd.protocol import ProtocolError
+from llm_residentd.front import ops
+from llm_residentd.wire.protocol import ProtocolError
 
 PEER = 1000  # not root
 

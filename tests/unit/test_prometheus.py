@@ -15,10 +15,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from llm_residentd import procstats, prometheus
-from llm_residentd.config import ModelConfig
-from llm_residentd.metrics import Histogram, ModelMetrics
-from llm_residentd.workers import LoadFailed, Worker
+from llm_residentd.control import procstats
+from llm_residentd.control.metrics import Histogram, ModelMetrics
+from llm_residentd.core.config import ModelConfig
+from llm_residentd.core.workers import LoadFailed, Worker
+from llm_residentd.front import prometheus
 from prometheus_client.parser import text_string_to_metric_families
 
 PSI = {"some": {"avg10": 12.5, "avg60": 1.0, "avg300": 0.5, "total": 2_500_000},
@@ -178,7 +179,7 @@ def test_model_metrics_count_prompt_tokens_and_fill_the_histograms():
 def test_docs_metrics_md_is_generated_from_the_declarations():
     path = Path(__file__).parents[2] / "docs" / "metrics.md"
     assert path.read_text() == prometheus.markdown(), (
-        "docs/metrics.md is stale: python -m llm_residentd.prometheus > docs/metrics.md")
+        "docs/metrics.md is stale: python -m llm_residentd.front.prometheus > docs/metrics.md")
 
 
 # -- process readings ---------------------------------------------------------------------

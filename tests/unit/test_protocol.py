@@ -5,7 +5,7 @@ import struct
 
 import msgpack
 import pytest
-from llm_residentd.protocol import (
+from llm_residentd.wire.protocol import (
     ERROR_CODES,
     ProtocolError,
     check_length,
@@ -64,7 +64,7 @@ def test_error_codes_are_stable_strings():
 
 
 def test_frame_reader_splits_and_joins_frames():
-    from llm_residentd.protocol import FrameReader
+    from llm_residentd.wire.protocol import FrameReader
     a, b = socket.socketpair()
     reader = FrameReader(b, max_frame=100)
     a.sendall(encode({"n": 1}) + encode({"n": 2}) + encode({"n": 3})[:5])

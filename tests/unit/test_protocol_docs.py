@@ -7,10 +7,10 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from llm_residentd import ops
-from llm_residentd.limits import Limits
-from llm_residentd.ops import docs
-from llm_residentd.protocol import ERROR_CODES, decode
+from llm_residentd.front import ops
+from llm_residentd.front.ops import docs
+from llm_residentd.placement.limits import Limits
+from llm_residentd.wire.protocol import ERROR_CODES, decode
 
 PAGE = Path(__file__).parents[2] / "docs" / "protocol.md"
 
@@ -18,7 +18,7 @@ PAGE = Path(__file__).parents[2] / "docs" / "protocol.md"
 def test_docs_protocol_md_is_generated_from_the_ops():
     text = PAGE.read_text()
     assert docs.rewrite(text) == text, (
-        "docs/protocol.md is stale: python -m llm_residentd.ops.docs")
+        "docs/protocol.md is stale: python -m llm_residentd.front.ops.docs")
 
 
 def test_every_op_has_a_field_table_and_a_row_in_the_ops_table():
@@ -91,7 +91,7 @@ def test_limits_reply_tasks_max_is_an_integer_or_max():
 
 def test_submit_defaults_in_the_prose_match_the_code():
     """Param declares no default; section 5.2's table of defaults must follow the code."""
-    from llm_residentd.ops.submit import SAMPLING_DEFAULTS
+    from llm_residentd.front.ops.submit import SAMPLING_DEFAULTS
     text = PAGE.read_text()
     table = text[text.index("| field | default when omitted | details |"):]
     rows = {}
@@ -107,12 +107,12 @@ def test_submit_defaults_in_the_prose_match_the_code():
 
 
 def test_section_14_lists_every_worker_message_from_messages_py():
-    """Issue 14: the daemon<->worker messages are generated from daemon/messages.py, with
+    """Issue 14: the daemon<->worker messages are generated from daemon/wire/messages.py, with
     each field's type, default and comment; a changed message makes the page stale."""
     import typing
 
     import msgspec
-    from llm_residentd import messages
+    from llm_residentd.wire import messages
 
     text = PAGE.read_text()
     section = text[text.index("## 14. Worker messages"):]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from llm_residentd import cgroupstats, psi
+from llm_residentd.control import cgroupstats, psi
 
 SAMPLE = """some avg10=1.50 avg60=0.75 avg300=0.10 total=123456
 full avg10=0.00 avg60=0.00 avg300=0.00 total=0

@@ -1,5 +1,5 @@
 """The reload diff: which models start, drain, restart or change live, which daemon keys
-need a restart, which policies change (daemon/reload.py; applying it is tested for real in
+need a restart, which policies change (daemon/core/reload.py; applying it is tested for real in
 tests/integration/test_reload.py)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from llm_residentd import config, reload
-from llm_residentd.config import ConfigError, parse
+from llm_residentd.core import config, reload
+from llm_residentd.core.config import ConfigError, parse
 
 
 def _cfg(models: str, daemon: str = "", policies: str = "") -> config.Config:

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from llm_residentd.protocol import ProtocolError
-from llm_residentd.scheduler import ModelQueue, Request
+from llm_residentd.core.requests import ModelQueue, Request
+from llm_residentd.wire.protocol import ProtocolError
 
 
 def _req(n: int, priority: int = 0) -> Request:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from llm_residentd import ops
-from llm_residentd.ops import docs
-from llm_residentd.ops.submit import accept
-from llm_residentd.protocol import ProtocolError
-from llm_residentd.stopstrings import StopScanner
+from llm_residentd.front import ops
+from llm_residentd.front.ops import docs
+from llm_residentd.front.ops.submit import accept
+from llm_residentd.wire.protocol import ProtocolError
+from llm_residentd.worker.stopstrings import StopScanner
 
 SUBMIT = ops.OPS["submit"]
 USER = {"role": "user", "content": "hi"}

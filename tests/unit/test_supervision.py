@@ -8,11 +8,11 @@ import asyncio
 from dataclasses import dataclass, field
 
 import pytest
-from llm_residentd import supervision
-from llm_residentd.config import ModelConfig
-from llm_residentd.scheduler import Request
-from llm_residentd.supervision import Backoff, after_loss, load_trouble, model_state
-from llm_residentd.workers import LoadFailed, Worker
+from llm_residentd.core import supervision
+from llm_residentd.core.config import ModelConfig
+from llm_residentd.core.requests import Request
+from llm_residentd.core.supervision import Backoff, after_loss, load_trouble, model_state
+from llm_residentd.core.workers import LoadFailed, Worker
 
 
 class Clock:
@@ -179,7 +179,7 @@ class LiveListener:
     """Just the config the liveness check reads."""
 
     def __init__(self, liveness_timeout: float) -> None:
-        from llm_residentd.config import Config, DaemonConfig
+        from llm_residentd.core.config import Config, DaemonConfig
         self.config = Config(daemon=DaemonConfig(liveness_timeout=liveness_timeout))
 
 
@@ -188,7 +188,7 @@ def _watch(monkeypatch: pytest.MonkeyPatch, answers: list[bool],
     """Run Worker._watch with liveness_timeout 8 (a ping every 2 s): answers[i] says whether
     the worker answers ping i; a sleep in `stalls` overruns by 20 s (the daemon's own loop
     held up). Returns the worker, the times it was pinged and the kills."""
-    from llm_residentd import workers
+    from llm_residentd.core import workers
 
     clock, pings, kills = Clock(), [], []
 

@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from llm_residentd import config, notify, paths
-from llm_residentd.config import ConfigError
+from llm_residentd import notify, paths
+from llm_residentd.core import config
+from llm_residentd.core.config import ConfigError
+from llm_residentd.core.workers import LoadFailed, Worker, run_as
+from llm_residentd.front.server import activated_socket
 from llm_residentd.main import run
-from llm_residentd.server import activated_socket
-from llm_residentd.workers import LoadFailed, Worker, run_as
 
 NOBODY = "nobody"
 
@@ -152,8 +153,8 @@ def test_activation_needs_this_pid_and_fds():
 
 ACTIVATED = textwrap.dedent("""
     import asyncio, os, socket, sys, types
-    from llm_residentd import config
-    from llm_residentd.server import Server, activated_socket
+    from llm_residentd.core import config
+    from llm_residentd.front.server import Server, activated_socket
 
     path = sys.argv[1]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import psutil
 import pytest
-from llm_residentd.workers import kill
+from llm_residentd.core.workers import kill
 
 
 class SlowWatcher(asyncio.ThreadedChildWatcher):

@@ -1,7 +1,7 @@
 """A worker with slots (issue 14), driven by typed messages from a scripted worker process:
 dispatch fills free slots within the batch limits, replies are routed by request, a dead
 process loses every running request and none of the queued ones, Batch reports are
-tallied. No process, no llama: the daemon side of daemon/messages.py only."""
+tallied. No process, no llama: the daemon side of daemon/wire/messages.py only."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ from typing import Any
 
 import pytest
 import structlog.testing
-from llm_residentd import messages, workers
-from llm_residentd.config import ModelConfig
+from llm_residentd.control.policyengine import PolicyEngine
+from llm_residentd.core import workers
+from llm_residentd.core.actuator import Actuator
+from llm_residentd.core.config import ModelConfig
+from llm_residentd.core.requests import ModelQueue, Request
+from llm_residentd.core.slots import Slots
+from llm_residentd.core.workers import Worker
 from llm_residentd.policies import Action, Event, Policy, Snapshot
-from llm_residentd.policyengine import PolicyEngine
-from llm_residentd.scheduler import ModelQueue, Request
-from llm_residentd.slots import Slots
-from llm_residentd.workers import Worker
+from llm_residentd.wire import messages
 
 
 class Writer:
@@ -191,7 +193,7 @@ def test_a_dead_process_loses_every_running_request_and_none_queued():
 
 
 def test_a_hung_process_names_every_request_it_ran(monkeypatch):
-    from llm_residentd.config import Config, DaemonConfig
+    from llm_residentd.core.config import Config, DaemonConfig
 
     listener = Listener()
     listener.config = Config(daemon=DaemonConfig(liveness_timeout=4.0))  # type: ignore[attr-defined]
@@ -316,10 +318,11 @@ class Batcher(Policy):
 
 def _engine(actions: list[Action]) -> tuple[PolicyEngine, Worker]:
     worker, _ = serving_worker(slots=4)
-    service = SimpleNamespace(slots=Slots(lambda: [worker]),
-                              snapshot=lambda: Snapshot(now=0))
+    service = SimpleNamespace(slots=Slots(lambda: [worker]))
+    actuator = Actuator(service)  # type: ignore[arg-type]
+    actuator.snapshot = lambda: Snapshot(now=0)  # type: ignore[method-assign]
     with structlog.testing.capture_logs():
-        engine = PolicyEngine(service, [])  # type: ignore[arg-type]
+        engine = PolicyEngine([], actuator)
     engine.enabled = {"batcher": Batcher(actions)}
     return engine, worker
 
@@ -329,7 +332,7 @@ def test_set_batch_is_applied_and_recorded_when_it_changes():
     with structlog.testing.capture_logs():
         engine.notify(Event("tick"))
         engine.notify(Event("tick"))  # the same limit again: not recorded again
-    assert engine.service.slots.limit(worker) == 2
+    assert engine.actuator.service.slots.limit(worker) == 2
     assert [(a["action"], a["target"], a["result"]) for a in engine.actions] == [
         ("set_batch", "m", "done")]
 
@@ -340,7 +343,7 @@ def test_set_batch_with_bad_values_disables_its_policy(values):
     engine, worker = _engine([Action("set_batch", "m", values)])
     with structlog.testing.capture_logs():
         engine.notify(Event("tick"))
-    assert "batcher" in engine.disabled and engine.service.slots.limit(worker) == 4
+    assert "batcher" in engine.disabled and engine.actuator.service.slots.limit(worker) == 4
 
 
 def test_trim_kv_may_name_its_sequence_but_nothing_else_as_text():
@@ -358,8 +361,7 @@ def test_trim_kv_may_name_its_sequence_but_nothing_else_as_text():
 def test_the_policies_see_one_running_request_per_sequence_with_its_cells():
     """Snapshot: WorkerView slots, busy slots and batch limit; RequestView kv_cells. So
     psi-admission's keep_running and priority count sequences, not workers."""
-    from llm_residentd import snapshots
-    from llm_residentd.limits import Limits
+    from llm_residentd.placement.limits import Limits
 
     a, _ = serving_worker(0, slots=4)
     b, _ = serving_worker(1, slots=4)
@@ -371,10 +373,9 @@ def test_the_policies_see_one_running_request_per_sequence_with_its_cells():
     service = SimpleNamespace(
         all_workers=lambda: [a, b], limits={"m": Limits()}, queues={"m": queue},
         cpu=SimpleNamespace(caps={}, view=lambda: None), slots=slots,
-        engine=SimpleNamespace(is_deferred=lambda _id: False))
-    observer = snapshots.Observer(service)  # type: ignore[arg-type]
-    observer._kernel = lambda now: ({}, {}, {})  # type: ignore[method-assign]
-    snap = observer.snapshot()
+        engine=SimpleNamespace(is_deferred=lambda _id: False),
+        observer=SimpleNamespace(kernel=lambda now: ({}, {}, {})))
+    snap = Actuator(service).snapshot()  # type: ignore[arg-type]
     assert [(w.name, w.slots, w.slots_busy, w.batch_limit, w.free_slots)
             for w in snap.workers] == [("m-0", 4, 4, 4, 0), ("m-1", 4, 3, 3, 0)]
     assert [(r.id, r.worker, r.kv_cells) for r in snap.running] == [

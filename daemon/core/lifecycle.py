@@ -1,0 +1,445 @@
+"""Models come and go with the memory the machine really has.
+
+A model loads at start or at its first request (`load`), stays loaded for its keep-alive
+after its last request, and unloads when asked. Before a load, its memory estimate
+(memfit.py) must fit in the room left: idle models are evicted for it, least recently used
+first; when only busy ones could make room, the load waits for them; when nothing could,
+its requests fail with insufficient_memory. Memory pressure unloads idle models early.
+
+Decisions and bookkeeping are here; the Service (Host) starts and stops the workers.
+Every load, unload and eviction is recorded with its reason (`llmctl events`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from ..control import procstats
+from ..placement.limits import parse_bytes
+from ..policies import Action
+from ..wire.durations import describe as describe_duration
+from ..wire.durations import parse_keep_alive
+from ..wire.protocol import ProtocolError
+from . import memfit
+from .config import Config, ModelConfig
+
+if TYPE_CHECKING:
+    from ..control.policyengine import PolicyEngine
+    from ..placement.scopes import Backend
+    from .requests import ModelQueue, Request
+    from .workers import Worker
+
+log = structlog.get_logger()
+ON_DEMAND_KEEP_ALIVE = 300.0  # ollama's default keep-alive
+LOAD_TIMEOUT = 900.0  # a load holds the others back at most this long
+WAIT_POLL_S = 1.0  # a load waiting for busy models looks again at least this often
+
+
+class Host(Protocol):
+    """What the lifecycle needs of the Service."""
+
+    config: Config
+    workers: dict[str, list[Worker]]
+    queues: dict[str, ModelQueue]
+    backend: Backend
+    engine: PolicyEngine
+
+    def new_worker(self, model: ModelConfig, index: int) -> Worker: ...
+    def start_workers(self, workers: list[Worker]) -> None: ...
+    async def retire_workers(self, workers: list[Worker], grace: float,
+                             finish_requests: bool = True) -> None: ...
+    async def model_path(self, model: str) -> Path: ...
+    def stop_request(self, request_id: str, code: str, message: str) -> Request: ...
+    def model_state(self, model: str) -> str: ...
+    def unavailable_reason(self, model: str) -> str: ...
+
+
+@dataclass
+class Life:
+    """One model's place in the lifecycle."""
+
+    name: str
+    state: str = "unloaded"  # unloaded | loading | loaded | unloading
+    keep_alive: float | None = None  # seconds idle before it unloads; None: never
+    asked_keep_alive: bool = False  # a request or `load` set it (until the model unloads)
+    idle_since: float | None = None
+    last_used: float = 0.0
+    load_started: float | None = None
+    loaded_at: float | None = None
+    need: memfit.Need | None = None
+    measured: int | None = None  # what the previous load took when it unloaded: the next
+    # estimate (a worker keeps what it allocated while serving, so this is its peak)
+    waiting: str = ""  # why a load waits
+    task: asyncio.Task | None = None  # the load or unload in progress
+
+
+class Lifecycle:
+    def __init__(self, host: Host, clock: Any = time.monotonic) -> None:
+        self.host = host
+        self.clock = clock
+        self.lives: dict[str, Life] = {}
+        self._lock = asyncio.Lock()  # one load decision at a time: their estimates add up
+        self._changed = asyncio.Event()  # a model unloaded or went idle: waiting loads look
+
+    # -- models configured, loaded at start, forgotten -----------------------------
+
+    def add(self, name: str) -> None:
+        life = self.lives.setdefault(name, Life(name))
+        if not life.asked_keep_alive:
+            life.keep_alive = self._configured_keep_alive(name)
+
+    def begin(self, name: str) -> None:
+        """A model just configured (at start, or added by a reload): load it now if it
+        loads at start."""
+        if self._at_start(name):
+            self._start_load(self.lives[name], "configured to load at start")
+
+    def close(self) -> None:
+        """At shutdown: no load or unload goes on (the service stops every worker)."""
+        for life in self.lives.values():
+            if life.task is not None:
+                life.task.cancel()
+
+    def forget(self, name: str) -> None:
+        life = self.lives.pop(name, None)
+        if life is not None and life.task is not None:
+            life.task.cancel()
+
+    def _at_start(self, name: str) -> bool:
+        model = self.host.config.models.get(name)
+        if model is None:
+            return False
+        first = next(iter(self.host.config.models)) == name
+        return model.load == "at_start" or (model.load == "auto" and first)
+
+    def _configured_keep_alive(self, name: str) -> float | None:
+        model = self.host.config.models.get(name)
+        if model is not None and model.keep_alive:
+            return parse_keep_alive(model.keep_alive)
+        return None if self._at_start(name) else ON_DEMAND_KEEP_ALIVE
+
+    # -- what the service asks ---------------------------------------------------------
+
+    def state(self, name: str) -> str:
+        """unloaded, loading (also while a load waits for its turn), loaded, unloading."""
+        life = self.lives.get(name)
+        if life is None:
+            return "loaded"
+        if life.state == "unloaded" and life.task is not None:
+            return "loading"
+        return life.state
+
+    def loaded(self, name: str) -> bool:
+        """Whether the model's workers should run (loading or loaded)."""
+        return self.state(name) in ("loading", "loaded")
+
+    def workers_wanted(self, model: ModelConfig) -> int:
+        """How many workers the model should have now: none while it is unloaded."""
+        return model.workers if self.loaded(model.name) else 0
+
+    def keep_alive(self, name: str) -> str:
+        """The model's keep-alive now, for people: "forever", "5m"."""
+        return describe_duration(self.lives[name].keep_alive)
+
+    def accepted(self, req: Request, keep_alive: str | None) -> None:
+        """A request was queued, with its own keep_alive or None."""
+        life = self.lives[req.model]
+        self._ask_keep_alive(life, keep_alive)
+        req.cold = life.state != "loaded"
+        if life.state == "loading":
+            req.emit({"event": "loading", "model": req.model})
+
+    def check(self) -> None:
+        """On every event and tick: start loads for queued requests, note models that
+        came up or went idle, unload those past their keep-alive."""
+        now = self.clock()
+        for life in list(self.lives.values()):
+            queue = self.host.queues.get(life.name)
+            if life.state == "unloaded" and queue and life.task is None:
+                self._start_load(life, f"a request is waiting ({len(queue)} queued)")
+            elif life.state == "loading" and self.host.model_state(life.name) == "ready":
+                self._came_up(life, now)
+            elif (life.state == "loading" and life.task is None and not queue
+                  and not self._at_start(life.name)
+                  and self.host.model_state(life.name) == "unavailable"):
+                # Its requests failed with the reason; retrying with nobody waiting would
+                # only burn CPU. The next request loads it again.
+                self._start_unload(life, False, "it failed to load: "
+                                   + self.host.unavailable_reason(life.name), "unload")
+            if life.state != "loaded":
+                continue
+            if self._busy(life.name):
+                life.idle_since, life.last_used = None, now
+            elif life.idle_since is None:
+                life.idle_since = now
+                self._changed.set()
+            elif (life.keep_alive is not None and now - life.idle_since >= life.keep_alive
+                  and life.task is None):
+                self._start_unload(life, False, f"idle for {now - life.idle_since:.1f} s, "
+                                   f"past its keep_alive {describe_duration(life.keep_alive)}",
+                                   "unload")
+
+    def pressure(self, key: str) -> None:
+        """A memory PSI trigger fired: unload the least recently used idle model that has
+        been idle for daemon.pressure_unload_grace and would unload anyway (a keep_alive
+        that is not forever), one per trigger, before the kernel reclaims from busy ones."""
+        # A loaded model with a task is about to unload: one unload per trigger at a time.
+        if not key.endswith("/memory") or any(
+                life.state == "unloading" or (life.state == "loaded" and life.task is not None)
+                for life in self.lives.values()):
+            return
+        grace, now = self.host.config.daemon.pressure_unload_grace, self.clock()
+        idle = [life for life in self._idle() if life.keep_alive is not None
+                and now - (life.idle_since or now) >= grace]
+        if idle:
+            self._start_unload(idle[0], False, f"memory pressure ({key} PSI trigger); idle "
+                               f"{now - (idle[0].idle_since or now):.0f} s", "evict")
+
+    # -- load and unload ----------------------------------------------------------
+
+    def _ask_keep_alive(self, life: Life, keep_alive: str | None) -> None:
+        """A request's or a load's keep_alive holds until the model unloads (as ollama's);
+        the caller checked it with parse_keep_alive."""
+        if keep_alive is not None:
+            life.keep_alive, life.asked_keep_alive = parse_keep_alive(keep_alive), True
+
+    async def load(self, name: str, keep_alive: str | None = None) -> Life:
+        """Load a model now (llmctl load) and wait until it serves; ProtocolError if it
+        cannot (insufficient_memory, model_unavailable)."""
+        life = self.lives[name]
+        self._ask_keep_alive(life, keep_alive)
+        while life.state != "loaded":
+            if self.host.model_state(name) == "unavailable":  # its workers failed to load
+                raise ProtocolError("model_unavailable", self.host.unavailable_reason(name))
+            if life.state == "unloaded" and life.task is None:
+                self._start_load(life, "asked by llmctl load", explicit=True)
+            task = life.task
+            if task is not None:
+                await asyncio.shield(task)  # raises what the load raised
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    continue
+            elif life.state == "loading":
+                await asyncio.sleep(0.05)
+                self.check()
+        life.idle_since = life.idle_since or self.clock()
+        return life
+
+    async def unload(self, name: str, force: bool = False) -> None:
+        """Unload a loaded model (llmctl unload): its running requests finish first, or
+        with force fail with model_unloaded; queued ones wait and load it again."""
+        life = self.lives[name]
+        if life.state == "unloaded":
+            raise ProtocolError("not_loaded", f"model {name!r} is not loaded")
+        while life.state == "loading" and life.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(life.task)
+        if life.state in ("loaded", "loading"):
+            self._start_unload(life, force, "asked by llmctl unload" + (" --force" if force
+                                                                      else ""), "unload")
+        if life.task is not None:
+            await asyncio.shield(life.task)
+
+    def _start_load(self, life: Life, why: str, explicit: bool = False) -> None:
+        life.task = asyncio.get_running_loop().create_task(self._load(life, why, explicit),
+                                                           name=f"load-{life.name}")
+        life.task.add_done_callback(lambda t: self._task_done(life, t))
+
+    def _start_unload(self, life: Life, force: bool, why: str, kind: str) -> None:
+        life.task = asyncio.get_running_loop().create_task(
+            self._unload(life, force, why, kind), name=f"unload-{life.name}")
+        life.task.add_done_callback(lambda t: self._task_done(life, t))
+
+    def _task_done(self, life: Life, task: asyncio.Task) -> None:
+        if life.task is task:
+            life.task = None
+        if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(
+                exc, ProtocolError):
+            log.error("lifecycle_failed", model=life.name, error=f"{type(exc).__name__}: {exc}")
+
+    async def _load(self, life: Life, why: str, explicit: bool) -> None:
+        name, host = life.name, self.host
+        async with self._lock:
+            if life.state != "unloaded" or name not in host.config.models:
+                return
+            life.state, life.load_started = "loading", self.clock()
+            for req in host.queues[name]:
+                req.emit({"event": "loading", "model": name})
+            model = host.config.models[name]
+            try:
+                path = await host.model_path(name)
+            except Exception:  # its workers fail to load it and say why: status unavailable
+                path = None
+            try:
+                life.need = None if path is None else memfit.estimate(path, model, life.measured)
+                victims = [] if life.need is None else await self._make_room(life, explicit)
+            except BaseException as exc:
+                life.state, life.waiting = "unloaded", ""
+                if isinstance(exc, Exception) and not isinstance(exc, ProtocolError):
+                    exc = ProtocolError("model_unavailable", str(exc))
+                if isinstance(exc, ProtocolError):
+                    self._fail_queued(name, exc.code, exc.message)
+                    self._record("load", name, why, {}, f"failed: {exc}")
+                raise exc from None
+            if victims is None:  # nobody waits any more
+                life.state = "unloaded"
+                return
+            workers = [host.new_worker(model, i) for i in range(model.workers)]
+            host.workers[name].extend(workers)
+            host.start_workers(workers)
+            self._record("load", name, why, {"estimate": life.need and life.need.bytes,
+                                             "evicted": [v.name for v in victims]})
+            # Hold the lock until it serves: the next decision then sees its memory.
+            deadline = self.clock() + LOAD_TIMEOUT
+            while host.model_state(name) == "loading" and self.clock() < deadline:
+                await asyncio.sleep(0.05)
+            if life.state == "loading" and host.model_state(name) == "ready":
+                self._came_up(life, self.clock())
+
+    async def _make_room(self, life: Life, explicit: bool) -> list[Life] | None:
+        """Evict idle models until life's estimate fits; wait while only busy ones could
+        make room. None when no request waits for it any more (and nobody asked)."""
+        need = life.need
+        assert need is not None
+        while True:
+            fits, victims, room, possible = self._plan(life)
+            if fits:
+                for victim in victims:
+                    await self._unload(victim, False, f"evicted to make room for {life.name} "
+                                       f"(needs {need.describe()}; {room.describe()} free "
+                                       "without it)", "evict")
+                life.waiting = ""
+                return victims
+            if not possible:
+                raise ProtocolError("insufficient_memory", (
+                    f"model {life.name!r} needs about {need.describe()}, but only "
+                    f"{self._room_without_others(life).describe()} could be free even with every "
+                    "other model unloaded; lower its n_ctx, parallel or workers, or raise "
+                    "daemon.memory_budget or the slice's memory limit"))
+            busy = ", ".join(v.name for v in self._loaded(life) if self._busy(v.name))
+            life.waiting = (f"waiting for memory: needs {need.describe()}, {room.describe()} "
+                            f"free; busy: {busy}")
+            if not explicit and not self.host.queues[life.name]:
+                life.waiting = ""
+                return None
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), WAIT_POLL_S)
+
+    def _plan(self, life: Life) -> tuple[bool, list[Life], memfit.Room, bool]:
+        """(fits, idle models to evict, room after evicting them, could fit at all)."""
+        assert life.need is not None
+        others = self._loaded(life)
+        charges = {o.name: self._charge(o) for o in others}
+        loaded = sum(charges.values())
+        victims: list[Life] = []
+        idle = list(self._idle())
+        room = self._room(loaded, 0)
+        while life.need.bytes > room.bytes and idle:
+            victims.append(idle.pop(0))
+            room = self._room(loaded, sum(charges[v.name] for v in victims))
+        fits = life.need.bytes <= room.bytes
+        possible = fits or life.need.bytes <= self._room(loaded, loaded).bytes
+        return fits, victims if fits else [], room, possible
+
+    def _room_without_others(self, life: Life) -> memfit.Room:
+        loaded = sum(self._charge(o) for o in self._loaded(life))
+        return self._room(loaded, loaded)
+
+    def _room(self, loaded: int, freeable: int) -> memfit.Room:
+        daemon = self.host.config.daemon
+        return memfit.room(loaded, freeable, self.host.backend.parent,
+                           parse_bytes(daemon.memory_budget, "memory_budget"))
+
+    async def _unload(self, life: Life, force: bool, why: str, kind: str) -> None:
+        if life.state not in ("loaded", "loading"):
+            return
+        name, host = life.name, self.host
+        life.state = "unloading"
+        charge = self._measured(name)
+        workers = list(host.workers.get(name, ()))
+        if force:
+            for worker in workers:
+                for req_id in list(worker.running):
+                    host.stop_request(req_id, "model_unloaded", f"model {name!r} was unloaded "
+                                      "(llmctl unload --force)")
+        await host.retire_workers(workers, host.config.daemon.shutdown_grace)
+        for worker in workers:
+            if worker in host.workers.get(name, ()):
+                host.workers[name].remove(worker)
+        life.measured = charge or life.measured
+        life.state, life.idle_since, life.loaded_at = "unloaded", None, None
+        if life.asked_keep_alive:
+            life.asked_keep_alive, life.keep_alive = False, self._configured_keep_alive(name)
+        self._record(kind, name, why, {"memory": charge})
+        self._changed.set()
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _came_up(self, life: Life, now: float) -> None:
+        life.state, life.loaded_at, life.last_used = "loaded", now, now
+        for req in self.host.queues[life.name]:
+            if req.cold and req.load_s is None:
+                req.load_s = now - max(req.accepted_at, life.load_started or now)
+        log.info("model_loaded", model=life.name,
+                 load_s=round(now - (life.load_started or now), 3))
+
+    def _busy(self, name: str) -> bool:
+        return bool(self.host.queues[name]) or any(w.running for w in self.host.workers[name])
+
+    def _loaded(self, but: Life) -> list[Life]:
+        return [o for o in self.lives.values()
+                if o is not but and o.state in ("loading", "loaded", "unloading")]
+
+    def _idle(self) -> Iterator[Life]:
+        """Loaded idle models, least recently used first."""
+        idle = [o for o in self.lives.values()
+                if o.state == "loaded" and not self._busy(o.name) and o.task is None]
+        return iter(sorted(idle, key=lambda o: o.last_used))
+
+    def _charge(self, life: Life) -> int:
+        """What a loaded model takes: the larger of its estimate and its measured memory."""
+        return max(life.need.bytes if life.need else 0, self._measured(life.name))
+
+    def _measured(self, name: str) -> int:
+        """Its workers' memory now: anonymous memory of each, plus the model file's
+        mapped pages once (the workers share them)."""
+        parts = [p for w in self.host.workers.get(name, ())
+                 if w.pid is not None and (p := procstats.rss_parts(w.pid)) is not None]
+        return sum(a for a, _ in parts) + max((f for _, f in parts), default=0)
+
+    def _fail_queued(self, name: str, code: str, message: str) -> None:
+        for req in list(self.host.queues[name]):
+            self.host.stop_request(req.id, code, message)
+
+    def _record(self, kind: str, name: str, why: str, values: dict[str, Any],
+                result: str = "done") -> None:
+        self.host.engine.record("lifecycle", Action(kind, name, values, why), result)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """For status and ps."""
+        life, now = self.lives[name], self.clock()
+        unload_in = None
+        if life.state == "loaded" and life.keep_alive is not None:
+            idle_for = now - life.idle_since if life.idle_since is not None else 0.0
+            unload_in = max(0.0, life.keep_alive - idle_for)
+        return {
+            "loaded": self.state(name),
+            "keep_alive": self.keep_alive(name),
+            "keep_alive_s": life.keep_alive,
+            "idle_s": None if life.idle_since is None else round(now - life.idle_since, 3),
+            "unload_in_s": None if unload_in is None else round(unload_in, 3),
+            "loaded_s": None if life.loaded_at is None else round(now - life.loaded_at, 3),
+            "memory_bytes": self._measured(name) if life.state != "unloaded" else None,
+            "estimate_bytes": life.need.bytes if life.need else None,
+            "estimate": life.need.describe() if life.need else None,
+            "waiting": life.waiting or None,
+        }
+

@@ -1,0 +1,153 @@
+"""submit: queue a prompt for a model and stream its tokens back.
+
+Access: any peer; the request belongs to the peer's uid.
+
+Request: {"op": "submit", "prompt": "...", "model": "smollm2", "max_tokens": 64, ...}
+     or: {"op": "submit", "messages": [{"role": "user", "content": "..."}], ...}
+Reply:   {"request": "r7", "model": "smollm2", "position": 0}  (accepted)
+Then events with the same id: {"event": "token", "text": "..."} for each piece of text,
+and exactly one of {"event": "done", "stats": {...}} or {"event": "error", "error": {...}}.
+A request refused before acceptance gets an error reply and no events.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ...core.config import ADAPTER_NAME_MAX
+from ...core.requests import Request, Sink
+from ...wire.durations import parse_keep_alive
+from ...wire.protocol import ProtocolError
+from .. import views
+from . import Context, Op, Param, register
+
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05,
+                     "repeat_penalty": 1.0, "seed": -1, "raw": False, "ignore_eos": False}
+# What the worker gets besides the sampling values, when the request has them.
+OUTPUT_FIELDS = ("messages", "stop", "json_schema", "grammar", "adapter", "adapter_scale")
+MAX_ADAPTER_SCALE = 4.0  # llama.cpp takes any scale; past a few the adapter swamps the model
+ROLES = ("system", "user", "assistant")
+MAX_STOPS, MAX_STOP_CHARS = 8, 200
+
+
+def _message(msg: dict[str, Any]) -> None:
+    """One chat message: exactly a role and a string content."""
+    extra = sorted(set(msg) - {"role", "content"})
+    if extra:
+        raise ValueError(f"a message has only role and content, not {', '.join(extra)}")
+    if msg.get("role") not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {msg.get('role')!r}")
+    if not isinstance(msg.get("content"), str):
+        raise ValueError("content must be a string")
+
+
+def _conversation(messages: list[dict[str, Any]]) -> None:
+    """A conversation the model can answer: a user message in it, and the last message
+    from the user (the answer follows) or the assistant (the answer continues its text)."""
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError("there must be a user message")
+    if messages[-1]["role"] == "system":
+        raise ValueError("the last message must be from user or assistant, not system")
+
+
+def _json_value(schema: dict[str, Any]) -> None:
+    try:
+        json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not a JSON value ({exc})") from None
+
+
+@register
+class Submit(Op):
+    name = "submit"
+    params = {
+        "prompt": Param(str, "the prompt text; exactly one of prompt and messages", min=1),
+        "messages": Param(list, "the conversation, rendered with the model's chat template: "
+                          "maps {role: system, user or assistant, content: string}; the "
+                          "last is user, or assistant to continue its text", min=1,
+                          items=Param(dict, "a message", valid=_message), valid=_conversation),
+        "model": Param(str, "model name; default: the first configured model", max=200),
+        "max_tokens": Param(int, "most tokens to generate; 1 to the model's n_ctx", min=1),
+        "priority": Param(int, "higher runs first; FIFO within a priority", min=-1000, max=1000),
+        "timeout": Param(float, "seconds from acceptance until the request fails with timeout",
+                         min=0.001, max=86400),
+        "temperature": Param(float, "sampling temperature; 0 is greedy", min=0, max=10),
+        "top_p": Param(float, "nucleus sampling", min=0, max=1),
+        "top_k": Param(int, "top-k sampling; 0 disables", min=0, max=100000),
+        "min_p": Param(float, "min-p sampling", min=0, max=1),
+        "repeat_penalty": Param(float, "repetition penalty; 1 disables", min=0, max=10),
+        "seed": Param(int, "sampling seed; -1 keeps the worker's", min=-1, max=2**31 - 1),
+        "raw": Param(bool, "send the prompt as is, without the model's chat template"),
+        "ignore_eos": Param(bool, "keep generating past end-of-sequence (benchmarks)"),
+        "stop": Param(list, "stop when the text contains one of these; it is not returned",
+                      max=MAX_STOPS, items=Param(str, "a stop string", min=1,
+                                                 max=MAX_STOP_CHARS)),
+        "json_schema": Param(dict, "constrain the text to JSON matching this JSON Schema; "
+                             "{} is any JSON value", valid=_json_value),
+        "grammar": Param(str, "constrain the text to this GBNF grammar (llama.cpp)", min=1),
+        "adapter": Param(str, "a LoRA adapter of the model (models.NAME.adapters), applied "
+                         "to this request only", min=1, max=ADAPTER_NAME_MAX),
+        "adapter_scale": Param(float, "how strongly the adapter applies; 0 is the base "
+                               "model; default 1 (with adapter only)", min=0,
+                               max=MAX_ADAPTER_SCALE),
+        "keep_alive": Param(str, "how long the model stays loaded after this request: 30s, "
+                            "5m, 1h, 0 (unload when done), -1 (forever); it holds until the "
+                            "model unloads", max=32, valid=parse_keep_alive),
+    }
+
+    def execute(self, ctx: Context, args: dict[str, Any]) -> None:
+        req, position = accept(ctx.service, args, ctx.uid, sink=None)
+        ctx.send({"ok": True, "request": req.id, "model": req.model, "position": position})
+        ctx.track(req)
+        return None
+
+
+def check_combination(args: dict[str, Any]) -> None:
+    """What the fields cannot be together; raises bad_request."""
+    if ("prompt" in args) == ("messages" in args):
+        raise ProtocolError("bad_request", "submit needs exactly one of 'prompt' and "
+                            "'messages'")
+    if "messages" in args and args.get("raw"):
+        raise ProtocolError("bad_request", "raw applies to a prompt: messages are always "
+                            "rendered with the model's chat template")
+    if "json_schema" in args and "grammar" in args:
+        raise ProtocolError("bad_request", "give json_schema or grammar, not both")
+    if args.get("ignore_eos") and ("json_schema" in args or "grammar" in args):
+        raise ProtocolError("bad_request", "ignore_eos cannot go with json_schema or grammar: "
+                            "a complete answer ends with end-of-sequence")
+    if "adapter_scale" in args and "adapter" not in args:
+        raise ProtocolError("bad_request", "adapter_scale needs adapter")
+
+
+def check_adapter(service: Any, model: str, adapters: dict[str, str], name: str) -> None:
+    """A request's adapter must be one the model lists, and not one its workers failed to
+    load (a worker not loaded yet refuses the request itself, with the same reason)."""
+    if name not in adapters:
+        known = ", ".join(sorted(adapters)) if adapters else "none"
+        raise ProtocolError("bad_request", f"model {model!r} has no adapter {name!r} "
+                            f"(its adapters: {known})")
+    why = views.adapter_error(service.workers.get(model, []), name)
+    if why:
+        raise ProtocolError("bad_request", f"adapter {name!r} of model {model!r} failed to "
+                            f"load: {why}")
+
+
+def accept(service: Any, args: dict[str, Any], uid: int, sink: Sink | None,
+           ) -> tuple[Request, int]:
+    """Queue a submit whose fields ops.validate() checked; returns the request and its
+    queue position. Every front end (this op, HTTP) goes through here."""
+    check_combination(args)
+    model = args.get("model") or next(iter(service.config.models))
+    cfg = service.config.models.get(model)
+    max_tokens = args.get("max_tokens", min(cfg.max_tokens, cfg.n_ctx) if cfg else 1)
+    if cfg is not None and max_tokens > cfg.n_ctx:
+        raise ProtocolError("bad_request", f"max_tokens must be at most {cfg.n_ctx}, "
+                            f"the context of model {model!r}")
+    if cfg is not None and "adapter" in args:
+        check_adapter(service, model, cfg.adapters, args["adapter"])
+    params = {k: args.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
+    params["max_tokens"] = max_tokens
+    params.update({k: args[k] for k in OUTPUT_FIELDS if k in args})
+    return service.submit(model, args.get("prompt", ""), params, args.get("priority", 0),
+                          args.get("timeout"), uid, sink=sink, keep_alive=args.get("keep_alive"))

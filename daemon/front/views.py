@@ -1,0 +1,110 @@
+"""What the status and models ops show: read-only views of a running Service."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..control import psi
+from ..wire.protocol import PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from ..core.service import Service
+    from ..core.workers import Worker
+
+
+def model_state(service: Service, name: str) -> str:
+    """As Service.model_state, and "draining" for a model a reload removed that still
+    finishes its requests."""
+    return "draining" if name not in service.config.models else service.model_state(name)
+
+
+def status(service: Service) -> dict[str, Any]:
+    return {
+        "daemon": {
+            "version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - service.started_at, 3),
+            "socket": str(service.socket_path), "config": service.config.source,
+            "backend": service.backend.name, "stopping": service.stopping,
+            "reload": service.reloader.last if service.reloader else None,
+        },
+        "workers": [_describe_worker(service, w) for w in service.all_workers()],
+        "pressure": {
+            "system": psi.system_pressure(),
+            "outside": service.observer.outside(),
+            "triggers": dict(service.psi.counts) if service.psi else {},
+            "recent": list(service.pressure_events)[-20:],
+        },
+        "cpu": service.cpu.describe(),
+        "models": {
+            name: {
+                "state": model_state(service, name),
+                "queue_depth": len(queue), "max_queue": queue.limit,
+                "running": sum(len(w.running) for w in service.workers[name]),
+                "slots": sum(w.slots for w in service.workers[name] if w.state in ("idle", "busy")),
+                "queued": [r.id for r in queue.ordered(service.engine.rank)],
+                **service.lifecycle.describe(name),
+                **service.metrics[name].snapshot(),
+            }
+            for name, queue in service.queues.items()
+        },
+    }
+
+
+def _describe_worker(service: Service, worker: Worker) -> dict[str, Any]:
+    out = worker.describe()
+    out["batch_limit"] = service.slots.limit(worker)
+    out["backend"] = service.backend.name
+    out["limits"] = service.limits[worker.model.name].describe()
+    out["cgroup"] = service.observer.cgroup_stats(worker.scope.cgroup if worker.scope else None)
+    counts = service.psi.counts if service.psi else {}
+    out["pressure_events"] = sum(counts.get(f"{worker.name}/{r}", 0) for r in psi.RESOURCES)
+    return out
+
+
+def models(service: Service) -> list[dict[str, Any]]:
+    """The configured models in config order (the first is the default), then those a
+    reload removed that are still draining."""
+    out = []
+    # A removed model drains with its workers' config; one with no worker left is gone.
+    draining = [n for n, ws in service.workers.items() if n not in service.config.models and ws]
+    for name in [*service.config.models, *draining]:
+        workers = service.workers[name]
+        cfg = service.config.models.get(name) or workers[0].model
+        out.append({
+            "name": name, "state": model_state(service, name),
+            "source": cfg.package or cfg.path,
+            "path": str(service.paths[name]) if name in service.paths else None,
+            "workers": cfg.workers, "parallel": cfg.parallel, "n_ctx": cfg.n_ctx,
+            "max_tokens": cfg.max_tokens, "load": cfg.load,
+            "keep_alive": service.lifecycle.keep_alive(name),
+            "adapters": _adapters(cfg.adapters, workers),
+            "error": service.unavailable_reason(name) or None,
+        })
+    return out
+
+
+def loaded_model(service: Service, name: str) -> dict[str, Any]:
+    """A model in memory, for ps and load."""
+    workers = service.workers[name]
+    return {
+        "name": name, "state": model_state(service, name),
+        **service.lifecycle.describe(name),
+        "workers": len(workers), "pids": [w.pid for w in workers if w.pid is not None],
+        "slots": sum(w.slots for w in workers if w.serving),
+        "slots_busy": sum(len(w.running) for w in workers),
+    }
+
+
+def _adapters(adapters: dict[str, str], workers: list[Worker]) -> dict[str, dict[str, Any]]:
+    """Each LoRA adapter's file, and why it failed to load if a worker said so."""
+    return {name: {"path": path, "error": adapter_error(workers, name)}
+            for name, path in adapters.items()}
+
+
+def adapter_error(workers: list[Worker], name: str) -> str | None:
+    """Why llama.cpp refused adapter `name`, if a worker of the model said so (they all
+    load the same file, so one says it for all)."""
+    return next((w.adapter_errors[name] for w in workers if name in w.adapter_errors), None)
