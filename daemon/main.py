@@ -20,6 +20,7 @@ from . import __version__, logs, notify
 from .core import config, modelsource
 from .core.reload import Reloader
 from .core.service import Service
+from .core.wiring import build
 from .front.server import Server, activated_sockets
 from .paths import SOCKET_ENV, default_http_socket, default_socket, default_state_dir
 from .placement.scopes import ScopeError
@@ -81,7 +82,7 @@ def _raise_fd_limit() -> None:
 
 def status_line(service: Service) -> str:
     """STATUS= for systemd: each model's state."""
-    return "models: " + ", ".join(f"{m} {service.model_state(m)}" for m in service.config.models)
+    return "models: " + ", ".join(f"{m} {service.models[m].state()}" for m in service.config.models)
 
 
 async def _report_to_systemd(service: Service) -> None:
@@ -153,7 +154,7 @@ async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None 
     loop.add_signal_handler(signal.SIGHUP, hups.set)  # handled once the service runs
     if _early_hup:
         hups.set()
-    service = Service(cfg, socket_path)
+    service = build(cfg, socket_path)
     reloader = Reloader(service, load or (lambda: cfg), lambda: status_line(service))
     server = Server(service, socket_path, sock)
     http_path = http_socket_path(cfg, socket_path)

@@ -5,30 +5,37 @@ actions carried out on workers and slots. control/policyengine.py decides; this 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from ..control.observer import pressures
+from ..control.cpumonitor import CpuMonitor
+from ..control.observer import Observer, pressures
 from ..policies import Snapshot
 from ..policies.base import RequestView, WorkerView
+from .fleet import Fleet
+from .models import Models
 from .requests import Request
-
-if TYPE_CHECKING:
-    from .service import Service
+from .slots import Slots
 
 
 class Actuator:
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    def __init__(self, models: Models, slots: Slots, fleet: Fleet, observer: Observer,
+                 cpu: CpuMonitor, deferred: Callable[[str], bool]) -> None:
+        self.models = models
+        self.slots = slots
+        self.fleet = fleet
+        self.observer = observer
+        self.cpu = cpu
+        self.deferred = deferred  # the engine's admission: whether a request is held back
 
     def snapshot(self) -> Snapshot:
-        s = self.service
         now = time.monotonic()
-        system, outside, cgroups = s.observer.kernel(now)
+        system, outside, cgroups = self.observer.kernel(now)
         workers = []
-        for w in s.all_workers():
+        for w in self.models.workers():
             stats = cgroups.get(w.name, {})
-            limits = s.limits[w.model.name]
-            cap = s.cpu.caps.get(w.name)
+            limits = self.models[w.model.name].limits
+            cap = self.cpu.caps.get(w.name)
             workers.append(WorkerView(
                 name=w.name, model=w.model.name, state=w.state, threads=w.threads,
                 cpu=limits.cpu, memory_high=limits.memory_high,
@@ -37,32 +44,32 @@ class Actuator:
                 n_ctx=w.n_ctx, n_ctx_max=w.model.n_ctx, threads_asked=w.threads_asked,
                 threads_pinned=bool(w.model.threads),
                 allowed_cpus=cap.allowed if cap else 0, quota=cap.quota if cap else None,
-                slots=w.slots, slots_busy=len(w.running), batch_limit=s.slots.limit(w)))
-        queued = tuple(_view(r, now, deferred=s.engine.is_deferred(r.id))
-                       for q in s.queues.values() for r in q)
+                slots=w.slots, slots_busy=len(w.running), batch_limit=self.slots.limit(w)))
+        queued = tuple(_view(r, now, deferred=self.deferred(r.id))
+                       for model in self.models for r in model.queue)
         running = tuple(_view(r, now, w.name, kv_cells=w.batch.cells.get(r.id, 0))
-                        for w in s.all_workers() for r in w.running.values())
+                        for w in self.models.workers() for r in w.running.values())
         return Snapshot(now=now, system=system, workers=tuple(workers), queued=queued,
-                        running=running, outside=outside, cpu=s.cpu.view())
+                        running=running, outside=outside, cpu=self.cpu.view())
 
     def set_threads(self, worker: str, threads: int, why: str) -> str:
-        found = next((w for w in self.service.all_workers() if w.name == worker), None)
+        found = self.models.worker(worker)
         if found is None:
             return "no such worker"
         found.set_threads(threads, why)
         return "done"
 
     async def set_limits(self, model: str, **changes: Any) -> dict[str, Any]:
-        return await self.service.set_limits(model, **changes)
+        return await self.fleet.set_limits(model, **changes)
 
     def preempt(self, request_id: str, state_min_tokens: int) -> str:
-        return self.service.slots.preempt(request_id, state_min_tokens)
+        return self.slots.preempt(request_id, state_min_tokens)
 
     def set_batch(self, target: str, sequences: int) -> str:
-        return self.service.slots.set_batch(target, sequences)
+        return self.slots.set_batch(target, sequences)
 
     def kv_op(self, worker: str, kind: str, values: dict[str, Any]) -> str:
-        return self.service.slots.kv_op(worker, kind, values)
+        return self.slots.kv_op(worker, kind, values)
 
 
 def _view(req: Request, now: float, worker: str = "", deferred: bool = False,

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,12 +29,13 @@ from ..wire.durations import parse_keep_alive
 from ..wire.protocol import ProtocolError
 from . import memfit
 from .config import Config, ModelConfig
+from .models import Life, Models
 
 if TYPE_CHECKING:
     from ..control.policyengine import PolicyEngine
     from ..placement.scopes import Backend
-    from .requests import ModelQueue, Request
-    from .workers import Worker
+    from .fleet import Fleet
+    from .requests import Request
 
 log = structlog.get_logger()
 ON_DEMAND_KEEP_ALIVE = 300.0  # ollama's default keep-alive
@@ -47,52 +47,29 @@ class Host(Protocol):
     """What the lifecycle needs of the Service."""
 
     config: Config
-    workers: dict[str, list[Worker]]
-    queues: dict[str, ModelQueue]
+    fleet: Fleet
     backend: Backend
     engine: PolicyEngine
 
-    def new_worker(self, model: ModelConfig, index: int) -> Worker: ...
-    def start_workers(self, workers: list[Worker]) -> None: ...
-    async def retire_workers(self, workers: list[Worker], grace: float,
-                             finish_requests: bool = True) -> None: ...
     async def model_path(self, model: str) -> Path: ...
     def stop_request(self, request_id: str, code: str, message: str) -> Request: ...
-    def model_state(self, model: str) -> str: ...
-    def unavailable_reason(self, model: str) -> str: ...
-
-
-@dataclass
-class Life:
-    """One model's place in the lifecycle."""
-
-    name: str
-    state: str = "unloaded"  # unloaded | loading | loaded | unloading
-    keep_alive: float | None = None  # seconds idle before it unloads; None: never
-    asked_keep_alive: bool = False  # a request or `load` set it (until the model unloads)
-    idle_since: float | None = None
-    last_used: float = 0.0
-    load_started: float | None = None
-    loaded_at: float | None = None
-    need: memfit.Need | None = None
-    measured: int | None = None  # what the previous load took when it unloaded: the next
-    # estimate (a worker keeps what it allocated while serving, so this is its peak)
-    waiting: str = ""  # why a load waits
-    task: asyncio.Task | None = None  # the load or unload in progress
 
 
 class Lifecycle:
-    def __init__(self, host: Host, clock: Any = time.monotonic) -> None:
+    def __init__(self, host: Host, models: Models, clock: Any = time.monotonic) -> None:
         self.host = host
+        self.models = models
         self.clock = clock
-        self.lives: dict[str, Life] = {}
         self._lock = asyncio.Lock()  # one load decision at a time: their estimates add up
         self._changed = asyncio.Event()  # a model unloaded or went idle: waiting loads look
+        for model in models:
+            self.add(model.name)
 
     # -- models configured, loaded at start, forgotten -----------------------------
 
     def add(self, name: str) -> None:
-        life = self.lives.setdefault(name, Life(name))
+        """A model configured (at start, by a reload, or again): its keep-alive."""
+        life = self.models[name].life
         if not life.asked_keep_alive:
             life.keep_alive = self._configured_keep_alive(name)
 
@@ -100,18 +77,13 @@ class Lifecycle:
         """A model just configured (at start, or added by a reload): load it now if it
         loads at start."""
         if self._at_start(name):
-            self._start_load(self.lives[name], "configured to load at start")
+            self._start_load(self.models[name].life, "configured to load at start")
 
     def close(self) -> None:
         """At shutdown: no load or unload goes on (the service stops every worker)."""
-        for life in self.lives.values():
-            if life.task is not None:
-                life.task.cancel()
-
-    def forget(self, name: str) -> None:
-        life = self.lives.pop(name, None)
-        if life is not None and life.task is not None:
-            life.task.cancel()
+        for model in self.models:
+            if model.life.task is not None:
+                model.life.task.cancel()
 
     def _at_start(self, name: str) -> bool:
         model = self.host.config.models.get(name)
@@ -128,18 +100,9 @@ class Lifecycle:
 
     # -- what the service asks ---------------------------------------------------------
 
-    def state(self, name: str) -> str:
-        """unloaded, loading (also while a load waits for its turn), loaded, unloading."""
-        life = self.lives.get(name)
-        if life is None:
-            return "loaded"
-        if life.state == "unloaded" and life.task is not None:
-            return "loading"
-        return life.state
-
     def loaded(self, name: str) -> bool:
         """Whether the model's workers should run (loading or loaded)."""
-        return self.state(name) in ("loading", "loaded")
+        return self.models[name].life.phase in ("loading", "loaded")
 
     def workers_wanted(self, model: ModelConfig) -> int:
         """How many workers the model should have now: none while it is unloaded."""
@@ -147,11 +110,11 @@ class Lifecycle:
 
     def keep_alive(self, name: str) -> str:
         """The model's keep-alive now, for people: "forever", "5m"."""
-        return describe_duration(self.lives[name].keep_alive)
+        return describe_duration(self.models[name].life.keep_alive)
 
     def accepted(self, req: Request, keep_alive: str | None) -> None:
         """A request was queued, with its own keep_alive or None."""
-        life = self.lives[req.model]
+        life = self.models[req.model].life
         self._ask_keep_alive(life, keep_alive)
         req.cold = life.state != "loaded"
         if life.state == "loading":
@@ -161,22 +124,21 @@ class Lifecycle:
         """On every event and tick: start loads for queued requests, note models that
         came up or went idle, unload those past their keep-alive."""
         now = self.clock()
-        for life in list(self.lives.values()):
-            queue = self.host.queues.get(life.name)
+        for model in self.models:
+            life, queue = model.life, model.queue
             if life.state == "unloaded" and queue and life.task is None:
                 self._start_load(life, f"a request is waiting ({len(queue)} queued)")
-            elif life.state == "loading" and self.host.model_state(life.name) == "ready":
+            elif life.state == "loading" and model.state() == "ready":
                 self._came_up(life, now)
             elif (life.state == "loading" and life.task is None and not queue
-                  and not self._at_start(life.name)
-                  and self.host.model_state(life.name) == "unavailable"):
+                  and not self._at_start(life.name) and model.state() == "unavailable"):
                 # Its requests failed with the reason; retrying with nobody waiting would
                 # only burn CPU. The next request loads it again.
                 self._start_unload(life, False, "it failed to load: "
-                                   + self.host.unavailable_reason(life.name), "unload")
+                                   + model.unavailable_reason(), "unload")
             if life.state != "loaded":
                 continue
-            if self._busy(life.name):
+            if model.busy():
                 life.idle_since, life.last_used = None, now
             elif life.idle_since is None:
                 life.idle_since = now
@@ -194,7 +156,7 @@ class Lifecycle:
         # A loaded model with a task is about to unload: one unload per trigger at a time.
         if not key.endswith("/memory") or any(
                 life.state == "unloading" or (life.state == "loaded" and life.task is not None)
-                for life in self.lives.values()):
+                for life in self._lives()):
             return
         grace, now = self.host.config.daemon.pressure_unload_grace, self.clock()
         idle = [life for life in self._idle() if life.keep_alive is not None
@@ -214,11 +176,12 @@ class Lifecycle:
     async def load(self, name: str, keep_alive: str | None = None) -> Life:
         """Load a model now (llmctl load) and wait until it serves; ProtocolError if it
         cannot (insufficient_memory, model_unavailable)."""
-        life = self.lives[name]
+        model = self.models[name]
+        life = model.life
         self._ask_keep_alive(life, keep_alive)
         while life.state != "loaded":
-            if self.host.model_state(name) == "unavailable":  # its workers failed to load
-                raise ProtocolError("model_unavailable", self.host.unavailable_reason(name))
+            if model.state() == "unavailable":  # its workers failed to load
+                raise ProtocolError("model_unavailable", model.unavailable_reason())
             if life.state == "unloaded" and life.task is None:
                 self._start_load(life, "asked by llmctl load", explicit=True)
             task = life.task
@@ -235,7 +198,7 @@ class Lifecycle:
     async def unload(self, name: str, force: bool = False) -> None:
         """Unload a loaded model (llmctl unload): its running requests finish first, or
         with force fail with model_unloaded; queued ones wait and load it again."""
-        life = self.lives[name]
+        life = self.models[name].life
         if life.state == "unloaded":
             raise ProtocolError("not_loaded", f"model {name!r} is not loaded")
         while life.state == "loading" and life.task is not None:
@@ -269,8 +232,9 @@ class Lifecycle:
         async with self._lock:
             if life.state != "unloaded" or name not in host.config.models:
                 return
+            target = self.models[name]
             life.state, life.load_started = "loading", self.clock()
-            for req in host.queues[name]:
+            for req in target.queue:
                 req.emit({"event": "loading", "model": name})
             model = host.config.models[name]
             try:
@@ -291,16 +255,16 @@ class Lifecycle:
             if victims is None:  # nobody waits any more
                 life.state = "unloaded"
                 return
-            workers = [host.new_worker(model, i) for i in range(model.workers)]
-            host.workers[name].extend(workers)
-            host.start_workers(workers)
+            workers = [host.fleet.new_worker(model, i, host) for i in range(model.workers)]
+            target.workers.extend(workers)
+            host.fleet.start(workers)
             self._record("load", name, why, {"estimate": life.need and life.need.bytes,
                                              "evicted": [v.name for v in victims]})
             # Hold the lock until it serves: the next decision then sees its memory.
             deadline = self.clock() + LOAD_TIMEOUT
-            while host.model_state(name) == "loading" and self.clock() < deadline:
+            while target.state() == "loading" and self.clock() < deadline:
                 await asyncio.sleep(0.05)
-            if life.state == "loading" and host.model_state(name) == "ready":
+            if life.state == "loading" and target.state() == "ready":
                 self._came_up(life, self.clock())
 
     async def _make_room(self, life: Life, explicit: bool) -> list[Life] | None:
@@ -323,10 +287,10 @@ class Lifecycle:
                     f"{self._room_without_others(life).describe()} could be free even with every "
                     "other model unloaded; lower its n_ctx, parallel or workers, or raise "
                     "daemon.memory_budget or the slice's memory limit"))
-            busy = ", ".join(v.name for v in self._loaded(life) if self._busy(v.name))
+            busy = ", ".join(v.name for v in self._loaded(life) if self._busy(v))
             life.waiting = (f"waiting for memory: needs {need.describe()}, {room.describe()} "
                             f"free; busy: {busy}")
-            if not explicit and not self.host.queues[life.name]:
+            if not explicit and not self.models[life.name].queue:
                 life.waiting = ""
                 return None
             self._changed.clear()
@@ -364,16 +328,17 @@ class Lifecycle:
         name, host = life.name, self.host
         life.state = "unloading"
         charge = self._measured(name)
-        workers = list(host.workers.get(name, ()))
+        model = self.models[name]
+        workers = list(model.workers)
         if force:
             for worker in workers:
                 for req_id in list(worker.running):
                     host.stop_request(req_id, "model_unloaded", f"model {name!r} was unloaded "
                                       "(llmctl unload --force)")
-        await host.retire_workers(workers, host.config.daemon.shutdown_grace)
+        await host.fleet.retire(workers, host.config.daemon.shutdown_grace)
         for worker in workers:
-            if worker in host.workers.get(name, ()):
-                host.workers[name].remove(worker)
+            if worker in model.workers:
+                model.workers.remove(worker)
         life.measured = charge or life.measured
         life.state, life.idle_since, life.loaded_at = "unloaded", None, None
         if life.asked_keep_alive:
@@ -385,23 +350,26 @@ class Lifecycle:
 
     def _came_up(self, life: Life, now: float) -> None:
         life.state, life.loaded_at, life.last_used = "loaded", now, now
-        for req in self.host.queues[life.name]:
+        for req in self.models[life.name].queue:
             if req.cold and req.load_s is None:
                 req.load_s = now - max(req.accepted_at, life.load_started or now)
         log.info("model_loaded", model=life.name,
                  load_s=round(now - (life.load_started or now), 3))
 
-    def _busy(self, name: str) -> bool:
-        return bool(self.host.queues[name]) or any(w.running for w in self.host.workers[name])
+    def _lives(self) -> list[Life]:
+        return [model.life for model in self.models]
+
+    def _busy(self, life: Life) -> bool:
+        return self.models[life.name].busy()
 
     def _loaded(self, but: Life) -> list[Life]:
-        return [o for o in self.lives.values()
+        return [o for o in self._lives()
                 if o is not but and o.state in ("loading", "loaded", "unloading")]
 
     def _idle(self) -> Iterator[Life]:
         """Loaded idle models, least recently used first."""
-        idle = [o for o in self.lives.values()
-                if o.state == "loaded" and not self._busy(o.name) and o.task is None]
+        idle = [o for o in self._lives()
+                if o.state == "loaded" and not self._busy(o) and o.task is None]
         return iter(sorted(idle, key=lambda o: o.last_used))
 
     def _charge(self, life: Life) -> int:
@@ -411,12 +379,12 @@ class Lifecycle:
     def _measured(self, name: str) -> int:
         """Its workers' memory now: anonymous memory of each, plus the model file's
         mapped pages once (the workers share them)."""
-        parts = [p for w in self.host.workers.get(name, ())
+        parts = [p for w in self.models[name].workers
                  if w.pid is not None and (p := procstats.rss_parts(w.pid)) is not None]
         return sum(a for a, _ in parts) + max((f for _, f in parts), default=0)
 
     def _fail_queued(self, name: str, code: str, message: str) -> None:
-        for req in list(self.host.queues[name]):
+        for req in list(self.models[name].queue):
             self.host.stop_request(req.id, code, message)
 
     def _record(self, kind: str, name: str, why: str, values: dict[str, Any],
@@ -425,13 +393,13 @@ class Lifecycle:
 
     def describe(self, name: str) -> dict[str, Any]:
         """For status and ps."""
-        life, now = self.lives[name], self.clock()
+        life, now = self.models[name].life, self.clock()
         unload_in = None
         if life.state == "loaded" and life.keep_alive is not None:
             idle_for = now - life.idle_since if life.idle_since is not None else 0.0
             unload_in = max(0.0, life.keep_alive - idle_for)
         return {
-            "loaded": self.state(name),
+            "loaded": life.phase,
             "keep_alive": self.keep_alive(name),
             "keep_alive_s": life.keep_alive,
             "idle_s": None if life.idle_since is None else round(now - life.idle_since, 3),

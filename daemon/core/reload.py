@@ -140,8 +140,9 @@ def _notify_reloading() -> None:
 
 
 class Reloader:
-    """Reload the config through `load` and apply it to `service` (Service's model methods:
-    add_model, new_worker, start_workers, retire_workers, drop_model, set_limits)."""
+    """Reload the config through `load` and apply it to `service`: its models (added,
+    retuned, restarted, drained and dropped), their workers (through the fleet) and the
+    policies."""
 
     def __init__(self, service: Service, load: Callable[[], Config],
                  status: Callable[[], str] = lambda: "") -> None:
@@ -220,20 +221,22 @@ class Reloader:
                                                    if n != name})
             await self._apply(new, diff(old, new))
             self.overlay.remove(name)
-            return len(self.service.queues[name]) + sum(
-                len(w.running) for w in self.service.workers[name])
+            model = self.service.models[name]
+            return len(model.queue) + model.running
 
     async def _apply(self, new: Config, d: Diff) -> list[str]:
         """Make `new` the running config; the errors of what could not be applied."""
         service = self.service
         service.config = new  # from here submits see the new set of models
+        for model in service.models:  # a removed one drains with the config it had
+            model.config = new.models.get(model.name, model.config)
         for name in d.added:
-            if name in service.workers:  # removed by an earlier reload and still draining
-                service.queues[name].bound(new.models[name])
-                service.limits[name] = limits_of(new.models[name])
+            if (model := service.models.get(name)) is not None:  # removed earlier, draining
+                model.reconfigure(new.models[name])
                 self._reconcile(name)
             else:
-                service.add_model(new.models[name])
+                service.models.add(new.models[name])
+                service.lifecycle.add(name)
                 service.lifecycle.begin(name)
         for name in (*d.removed, *d.restarted):
             self._reconcile(name)
@@ -243,10 +246,10 @@ class Reloader:
         """Live model settings: queue bounds, limits (into the running scopes)."""
         errors = []
         for name, fields in d.retuned.items():
-            cfg = new.models[name]
-            self.service.queues[name].bound(cfg)
+            cfg, model = new.models[name], self.service.models[name]
+            model.queue.bound(cfg)
             self.service.lifecycle.add(name)  # a new keep_alive, unless a request set one
-            for worker in self.service.workers[name]:
+            for worker in model.workers:
                 if not needs_restart(worker.model, cfg):
                     worker.model = cfg
             limits = limits_of(cfg)
@@ -254,7 +257,7 @@ class Reloader:
             if not changes:
                 continue
             try:
-                await self.service.set_limits(name, **changes)
+                await self.service.fleet.set_limits(name, **changes)
             except ProtocolError as exc:
                 errors.append(f"models.{name}: limits not applied: {exc}")
                 log.error("reload_limits_failed", model=name, error=str(exc))
@@ -314,26 +317,26 @@ class Reloader:
             log.exception("reload_model_failed", model=name)
 
     def _drained(self, name: str) -> bool:
-        return (not self.service.queues[name]
-                and not any(w.running for w in self.service.workers[name]))
+        return not self.service.models[name].busy()
 
     async def _drop(self, name: str) -> bool:
         """Stop a drained model's workers and forget it; False if a reload added it back
         meanwhile (its workers are then started anew by _restart)."""
         service = self.service
-        workers = service.workers[name]
-        await service.retire_workers(list(workers), service.config.daemon.shutdown_grace)
+        model = service.models[name]
+        await service.fleet.retire(list(model.workers), service.config.daemon.shutdown_grace)
         if name in service.config.models:
-            workers.clear()
+            model.workers.clear()
             return False
-        service.drop_model(name)
+        service.models.drop(name)
         log.info("model_removed", model=name)
         return True
 
     async def _restart(self, name: str) -> None:
         """Restart, one at a time, each worker whose load settings differ from the config."""
         service, index = self.service, 0
-        workers = service.workers[name]
+        model = service.models[name]
+        workers = model.workers
         while (want := service.config.models.get(name)) is not None:
             # An unloaded model has no workers; the lifecycle starts them when it loads.
             if index >= max(len(workers), service.lifecycle.workers_wanted(want)):
@@ -344,7 +347,7 @@ class Reloader:
                 index += 1
                 continue
             if old is not None:
-                await service.retire_workers([old], service.config.daemon.shutdown_grace)
+                await service.fleet.retire([old], service.config.daemon.shutdown_grace)
                 # Removed meanwhile: a replacement still serves the queue while it drains.
                 want = service.config.models.get(name) or want
                 if index >= service.lifecycle.workers_wanted(want):
@@ -352,13 +355,13 @@ class Reloader:
                     log.info("worker_removed", worker=old.name, reason="config changed")
                     continue
                 if (old.model.path, old.model.package) != (want.path, want.package):
-                    service.paths.pop(name, None)  # another file: resolve it again
-            new = service.new_worker(want, index)
+                    model.path = None  # another file: resolve it again
+            new = service.fleet.new_worker(want, index, service)
             if old is None:
                 workers.append(new)
             else:
                 workers[index] = new
-            service.start_workers([new])
+            service.fleet.start([new])
             log.info("worker_replaced" if old else "worker_added", worker=new.name,
                      reason="config changed")
             index += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import time
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..wire.protocol import ProtocolError
 
 if TYPE_CHECKING:
-    from ..wire.messages import Resume
+    from ..wire.messages import Resume, Stats
     from .config import ModelConfig
 
 Sink = Callable[[dict[str, Any]], None]
@@ -29,6 +30,7 @@ class Request:
     priority: int = 0
     uid: int = -1
     deadline: float | None = None  # time.monotonic()
+    timer: asyncio.TimerHandle | None = None  # fails it at the deadline
     sink: Sink | None = None
     accepted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
@@ -46,6 +48,21 @@ class Request:
     def prompt_chars(self) -> int:
         """The prompt's length, or its messages' (for the log and shortest-job-first)."""
         return len(self.prompt) + sum(len(m["content"]) for m in self.params.get("messages", ()))
+
+    def stats(self, worker: str, w: Stats) -> dict[str, Any]:
+        """What its done event and the log say of a completed request: the worker's
+        counts and speeds, and the times this side saw (queued, first token, total)."""
+        now = time.monotonic()
+        return {
+            "model": self.model, "worker": worker,
+            "prompt_tokens": w.prompt_tokens, "completion_tokens": w.completion_tokens,
+            "finish_reason": w.finish_reason,
+            "queue_s": (self.started_at or now) - self.accepted_at,
+            "ttft_s": self.first_token_at - self.accepted_at if self.first_token_at else None,
+            "total_s": now - self.accepted_at,
+            "prefill_s": w.prefill_s, "tokens_per_s": w.tokens_per_s,
+            "preemptions": self.preemptions, "cold": self.cold, "load_s": self.load_s,
+        }
 
     def emit(self, event: dict[str, Any]) -> None:
         if self.sink is not None:

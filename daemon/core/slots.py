@@ -8,7 +8,7 @@ through `pop`, and the policies through two callables; service.py wires it up.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -16,6 +16,7 @@ import structlog
 from ..policies.base import BATCH_UNLIMITED
 
 if TYPE_CHECKING:
+    from .models import Models
     from .requests import ModelQueue, Request
     from .workers import Worker
 
@@ -25,16 +26,17 @@ log = structlog.get_logger()
 class Slots:
     """Dispatch into free slots, within the batch limits of set_batch."""
 
-    def __init__(self, workers: Callable[[], Iterable[Worker]]) -> None:
-        self._workers = workers
-        # set_batch limits by target; a worker's is the least of its own and its model's.
+    def __init__(self, models: Models) -> None:
+        self.models = models
+        # set_batch limits of single workers; a model's is Model.batch_limit. A worker's
+        # limit is the least of its own and its model's.
         self.by_worker: dict[str, int] = {}
-        self.by_model: dict[str, int] = {}
 
     def limit(self, worker: Worker) -> int:
         """The most slots dispatch fills on worker: its slots, or fewer under set_batch."""
+        model = self.models.get(worker.model.name)
         return min(worker.slots, self.by_worker.get(worker.name, BATCH_UNLIMITED),
-                   self.by_model.get(worker.model.name, BATCH_UNLIMITED))
+                   model.batch_limit if model is not None else BATCH_UNLIMITED)
 
     def free(self, worker: Worker) -> int:
         return min(worker.free_slots, max(0, self.limit(worker) - len(worker.running)))
@@ -61,25 +63,22 @@ class Slots:
         """Limit the slots dispatch fills on a worker, or on each worker of a model (a
         running sequence above the limit finishes; none is stopped). Returns the result
         the policy engine records: done, unchanged, or no such worker or model."""
-        workers = list(self._workers())
-        if any(w.name == target for w in workers):
-            table = self.by_worker
-        elif any(w.model.name == target for w in workers):
-            table = self.by_model
+        value = min(sequences, BATCH_UNLIMITED)
+        if self.models.worker(target) is not None:
+            was = self.by_worker.get(target, BATCH_UNLIMITED)
+            if value == BATCH_UNLIMITED:
+                self.by_worker.pop(target, None)
+            else:
+                self.by_worker[target] = value
+        elif (model := self.models.get(target)) is not None and model.workers:
+            was, model.batch_limit = model.batch_limit, value
         else:
             return "no such worker or model"
-        value = None if sequences >= BATCH_UNLIMITED else sequences
-        if table.get(target) == value:
-            return "unchanged"
-        if value is None:
-            table.pop(target, None)
-        else:
-            table[target] = value
-        return "done"
+        return "unchanged" if was == value else "done"
 
     def running(self, request_id: str) -> Worker | None:
         """The worker running request_id, if one does."""
-        return next((w for w in self._workers() if request_id in w.running), None)
+        return next((w for w in self.models.workers() if request_id in w.running), None)
 
     def preempt(self, request_id: str, state_min_tokens: int) -> str:
         """Ask the worker running request_id to give up its slot; returns what happened."""
@@ -92,7 +91,7 @@ class Slots:
     def kv_op(self, worker_name: str, op: str, values: dict[str, Any]) -> str:
         """trim_kv (of the sequence `req` names, else the longest) or shrink_kv (n_ctx per
         sequence) on a worker; returns asked, or why not."""
-        worker = next((w for w in self._workers() if w.name == worker_name), None)
+        worker = next((w for w in self.models.workers() if w.name == worker_name), None)
         if worker is None or worker.pid is None:
             return "no such worker"
         if op == "shrink_kv" and values["n_ctx"] > worker.model.n_ctx:

@@ -222,10 +222,10 @@ def _models(out: _Out, service: Service, models: dict[str, dict[str, Any]]) -> N
         out.add("completion_tokens_total", m["completion_tokens"], model=name)
         out.add("prompt_tokens_total", m["prompt_tokens"], model=name)
         out.add("tokens_per_second_p50", m["tokens_per_s"]["p50"], model=name)
-        kept = service.metrics.get(name)
-        if kept is not None:
-            for metric, hist in (("ttft_seconds", kept.ttft_histogram),
-                                 ("request_duration_seconds", kept.latency_histogram)):
+        model = service.models.get(name)
+        if model is not None:
+            for metric, hist in (("ttft_seconds", model.metrics.ttft_histogram),
+                                 ("request_duration_seconds", model.metrics.latency_histogram)):
                 out.histogram(metric, hist.buckets(), hist.sum, model=name)
 
 

@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 
 
 def model_state(service: Service, name: str) -> str:
-    """As Service.model_state, and "draining" for a model a reload removed that still
-    finishes its requests."""
-    return "draining" if name not in service.config.models else service.model_state(name)
+    """As Model.state, and "draining" for a model a reload removed that still finishes
+    its requests."""
+    return "draining" if name not in service.config.models else service.models[name].state()
 
 
 def status(service: Service) -> dict[str, Any]:
@@ -30,25 +30,25 @@ def status(service: Service) -> dict[str, Any]:
             "backend": service.backend.name, "stopping": service.stopping,
             "reload": service.reloader.last if service.reloader else None,
         },
-        "workers": [_describe_worker(service, w) for w in service.all_workers()],
+        "workers": [_describe_worker(service, w) for w in service.models.workers()],
         "pressure": {
             "system": psi.system_pressure(),
             "outside": service.observer.outside(),
-            "triggers": dict(service.psi.counts) if service.psi else {},
-            "recent": list(service.pressure_events)[-20:],
+            "triggers": service.watches.counts,
+            "recent": list(service.watches.events)[-20:],
         },
-        "cpu": service.cpu.describe(),
+        "cpu": service.watches.cpu.describe(),
         "models": {
-            name: {
-                "state": model_state(service, name),
-                "queue_depth": len(queue), "max_queue": queue.limit,
-                "running": sum(len(w.running) for w in service.workers[name]),
-                "slots": sum(w.slots for w in service.workers[name] if w.state in ("idle", "busy")),
-                "queued": [r.id for r in queue.ordered(service.engine.rank)],
-                **service.lifecycle.describe(name),
-                **service.metrics[name].snapshot(),
+            model.name: {
+                "state": model_state(service, model.name),
+                "queue_depth": len(model.queue), "max_queue": model.queue.limit,
+                "running": model.running,
+                "slots": sum(w.slots for w in model.workers if w.state in ("idle", "busy")),
+                "queued": [r.id for r in model.queue.ordered(service.engine.rank)],
+                **service.lifecycle.describe(model.name),
+                **model.metrics.snapshot(),
             }
-            for name, queue in service.queues.items()
+            for model in service.models
         },
     }
 
@@ -57,9 +57,9 @@ def _describe_worker(service: Service, worker: Worker) -> dict[str, Any]:
     out = worker.describe()
     out["batch_limit"] = service.slots.limit(worker)
     out["backend"] = service.backend.name
-    out["limits"] = service.limits[worker.model.name].describe()
+    out["limits"] = service.models[worker.model.name].limits.describe()
     out["cgroup"] = service.observer.cgroup_stats(worker.scope.cgroup if worker.scope else None)
-    counts = service.psi.counts if service.psi else {}
+    counts = service.watches.counts
     out["pressure_events"] = sum(counts.get(f"{worker.name}/{r}", 0) for r in psi.RESOURCES)
     return out
 
@@ -69,26 +69,27 @@ def models(service: Service) -> list[dict[str, Any]]:
     reload removed that are still draining."""
     out = []
     # A removed model drains with its workers' config; one with no worker left is gone.
-    draining = [n for n, ws in service.workers.items() if n not in service.config.models and ws]
+    draining = [m.name for m in service.models if m.name not in service.config.models
+                and m.workers]
     for name in [*service.config.models, *draining]:
-        workers = service.workers[name]
-        cfg = service.config.models.get(name) or workers[0].model
+        model = service.models[name]
+        cfg, workers = model.config, model.workers
         out.append({
             "name": name, "state": model_state(service, name),
             "source": cfg.package or cfg.path,
-            "path": str(service.paths[name]) if name in service.paths else None,
+            "path": str(model.path) if model.path is not None else None,
             "workers": cfg.workers, "parallel": cfg.parallel, "n_ctx": cfg.n_ctx,
             "max_tokens": cfg.max_tokens, "load": cfg.load,
             "keep_alive": service.lifecycle.keep_alive(name),
             "adapters": _adapters(cfg.adapters, workers),
-            "error": service.unavailable_reason(name) or None,
+            "error": model.unavailable_reason() or None,
         })
     return out
 
 
 def loaded_model(service: Service, name: str) -> dict[str, Any]:
     """A model in memory, for ps and load."""
-    workers = service.workers[name]
+    workers = service.models[name].workers
     return {
         "name": name, "state": model_state(service, name),
         **service.lifecycle.describe(name),

@@ -16,6 +16,7 @@ from pathlib import Path
 from guestlib import CGROUP, SLICE, config
 from llm_residentd.core import config as daemon_config
 from llm_residentd.core.service import Service
+from llm_residentd.core.wiring import build
 from llm_residentd.front.prometheus import render
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,11 +39,11 @@ def test_hogs_move_throttling_and_pressure(tiny_model: Path, tmp_path: Path) -> 
     cfg = daemon_config.parse(tomllib.loads(text), "guest test")
 
     async def main() -> tuple[Samples, Samples]:
-        service = Service(cfg, tmp_path / "unused.sock")
+        service = build(cfg, tmp_path / "unused.sock")
         await service.start()
         try:
             deadline = time.monotonic() + 240
-            while service.model_state("tiny") != "ready":
+            while service.models["tiny"].state() != "ready":
                 assert time.monotonic() < deadline, "the model did not load"
                 await asyncio.sleep(0.2)
             before = scrape(service)

@@ -23,6 +23,7 @@ from harness import tiny_config
 from llm_residentd import __version__
 from llm_residentd.core import config
 from llm_residentd.core.service import Service
+from llm_residentd.core.wiring import build
 from llm_residentd.front.prometheus import CONTENT_TYPE, render
 from llm_residentd.front.server import Server
 from llmctl import Client
@@ -53,12 +54,12 @@ def run_in_service(tmp_path: Path, model: Path,
     sock = tmp_path / "llm.sock"
 
     async def main() -> None:
-        service = Service(cfg, sock)
+        service = build(cfg, sock)
         server = Server(service, sock)
         await server.start()
         await service.start()
         try:
-            await until(lambda: service.model_state("tiny") == "ready", 120, "the model loads")
+            await until(lambda: service.models["tiny"].state() == "ready", 120, "the model loads")
             await body(service, sock)
         finally:
             await server.stop_listening()
@@ -129,7 +130,7 @@ def test_metrics_move_with_requests_and_a_killed_worker(tmp_path, tiny_model_pat
         assert value(after, "llm_residentd_process_resident_memory_bytes",
                      process="tiny-0") > 1 << 20
 
-        worker = service.workers["tiny"][0]
+        worker = service.models["tiny"].workers[0]
         os.kill(worker.pid, signal.SIGKILL)
         await until(lambda: worker.restarts == 1 and worker.state == "idle", 120,
                     "the killed worker is back")

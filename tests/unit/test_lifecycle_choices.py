@@ -12,6 +12,8 @@ import pytest
 from llm_residentd.core import memfit
 from llm_residentd.core.config import Config, DaemonConfig, ModelConfig
 from llm_residentd.core.lifecycle import Lifecycle
+from llm_residentd.core.models import Models
+from llm_residentd.core.requests import Request
 from llm_residentd.wire.protocol import ProtocolError
 
 MIB = 1 << 20
@@ -21,21 +23,23 @@ class Host:
     def __init__(self, names: list[str], budget: str = "max") -> None:
         self.config = Config(daemon=DaemonConfig(memory_budget=budget, pressure_unload_grace=5),
                              models={n: ModelConfig(name=n, path="/m.gguf") for n in names})
-        self.workers: dict[str, list] = {n: [] for n in names}
-        self.queues: dict[str, list] = {n: [] for n in names}
+        self.models = Models()
+        for model in self.config.models.values():
+            self.models.add(model)
+        self.fleet = SimpleNamespace(retire=self.retire)
         self.backend = SimpleNamespace(parent=None)
         self.recorded: list[tuple[str, str, str]] = []
         self.engine = SimpleNamespace(
             record=lambda who, action, result: self.recorded.append(
                 (action.kind, action.target, action.reason)))
 
-    async def retire_workers(self, workers, grace, finish_requests=True) -> None:
+    async def retire(self, workers, grace, finish_requests=True) -> None:
         pass
 
 
 def loaded(lc: Lifecycle, name: str, last_used: float, idle_since: float | None,
            keep_alive: float | None, size: int = 100 * MIB) -> None:
-    life = lc.lives[name]
+    life = lc.models[name].life
     life.state, life.last_used, life.idle_since, life.keep_alive = (
         "loaded", last_used, idle_since, keep_alive)
     life.need = memfit.Need(bytes=size, weights=size, kv=0, overhead=0, measured=False)
@@ -47,9 +51,7 @@ def clock():
 
 
 def lifecycle(host: Host, clock) -> Lifecycle:
-    lc = Lifecycle(host, clock=lambda: clock.now)
-    for name in host.config.models:
-        lc.add(name)
+    lc = Lifecycle(host, host.models, clock=lambda: clock.now)  # type: ignore[arg-type]
     lc._measured = lambda name: 0  # no processes here: the estimates are the charges
     return lc
 
@@ -76,7 +78,7 @@ def test_memory_pressure_unloads_the_least_recently_used_idle_model_past_its_gra
         lc.pressure("system/memory")
         await asyncio.sleep(0.01)
         assert [t for _, t, _ in host.recorded] == ["b", "c"]  # a forever, d within grace
-        assert {n: lc.lives[n].state for n in "abcd"} == {
+        assert {n: lc.models[n].life.state for n in "abcd"} == {
             "a": "loaded", "b": "unloaded", "c": "unloaded", "d": "loaded"}
     asyncio.run(go())
 
@@ -86,12 +88,13 @@ def test_a_load_evicts_idle_models_oldest_first_only_as_many_as_it_needs(clock):
     lc = lifecycle(host, clock)
     for name, used in (("a", 30), ("b", 10), ("c", 20)):
         loaded(lc, name, last_used=used, idle_since=used, keep_alive=None)
-    new = lc.lives["new"]
+    new = lc.models["new"].life
     new.need = memfit.Need(bytes=150 * MIB, weights=0, kv=0, overhead=0, measured=False)
     fits, victims, room, possible = lc._plan(new)
     # 300 MiB loaded under 350: 50 free; b (least recently used) frees 100 more, enough.
     assert fits and [v.name for v in victims] == ["b"] and room.bytes == 150 * MIB
-    host.queues["c"].append("busy")  # c is busy: not evictable, but it could end
+    # c is busy: not evictable, but it could end
+    host.models["c"].queue.push(Request(id="busy", model="c", prompt="", params={}))
     new.need = memfit.Need(bytes=300 * MIB, weights=0, kv=0, overhead=0, measured=False)
     fits, victims, room, possible = lc._plan(new)
     assert not fits and victims == [] and possible  # wait for c
@@ -103,10 +106,10 @@ def test_a_model_that_can_never_fit_fails_its_load_with_insufficient_memory(cloc
     async def go():
         host = Host(["a"], budget=str(64 * MIB))
         lc = lifecycle(host, clock)
-        lc.lives["a"].need = memfit.Need(bytes=100 * MIB, weights=0, kv=0, overhead=0,
+        lc.models["a"].life.need = memfit.Need(bytes=100 * MIB, weights=0, kv=0, overhead=0,
                                          measured=False)
         with pytest.raises(ProtocolError) as err:
-            await lc._make_room(lc.lives["a"], explicit=True)
+            await lc._make_room(lc.models["a"].life, explicit=True)
         assert err.value.code == "insufficient_memory"
         assert "needs about" in err.value.message and "daemon.memory_budget" in err.value.message
     asyncio.run(go())

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from llm_residentd.core.models import Models
 from llm_residentd.front import ops
 from llm_residentd.wire.protocol import ProtocolError
 
@@ -42,7 +43,8 @@ def _service() -> SimpleNamespace:
     async def set_limits(model: str, **changes: Any) -> dict[str, Any]:
         raise _Reached
 
-    return SimpleNamespace(limits={}, engine=_Engine(), set_limits=set_limits,
+    return SimpleNamespace(models=Models(), engine=_Engine(),
+                           fleet=SimpleNamespace(set_limits=set_limits),
                            backend=SimpleNamespace(name="none"))
 
 

@@ -68,7 +68,7 @@ def _scrape(monkeypatch: pytest.MonkeyPatch) -> tuple[dict[tuple, float], bytes]
     metrics.record_done({"ttft_s": 0.05, "total_s": 3.0, "completion_tokens": 1})
     engine = SimpleNamespace(action_counts={("threads", "set_threads"): 2,
                                             ("static", "set_limits"): 1})
-    service = SimpleNamespace(metrics={"m": metrics}, engine=engine)
+    service = SimpleNamespace(models={"m": SimpleNamespace(metrics=metrics)}, engine=engine)
     monkeypatch.setattr(prometheus.views, "status", lambda s: _status())
     body, content_type = prometheus.render(service)  # type: ignore[arg-type]
     assert content_type == "text/plain; version=0.0.4; charset=utf-8"

@@ -16,6 +16,7 @@ from llm_residentd.control.policyengine import PolicyEngine
 from llm_residentd.core import workers
 from llm_residentd.core.actuator import Actuator
 from llm_residentd.core.config import ModelConfig
+from llm_residentd.core.models import Models
 from llm_residentd.core.requests import ModelQueue, Request
 from llm_residentd.core.slots import Slots
 from llm_residentd.core.workers import Worker
@@ -81,6 +82,13 @@ def serving_worker(index: int = 0, slots: int = 4,
     return worker, writer
 
 
+def slots_of(*workers: Worker) -> Slots:
+    """Slots over model "m" served by workers."""
+    models = Models()
+    models.add(ModelConfig(name="m", path="/m.gguf")).workers.extend(workers)
+    return Slots(models)
+
+
 def queue_of(n: int) -> ModelQueue:
     queue = ModelQueue("m", 64)
     for i in range(n):
@@ -110,7 +118,7 @@ def stats(tokens: int) -> messages.Stats:
 
 def test_dispatch_fills_the_free_slots_and_no_more():
     worker, writer = serving_worker(slots=4)
-    slots, queue = Slots(lambda: [worker]), queue_of(6)
+    slots, queue = slots_of(worker), queue_of(6)
     assert fill(slots, queue, [worker]) == ["r0", "r1", "r2", "r3"]
     assert list(worker.running) == ["r0", "r1", "r2", "r3"] and worker.state == "busy"
     assert [r.id for r in queue] == ["r4", "r5"]  # they wait for a slot
@@ -123,7 +131,7 @@ def test_dispatch_fills_the_free_slots_and_no_more():
 def test_replies_are_routed_per_request_and_a_freed_slot_is_filled():
     listener = Listener()
     worker, _ = serving_worker(slots=2, listener=listener)
-    slots, queue = Slots(lambda: [worker]), queue_of(3)
+    slots, queue = slots_of(worker), queue_of(3)
     fill(slots, queue, [worker])
     sink: list[dict[str, Any]] = []
     worker.running["r1"].sink = sink.append
@@ -178,7 +186,7 @@ class FakeProc:
 def test_a_dead_process_loses_every_running_request_and_none_queued():
     listener = Listener()
     worker, _ = serving_worker(slots=3, listener=listener)
-    slots, queue = Slots(lambda: [worker]), queue_of(5)
+    slots, queue = slots_of(worker), queue_of(5)
     fill(slots, queue, [worker])
     feed(worker, messages.Batch(steps=4, tokens=10, sequences=10, cells={"r0": 40, "r1": 9}))
     worker._proc = FakeProc()  # type: ignore[assignment]
@@ -207,7 +215,7 @@ def test_a_hung_process_names_every_request_it_ran(monkeypatch):
     worker.state, worker.slots, worker._heard_at = "idle", 4, now[0]
     worker._writer = Writer()  # type: ignore[assignment]
     worker._proc = FakeProc()  # type: ignore[assignment]
-    fill(Slots(lambda: [worker]), queue_of(2), [worker])
+    fill(slots_of(worker), queue_of(2), [worker])
     monkeypatch.setattr(workers, "kill", lambda proc: None)
     with structlog.testing.capture_logs():
         asyncio.run(worker._watch())
@@ -220,7 +228,7 @@ def test_a_hung_process_names_every_request_it_ran(monkeypatch):
 
 def test_batch_reports_are_tallied_and_cells_shown_per_request():
     worker, _ = serving_worker(slots=4)
-    fill(Slots(lambda: [worker]), queue_of(2), [worker])
+    fill(slots_of(worker), queue_of(2), [worker])
     feed(worker, messages.Batch(steps=10, tokens=30, sequences=20, cells={"r0": 50, "r1": 12}),
          messages.Batch(steps=5, tokens=15, sequences=15, cells={"r0": 58, "r1": 20}),
          messages.Batch(steps=0, tokens=0, sequences=0, cells={"r0": 58, "r1": 20}))
@@ -235,7 +243,7 @@ def test_batch_reports_are_tallied_and_cells_shown_per_request():
 
 def test_commands_name_their_request_and_go_only_to_running_ones():
     worker, writer = serving_worker(slots=2)
-    fill(Slots(lambda: [worker]), queue_of(2), [worker])
+    fill(slots_of(worker), queue_of(2), [worker])
     other = Request(id="x", model="m", prompt="", params={})
     for req in (worker.running["r1"], other):
         worker.cancel(req)
@@ -254,7 +262,7 @@ def test_a_resumed_request_sends_its_resume_once():
     resume = messages.Resume(context=[1, 2, 3], prompt_tokens=2, generated=1, output=[3],
                              state=b"kv")
     next(iter(queue)).resume = resume
-    fill(Slots(lambda: [worker]), queue, [worker])
+    fill(slots_of(worker), queue, [worker])
     gen = writer.sent[0]
     assert isinstance(gen, messages.Generate) and gen.resume == resume
     assert worker.running["r0"].resume is None
@@ -263,7 +271,7 @@ def test_a_resumed_request_sends_its_resume_once():
 def test_dispatch_spreads_over_workers_and_keeps_the_batch_limits():
     a, _ = serving_worker(0, slots=4)
     b, _ = serving_worker(1, slots=4)
-    slots = Slots(lambda: [a, b])
+    slots = slots_of(a, b)
     assert fill(slots, queue_of(3), [a, b]) == ["r0", "r1", "r2"]
     assert (list(a.running), list(b.running)) == (["r0", "r2"], ["r1"])  # emptiest first
     assert slots.set_batch("m", 2) == "done"
@@ -284,15 +292,15 @@ def test_dispatch_spreads_over_workers_and_keeps_the_batch_limits():
 def test_a_retiring_or_loading_worker_takes_nothing():
     worker, _ = serving_worker(slots=4)
     worker.state = "starting"
-    assert fill(Slots(lambda: [worker]), queue_of(1), [worker]) == []
+    assert fill(slots_of(worker), queue_of(1), [worker]) == []
     worker.state, worker._stopping = "idle", True
-    assert fill(Slots(lambda: [worker]), queue_of(1), [worker]) == []
+    assert fill(slots_of(worker), queue_of(1), [worker]) == []
 
 
 def test_preempt_and_kv_ops_find_the_worker_running_the_request():
     a, wa = serving_worker(0, slots=2)
     b, wb = serving_worker(1, slots=2)
-    slots = Slots(lambda: [a, b])
+    slots = slots_of(a, b)
     fill(slots, queue_of(3), [a, b])  # r0, r2 on a; r1 on b
     assert slots.preempt("r2", 64) == "asked" and wa.sent[-1] == messages.Preempt(
         req="r2", state_min_tokens=64)
@@ -318,8 +326,8 @@ class Batcher(Policy):
 
 def _engine(actions: list[Action]) -> tuple[PolicyEngine, Worker]:
     worker, _ = serving_worker(slots=4)
-    service = SimpleNamespace(slots=Slots(lambda: [worker]))
-    actuator = Actuator(service)  # type: ignore[arg-type]
+    slots = slots_of(worker)
+    actuator = Actuator(slots.models, slots, None, None, None, None)  # type: ignore[arg-type]
     actuator.snapshot = lambda: Snapshot(now=0)  # type: ignore[method-assign]
     with structlog.testing.capture_logs():
         engine = PolicyEngine([], actuator)
@@ -332,7 +340,7 @@ def test_set_batch_is_applied_and_recorded_when_it_changes():
     with structlog.testing.capture_logs():
         engine.notify(Event("tick"))
         engine.notify(Event("tick"))  # the same limit again: not recorded again
-    assert engine.actuator.service.slots.limit(worker) == 2
+    assert engine.actuator.slots.limit(worker) == 2
     assert [(a["action"], a["target"], a["result"]) for a in engine.actions] == [
         ("set_batch", "m", "done")]
 
@@ -343,7 +351,7 @@ def test_set_batch_with_bad_values_disables_its_policy(values):
     engine, worker = _engine([Action("set_batch", "m", values)])
     with structlog.testing.capture_logs():
         engine.notify(Event("tick"))
-    assert "batcher" in engine.disabled and engine.actuator.service.slots.limit(worker) == 4
+    assert "batcher" in engine.disabled and engine.actuator.slots.limit(worker) == 4
 
 
 def test_trim_kv_may_name_its_sequence_but_nothing_else_as_text():
@@ -361,21 +369,19 @@ def test_trim_kv_may_name_its_sequence_but_nothing_else_as_text():
 def test_the_policies_see_one_running_request_per_sequence_with_its_cells():
     """Snapshot: WorkerView slots, busy slots and batch limit; RequestView kv_cells. So
     psi-admission's keep_running and priority count sequences, not workers."""
-    from llm_residentd.placement.limits import Limits
-
     a, _ = serving_worker(0, slots=4)
     b, _ = serving_worker(1, slots=4)
-    slots = Slots(lambda: [a, b])
-    queue = queue_of(7)
+    slots = slots_of(a, b)
+    queue = slots.models["m"].queue
+    for req in queue_of(7):
+        queue.push(req)
     fill(slots, queue, [a, b])
     slots.set_batch("m-1", 3)
     feed(a, messages.Batch(steps=2, tokens=8, sequences=8, cells={"r0": 31, "r2": 7}))
-    service = SimpleNamespace(
-        all_workers=lambda: [a, b], limits={"m": Limits()}, queues={"m": queue},
-        cpu=SimpleNamespace(caps={}, view=lambda: None), slots=slots,
-        engine=SimpleNamespace(is_deferred=lambda _id: False),
-        observer=SimpleNamespace(kernel=lambda now: ({}, {}, {})))
-    snap = Actuator(service).snapshot()  # type: ignore[arg-type]
+    observer = SimpleNamespace(kernel=lambda now: ({}, {}, {}))
+    cpu = SimpleNamespace(caps={}, view=lambda: None)
+    snap = Actuator(slots.models, slots, None, observer, cpu,  # type: ignore[arg-type]
+                    lambda _id: False).snapshot()
     assert [(w.name, w.slots, w.slots_busy, w.batch_limit, w.free_slots)
             for w in snap.workers] == [("m-0", 4, 4, 4, 0), ("m-1", 4, 3, 3, 0)]
     assert [(r.id, r.worker, r.kv_cells) for r in snap.running] == [

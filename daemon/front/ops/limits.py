@@ -42,13 +42,13 @@ class Limits(Op):
         if args and ctx.uid != 0:  # authorization before what needs the daemon, as in policy
             raise ProtocolError("forbidden", "changing limits needs root (uid 0); "
                                 f"this peer is uid {ctx.uid}")
-        check_model(model, service.limits)  # a draining model's limits still show
+        check_model(model, service.models.names())  # a draining model's limits still show
         try:
             changes = _parse(args)
         except LimitError as exc:
             raise ProtocolError("bad_request", str(exc)) from None
-        limits = (await service.set_limits(model, **changes) if changes
-                  else service.limits[model].describe())
+        limits = (await service.fleet.set_limits(model, **changes) if changes
+                  else service.models[model].limits.describe())
         return {"model": model, "backend": service.backend.name, "limits": limits}
 
 

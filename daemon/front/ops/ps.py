@@ -25,5 +25,5 @@ class Ps(Op):
 
     def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         service = ctx.service
-        return {"models": [views.loaded_model(service, name) for name in service.workers
-                           if service.lifecycle.state(name) != "unloaded"]}
+        return {"models": [views.loaded_model(service, model.name) for model in service.models
+                           if model.life.phase != "unloaded"]}

@@ -127,7 +127,8 @@ def check_adapter(service: Any, model: str, adapters: dict[str, str], name: str)
         known = ", ".join(sorted(adapters)) if adapters else "none"
         raise ProtocolError("bad_request", f"model {model!r} has no adapter {name!r} "
                             f"(its adapters: {known})")
-    why = views.adapter_error(service.workers.get(model, []), name)
+    found = service.models.get(model)
+    why = views.adapter_error(found.workers if found else [], name)
     if why:
         raise ProtocolError("bad_request", f"adapter {name!r} of model {model!r} failed to "
                             f"load: {why}")
