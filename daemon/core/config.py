@@ -13,6 +13,7 @@ from typing import Any
 from ..control.psi import Trigger
 from ..placement.limits import LimitError, Limits, check_order, parse_bytes, parse_cpu
 from ..wire.durations import parse_keep_alive
+from ..wire.listen import is_loopback, load_keys, split_listen
 from .ggufmeta import ModelUnavailable, check_gguf
 
 DEFAULT_CONFIG_PATH = Path("/etc/llm-residentd/config.toml")
@@ -186,8 +187,6 @@ def _check_http(http: HttpConfig) -> None:
     """TCP beyond loopback only with API keys: anyone on the network could use the models."""
     if not http.listen:
         return
-    from ..front.http.auth import is_loopback, load_keys, split_listen
-
     try:
         host, _ = split_listen(http.listen)
     except ValueError as exc:

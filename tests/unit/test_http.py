@@ -12,6 +12,7 @@ import pytest
 from llm_residentd.core import config
 from llm_residentd.front.http import auth, openai
 from llm_residentd.front.http.app import STATUS, error_body, error_response
+from llm_residentd.wire import listen
 from llm_residentd.wire.protocol import ERROR_CODES, ProtocolError
 
 
@@ -91,7 +92,7 @@ def test_every_error_code_has_an_http_status():
 def test_keys_file(tmp_path):
     path = tmp_path / "keys"
     path.write_text("# comment\n\nalice aaaaaaaaaaaaaaaa\nbob   bbbbbbbbbbbbbbbbbbbb\n")
-    keys = auth.load_keys(path)
+    keys = listen.load_keys(path)
     assert keys == {"alice": "a" * 16, "bob": "b" * 20}
     assert auth.key_name(keys, "Bearer " + "b" * 20) == "bob"
     assert auth.key_name(keys, "Bearer " + "b" * 19) is None
@@ -100,7 +101,7 @@ def test_keys_file(tmp_path):
                         ("a " + "x" * 16 + "\nb " + "x" * 16 + "\n", "twice"), ("", "no keys")]:
         path.write_text(text)
         with pytest.raises(ValueError, match=words):
-            auth.load_keys(path)
+            listen.load_keys(path)
 
 
 @pytest.mark.parametrize("listen, loopback", [

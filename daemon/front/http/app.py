@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
+from ...wire import listen
 from ...wire.protocol import ProtocolError
 from .. import ops, prometheus, views
 from . import auth, openai
@@ -102,7 +103,7 @@ class HttpFront:
         self.cfg = service.config.http
         self.path = path  # None: no Unix socket (http.socket = "none" and none activated)
         self.activated = sock
-        self.keys = (auth.load_keys(Path(self.cfg.api_keys_file))
+        self.keys = (listen.load_keys(Path(self.cfg.api_keys_file))
                      if self.cfg.api_keys_file else {})
         self.guards: dict[Any, Guard] = {}  # by transport
         self.servers: list[asyncio.AbstractServer] = []
@@ -147,7 +148,7 @@ class HttpFront:
             if dcfg.socket_group:
                 os.chown(self.path, -1, grp.getgrnam(dcfg.socket_group).gr_gid)
         if self.cfg.listen:
-            host, port = auth.split_listen(self.cfg.listen)
+            host, port = listen.split_listen(self.cfg.listen)
             self.servers.append(await loop.create_server(self._factory, host, port,
                                                          backlog=backlog))
 
