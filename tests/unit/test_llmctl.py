@@ -132,7 +132,7 @@ def test_policy_json_option_is_taken_at_either_level():
 
 def test_outcome_counts_keep_cancelled_and_timeout_apart_from_failed():
     counts = status.outcome_counts({"completed": 5, "cancelled": 2, "timeout": 1,
-                                 "deferred_timeout": 1, "worker_died": 3, "internal": 1})
+                                    "deferred_timeout": 1, "worker_died": 3, "internal": 1})
     assert counts == {"done": 5, "cancelled": 2, "timeout": 2, "failed": 4}
 
 
@@ -156,6 +156,16 @@ def _status_lines(capsys, workers: list, running: int = 0, outcomes: dict | None
                               "ttft_s": summary, "latency_s": summary, "tokens_per_s": summary}}}
     status.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"]))
     return capsys.readouterr().out.splitlines()
+
+
+def test_status_without_models_shows_the_outcome_columns(capsys):
+    """The outcome columns came from the last model's row: with none, a NameError."""
+    st = {"daemon": {"version": "0", "pid": 1, "uptime_s": 1, "backend": "none", "config": "-",
+                     "socket": "-"}, "workers": [], "models": {}}
+    assert status.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"])) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("MODEL"))
+    assert header.split()[4:8] == ["DONE", "CANCELLED", "TIMEOUT", "FAILED"]
 
 
 def test_status_table_has_a_column_per_outcome_and_names_the_failures(capsys):
