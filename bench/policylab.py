@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl import Client
-from llmctl.cli import wait_ready
+from llmctl.commands.wait import wait_ready
 
 PROMPT = "the sky is blue and"
 

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from llmctl import Client
-from llmctl.cli import wait_ready
+from llmctl.commands.wait import wait_ready
 
 SETUPS = {"matched": 0, "fixed": 2}
 

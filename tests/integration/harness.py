@@ -15,7 +15,7 @@ from typing import Any
 
 from llm_residentd.wire.protocol import recv_frame, send_frame
 from llmctl import Client
-from llmctl.cli import wait_ready
+from llmctl.commands.wait import wait_ready
 
 TINY_MODEL = """
 [models.tiny]

@@ -173,7 +173,7 @@ def test_sighup_during_startup_does_not_kill_the_daemon(start_daemon, tiny_model
     while time.monotonic() < deadline and not _catches_sighup(d.proc.pid):
         time.sleep(0.001)
     os.kill(d.proc.pid, signal.SIGHUP)
-    from llmctl.cli import wait_ready
+    from llmctl.commands.wait import wait_ready
 
     wait_ready(str(d.socket), None, 180)
     assert d.proc.poll() is None

@@ -10,8 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from llm_residentd.front.ops.events import Events
+from llm_residentd.front.ops.limits import Limits
+from llm_residentd.front.ops.load import Load
 from llm_residentd.front.ops.submit import Submit
+from llm_residentd.front.ops.unload import Unload
 from llmctl import cli, completion, progress
+from llmctl.commands import models, status, submit
+from llmctl.commands.params import op_fields
 
 NO_DAEMON = "/nonexistent/llm.sock"  # a command that got this far would exit 3, not 2
 
@@ -31,20 +37,34 @@ def test_every_submit_param_has_an_option_that_reaches_the_op(tmp_path):
         "--top-p", "0.9", "--top-k", "5", "--min-p", "0.1", "--repeat-penalty", "1.2",
         "--seed", "42", "--raw", "--ignore-eos", "--stop", "END", "--stop", "\n\n",
         "--json-schema", str(schema), "--grammar", str(grammar), "--system", "be brief"])
-    assert cli.submit_fields(args) == {
+    assert submit.submit_fields(args) == {
         "model": "tiny", "max_tokens": 7, "priority": 3, "timeout": 9.0, "temperature": 0.5,
         "top_p": 0.9, "top_k": 5, "min_p": 0.1, "repeat_penalty": 1.2, "seed": 42, "raw": True,
         "ignore_eos": True, "stop": ["END", "\n\n"], "json_schema": {"type": "object"},
         "grammar": 'root ::= "yes" | "no"\n'}
     # --system makes the request a conversation: messages instead of prompt
-    assert cli.prompt_fields("hi", args.messages) == {"messages": [
+    assert submit.prompt_fields("hi", args.messages) == {"messages": [
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
     zeros = cli.build_parser().parse_args(["submit", "hi", "--temperature", "0", "--seed", "0",
                                            "--top-k", "0", "--min-p", "0"])
-    assert cli.submit_fields(zeros) == {"temperature": 0.0, "seed": 0, "top_k": 0, "min_p": 0.0}
+    assert submit.submit_fields(zeros) == {"temperature": 0.0, "seed": 0, "top_k": 0, "min_p": 0.0}
     plain = cli.build_parser().parse_args(["submit", "hi"])
-    assert cli.submit_fields(plain) == {} and cli.prompt_fields("hi", plain.messages) == {
+    assert submit.submit_fields(plain) == {} and submit.prompt_fields("hi", plain.messages) == {
         "prompt": "hi"}
+
+
+def test_options_built_from_an_ops_params_reach_the_op():
+    parse = cli.build_parser().parse_args
+    assert op_fields(parse(["load", "tiny", "--keep-alive", "5m", "--timeout", "9"]), Load) == {
+        "model": "tiny", "keep_alive": "5m", "timeout": 9.0}
+    assert op_fields(parse(["unload", "tiny"]), Unload) == {"model": "tiny", "force": False}
+    assert op_fields(parse(["unload", "tiny", "--force"]), Unload)["force"] is True
+    assert op_fields(parse(["limits", "tiny", "--cpu", "50%", "--memory-high", "1G",
+                            "--memory-max", "2G", "--tasks-max", "0", "--cpu-weight", "5"]),
+                     Limits) == {"model": "tiny", "cpu": "50%", "memory_high": "1G",
+                                 "memory_max": "2G", "tasks_max": 0, "cpu_weight": 5}
+    assert op_fields(parse(["limits", "tiny"]), Limits) == {"model": "tiny"}
+    assert op_fields(parse(["events"]), Events) == {"limit": 50}
 
 
 def test_chat_takes_the_submit_options_but_raw(tmp_path):
@@ -111,8 +131,8 @@ def test_policy_json_option_is_taken_at_either_level():
 
 
 def test_outcome_counts_keep_cancelled_and_timeout_apart_from_failed():
-    counts = cli.outcome_counts({"completed": 5, "cancelled": 2, "timeout": 1,
-                                 "deferred_timeout": 1, "worker_died": 3, "internal": 1})
+    counts = status.outcome_counts({"completed": 5, "cancelled": 2, "timeout": 1,
+                                    "deferred_timeout": 1, "worker_died": 3, "internal": 1})
     assert counts == {"done": 5, "cancelled": 2, "timeout": 2, "failed": 4}
 
 
@@ -134,8 +154,18 @@ def _status_lines(capsys, workers: list, running: int = 0, outcomes: dict | None
           "models": {"tiny": {"state": "ready", "queue_depth": 0, "max_queue": 8,
                               "running": running, "outcomes": outcomes or {},
                               "ttft_s": summary, "latency_s": summary, "tokens_per_s": summary}}}
-    cli.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"]))
+    status.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"]))
     return capsys.readouterr().out.splitlines()
+
+
+def test_status_without_models_shows_the_outcome_columns(capsys):
+    """The outcome columns came from the last model's row: with none, a NameError."""
+    st = {"daemon": {"version": "0", "pid": 1, "uptime_s": 1, "backend": "none", "config": "-",
+                     "socket": "-"}, "workers": [], "models": {}}
+    assert status.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"])) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("MODEL"))
+    assert header.split()[4:8] == ["DONE", "CANCELLED", "TIMEOUT", "FAILED"]
 
 
 def test_status_table_has_a_column_per_outcome_and_names_the_failures(capsys):
@@ -207,7 +237,7 @@ def test_bash_completion_script_completes_subcommands_and_options():
 
 def test_zsh_completion_script_parses_and_registers():
     assert shutil.which("zsh"), "zsh is missing: make test-tools (apt-get install zsh)"
-    r = subprocess.run(["zsh", "-n", "-c", cli.completion.script("zsh")], capture_output=True,
+    r = subprocess.run(["zsh", "-n", "-c", completion.script("zsh")], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     r = subprocess.run(["zsh", "-f", "-c", "autoload -U compinit && compinit -u -D && "
@@ -340,7 +370,7 @@ def test_models_add_sends_the_options_as_model_keys(capsys, tmp_path, monkeypatc
         "--set", "max_tokens=64", "--set", "flash_attn=false", "--set", "stream_interval=0.1",
         "--set", "cpu=50%", "--set", "other=text"])
     client = CallClient(ADDED)
-    assert cli.cmd_models(client, args) == 0
+    assert models.cmd_models(client, args) == 0
     assert client.calls == [("add_model", {
         "name": "extra", "path": str(tmp_path / "x.gguf"),  # absolute: the daemon's cwd differs
         "options": {"n_ctx": 512, "workers": 2, "parallel": 3, "threads": 1,
@@ -354,7 +384,7 @@ def test_models_add_without_options_and_json(capsys):
     args = cli.build_parser().parse_args(["models", "add", "extra", "--path", "/m/x.gguf",
                                           "--json"])
     client = CallClient(ADDED)
-    assert cli.cmd_models(client, args) == 0
+    assert models.cmd_models(client, args) == 0
     assert client.calls == [("add_model", {"name": "extra", "path": "/m/x.gguf",
                                            "options": {}})]
     assert json.loads(capsys.readouterr().out) == ADDED
@@ -367,7 +397,7 @@ def test_models_add_without_options_and_json(capsys):
 ])
 def test_models_remove(capsys, reply, want):
     client = CallClient(reply)
-    assert cli.cmd_models(client, cli.build_parser().parse_args(
+    assert models.cmd_models(client, cli.build_parser().parse_args(
         ["models", "remove", "extra"])) == 0
     assert client.calls == [("remove_model", {"name": "extra"})]
     assert capsys.readouterr().out == want
@@ -395,6 +425,6 @@ def test_models_alone_still_lists(capsys):
         def models(self):
             return [{"name": "tiny", "state": "ready", "workers": 1, "n_ctx": 256,
                      "source": "/t.gguf", "error": None}]
-    assert cli.cmd_models(Lister(), cli.build_parser().parse_args(["models"])) == 0
+    assert models.cmd_models(Lister(), cli.build_parser().parse_args(["models"])) == 0
     assert capsys.readouterr().out.splitlines()[1].split() == ["tiny", "ready", "1", "256",
                                                                "/t.gguf"]

@@ -1,0 +1,35 @@
+"""llmctl ps: the models in memory and when each unloads, as `ollama ps`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..client import Client
+from ..output import fmt_bytes, show, table
+from . import EXIT_OK, Command
+
+
+def _ps_row(m: dict[str, Any]) -> list[Any]:
+    if m["state"] != "ready":
+        until = m["waiting"] or m["state"]
+    elif m["unload_in_s"] is None:
+        until = "forever" if m["keep_alive_s"] is None else f"busy (then {m['keep_alive']})"
+    else:
+        until = f"in {m['unload_in_s']:.0f} s"
+    return [m["name"], m["state"], fmt_bytes(m["memory_bytes"]),
+            f"{m['slots_busy']}/{m['slots']}", m["keep_alive"], until]
+
+
+def cmd_ps(client: Client, args: argparse.Namespace) -> int:
+    show(args, {"models": client.call("ps")["models"]},
+         lambda r: table(["NAME", "STATE", "MEMORY", "SLOTS", "KEEP_ALIVE", "UNLOADS"],
+                         [_ps_row(m) for m in r["models"]]))
+    return EXIT_OK
+
+
+COMMAND = Command(
+    "ps", help="the models in memory",
+    description="List the loaded models (and those loading or unloading): memory measured, "
+    "slots busy/total, keep_alive, and when each will unload once idle, as `ollama ps`.",
+    run=cmd_ps)
