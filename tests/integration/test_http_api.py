@@ -182,6 +182,9 @@ def test_timeout_is_504_and_shutdown_is_503(start_daemon, tiny_model_path):
         got["r"] = unix_http(d, "POST", "/v1/completions",
                              {"model": "tiny", "prompt": "x", "max_tokens": 3000})
 
+    # The timed-out request keeps its slot until the worker has stopped it: wait for that,
+    # then for the long request itself to run (not for "busy", which the first one was).
+    wait_for(lambda: d.status()["workers"][0]["state"] == "idle", what="worker idle")
     t = threading.Thread(target=long_request)
     t.start()
     wait_for(lambda: d.status()["workers"][0]["state"] == "busy", what="worker busy")
