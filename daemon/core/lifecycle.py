@@ -155,7 +155,7 @@ class Lifecycle:
         self._ask_keep_alive(life, keep_alive)
         req.cold = life.state != "loaded"
         if life.state == "loading":
-            req.emit({"event": "loading", "model": req.model})
+            req.loading()
 
     def check(self) -> None:
         """On every event and tick: start loads for queued requests, note models that
@@ -271,7 +271,7 @@ class Lifecycle:
                 return
             life.state, life.load_started = "loading", self.clock()
             for req in host.queues[name]:
-                req.emit({"event": "loading", "model": name})
+                req.loading()
             model = host.config.models[name]
             try:
                 path = await host.model_path(name)

@@ -238,7 +238,7 @@ class Service:
 
     # -- requests ----------------------------------------------------------------
 
-    def submit(self, model: str, prompt: str, params: dict[str, Any], priority: int,
+    def submit(self, model: str, params: messages.RequestParams, priority: int,
                timeout: float | None, uid: int, sink: Sink,
                keep_alive: str | None = None) -> tuple[Request, int]:
         """Accept a request into its model's queue; returns it and its queue position."""
@@ -247,7 +247,7 @@ class Service:
         check_model(model, self.config.models)  # a removed model drains, but takes no more
         if self.model_state(model) == "unavailable":
             raise ProtocolError("model_unavailable", self.unavailable_reason(model))
-        req = Request(id=f"r{next(self._ids)}", model=model, prompt=prompt, params=params,
+        req = Request(id=f"r{next(self._ids)}", model=model, params=params,
                       priority=priority, uid=uid, sink=sink)
         position = self.queues[model].push(req)
         self.requests[req.id] = req
@@ -362,7 +362,7 @@ class Service:
         log.info("request_preempted", request=req.id, worker=worker.name,
                  generated=resume.generated, context=len(resume.context), resume=how,
                  state_bytes=len(resume.state or b""))
-        req.emit({"event": "preempted", "tokens": resume.generated, "resume": how})
+        req.preempted(resume.generated, how)
         self.engine.notify(Event("preempted", request=req.id, model=req.model))
 
     def worker_kv(self, worker: Worker, report: messages.Kv) -> None:
