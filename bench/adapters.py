@@ -173,9 +173,9 @@ class Worker:
     def run(self, requests: dict[str, dict[str, Any]], tokens: int) -> dict[str, float]:
         """tokens/s of each request, as the worker reports it."""
         for req, fields in requests.items():
-            self._send(self.sock, {"type": "generate", "req": req, "prompt": PROMPT,
-                                   "max_tokens": tokens, "temperature": 0.0,
-                                   "ignore_eos": True, **fields})
+            self._send(self.sock, {"type": "generate", "req": req, "params": {
+                "prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0, "ignore_eos": True,
+                **fields}})
         rates: dict[str, float] = {}
         while len(rates) < len(requests):
             msg = self.recv()

@@ -45,8 +45,9 @@ def main() -> None:
 
     def submit() -> None:
         n = len(submitted)
-        ch.generates.append(m.Generate(req=f"r{n}", max_tokens=64, prompt=peers.prompt_for(n),
-                                       temperature=0.0, raw=True, ignore_eos=True))
+        ch.generates.append(m.Generate(req=f"r{n}", params=m.RequestParams(
+            max_tokens=64, prompt=peers.prompt_for(n), temperature=0.0, raw=True,
+            ignore_eos=True)))
         submitted[f"r{n}"] = time.perf_counter()
 
     for _ in range(args.slots):

@@ -58,8 +58,9 @@ def main() -> None:
 
     def engine(slots: int, i: int) -> float:
         e, ch = engines[slots]
-        ch.generates.append(m.Generate(req=f"r{i}", max_tokens=n, prompt=f"w{i} the quick brown "
-                                       "fox", temperature=0.0, raw=True, ignore_eos=True))
+        ch.generates.append(m.Generate(req=f"r{i}", params=m.RequestParams(
+            max_tokens=n, prompt=f"w{i} the quick brown fox", temperature=0.0, raw=True,
+            ignore_eos=True)))
         e.stop.arm()
         e.take_control()
         times = []

@@ -75,6 +75,6 @@ class Actuator:
 def _view(req: Request, now: float, worker: str = "", deferred: bool = False,
           kv_cells: int = 0) -> RequestView:
     return RequestView(req.id, req.model, req.priority, req.prompt_chars,
-                       req.params.get("max_tokens", 0), now - req.accepted_at, worker=worker,
+                       req.params.max_tokens, now - req.accepted_at, worker=worker,
                        tokens=req.tokens_sent, preemptions=req.preemptions, deferred=deferred,
                        kv_cells=kv_cells)

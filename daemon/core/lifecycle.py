@@ -118,7 +118,7 @@ class Lifecycle:
         self._ask_keep_alive(life, keep_alive)
         req.cold = life.state != "loaded"
         if life.state == "loading":
-            req.emit({"event": "loading", "model": req.model})
+            req.loading()
 
     def check(self) -> None:
         """On every event and tick: start loads for queued requests, note models that
@@ -235,7 +235,7 @@ class Lifecycle:
             target = self.models[name]
             life.state, life.load_started = "loading", self.clock()
             for req in target.queue:
-                req.emit({"event": "loading", "model": name})
+                req.loading()
             model = host.config.models[name]
             try:
                 path = await host.model_path(name)

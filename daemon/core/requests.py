@@ -10,13 +10,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..wire import events
 from ..wire.protocol import ProtocolError
 
 if TYPE_CHECKING:
-    from ..wire.messages import Resume, Stats
+    from ..wire.messages import RequestParams, Resume, Stats
     from .config import ModelConfig
 
-Sink = Callable[[dict[str, Any]], None]
+Sink = Callable[[events.Event], None]
 
 
 @dataclass(eq=False)
@@ -25,8 +26,7 @@ class Request:
 
     id: str
     model: str
-    prompt: str
-    params: dict[str, Any]
+    params: RequestParams
     priority: int = 0
     uid: int = -1
     deadline: float | None = None  # time.monotonic()
@@ -47,7 +47,8 @@ class Request:
     @property
     def prompt_chars(self) -> int:
         """The prompt's length, or its messages' (for the log and shortest-job-first)."""
-        return len(self.prompt) + sum(len(m["content"]) for m in self.params.get("messages", ()))
+        return len(self.params.prompt) + sum(len(m["content"])
+                                             for m in self.params.messages or ())
 
     def stats(self, worker: str, w: Stats) -> dict[str, Any]:
         """What its done event and the log say of a completed request: the worker's
@@ -64,9 +65,15 @@ class Request:
             "preemptions": self.preemptions, "cold": self.cold, "load_s": self.load_s,
         }
 
-    def emit(self, event: dict[str, Any]) -> None:
+    # -- the events streamed to the client: built here, and only here -----------------
+
+    def _emit(self, event: events.Event) -> None:
         if self.sink is not None:
             self.sink(event)
+
+    def loading(self) -> None:
+        """It waits for its model to load."""
+        self._emit(events.Loading(model=self.model))
 
     def token(self, text: str, tokens: int = 1) -> None:
         """Text of one or more tokens, streamed to the client."""
@@ -75,17 +82,21 @@ class Request:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.tokens_sent += tokens
-        self.emit({"event": "token", "text": text, "tokens": tokens})
+        self._emit(events.Token(text=text, tokens=tokens))
+
+    def preempted(self, tokens: int, resume: str) -> None:
+        """A policy took its slot after `tokens` tokens; it resumes by restore or recompute."""
+        self._emit(events.Preempted(tokens=tokens, resume=resume))
 
     def done(self, stats: dict[str, Any]) -> None:
         if not self.finished:
             self.finished = True
-            self.emit({"event": "done", "stats": stats})
+            self._emit(events.Done(stats=stats))
 
     def fail(self, code: str, message: str) -> None:
         if not self.finished:
             self.finished = True
-            self.emit({"event": "error", "error": ProtocolError(code, message).as_dict()})
+            self._emit(events.Error(error=events.Failure(code=code, message=message)))
 
 
 class ModelQueue:

@@ -101,7 +101,7 @@ class Service:
 
     # -- requests ----------------------------------------------------------------
 
-    def submit(self, model: str, prompt: str, params: dict[str, Any], priority: int,
+    def submit(self, model: str, params: messages.RequestParams, priority: int,
                timeout: float | None, uid: int, sink: Sink,
                keep_alive: str | None = None) -> tuple[Request, int]:
         """Accept a request into its model's queue; returns it and its queue position."""
@@ -111,7 +111,7 @@ class Service:
         target = self.models[model]
         if target.state() == "unavailable":
             raise ProtocolError("model_unavailable", target.unavailable_reason())
-        req = Request(id=f"r{next(self._ids)}", model=model, prompt=prompt, params=params,
+        req = Request(id=f"r{next(self._ids)}", model=model, params=params,
                       priority=priority, uid=uid, sink=sink)
         position = target.queue.push(req)
         self.requests[req.id] = req
@@ -215,7 +215,7 @@ class Service:
         log.info("request_preempted", request=req.id, worker=worker.name,
                  generated=resume.generated, context=len(resume.context), resume=how,
                  state_bytes=len(resume.state or b""))
-        req.emit({"event": "preempted", "tokens": resume.generated, "resume": how})
+        req.preempted(resume.generated, how)
         self.engine.notify(Event("preempted", request=req.id, model=req.model))
 
     def worker_kv(self, worker: Worker, report: messages.Kv) -> None:

@@ -403,7 +403,7 @@ class Worker:
     def run(self, req: Request) -> None:
         """Start req in a free slot."""
         assert self.free_slots > 0 and req.id not in self.running
-        msg = messages.Generate(req=req.id, prompt=req.prompt, resume=req.resume, **req.params)
+        msg = messages.Generate(req=req.id, params=req.params, resume=req.resume)
         self.running[req.id] = req
         self.state = "busy"
         req.started_at = req.started_at or time.monotonic()

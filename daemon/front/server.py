@@ -19,6 +19,7 @@ import structlog
 
 from ..core.requests import Request
 from ..core.service import Service
+from ..wire import events
 from ..wire.protocol import HEADER, ProtocolError, check_length, decode, encode
 from . import ops
 from .fairness import ROOT_RESERVE, ConnectionSlots
@@ -186,10 +187,10 @@ class Connection:
     def _track(self, msg_id: Any, req: Request) -> None:
         self.requests[req.id] = req
 
-        def sink(event: dict[str, Any]) -> None:
-            if event["event"] != "token":
+        def sink(event: events.Event) -> None:
+            if not isinstance(event, events.Token):
                 self.requests.pop(req.id, None)
-            self.send({"id": msg_id, "request": req.id, **event})
+            self.send({"id": msg_id, "request": req.id, **events.as_map(event)})
 
         req.sink = sink
 

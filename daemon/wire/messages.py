@@ -51,10 +51,10 @@ class Resume(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     held: str = ""  # text held back as a possible start of a stop string
 
 
-class Generate(_Msg, tag="generate"):
-    """Run one request in a free slot (the daemon sends no more than the worker has)."""
+class RequestParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a request generates from and how: the submit op's fields that reach the worker.
+    The defaults here are the request's defaults (the submit op and llmctl show them)."""
 
-    req: str
     max_tokens: int
     prompt: str = ""
     messages: list[dict[str, Any]] | None = None
@@ -69,9 +69,22 @@ class Generate(_Msg, tag="generate"):
     ignore_eos: bool = False
     json_schema: dict[str, Any] | None = None
     grammar: str | None = None
-    resume: Resume | None = None
     adapter: str = ""  # a LoRA adapter of Load.adapters, for this request only
     adapter_scale: float = 1.0  # its LoRA scale; 0 is the base model
+
+
+def defaults(*names: str) -> dict[str, Any]:
+    """The declared defaults of these fields of RequestParams."""
+    fields = {f.name: f for f in msgspec.structs.fields(RequestParams)}
+    return {name: fields[name].default for name in names}
+
+
+class Generate(_Msg, tag="generate"):
+    """Run one request in a free slot (the daemon sends no more than the worker has)."""
+
+    req: str
+    params: RequestParams
+    resume: Resume | None = None
 
 
 class Cancel(_Msg, tag="cancel"):

@@ -52,13 +52,15 @@ ERROR_CODES: dict[str, str] = {
 
 
 class ProtocolError(Exception):
-    """An error that becomes an error reply or event with a stable code."""
+    """An error that becomes an error reply or event with a stable code; param names the
+    request field it is about, if one (the HTTP front's error bodies show it)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         assert code in ERROR_CODES, code
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.param = param
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}

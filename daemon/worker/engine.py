@@ -56,6 +56,11 @@ ADAPTER_TURN = 16
 DECODE_ABORTED = 2  # llama_decode: the abort callback stopped it
 
 
+class TooLong(Exception):
+    """A request's context does not fit the worker's: error code too_long (a ValueError
+    refusing a request is bad_request)."""
+
+
 class Channel:
     """The socket to the daemon, with control messages that arrive during a step."""
 
@@ -254,17 +259,17 @@ class Engine:
             eos_token=self.model.token_get_text(eos) if eos != -1 else "",
             bos_token=self.model.token_get_text(bos) if bos != -1 else "")
 
-    def tokens(self, msg: m.Generate) -> list[int]:
+    def tokens(self, params: m.RequestParams) -> list[int]:
         """The request's prompt tokens: its prompt as a user message, or its messages, in
         the model's chat template; a raw prompt (or any, without a template) as is."""
-        messages = msg.messages
-        if messages is None and (self.formatter is None or msg.raw):
-            return self.model.tokenize(msg.prompt.encode(), add_bos=True, special=False)
+        messages = params.messages
+        if messages is None and (self.formatter is None or params.raw):
+            return self.model.tokenize(params.prompt.encode(), add_bos=True, special=False)
         if self.formatter is None:
             raise ValueError("messages need a chat template, and this model has none (no "
                              "tokenizer.chat_template in its GGUF, or its config sets "
                              "chat_template = false): send a prompt instead")
-        messages = messages or [{"role": "user", "content": msg.prompt}]
+        messages = messages or [{"role": "user", "content": params.prompt}]
         prefill = ""
         if messages[-1]["role"] == "assistant":  # the answer continues this text
             messages, prefill = messages[:-1], messages[-1]["content"]
@@ -339,11 +344,10 @@ class Engine:
     def _start(self, msg: m.Generate) -> None:
         try:
             self._admit(msg)
+        except TooLong as exc:
+            self.ch.send(m.Error(req=msg.req, code="too_long", message=str(exc)))
         except ValueError as exc:
-            code, _, text = str(exc).partition(": ")
-            if code != "too_long":
-                code, text = "bad_request", str(exc)
-            self.ch.send(m.Error(req=msg.req, code=code, message=text))
+            self.ch.send(m.Error(req=msg.req, code="bad_request", message=str(exc)))
         except Exception as exc:  # report, then keep serving the others
             self.ch.send(m.Error(req=msg.req, code="internal",
                                  message=f"{type(exc).__name__}: {exc}"))
@@ -353,31 +357,31 @@ class Engine:
             raise ValueError(f"request {msg.req} runs already")
         if not self.batcher.free:
             raise RuntimeError(f"all {self.batcher.slots} slots are busy")
-        resume = msg.resume
-        adapter = self.adapters.key(msg.adapter, msg.adapter_scale)
+        resume, p = msg.resume, msg.params
+        adapter = self.adapters.key(p.adapter, p.adapter_scale)
         grammar = grammars.from_request(self.lib, self.model.vocab,
-                                        {"json_schema": msg.json_schema, "grammar": msg.grammar})
+                                        {"json_schema": p.json_schema, "grammar": p.grammar})
         if resume:
             context, prompt_tokens, generated = list(resume.context), resume.prompt_tokens, \
                 resume.generated
             output = list(resume.output)
-            self._make_room(len(context) + msg.max_tokens - generated)
+            self._make_room(len(context) + p.max_tokens - generated)
             if len(context) >= self.n_ctx:
-                raise ValueError(f"too_long: the preempted request holds {len(context)} tokens;"
-                                 f" this worker's context holds {self.n_ctx}")
-            max_tokens = msg.max_tokens
+                raise TooLong(f"the preempted request holds {len(context)} tokens; this "
+                              f"worker's context holds {self.n_ctx}")
+            max_tokens = p.max_tokens
         else:
-            context = self.tokens(msg)
+            context = self.tokens(p)
             prompt_tokens, generated, output = len(context), 0, []
-            self._make_room(len(context) + msg.max_tokens)
+            self._make_room(len(context) + p.max_tokens)
             if len(context) >= self.n_ctx:
-                raise ValueError(f"too_long: the prompt is {len(context)} tokens; the context "
-                                 f"holds {self.n_ctx} and needs room for at least one more")
-            max_tokens = min(msg.max_tokens, self.n_ctx - len(context))
+                raise TooLong(f"the prompt is {len(context)} tokens; the context holds "
+                              f"{self.n_ctx} and needs room for at least one more")
+            max_tokens = min(p.max_tokens, self.n_ctx - len(context))
         # Seed every request: the request's, else the worker's, else a fresh one.
-        seed = next((x for x in (msg.seed, self.cfg.seed) if x >= 0), random.randrange(2**31))
-        sampling = {"top_k": msg.top_k, "top_p": msg.top_p, "min_p": msg.min_p,
-                    "temp": msg.temperature, "repeat_penalty": msg.repeat_penalty}
+        seed = next((x for x in (p.seed, self.cfg.seed) if x >= 0), random.randrange(2**31))
+        sampling = {"top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
+                    "temp": p.temperature, "repeat_penalty": p.repeat_penalty}
         picker = Picker(self.lib, self.np, self.model, sampling, seed, grammar, output)
         seq = self.batcher.admit(msg.req, context, adapter)
         kvstate.drop(self.ctx, seq.slot, seq.done)
@@ -386,7 +390,7 @@ class Engine:
                 seq.done = len(context) - 1
             else:  # the prefix is recomputed instead
                 seq.done = 0
-        out = Outbox(self.ch, msg.req, self.cfg.stream_interval, msg.stop, resume)
+        out = Outbox(self.ch, msg.req, self.cfg.stream_interval, p.stop, resume)
         self.runs[msg.req] = Run(seq, msg, out, picker, prompt_tokens, generated, max_tokens,
                                  output, resumed_at=generated)
 
@@ -508,7 +512,7 @@ class Engine:
 
     def _next_token(self, run: Run, token: int) -> None:
         seq, finish = run.seq, None
-        if self.lib.llama_vocab_is_eog(self.model.vocab, token) and not run.msg.ignore_eos:
+        if self.lib.llama_vocab_is_eog(self.model.vocab, token) and not run.msg.params.ignore_eos:
             finish = "stop"
         else:
             run.generated += 1

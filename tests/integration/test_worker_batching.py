@@ -50,9 +50,12 @@ class Worker:
 
     def run(self, requests: dict[str, dict[str, Any]], on_token: Any = None
             ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-        """Send every request at once; collect each one's text and last message."""
+        """Send every request at once (its fields are params, and may hold a resume);
+        collect each one's text and last message."""
         for req, fields in requests.items():
-            self.send({"type": "generate", "req": req, **GREEDY, **fields})
+            params = {k: v for k, v in fields.items() if k != "resume"}
+            resume = {k: v for k, v in fields.items() if k == "resume"}
+            self.send({"type": "generate", "req": req, "params": {**GREEDY, **params}, **resume})
         text = dict.fromkeys(requests, "")
         tokens = dict.fromkeys(requests, 0)
         ends: dict[str, dict[str, Any]] = {}
@@ -182,12 +185,12 @@ def test_a_long_prompt_does_not_stall_the_others(tiny_model_path: Path) -> None:
     step of it also holds the decoding sequence's next token."""
     w = Worker(tiny_model_path, parallel=2, n_ctx=4096, n_batch=512)
     try:
-        w.send({"type": "generate", "req": "short", **GREEDY, "prompt": "hello",
-                "max_tokens": 1000})
+        w.send({"type": "generate", "req": "short", "params": {**GREEDY, "prompt": "hello",
+                                                                "max_tokens": 1000}})
         while w.recv()["type"] != "token":
             pass
-        w.send({"type": "generate", "req": "long", **GREEDY, "max_tokens": 1,
-                "prompt": "lorem ipsum dolor sit amet " * 100})
+        w.send({"type": "generate", "req": "long", "params": {
+            **GREEDY, "max_tokens": 1, "prompt": "lorem ipsum dolor sit amet " * 100}})
         short_tokens = 0
         msg = w.recv()
         while not (msg["type"] in ("token", "done") and msg["req"] == "long"):

@@ -53,7 +53,7 @@ class WorkerProc:
                  resume: dict[str, Any] | None = None) -> tuple[str, dict[str, Any], list]:
         """Run one request; send `control` once `after` tokens have arrived. Returns the
         text, the final message and the kv reports seen."""
-        self.send({"type": "generate", "req": req, "prompt": PROMPT, **GREEDY,
+        self.send({"type": "generate", "req": req, "params": {"prompt": PROMPT, **GREEDY},
                    **({"resume": resume} if resume else {})})
         text, tokens, reports, sent = "", 0, [], False
         while True:
@@ -113,7 +113,7 @@ def test_preempt_during_prompt_evaluation_resumes_by_recompute(tiny_model_path: 
     w = WorkerProc(tiny_model_path, n_ctx=2048)
     try:
         long_prompt = "lorem ipsum dolor sit amet " * 70  # ~1900 tokens
-        w.send({"type": "generate", "req": "long", "prompt": long_prompt, **GREEDY})
+        w.send({"type": "generate", "req": "long", "params": {"prompt": long_prompt, **GREEDY}})
         w.send({"type": "preempt", "req": "long", "state_min_tokens": 0})
         msg = w.recv()
         while msg["type"] == "token":
@@ -200,8 +200,9 @@ ARRAY = {"type": "array", "minItems": 20, "maxItems": 20,
 def _output(worker: WorkerProc, req: str, after: int | None = None,
             resume: dict[str, Any] | None = None, **fields: Any) -> tuple[str, dict[str, Any]]:
     """generate() with output fields (json_schema, stop) and a preempt after `after` tokens."""
-    worker.send({"type": "generate", "req": req, "prompt": PROMPT, **GREEDY,
-                 "ignore_eos": False, **fields, **({"resume": resume} if resume else {})})
+    worker.send({"type": "generate", "req": req,
+                 "params": {"prompt": PROMPT, **GREEDY, "ignore_eos": False, **fields},
+                 **({"resume": resume} if resume else {})})
     text, tokens, sent = "", 0, False
     while True:
         msg = worker.recv()
@@ -240,7 +241,8 @@ def test_a_sampled_grammar_request_resumes_inside_its_grammar(worker: WorkerProc
 def test_a_preempted_request_keeps_the_stop_string_start_it_held_back(
         worker: WorkerProc) -> None:
     reference, _, _ = worker.generate("sref")
-    worker.send({"type": "generate", "req": "t1", "prompt": PROMPT, **GREEDY, "max_tokens": 1})
+    worker.send({"type": "generate", "req": "t1",
+                 "params": {"prompt": PROMPT, **GREEDY, "max_tokens": 1}})
     first_token, done = worker.recv()["text"], worker.recv()
     assert done["type"] == "done" and len(first_token) >= 2 and reference.startswith(first_token)
     # A stop string that starts inside the first token's text and runs 200 characters
@@ -249,7 +251,8 @@ def test_a_preempted_request_keeps_the_stop_string_start_it_held_back(
     start = len(first_token) - 1
     stop = reference[start:start + 200]
     assert len(stop) == 200 and reference.index(stop) == start
-    worker.send({"type": "generate", "req": "s1", "prompt": PROMPT, **GREEDY, "stop": [stop]})
+    worker.send({"type": "generate", "req": "s1",
+                 "params": {"prompt": PROMPT, **GREEDY, "stop": [stop]}})
     msg = worker.recv()
     assert msg["type"] == "token" and msg["text"] == reference[:start], msg
     worker.send({"type": "preempt", "req": "s1", "state_min_tokens": 0})

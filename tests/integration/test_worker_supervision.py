@@ -185,8 +185,9 @@ def test_a_long_prompt_evaluation_answers_pings(mid_model):
         send_frame(sock, {"type": "ping"})
         assert recv_frame(sock)["type"] == "pong"  # idle: the main loop answers
         # One llama_decode call of 3500 tokens (n_batch 4096): no Python runs between chunks.
-        send_frame(sock, {"type": "generate", "req": "r1", "prompt": "the sky is blue and " * 500,
-                          "raw": True, "max_tokens": 2, "ignore_eos": True, "temperature": 0.0})
+        send_frame(sock, {"type": "generate", "req": "r1", "params": {
+            "prompt": "the sky is blue and " * 500, "raw": True, "max_tokens": 2,
+            "ignore_eos": True, "temperature": 0.0}})
         time.sleep(0.3)
         send_frame(sock, {"type": "ping"})
         first = recv_frame(sock)

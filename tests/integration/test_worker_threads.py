@@ -52,7 +52,8 @@ class Worker:
                  threads: int = 0) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
         """Run PROMPT; `threads_after_s` after sending it, ask for `threads`. Returns the
         text, the threads answers and the done message."""
-        send_frame(self.sock, {"type": "generate", "req": "r1", "prompt": PROMPT, **GREEDY})
+        send_frame(self.sock, {"type": "generate", "req": "r1",
+                               "params": {"prompt": PROMPT, **GREEDY}})
         if threads_after_s is not None:
             time.sleep(threads_after_s)
             send_frame(self.sock, {"type": "set_threads", "n": threads})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from llm_residentd.core.requests import ModelQueue, Request
 from llm_residentd.front.fairness import ROOT_RESERVE, ConnectionSlots
+from llm_residentd.wire.messages import RequestParams
 from llm_residentd.wire.protocol import ProtocolError
 
 
@@ -37,7 +38,7 @@ def test_the_global_limit_holds_for_all_but_root_who_has_a_reserve():
 
 
 def _req(n: int, uid: int) -> Request:
-    return Request(id=f"r{n}", model="m", prompt="", params={}, uid=uid)
+    return Request(id=f"r{n}", model="m", params=RequestParams(max_tokens=1), uid=uid)
 
 
 def test_a_uid_may_queue_max_queue_per_uid_and_others_still_get_in():

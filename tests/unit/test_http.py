@@ -84,9 +84,37 @@ def test_every_error_code_has_an_http_status():
     assert error_response("too_many_requests", "x").status == 429
     assert error_response("shutting_down", "x").status == 503
     assert error_response("model_unavailable", "x").status == 503
-    assert error_body("bad_request", "the length of prompt must be at least 1") == {
+    assert error_body("bad_request", "the length of prompt must be at least 1", "prompt") == {
         "error": {"message": "the length of prompt must be at least 1",
                   "type": "invalid_request_error", "param": "prompt", "code": "bad_request"}}
+    assert error_body("too_long", "the prompt is 900 tokens")["error"]["param"] == "prompt"
+    assert error_body("queue_full", "x", "model")["error"]["param"] is None  # 400s only
+
+
+@pytest.mark.parametrize(("msg", "param"), [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "x", "stop": ["a", ""]}, "stop"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+])
+def test_a_refused_field_is_named_by_the_error_not_found_in_its_text(msg, param):
+    from llm_residentd.front import ops
+
+    with pytest.raises(ProtocolError) as err:
+        ops.validate(ops.OPS["submit"], msg)
+    assert err.value.param == param
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
+    ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
+    ([1, 2], None),
+])
+def test_the_openai_mapping_names_the_field_it_refuses(body, param):
+    with pytest.raises(ProtocolError) as err:
+        openai.completion_submit(body)
+    assert err.value.param == param
 
 
 def test_keys_file(tmp_path):

@@ -14,6 +14,7 @@ from llm_residentd.core.config import Config, DaemonConfig, ModelConfig
 from llm_residentd.core.lifecycle import Lifecycle
 from llm_residentd.core.models import Models
 from llm_residentd.core.requests import Request
+from llm_residentd.wire.messages import RequestParams
 from llm_residentd.wire.protocol import ProtocolError
 
 MIB = 1 << 20
@@ -94,7 +95,7 @@ def test_a_load_evicts_idle_models_oldest_first_only_as_many_as_it_needs(clock):
     # 300 MiB loaded under 350: 50 free; b (least recently used) frees 100 more, enough.
     assert fits and [v.name for v in victims] == ["b"] and room.bytes == 150 * MIB
     # c is busy: not evictable, but it could end
-    host.models["c"].queue.push(Request(id="busy", model="c", prompt="", params={}))
+    host.models["c"].queue.push(Request(id="busy", model="c", params=RequestParams(max_tokens=1)))
     new.need = memfit.Need(bytes=300 * MIB, weights=0, kv=0, overhead=0, measured=False)
     fits, victims, room, possible = lc._plan(new)
     assert not fits and victims == [] and possible  # wait for c

@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import pytest
 from llm_residentd.core.requests import ModelQueue, Request
+from llm_residentd.wire import events
+from llm_residentd.wire.messages import RequestParams
 from llm_residentd.wire.protocol import ProtocolError
 
 
 def _req(n: int, priority: int = 0) -> Request:
-    return Request(id=f"r{n}", model="m", prompt="p", params={}, priority=priority)
+    return Request(id=f"r{n}", model="m", params=RequestParams(max_tokens=1, prompt="p"),
+                   priority=priority)
 
 
 def test_higher_priority_first_then_fifo():
@@ -46,14 +49,14 @@ def test_remove_skips_the_entry():
 
 
 def test_request_finishes_once():
-    events = []
+    sent = []
     r = _req(1)
-    r.sink = events.append
+    r.sink = sent.append
     r.token("a")
     r.done({"x": 1})
     r.fail("cancelled", "late")
     r.token("late")
-    assert [e["event"] for e in events] == ["token", "done"]
+    assert [type(e) for e in sent] == [events.Token, events.Done]
     assert r.first_token_at is not None and r.tokens_sent == 1
 
 

@@ -19,6 +19,8 @@ from llm_residentd.core.workers import Worker
 from llm_residentd.placement.scopes import Backend
 from llm_residentd.policies import Event
 from llm_residentd.wire import messages
+from llm_residentd.wire.events import as_map
+from llm_residentd.wire.messages import RequestParams
 from llm_residentd.wire.protocol import ProtocolError
 from test_worker_slots import Writer, stats
 
@@ -88,8 +90,8 @@ async def from_worker(service: Service, index: int, *msgs: messages.FromWorker) 
 def submit(service: Service, prompt: str, priority: int = 0, uid: int = 1000,
            timeout: float | None = None) -> tuple[str, list[dict[str, Any]]]:
     events: list[dict[str, Any]] = []
-    req, _ = service.submit("m", prompt, {"max_tokens": 8}, priority, timeout, uid,
-                            sink=events.append)
+    req, _ = service.submit("m", RequestParams(max_tokens=8, prompt=prompt), priority,
+                            timeout, uid, sink=lambda event: events.append(as_map(event)))
     return req.id, events
 
 

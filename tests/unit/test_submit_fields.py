@@ -83,10 +83,10 @@ def test_a_conversation_and_the_output_fields_reach_the_worker_params():
     args = ops.validate(SUBMIT, {"messages": messages, "stop": ["\n\n", "END"],
                                  "json_schema": {"type": "object"}})
     accept(service, args, uid=5, sink=None)
-    (model, prompt, params, _, _, uid), _ = service.submitted[0]
-    assert (model, prompt, uid) == ("tiny", "", 5)
-    assert params["messages"] == messages and params["stop"] == ["\n\n", "END"]
-    assert params["json_schema"] == {"type": "object"} and "grammar" not in params
+    (model, params, _, _, uid), _ = service.submitted[0]
+    assert (model, params.prompt, uid) == ("tiny", "", 5)
+    assert params.messages == messages and params.stop == ["\n\n", "END"]
+    assert params.json_schema == {"type": "object"} and params.grammar is None
     # an assistant message last is accepted: the answer continues its text
     ops.validate(SUBMIT, {"messages": [USER, {"role": "assistant", "content": "{"}]})
 

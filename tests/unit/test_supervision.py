@@ -13,6 +13,7 @@ from llm_residentd.core.config import ModelConfig
 from llm_residentd.core.requests import Request
 from llm_residentd.core.supervision import Backoff, after_loss, load_trouble, model_state
 from llm_residentd.core.workers import LoadFailed, Worker
+from llm_residentd.wire.messages import RequestParams
 
 
 class Clock:
@@ -157,7 +158,8 @@ def test_failing_model_says_how_often_and_when():
 
 
 def _request(tokens: int = 0) -> Request:
-    return Request(id="r1", model="m", prompt="hi", params={}, tokens_sent=tokens)
+    return Request(id="r1", model="m", params=RequestParams(max_tokens=1, prompt="hi"),
+                   tokens_sent=tokens)
 
 
 def test_a_request_without_tokens_is_requeued_twice_then_fails():

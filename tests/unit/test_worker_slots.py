@@ -21,7 +21,8 @@ from llm_residentd.core.requests import ModelQueue, Request
 from llm_residentd.core.slots import Slots
 from llm_residentd.core.workers import Worker
 from llm_residentd.policies import Action, Event, Policy, Snapshot
-from llm_residentd.wire import messages
+from llm_residentd.wire import events, messages
+from llm_residentd.wire.messages import RequestParams
 
 
 class Writer:
@@ -92,8 +93,8 @@ def slots_of(*workers: Worker) -> Slots:
 def queue_of(n: int) -> ModelQueue:
     queue = ModelQueue("m", 64)
     for i in range(n):
-        queue.push(Request(id=f"r{i}", model="m", prompt=f"p{i}",
-                           params={"max_tokens": 8, "temperature": 0.0}))
+        queue.push(Request(id=f"r{i}", model="m",
+                           params=RequestParams(max_tokens=8, prompt=f"p{i}", temperature=0.0)))
     return queue
 
 
@@ -124,7 +125,8 @@ def test_dispatch_fills_the_free_slots_and_no_more():
     assert [r.id for r in queue] == ["r4", "r5"]  # they wait for a slot
     gen = writer.sent[0]
     assert isinstance(gen, messages.Generate)
-    assert (gen.req, gen.prompt, gen.max_tokens, gen.temperature) == ("r0", "p0", 8, 0.0)
+    p = gen.params
+    assert (gen.req, p.prompt, p.max_tokens, p.temperature) == ("r0", "p0", 8, 0.0)
     assert fill(slots, queue, [worker]) == []  # full
 
 
@@ -133,12 +135,12 @@ def test_replies_are_routed_per_request_and_a_freed_slot_is_filled():
     worker, _ = serving_worker(slots=2, listener=listener)
     slots, queue = slots_of(worker), queue_of(3)
     fill(slots, queue, [worker])
-    sink: list[dict[str, Any]] = []
+    sink: list[events.Event] = []
     worker.running["r1"].sink = sink.append
     feed(worker, messages.Token(req="r1", text="Hi", tokens=2),
          messages.Done(req="r0", stats=stats(5)),
          messages.Token(req="r1", text=" there", tokens=1))
-    assert [e["text"] for e in sink] == ["Hi", " there"]
+    assert sink == [events.Token(text="Hi", tokens=2), events.Token(text=" there", tokens=1)]
     assert listener.calls == [("done", "r0", 5), ("idle", "m-0")]
     assert list(worker.running) == ["r1"] and worker.served == 1 and worker.state == "busy"
     assert fill(slots, queue, [worker]) == ["r2"]
@@ -244,7 +246,7 @@ def test_batch_reports_are_tallied_and_cells_shown_per_request():
 def test_commands_name_their_request_and_go_only_to_running_ones():
     worker, writer = serving_worker(slots=2)
     fill(slots_of(worker), queue_of(2), [worker])
-    other = Request(id="x", model="m", prompt="", params={})
+    other = Request(id="x", model="m", params=RequestParams(max_tokens=1))
     for req in (worker.running["r1"], other):
         worker.cancel(req)
         worker.preempt(req, 128)
@@ -279,7 +281,7 @@ def test_dispatch_spreads_over_workers_and_keeps_the_batch_limits():
     assert (slots.limit(a), slots.free(a), slots.free(b)) == (2, 0, 1)
     queue = queue_of(0)
     for i in range(3, 6):
-        queue.push(Request(id=f"r{i}", model="m", prompt="", params={"max_tokens": 4}))
+        queue.push(Request(id=f"r{i}", model="m", params=RequestParams(max_tokens=4)))
     assert fill(slots, queue, [a, b]) == ["r3"]  # b's second slot; then both are at 2
     assert slots.set_batch("m-1", 1) == "done"
     assert (slots.limit(a), slots.limit(b)) == (2, 1)  # the least of worker's and model's
@@ -356,7 +358,7 @@ def test_set_batch_with_bad_values_disables_its_policy(values):
 
 def test_trim_kv_may_name_its_sequence_but_nothing_else_as_text():
     engine, worker = _engine([Action("trim_kv", "m-0", {"keep": 4, "req": "r0"})])
-    worker.running["r0"] = Request(id="r0", model="m", prompt="", params={})
+    worker.running["r0"] = Request(id="r0", model="m", params=RequestParams(max_tokens=1))
     with structlog.testing.capture_logs():
         engine.notify(Event("tick"))
     assert engine.kv_asked == {"m-0": "batcher"} and "batcher" in engine.enabled

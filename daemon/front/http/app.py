@@ -13,7 +13,6 @@ import grp
 import inspect
 import json
 import os
-import re
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from ...wire import listen
+from ...wire.events import Done, Error, Event, Token
 from ...wire.protocol import ProtocolError
 from .. import ops, prometheus, views
 from . import auth, openai
@@ -48,9 +48,8 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           404: "invalid_request_error", 408: "invalid_request_error",
           409: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error"}
-_PARAMS = {"messages", "prompt", "model", "max_tokens", "temperature", "top_p", "seed",
-           "stop", "stream", "priority", "timeout", "json_schema", "top_k", "min_p",
-           "repeat_penalty", "n", "logprobs", "response_format", "tools", "keep_alive"}
+# An error event names no field; the codes that are always about one.
+_FIELD_OF = {"too_long": "prompt"}
 RETRY_AFTER_S = "1"
 _CLOSE = ("request_timeout", "body_too_large")  # errors after which the connection closes
 
@@ -61,19 +60,20 @@ class HttpError(Exception):
         self.code, self.message = code, message
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
+def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape; param is the request field a 400 is about."""
     status = STATUS.get(code, 500)
-    # The field a message is about: the first field name in it ("the length of prompt ...").
-    param = next((w for w in re.findall(r"[a-z_]+", message) if w in _PARAMS), None)
+    param = param or _FIELD_OF.get(code)
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"),
                       "param": param if status == 400 else None, "code": code}}
 
 
-def error_response(code: str, message: str, request_id: str | None = None) -> web.Response:
+def error_response(code: str, message: str, request_id: str | None = None,
+                   param: str | None = None) -> web.Response:
     headers = {"Retry-After": RETRY_AFTER_S} if STATUS.get(code) == 429 else {}
     if request_id:
         headers["X-Request-Id"] = request_id
-    resp = web.json_response(error_body(code, message), status=STATUS.get(code, 500),
+    resp = web.json_response(error_body(code, message, param), status=STATUS.get(code, 500),
                              headers=headers)
     if code in _CLOSE:
         resp.force_close()  # the rest of the body is not worth reading
@@ -187,7 +187,7 @@ class HttpFront:
             request["peer"] = self._peer(request)
             return await handler(request)
         except ProtocolError as exc:
-            return error_response(exc.code, exc.message)
+            return error_response(exc.code, exc.message, param=exc.param)
         except HttpError as exc:
             resp = error_response(exc.code, exc.message)
             return await _closing(request, resp) if exc.code in _CLOSE else resp
@@ -245,7 +245,7 @@ class HttpFront:
     async def _generate(self, request: web.Request, body: dict[str, Any],
                         msg: dict[str, Any], chat: bool) -> web.StreamResponse:
         peer: auth.Peer = request["peer"]
-        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        events: asyncio.Queue[Event] = asyncio.Queue()
         accepted: dict[str, Any] = {}
         tracked = []
 
@@ -275,14 +275,13 @@ class HttpFront:
             parts = []
             while True:
                 event = await events.get()
-                if event["event"] == "token":
-                    parts.append(event["text"])
-                elif event["event"] == "done":
-                    return web.json_response(shape.reply("".join(parts), event["stats"]),
+                if isinstance(event, Token):
+                    parts.append(event.text)
+                elif isinstance(event, Done):
+                    return web.json_response(shape.reply("".join(parts), event.stats),
                                              headers={"X-Request-Id": req.id})
-                elif event["event"] == "error":
-                    err = event["error"]
-                    return error_response(err["code"], err["message"], req.id)
+                elif isinstance(event, Error):
+                    return error_response(event.error.code, event.error.message, req.id)
         finally:
             if guard is not None:
                 guard.requests.discard(req.id)
@@ -291,37 +290,33 @@ class HttpFront:
                     self.service.stop_request(req.id, "cancelled", "the HTTP client went away")
 
     async def _stream(self, request: web.Request, request_id: str,
-                      events: asyncio.Queue[dict[str, Any]], shape: openai.Shape,
+                      events: asyncio.Queue[Event], shape: openai.Shape,
                       include_usage: bool) -> web.StreamResponse:
         """SSE: headers with the first token, so an error before it gets its own status."""
         resp: web.StreamResponse | None = None
         while True:
             event = await events.get()
-            kind = event["event"]
-            if kind == "error" and resp is None:
-                err = event["error"]
-                return error_response(err["code"], err["message"], request_id)
-            if kind not in ("token", "done", "error"):
-                continue  # preempted: the answer resumes later
+            if isinstance(event, Error) and resp is None:
+                return error_response(event.error.code, event.error.message, request_id)
+            if not isinstance(event, Token | Done | Error):
+                continue  # loading, preempted: the answer comes later
             if resp is None:
                 resp = web.StreamResponse(headers={
                     "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                     "X-Request-Id": request_id})
                 await resp.prepare(request)
                 await resp.write(_sse(shape.chunk("", first=True)) if shape.chat else b"")
-            if kind == "token":
-                await resp.write(_sse(shape.chunk(event["text"], tokens=event.get("tokens"))))
-            elif kind == "done":
-                stats = event["stats"]
-                await resp.write(_sse(shape.chunk(None, stats["finish_reason"])))
+            if isinstance(event, Token):
+                await resp.write(_sse(shape.chunk(event.text, tokens=event.tokens)))
+            elif isinstance(event, Done):
+                await resp.write(_sse(shape.chunk(None, event.stats["finish_reason"])))
                 if include_usage:
-                    await resp.write(_sse(shape.usage_chunk(stats)))
+                    await resp.write(_sse(shape.usage_chunk(event.stats)))
                 await resp.write(b"data: [DONE]\n\n")
                 await resp.write_eof()
                 return resp
             else:  # an error after the stream started: an error event, then the end
-                err = event["error"]
-                await resp.write(_sse(error_body(err["code"], err["message"])))
+                await resp.write(_sse(error_body(event.error.code, event.error.message)))
                 await resp.write_eof()
                 return resp
 

@@ -29,20 +29,21 @@ _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "seed": "seed",
 _ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
 
 
-def bad(message: str) -> ProtocolError:
-    return ProtocolError("bad_request", message)
+def bad(message: str, param: str | None) -> ProtocolError:
+    """bad_request about the body's field param (None: the body as a whole)."""
+    return ProtocolError("bad_request", message, param)
 
 
 def _check_unsupported(body: dict[str, Any]) -> None:
     for key, allowed in _UNSUPPORTED.items():
         if key in body and body[key] not in allowed:
-            raise bad(f"{key}={body[key]!r} is not supported by llm-residentd")
+            raise bad(f"{key}={body[key]!r} is not supported by llm-residentd", key)
 
 
 def _common(body: dict[str, Any], priority_header: str | None) -> dict[str, Any]:
     """The submit fields that chat and completions share."""
     if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
+        raise bad("the request body must be a JSON object", None)
     _check_unsupported(body)
     msg: dict[str, Any] = {"op": "submit"}
     for ours, theirs in _SAMPLING.items():
@@ -52,7 +53,7 @@ def _common(body: dict[str, Any], priority_header: str | None) -> dict[str, Any]
         try:
             msg["priority"] = int(priority_header)
         except ValueError:
-            raise bad(f"X-Priority must be an integer, not {priority_header!r}") from None
+            raise bad(f"X-Priority must be an integer, not {priority_header!r}", None) from None
     for key in ("max_completion_tokens", "max_tokens"):  # the newer name wins
         if body.get(key) is not None:
             msg["max_tokens"] = body[key]
@@ -66,9 +67,9 @@ def _common(body: dict[str, Any], priority_header: str | None) -> dict[str, Any]
         msg["stop"] = [stop] if isinstance(stop, str) else stop
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
-        raise bad("stream_options must be an object")
+        raise bad("stream_options must be an object", "stream_options")
     if not isinstance(body.get("stream", False), bool):
-        raise bad("stream must be a boolean")
+        raise bad("stream must be a boolean", "stream")
     return msg
 
 
@@ -79,10 +80,10 @@ def _content(i: int, content: Any) -> Any:
     texts = []
     for part in content:
         if not isinstance(part, dict) or part.get("type") != "text":
-            raise bad(f"messages[{i}].content: only text parts are supported")
+            raise bad(f"messages[{i}].content: only text parts are supported", "messages")
         texts.append(part.get("text"))
     if not all(isinstance(t, str) for t in texts):
-        raise bad(f"messages[{i}].content: a text part needs a string \"text\"")
+        raise bad(f"messages[{i}].content: a text part needs a string \"text\"", "messages")
     return "".join(texts)
 
 
@@ -91,11 +92,11 @@ def chat_submit(body: Any, priority_header: str | None = None) -> dict[str, Any]
     msg = _common(body, priority_header)
     messages = body.get("messages")
     if not isinstance(messages, list):
-        raise bad("messages must be an array of {role, content} objects")
+        raise bad("messages must be an array of {role, content} objects", "messages")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise bad(f"messages[{i}] must be an object with role and content")
+            raise bad(f"messages[{i}] must be an object with role and content", "messages")
         role = m.get("role")
         out.append({"role": _ROLES.get(role, role), "content": _content(i, m.get("content"))})
     msg["messages"] = out
@@ -114,12 +115,14 @@ def _response_format(fmt: Any) -> dict[str, Any]:
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
-            raise bad("response_format.json_schema must be an object with a \"schema\"")
+            raise bad("response_format.json_schema must be an object with a \"schema\"",
+                      "response_format")
         schema = spec.get("schema", {})
         if not isinstance(schema, dict):
-            raise bad("response_format.json_schema.schema must be an object")
+            raise bad("response_format.json_schema.schema must be an object", "response_format")
         return {"json_schema": schema}
-    raise bad("response_format.type must be \"text\", \"json_object\" or \"json_schema\"")
+    raise bad("response_format.type must be \"text\", \"json_object\" or \"json_schema\"",
+              "response_format")
 
 
 def completion_submit(body: Any, priority_header: str | None = None) -> dict[str, Any]:
@@ -129,9 +132,9 @@ def completion_submit(body: Any, priority_header: str | None = None) -> dict[str
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]  # the SDKs may send one prompt as a list
     elif isinstance(prompt, list):
-        raise bad("prompt: one prompt per request (a string)")
+        raise bad("prompt: one prompt per request (a string)", "prompt")
     if prompt is None:
-        raise bad("prompt is required")
+        raise bad("prompt is required", "prompt")
     msg["prompt"] = prompt
     msg["raw"] = True
     return msg

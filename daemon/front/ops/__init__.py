@@ -108,12 +108,17 @@ def validate(op: Op, msg: dict[str, Any]) -> dict[str, Any]:
     for key in args:
         if key not in op.params:
             known = ", ".join(sorted(op.params)) or "none"
-            raise ProtocolError("bad_request", f"op {op.name} has no field {key!r} (fields: {known})")
+            raise ProtocolError("bad_request", f"op {op.name} has no field {key!r} (fields: {known})",
+                                param=key)
     for key, param in op.params.items():
         if key in args:
-            args[key] = param.check(key, args[key])
+            try:
+                args[key] = param.check(key, args[key])
+            except ProtocolError as exc:
+                raise ProtocolError(exc.code, exc.message, param=key) from None
         elif param.required:
-            raise ProtocolError("bad_request", f"op {op.name} needs field {key!r}: {param.help}")
+            raise ProtocolError("bad_request", f"op {op.name} needs field {key!r}: {param.help}",
+                                param=key)
     return args
 
 

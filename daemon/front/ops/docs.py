@@ -10,6 +10,7 @@ replaced; the prose around it is kept. The blocks are:
 - `fields OP`: the request fields of OP, from its `Param` declarations (one per op);
 - `error-codes`: daemon/wire/protocol.py ERROR_CODES, in declaration order;
 - `hello-reply`: the worked example's hello reply, produced by the hello op itself;
+- `stream-events`: the events a submit streams to its client, from daemon/wire/events.py;
 - `worker-messages`: every message between the daemon and a worker, from
   daemon/wire/messages.py (tag, docstring, fields with their types, defaults and comments).
 
@@ -34,7 +35,7 @@ import structlog
 import structlog.testing
 
 from ...core.config import DaemonConfig
-from ...wire import messages
+from ...wire import events, messages
 from ...wire.protocol import ERROR_CODES, encode
 from . import OPS, Context, Op, Param
 
@@ -164,10 +165,10 @@ def _default(f: msgspec.structs.FieldInfo) -> str:
     return f"`{json.dumps(value) if not isinstance(value, bytes) else repr(value)}`"
 
 
-def message_table(cls: type[msgspec.Struct]) -> str:
+def message_table(cls: type[msgspec.Struct], within: str = "a message") -> str:
     """One message: its tag (or, for a nested struct, its name), docstring and fields."""
     tag = cls.__struct_config__.tag
-    title = f"`{tag}`" if tag else f"{cls.__name__} (inside a message)"
+    title = f"`{tag}`" if tag else f"{cls.__name__} (inside {within})"
     doc = " ".join((cls.__doc__ or "").split())
     rows = [f"#### {title}", "", *([doc, ""] if doc else []),
             "| field | type | default | meaning |", "|---|---|---|---|"]
@@ -186,14 +187,22 @@ def worker_messages() -> str:
         parts.append(f"### {heading}\n")
         parts += [message_table(cls) for cls in typing.get_args(union)]
     parts.append("### Structures inside messages\n")
-    parts += [message_table(cls) for cls in (messages.Resume, messages.Stats)]
+    parts += [message_table(cls) for cls in (messages.RequestParams, messages.Resume,
+                                              messages.Stats)]
+    return "\n".join(parts)
+
+
+def stream_events() -> str:
+    """daemon/wire/events.py as tables: each event, then the structure inside an error."""
+    parts = [message_table(cls) for cls in typing.get_args(events.Event)]
+    parts.append(message_table(events.Failure, "an event"))
     return "\n".join(parts)
 
 
 def blocks() -> dict[str, str]:
     """Every block the page must hold, by name."""
     out = {"ops": ops_table(), "error-codes": error_codes_table(), "hello-reply": hello_example(),
-           "worker-messages": worker_messages()}
+           "stream-events": stream_events(), "worker-messages": worker_messages()}
     out.update({f"fields {name}": fields_table(op) for name, op in sorted(OPS.items())})
     return out
 

@@ -18,14 +18,14 @@ from typing import Any
 from ...core.config import ADAPTER_NAME_MAX
 from ...core.requests import Request, Sink
 from ...wire.durations import parse_keep_alive
+from ...wire.messages import RequestParams, defaults
 from ...wire.protocol import ProtocolError
 from .. import views
 from . import Context, Op, Param, register
 
-SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05,
-                     "repeat_penalty": 1.0, "seed": -1, "raw": False, "ignore_eos": False}
-# What the worker gets besides the sampling values, when the request has them.
-OUTPUT_FIELDS = ("messages", "stop", "json_schema", "grammar", "adapter", "adapter_scale")
+# What section 5.2 of docs/protocol.md and llmctl's help show as the defaults.
+SAMPLING_DEFAULTS = defaults("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",
+                             "raw", "ignore_eos")
 MAX_ADAPTER_SCALE = 4.0  # llama.cpp takes any scale; past a few the adapter swamps the model
 ROLES = ("system", "user", "assistant")
 MAX_STOPS, MAX_STOP_CHARS = 8, 200
@@ -107,17 +107,18 @@ def check_combination(args: dict[str, Any]) -> None:
     """What the fields cannot be together; raises bad_request."""
     if ("prompt" in args) == ("messages" in args):
         raise ProtocolError("bad_request", "submit needs exactly one of 'prompt' and "
-                            "'messages'")
+                            "'messages'", param="prompt")
     if "messages" in args and args.get("raw"):
         raise ProtocolError("bad_request", "raw applies to a prompt: messages are always "
-                            "rendered with the model's chat template")
+                            "rendered with the model's chat template", param="raw")
     if "json_schema" in args and "grammar" in args:
-        raise ProtocolError("bad_request", "give json_schema or grammar, not both")
+        raise ProtocolError("bad_request", "give json_schema or grammar, not both",
+                            param="json_schema")
     if args.get("ignore_eos") and ("json_schema" in args or "grammar" in args):
         raise ProtocolError("bad_request", "ignore_eos cannot go with json_schema or grammar: "
-                            "a complete answer ends with end-of-sequence")
+                            "a complete answer ends with end-of-sequence", param="ignore_eos")
     if "adapter_scale" in args and "adapter" not in args:
-        raise ProtocolError("bad_request", "adapter_scale needs adapter")
+        raise ProtocolError("bad_request", "adapter_scale needs adapter", param="adapter_scale")
 
 
 def check_adapter(service: Any, model: str, adapters: dict[str, str], name: str) -> None:
@@ -126,12 +127,12 @@ def check_adapter(service: Any, model: str, adapters: dict[str, str], name: str)
     if name not in adapters:
         known = ", ".join(sorted(adapters)) if adapters else "none"
         raise ProtocolError("bad_request", f"model {model!r} has no adapter {name!r} "
-                            f"(its adapters: {known})")
+                            f"(its adapters: {known})", param="adapter")
     found = service.models.get(model)
     why = views.adapter_error(found.workers if found else [], name)
     if why:
         raise ProtocolError("bad_request", f"adapter {name!r} of model {model!r} failed to "
-                            f"load: {why}")
+                            f"load: {why}", param="adapter")
 
 
 def accept(service: Any, args: dict[str, Any], uid: int, sink: Sink | None,
@@ -144,11 +145,10 @@ def accept(service: Any, args: dict[str, Any], uid: int, sink: Sink | None,
     max_tokens = args.get("max_tokens", min(cfg.max_tokens, cfg.n_ctx) if cfg else 1)
     if cfg is not None and max_tokens > cfg.n_ctx:
         raise ProtocolError("bad_request", f"max_tokens must be at most {cfg.n_ctx}, "
-                            f"the context of model {model!r}")
+                            f"the context of model {model!r}", param="max_tokens")
     if cfg is not None and "adapter" in args:
         check_adapter(service, model, cfg.adapters, args["adapter"])
-    params = {k: args.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
-    params["max_tokens"] = max_tokens
-    params.update({k: args[k] for k in OUTPUT_FIELDS if k in args})
-    return service.submit(model, args.get("prompt", ""), params, args.get("priority", 0),
-                          args.get("timeout"), uid, sink=sink, keep_alive=args.get("keep_alive"))
+    given = {k: v for k, v in args.items() if k in RequestParams.__struct_fields__}
+    params = RequestParams(**{**given, "max_tokens": max_tokens})
+    return service.submit(model, params, args.get("priority", 0), args.get("timeout"), uid,
+                          sink=sink, keep_alive=args.get("keep_alive"))
