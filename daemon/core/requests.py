@@ -93,10 +93,10 @@ class Request:
             self.finished = True
             self._emit(events.Done(stats=stats))
 
-    def fail(self, code: str, message: str) -> None:
+    def fail(self, code: str, message: str, param: str | None = None) -> None:
         if not self.finished:
             self.finished = True
-            self._emit(events.Error(error=events.Failure(code=code, message=message)))
+            self._emit(events.Error(error=events.Failure(code, message, param)))
 
 
 class ModelQueue:

@@ -162,7 +162,7 @@ class Service:
                               f"after {time.monotonic() - req.accepted_at:.1f} s")
 
     def _finish(self, req: Request, outcome: str, message: str = "",
-                stats: dict[str, Any] | None = None) -> None:
+                stats: dict[str, Any] | None = None, param: str | None = None) -> None:
         if self.requests.pop(req.id, None) is None:
             return
         if req.timer is not None:
@@ -172,7 +172,7 @@ class Service:
             req.done(stats)
             metrics.record_done(stats)
         else:
-            req.fail(outcome, message)
+            req.fail(outcome, message, param)
             metrics.record_outcome(outcome)
         logs.request_finished(req.id, outcome, stats or {"model": req.model, "error": message})
         self.engine.forget(req.id)
@@ -192,8 +192,9 @@ class Service:
             return
         self._finish(req, "completed", stats=req.stats(worker.name, msg.stats))
 
-    def worker_error(self, worker: Worker, req: Request, code: str, message: str) -> None:
-        self._finish(req, code, message)
+    def worker_error(self, worker: Worker, req: Request, code: str, message: str,
+                     param: str | None = None) -> None:  # a refusal names its field
+        self._finish(req, code, message, param=param)
 
     def worker_lost(self, worker: Worker, req: Request, code: str, message: str) -> None:
         """req's worker died or hung: without a token yet, req waits for the next worker."""

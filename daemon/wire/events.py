@@ -47,11 +47,12 @@ class Done(_Event, tag="done"):
     stats: dict[str, Any]  # section 7
 
 
-class Failure(msgspec.Struct):
+class Failure(msgspec.Struct, omit_defaults=True):
     """Why a request failed: a stable code (section 8) and a message for people."""
 
     code: str  # stable: section 8
     message: str  # for people; its wording is not stable
+    param: str | None = None  # bad_request: the request field it is about, where one is
 
     def __post_init__(self) -> None:
         assert self.code in ERROR_CODES, self.code

@@ -187,6 +187,7 @@ class Error(_Msg, tag="error"):
     req: str
     code: str
     message: str
+    param: str | None = None  # bad_request: the request field it is about
 
 
 class Threads(_Msg, tag="threads"):

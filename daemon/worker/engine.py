@@ -36,6 +36,7 @@ from ..wire import messages as m
 from ..wire.protocol import read_body
 from . import batching, grammars, kvstate, llamalog, lora
 from .decodestop import DecodeStop
+from .refusals import Refused, TooLong
 from .sampling import Picker
 from .stopstrings import StopScanner
 
@@ -54,11 +55,6 @@ BATCH_REPORT_S = 1.0
 # 0.2-0.4 s at most.
 ADAPTER_TURN = 16
 DECODE_ABORTED = 2  # llama_decode: the abort callback stopped it
-
-
-class TooLong(Exception):
-    """A request's context does not fit the worker's: error code too_long (a ValueError
-    refusing a request is bad_request)."""
 
 
 class Channel:
@@ -266,9 +262,9 @@ class Engine:
         if messages is None and (self.formatter is None or params.raw):
             return self.model.tokenize(params.prompt.encode(), add_bos=True, special=False)
         if self.formatter is None:
-            raise ValueError("messages need a chat template, and this model has none (no "
-                             "tokenizer.chat_template in its GGUF, or its config sets "
-                             "chat_template = false): send a prompt instead")
+            raise Refused("messages", "messages need a chat template, and this model has "
+                          "none (no tokenizer.chat_template in its GGUF, or its config sets "
+                          "chat_template = false): send a prompt instead")
         messages = messages or [{"role": "user", "content": params.prompt}]
         prefill = ""
         if messages[-1]["role"] == "assistant":  # the answer continues this text
@@ -278,8 +274,8 @@ class Engine:
         try:
             result = self.formatter(messages=messages)
         except TemplateError as exc:
-            raise ValueError(f"the model's chat template failed on these messages: "
-                             f"{type(exc).__name__}: {exc}") from None
+            raise Refused("messages", f"the model's chat template failed on these "
+                          f"messages: {type(exc).__name__}: {exc}") from None
         return self.model.tokenize((result.prompt + prefill).encode(),
                                    add_bos=not result.added_special, special=True)
 
@@ -347,7 +343,8 @@ class Engine:
         except TooLong as exc:
             self.ch.send(m.Error(req=msg.req, code="too_long", message=str(exc)))
         except ValueError as exc:
-            self.ch.send(m.Error(req=msg.req, code="bad_request", message=str(exc)))
+            self.ch.send(m.Error(req=msg.req, code="bad_request", message=str(exc),
+                                 param=getattr(exc, "param", None)))
         except Exception as exc:  # report, then keep serving the others
             self.ch.send(m.Error(req=msg.req, code="internal",
                                  message=f"{type(exc).__name__}: {exc}"))

@@ -22,13 +22,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import llamalog
+from .refusals import Refused
 
 ROOT = "root"
 
 
 def from_request(llama_cpp: Any, vocab: Any, msg: dict[str, Any]) -> Any:
     """The LlamaGrammar of msg's json_schema or grammar, or None if it has neither.
-    Raises ValueError naming the problem (the worker's bad_request)."""
+    Raises Refused naming the problem (the worker's bad_request)."""
     schema, text = msg.get("json_schema"), msg.get("grammar")
     if schema is None and text is None:
         return None
@@ -40,11 +41,11 @@ def from_request(llama_cpp: Any, vocab: Any, msg: dict[str, Any]) -> Any:
         try:
             text = json_schema_to_gbnf(json.dumps(schema))
         except Exception as exc:  # the converter asserts; what it says names the problem
-            raise ValueError(f"json_schema: llama.cpp's converter cannot express it: "
-                             f"{exc or type(exc).__name__}") from None
+            raise Refused(field, f"json_schema: llama.cpp's converter cannot express it: "
+                          f"{exc or type(exc).__name__}") from None
     why = check(llama_cpp, vocab, text)
     if why:
-        raise ValueError(f"{field}: llama.cpp cannot use it: {why}")
+        raise Refused(field, f"{field}: llama.cpp cannot use it: {why}")
     return LlamaGrammar.from_string(text)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from . import llamalog
+from .refusals import Refused
 
 Key = Hashable  # None: the base model alone; else (name, scale)
 
@@ -39,15 +40,15 @@ class Adapters:
         return {**dict.fromkeys(self.loaded, ""), **self.errors}
 
     def key(self, name: str, scale: float) -> Key:
-        """The batching key of a request's adapter; ValueError (bad_request) if it cannot
+        """The batching key of a request's adapter; Refused (bad_request) if it cannot
         run here. Scale 0 is the base model: llama.cpp drops such an adapter."""
         if not name:
             return None
         if name in self.errors:
-            raise ValueError(f"adapter {name!r} failed to load: {self.errors[name]}")
+            raise Refused("adapter", f"adapter {name!r} failed to load: {self.errors[name]}")
         if name not in self.loaded:
             known = ", ".join(sorted(self.status())) or "none"
-            raise ValueError(f"no adapter {name!r} in this worker (it has: {known})")
+            raise Refused("adapter", f"no adapter {name!r} in this worker (it has: {known})")
         return None if scale == 0 else (name, float(scale))
 
     def apply(self, ctx: Any, key: Key) -> bool:

@@ -82,6 +82,7 @@ def test_messages_to_a_model_without_a_template_are_a_bad_request_event(chat_dae
     text, end = _run(chat_daemon, messages=CONVERSATION, model="tiny")
     assert end["event"] == "error" and end["error"]["code"] == "bad_request", end
     assert "chat template" in end["error"]["message"] and text == ""
+    assert end["error"]["param"] == "messages"  # the field at fault, as HTTP's param says
 
 
 def test_a_stop_string_ends_the_text_before_it(chat_daemon):
@@ -143,4 +144,5 @@ def test_a_grammar_llama_cpp_refuses_is_a_bad_request_event(chat_daemon, fields,
     text, end = _run(chat_daemon, prompt="x", model="tiny", **fields)
     assert end["event"] == "error" and end["error"]["code"] == "bad_request", end
     assert words in end["error"]["message"] and text == ""
+    assert end["error"]["param"] == next(iter(fields))
     chat_daemon.assert_serving()

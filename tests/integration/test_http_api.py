@@ -259,6 +259,7 @@ def test_chat_json_schema_and_json_object(http_daemon):
         "model": "chat", "messages": [{"role": "user", "content": "x"}],
         "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}})
     assert r.status_code == 400 and "json_schema" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "json_schema"  # the worker's refusal names it
 
 
 @pytest.mark.parametrize("stream", [False, True])

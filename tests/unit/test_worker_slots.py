@@ -57,7 +57,8 @@ class Listener:
     def worker_done(self, worker: Worker, req: Request, msg: messages.Done) -> None:
         self.calls.append(("done", req.id, msg.stats.completion_tokens if msg.stats else None))
 
-    def worker_error(self, worker: Worker, req: Request, code: str, message: str) -> None:
+    def worker_error(self, worker: Worker, req: Request, code: str, message: str,
+                     param: str | None = None) -> None:
         self.calls.append(("error", req.id, code))
 
     def worker_lost(self, worker: Worker, req: Request, code: str, message: str) -> None:

@@ -281,7 +281,8 @@ class HttpFront:
                     return web.json_response(shape.reply("".join(parts), event.stats),
                                              headers={"X-Request-Id": req.id})
                 elif isinstance(event, Error):
-                    return error_response(event.error.code, event.error.message, req.id)
+                    return error_response(event.error.code, event.error.message, req.id,
+                                          param=event.error.param)
         finally:
             if guard is not None:
                 guard.requests.discard(req.id)
@@ -297,7 +298,8 @@ class HttpFront:
         while True:
             event = await events.get()
             if isinstance(event, Error) and resp is None:
-                return error_response(event.error.code, event.error.message, request_id)
+                return error_response(event.error.code, event.error.message, request_id,
+                                      param=event.error.param)
             if not isinstance(event, Token | Done | Error):
                 continue  # loading, preempted: the answer comes later
             if resp is None:
@@ -316,7 +318,8 @@ class HttpFront:
                 await resp.write_eof()
                 return resp
             else:  # an error after the stream started: an error event, then the end
-                await resp.write(_sse(error_body(event.error.code, event.error.message)))
+                await resp.write(_sse(error_body(event.error.code, event.error.message,
+                                                 event.error.param)))
                 await resp.write_eof()
                 return resp
 
