@@ -38,7 +38,7 @@ from ...wire import messages
 from ...wire.protocol import ERROR_CODES, encode
 from . import OPS, Context, Op, Param
 
-PAGE = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+PAGE = Path(__file__).resolve().parents[3] / "docs" / "protocol.md"
 COMMAND = "python -m llm_residentd.front.ops.docs"
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z0-9 _-]+?) \(.*?\) -->\n)(?P<body>.*?)"
                    r"(<!-- end generated -->)", re.DOTALL)
