@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from llm_residentd import __version__
-from llm_residentd.front.ops import Param
+from llm_residentd.front.ops import Param, check_field
 from llm_residentd.front.ops.load import LOAD_WAIT_S, Load
 from llm_residentd.front.ops.submit import SAMPLING_DEFAULTS, Submit
 from llm_residentd.paths import SOCKET_ENV
@@ -582,7 +582,7 @@ def _param_type(name: str, param: Param) -> Any:
     """argparse type: the text as the Param's kind, within its bounds (else exit 2)."""
     def convert(text: str) -> Any:
         try:
-            return param.check(name, param.kind(text))
+            return check_field(param, name, param.kind(text))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {param.kind.__name__}") from None
         except ProtocolError as exc:
@@ -605,7 +605,7 @@ def _file_param(name: str, param: Param, as_json: bool) -> Any:
         try:
             with open(path, encoding="utf-8") as f:
                 value = json.load(f) if as_json else f.read()
-            return param.check(name, value)
+            return check_field(param, name, value)
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"{path}: {exc.strerror}") from None
         except ValueError as exc:  # JSON or UTF-8
@@ -638,7 +638,7 @@ def _add_special(parser: argparse.ArgumentParser, name: str, param: Param) -> No
                             "the request is then messages [system TEXT, user PROMPT] in the "
                             "model's chat template (not with --raw)")
     elif name == "stop":
-        item = param.items or Param(str, name)
+        item = param.items or Param(str, help=name)
         parser.add_argument("--stop", dest=name, metavar="STR", action=_Append, param=param,
                             type=_param_type(name, item), help=f"{param.help}; repeat for "
                             f"more, at most {param.max:g}, each {item.min:g}..{item.max:g} "
