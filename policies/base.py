@@ -8,10 +8,11 @@ tested with a fake clock and scripted snapshots.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from ..wire.schema import Param, Problem, SchemaError
 
 # set_batch's `sequences` that lifts a batch limit: models.NAME.parallel's maximum.
 BATCH_UNLIMITED = 64
@@ -21,48 +22,38 @@ class PolicyError(ValueError):
     """A policy name, parameter or value that cannot be used; the message says which."""
 
 
-@dataclass(frozen=True)
-class Param:
-    """One parameter, declared once: it drives config, `llmctl policy show` and the docs."""
+# as `llmctl policy` and the config's [[policies]] tables have always said it
+_WORDING: Mapping[Problem, str] = {
+    "kind": "{name} must be {kind}, not {got}",
+    "finite": "{name} must be finite",
+    "min": "{name} = {value} is below the minimum {limit}",
+    "max": "{name} = {value} is above the maximum {limit}",
+    "valid": "{name}: {detail}",
+}
 
-    kind: type
-    default: Any
-    help: str
-    min: float | None = None
-    max: float | None = None
-    # For values whose meaning a type cannot say (a CPU quota, a size): raises ValueError
-    # for a bad one, so that `policy set` refuses it before anything changes.
-    valid: Callable[[Any], object] | None = None
 
-    def check(self, name: str, value: Any) -> Any:
-        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, str) and self.kind is not str:
-            value = self._from_text(name, value)
-        if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
-            raise PolicyError(f"{name} must be {self.kind.__name__}, not {type(value).__name__}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise PolicyError(f"{name} must be finite")
-        if self.min is not None and value < self.min:
-            raise PolicyError(f"{name} = {value} is below the minimum {self.min}")
-        if self.max is not None and value > self.max:
-            raise PolicyError(f"{name} = {value} is above the maximum {self.max}")
-        if self.valid is not None:
-            try:
-                self.valid(value)
-            except ValueError as exc:
-                why = str(exc)  # parse_cpu and the like name the value already
-                raise PolicyError(why if why.startswith(name) else f"{name}: {why}") from None
-        return value
+def check_setting(param: Param, name: str, value: Any) -> Any:
+    """A parameter's value from the config or `policy set`, checked against its declaration;
+    text (key=value from `llmctl policy set`) is read as the kind first. PolicyError says
+    what is wrong."""
+    if isinstance(value, str) and param.kind is not str:
+        value = _from_text(param, name, value)
+    try:
+        return param.check(name, value)
+    except SchemaError as exc:
+        if exc.problem == "valid" and exc.detail.startswith(name):
+            raise PolicyError(exc.detail) from None  # parse_cpu and the like name the value
+        raise PolicyError(exc.words(_WORDING, kind=exc.param.kind.__name__,
+                                    got=type(exc.value).__name__)) from None
 
-    def _from_text(self, name: str, text: str) -> Any:
-        """key=value text from `llmctl policy set`."""
-        try:
-            if self.kind is bool:
-                return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
-            return self.kind(text)
-        except (KeyError, ValueError):
-            raise PolicyError(f"{name}: {text!r} is not a {self.kind.__name__}") from None
+
+def _from_text(param: Param, name: str, text: str) -> Any:
+    try:
+        if param.kind is bool:
+            return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
+        return param.kind(text)
+    except (KeyError, ValueError):
+        raise PolicyError(f"{name}: {text!r} is not a {param.kind.__name__}") from None
 
 
 # -- what a policy sees ------------------------------------------------------------------
@@ -221,7 +212,7 @@ class Policy:
             if key not in self.params:
                 known = ", ".join(sorted(self.params)) or "none"
                 raise PolicyError(f"policy {self.name} has no parameter {key!r} (known: {known})")
-            checked[key] = self.params[key].check(key, value)
+            checked[key] = check_setting(self.params[key], key, value)
         self.check_together({**self.settings, **checked})
         self.settings.update(checked)
 

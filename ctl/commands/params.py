@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llm_residentd.front.ops import Op, Param
+from llm_residentd.front.ops import Op, Param, check_field
 from llm_residentd.wire.protocol import ProtocolError
 
 
@@ -18,7 +18,7 @@ def param_type(name: str, param: Param) -> Any:
     """argparse type: the text as the Param's kind, within its bounds (else exit 2)."""
     def convert(text: str) -> Any:
         try:
-            return param.check(name, param.kind(text))
+            return check_field(param, name, param.kind(text))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {param.kind.__name__}") from None
         except ProtocolError as exc:
@@ -41,7 +41,7 @@ def file_type(name: str, param: Param, as_json: bool) -> Any:
         try:
             with open(path, encoding="utf-8") as f:
                 value = json.load(f) if as_json else f.read()
-            return param.check(name, value)
+            return check_field(param, name, value)
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"{path}: {exc.strerror}") from None
         except ValueError as exc:  # JSON or UTF-8

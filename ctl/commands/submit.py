@@ -39,7 +39,7 @@ def _add_special(parser: argparse.ArgumentParser, name: str, param: Param) -> No
                             "the request is then messages [system TEXT, user PROMPT] in the "
                             "model's chat template (not with --raw)")
     elif name == "stop":
-        item = param.items or Param(str, name)
+        item = param.items or Param(str, help=name)
         parser.add_argument("--stop", dest=name, metavar="STR", action=Append, param=param,
                             type=param_type(name, item), help=f"{param.help}; repeat for "
                             f"more, at most {param.max:g}, each {item.min:g}..{item.max:g} "

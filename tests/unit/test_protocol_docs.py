@@ -21,6 +21,11 @@ def test_docs_protocol_md_is_generated_from_the_ops():
         "docs/protocol.md is stale: python -m llm_residentd.front.ops.docs")
 
 
+def test_the_check_finds_the_page_without_a_path():
+    """`python -m llm_residentd.front.ops.docs --check` as the docs tell it."""
+    assert PAGE.resolve() == docs.PAGE and docs.main(["--check"]) == 0
+
+
 def test_every_op_has_a_field_table_and_a_row_in_the_ops_table():
     text = PAGE.read_text()
     for name, op in ops.OPS.items():

@@ -6,12 +6,12 @@ against them and `dispatch` runs the op. Its docstring is its spec in docs/proto
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...wire.protocol import ProtocolError
+from ...wire.schema import Param, Problem, SchemaError
 
 if TYPE_CHECKING:
     from ...core.requests import Request
@@ -23,52 +23,35 @@ _WIRE_TYPES = {type(None): "nil", bytes: "binary", list: "array", dict: "map", s
                int: "integer", float: "number", bool: "boolean"}
 
 
-@dataclass(frozen=True)
-class Param:
-    kind: type
-    help: str
-    required: bool = False
-    min: float | None = None  # strings: the shortest length; arrays: the fewest items
-    max: float | None = None  # strings: the longest length; arrays: the most items
-    items: Param | None = None  # arrays: what each item must be
-    # What a type and bounds cannot say (which roles a message may have, a map that must be
-    # JSON): raises ValueError naming the problem. The same hook as policies.base.Param.valid.
-    valid: Callable[[Any], object] | None = None
+def _wire_type(value: Any) -> str:
+    return _WIRE_TYPES.get(type(value), type(value).__name__)
 
-    def check(self, name: str, value: Any) -> Any:
-        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, self.kind) or (self.kind is not bool and isinstance(value, bool)):
-            got = _WIRE_TYPES.get(type(value), type(value).__name__)
-            raise ProtocolError("bad_request", f"{name} must be {_NAMES[self.kind]}, not {got}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ProtocolError("bad_request", f"{name} must be a finite number")
-        if isinstance(value, dict):
-            # keys become names (policy parameters): a binary or numeric key is a shape error
-            for key in value:
-                if not isinstance(key, str):
-                    got = _WIRE_TYPES.get(type(key), type(key).__name__)
-                    raise ProtocolError("bad_request", f"the keys of {name} must be strings, "
-                                        f"not {got} ({key!r})")
-        else:
-            self._bounds(name, value)
-        if self.items is not None:
-            value = [self.items.check(f"{name}[{i}]", item) for i, item in enumerate(value)]
-        if self.valid is not None:
-            try:
-                self.valid(value)
-            except ValueError as exc:
-                raise ProtocolError("bad_request", f"{name}: {exc}") from None
-        return value
 
-    def _bounds(self, name: str, value: Any) -> None:
-        size = len(value) if isinstance(value, str | list) else value
-        what = ("the length of " if isinstance(value, str) else
-                "the number of items in " if isinstance(value, list) else "")
-        if self.min is not None and size < self.min:
-            raise ProtocolError("bad_request", f"{what}{name} must be at least {self.min}")
-        if self.max is not None and size > self.max:
-            raise ProtocolError("bad_request", f"{what}{name} must be at most {self.max}")
+# The protocol's wording: msgpack's type names, and what a bound of a string or an array counts
+_WORDING: Mapping[Problem, str] = {
+    "kind": "{name} must be {kind}, not {got}",
+    "finite": "{name} must be a finite number",
+    "key": "the keys of {name} must be strings, not {got} ({value!r})",
+    "min": "{counted}{name} must be at least {limit}",
+    "max": "{counted}{name} must be at most {limit}",
+    "valid": "{name}: {detail}",
+}
+
+
+def _counted(value: Any) -> str:
+    return ("the length of " if isinstance(value, str) else
+            "the number of items in " if isinstance(value, list) else "")
+
+
+def check_field(param: Param, name: str, value: Any) -> Any:
+    """The field's value checked against its Param (llmctl checks its options with this
+    too); ProtocolError bad_request says what is wrong."""
+    try:
+        return param.check(name, value)
+    except SchemaError as exc:
+        raise ProtocolError("bad_request", exc.words(
+            _WORDING, kind=_NAMES[exc.param.kind], got=_wire_type(exc.value),
+            counted=_counted(exc.value)), param=name) from None
 
 
 @dataclass
@@ -112,10 +95,7 @@ def validate(op: Op, msg: dict[str, Any]) -> dict[str, Any]:
                                 param=key)
     for key, param in op.params.items():
         if key in args:
-            try:
-                args[key] = param.check(key, args[key])
-            except ProtocolError as exc:
-                raise ProtocolError(exc.code, exc.message, param=key) from None
+            args[key] = check_field(param, key, args[key])
         elif param.required:
             raise ProtocolError("bad_request", f"op {op.name} needs field {key!r}: {param.help}",
                                 param=key)

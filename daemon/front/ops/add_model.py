@@ -39,10 +39,10 @@ log = structlog.get_logger()
 class AddModel(Op):
     name = "add_model"
     params = {
-        "name": Param(str, "the new model's name: letters, digits, '-', '_', '.'",
+        "name": Param(str, help="the new model's name: letters, digits, '-', '_', '.'",
                       required=True, min=1, max=200),
-        "path": Param(str, "absolute path of its GGUF file", required=True, min=1, max=4096),
-        "options": Param(dict, "keys of a [models.NAME] table (n_ctx, parallel, workers, "
+        "path": Param(str, help="absolute path of its GGUF file", required=True, min=1, max=4096),
+        "options": Param(dict, help="keys of a [models.NAME] table (n_ctx, parallel, workers, "
                          "threads, ...) with values of their types"),
     }
 

@@ -19,7 +19,7 @@ from . import Context, Op, Param, register
 @register
 class Cancel(Op):
     name = "cancel"
-    params = {"request": Param(str, "the request id that submit returned", required=True)}
+    params = {"request": Param(str, help="the request id that submit returned", required=True)}
 
     def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         req = ctx.service.cancel(args["request"], ctx.uid)

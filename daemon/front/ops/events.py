@@ -21,7 +21,7 @@ from . import Context, Op, Param, register
 @register
 class Events(Op):
     name = "events"
-    params = {"limit": Param(int, "most events to return (default 50)", min=1, max=500)}
+    params = {"limit": Param(int, help="most events to return (default 50)", min=1, max=500)}
 
     def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         events = list(ctx.service.engine.actions)

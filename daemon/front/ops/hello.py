@@ -26,8 +26,8 @@ log = structlog.get_logger()
 class Hello(Op):
     name = "hello"
     params = {
-        "protocol": Param(int, "the protocol version the client speaks", required=True),
-        "client": Param(str, "the client's name and version, for the log", max=200),
+        "protocol": Param(int, help="the protocol version the client speaks", required=True),
+        "client": Param(str, help="the client's name and version, for the log", max=200),
     }
 
     def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:

@@ -29,12 +29,12 @@ from . import Context, Op, Param, register
 class Limits(Op):
     name = "limits"
     params = {
-        "model": Param(str, "the model whose workers change", required=True, max=200),
-        "cpu": Param(str, "CPU quota per worker: 50%, 1.5 or max", max=32),
-        "memory_high": Param(str, "memory.high per worker: 600M, 2G or max", max=32),
-        "memory_max": Param(str, "memory.max per worker: 1G or max", max=32),
-        "tasks_max": Param(int, "most tasks per worker; 0 is no limit", min=0, max=1 << 22),
-        "cpu_weight": Param(int, "cpu.weight per worker", min=1, max=10000),
+        "model": Param(str, help="the model whose workers change", required=True, max=200),
+        "cpu": Param(str, help="CPU quota per worker: 50%, 1.5 or max", max=32),
+        "memory_high": Param(str, help="memory.high per worker: 600M, 2G or max", max=32),
+        "memory_max": Param(str, help="memory.max per worker: 1G or max", max=32),
+        "tasks_max": Param(int, help="most tasks per worker; 0 is no limit", min=0, max=1 << 22),
+        "cpu_weight": Param(int, help="cpu.weight per worker", min=1, max=10000),
     }
 
     async def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:

@@ -29,11 +29,11 @@ LOAD_WAIT_S = 600.0
 class Load(Op):
     name = "load"
     params = {
-        "model": Param(str, "the model to load", required=True, max=200),
-        "keep_alive": Param(str, "how long it stays loaded once idle: 30s, 5m, 1h, 0, -1 "
+        "model": Param(str, help="the model to load", required=True, max=200),
+        "keep_alive": Param(str, help="how long it stays loaded once idle: 30s, 5m, 1h, 0, -1 "
                             "(forever); default: the model's keep_alive", max=32,
                             valid=parse_keep_alive),
-        "timeout": Param(float, "seconds to wait for room (busy models) and the load; "
+        "timeout": Param(float, help="seconds to wait for room (busy models) and the load; "
                          "default 600", min=0.001, max=86400),
     }
 

@@ -30,22 +30,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...policies import Param as PolicyParam
 from ...policies import PolicyError
+from ...policies.base import check_setting
 from ...wire.protocol import ProtocolError
 from . import Context, Op, Param, register
 
 ACTIONS = ("list", "show", "set", "disable")
-ENABLED = PolicyParam(bool, True, "false disables the policy, true enables it")
+ENABLED = Param(bool, True, "false disables the policy, true enables it")
 
 
 @register
 class PolicyOp(Op):
     name = "policy"
     params = {
-        "action": Param(str, "list, show, set or disable", required=True, max=16),
-        "name": Param(str, "the policy, for show, set and disable", max=200),
-        "settings": Param(dict, "parameters to change, for set (values may be strings; "
+        "action": Param(str, help="list, show, set or disable", required=True, max=16),
+        "name": Param(str, help="the policy, for show, set and disable", max=200),
+        "settings": Param(dict, help="parameters to change, for set (values may be strings; "
                           "\"enabled\" switches the policy)"),
     }
 
@@ -75,7 +75,7 @@ class PolicyOp(Op):
                                    "max": p.max, "help": p.help} for k, p in cls.params.items()}}
         try:
             settings = dict(args.get("settings") or {})
-            enabled = ENABLED.check("enabled", settings.pop("enabled", True))
+            enabled = check_setting(ENABLED, "enabled", settings.pop("enabled", True))
             if action == "disable" or not enabled:
                 if settings:
                     raise PolicyError(f"enabled=false disables {name}; it takes no other "

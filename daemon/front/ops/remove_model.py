@@ -27,7 +27,7 @@ log = structlog.get_logger()
 @register
 class RemoveModel(Op):
     name = "remove_model"
-    params = {"name": Param(str, "the model to remove", required=True, min=1, max=200)}
+    params = {"name": Param(str, help="the model to remove", required=True, min=1, max=200)}
 
     async def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         if ctx.uid != 0:

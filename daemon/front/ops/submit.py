@@ -62,36 +62,36 @@ def _json_value(schema: dict[str, Any]) -> None:
 class Submit(Op):
     name = "submit"
     params = {
-        "prompt": Param(str, "the prompt text; exactly one of prompt and messages", min=1),
-        "messages": Param(list, "the conversation, rendered with the model's chat template: "
+        "prompt": Param(str, help="the prompt text; exactly one of prompt and messages", min=1),
+        "messages": Param(list, help="the conversation, rendered with the model's chat template: "
                           "maps {role: system, user or assistant, content: string}; the "
                           "last is user, or assistant to continue its text", min=1,
-                          items=Param(dict, "a message", valid=_message), valid=_conversation),
-        "model": Param(str, "model name; default: the first configured model", max=200),
-        "max_tokens": Param(int, "most tokens to generate; 1 to the model's n_ctx", min=1),
-        "priority": Param(int, "higher runs first; FIFO within a priority", min=-1000, max=1000),
-        "timeout": Param(float, "seconds from acceptance until the request fails with timeout",
+                          items=Param(dict, help="a message", valid=_message), valid=_conversation),
+        "model": Param(str, help="model name; default: the first configured model", max=200),
+        "max_tokens": Param(int, help="most tokens to generate; 1 to the model's n_ctx", min=1),
+        "priority": Param(int, help="higher runs first; FIFO within a priority", min=-1000, max=1000),
+        "timeout": Param(float, help="seconds from acceptance until the request fails with timeout",
                          min=0.001, max=86400),
-        "temperature": Param(float, "sampling temperature; 0 is greedy", min=0, max=10),
-        "top_p": Param(float, "nucleus sampling", min=0, max=1),
-        "top_k": Param(int, "top-k sampling; 0 disables", min=0, max=100000),
-        "min_p": Param(float, "min-p sampling", min=0, max=1),
-        "repeat_penalty": Param(float, "repetition penalty; 1 disables", min=0, max=10),
-        "seed": Param(int, "sampling seed; -1 keeps the worker's", min=-1, max=2**31 - 1),
-        "raw": Param(bool, "send the prompt as is, without the model's chat template"),
-        "ignore_eos": Param(bool, "keep generating past end-of-sequence (benchmarks)"),
-        "stop": Param(list, "stop when the text contains one of these; it is not returned",
-                      max=MAX_STOPS, items=Param(str, "a stop string", min=1,
+        "temperature": Param(float, help="sampling temperature; 0 is greedy", min=0, max=10),
+        "top_p": Param(float, help="nucleus sampling", min=0, max=1),
+        "top_k": Param(int, help="top-k sampling; 0 disables", min=0, max=100000),
+        "min_p": Param(float, help="min-p sampling", min=0, max=1),
+        "repeat_penalty": Param(float, help="repetition penalty; 1 disables", min=0, max=10),
+        "seed": Param(int, help="sampling seed; -1 keeps the worker's", min=-1, max=2**31 - 1),
+        "raw": Param(bool, help="send the prompt as is, without the model's chat template"),
+        "ignore_eos": Param(bool, help="keep generating past end-of-sequence (benchmarks)"),
+        "stop": Param(list, help="stop when the text contains one of these; it is not returned",
+                      max=MAX_STOPS, items=Param(str, help="a stop string", min=1,
                                                  max=MAX_STOP_CHARS)),
-        "json_schema": Param(dict, "constrain the text to JSON matching this JSON Schema; "
+        "json_schema": Param(dict, help="constrain the text to JSON matching this JSON Schema; "
                              "{} is any JSON value", valid=_json_value),
-        "grammar": Param(str, "constrain the text to this GBNF grammar (llama.cpp)", min=1),
-        "adapter": Param(str, "a LoRA adapter of the model (models.NAME.adapters), applied "
+        "grammar": Param(str, help="constrain the text to this GBNF grammar (llama.cpp)", min=1),
+        "adapter": Param(str, help="a LoRA adapter of the model (models.NAME.adapters), applied "
                          "to this request only", min=1, max=ADAPTER_NAME_MAX),
-        "adapter_scale": Param(float, "how strongly the adapter applies; 0 is the base "
+        "adapter_scale": Param(float, help="how strongly the adapter applies; 0 is the base "
                                "model; default 1 (with adapter only)", min=0,
                                max=MAX_ADAPTER_SCALE),
-        "keep_alive": Param(str, "how long the model stays loaded after this request: 30s, "
+        "keep_alive": Param(str, help="how long the model stays loaded after this request: 30s, "
                             "5m, 1h, 0 (unload when done), -1 (forever); it holds until the "
                             "model unloads", max=32, valid=parse_keep_alive),
     }

@@ -21,8 +21,8 @@ from . import Context, Op, Param, register
 class Unload(Op):
     name = "unload"
     params = {
-        "model": Param(str, "the model to unload", required=True, max=200),
-        "force": Param(bool, "fail its running requests (model_unloaded) instead of letting "
+        "model": Param(str, help="the model to unload", required=True, max=200),
+        "force": Param(bool, help="fail its running requests (model_unloaded) instead of letting "
                        "them finish; root only"),
     }
 
