@@ -20,7 +20,18 @@ from ..paths import default_state_dir
 from ..placement.limits import LimitError, Limits, check_order
 from ..placement.placer import Placement
 from ..placement.scopes import Backend
-from ..policies import Event, Snapshot
+from ..policies import (
+    CpuRead,
+    Event,
+    Finished,
+    LimitsSet,
+    Preempted,
+    PsiTrigger,
+    Queued,
+    Snapshot,
+    Started,
+    Tick,
+)
 from ..wire import messages
 from ..wire.protocol import ProtocolError, check_model
 from . import modelsource, supervision
@@ -73,7 +84,7 @@ class Service:
         self.cpu = cpumonitor.CpuMonitor(
             lambda: {w.name: w.pid for w in self.all_workers() if w.pid is not None},
             lambda: {w.name for w in self.all_workers() if not w.model.threads},
-            self.observer.outside_cgroups, lambda: self.notify(Event("cpu")),
+            self.observer.outside_cgroups, lambda: self.notify(CpuRead()),
             config.daemon.cpu_poll_interval,
             trigger_of(config.daemon.psi_cpu_trigger))
 
@@ -95,7 +106,7 @@ class Service:
         """A tick for the policies every second; then run whatever they admitted."""
         while True:
             await asyncio.sleep(TICK_S)
-            self.notify(Event("tick"))
+            self.notify(Tick())
 
     def notify(self, event: Event) -> None:
         self.engine.notify(event)
@@ -119,7 +130,7 @@ class Service:
         self.pressure_events.append(entry)
         log.info("pressure_event", **entry)
         self.lifecycle.pressure(event.key)
-        self.notify(Event("pressure", key=event.key))
+        self.notify(PsiTrigger(event.key))
 
     # -- scopes ------------------------------------------------------------------
 
@@ -166,7 +177,7 @@ class Service:
         self.limits[model] = new
         log.info("limits_changed", model=model, **new.describe())
         self.cpu.refresh_caps()
-        self.notify(Event("limits", model=model))
+        self.notify(LimitsSet(model))
         return new.describe()
 
     def all_workers(self) -> list[Worker]:
@@ -259,13 +270,13 @@ class Service:
         log.info("request_accepted", request=req.id, model=model, priority=priority,
                  position=position, uid=uid, prompt_chars=req.prompt_chars)
         asyncio.get_running_loop().call_soon(
-            self.notify, Event("queued", request=req.id, model=model))
+            self.notify, Queued(req.id, model))
         return req, position
 
     def dispatch(self, model: str) -> None:
         for req in self.slots.fill(self.queues[model], self.workers[model],
                                    self.engine.is_deferred, self.engine.rank):
-            self.engine.notify(Event("started", request=req.id, model=model))
+            self.engine.notify(Started(req.id, model))
 
     def _live(self, request_id: str) -> Request:
         req = self.requests.get(request_id)
@@ -312,7 +323,7 @@ class Service:
             self.metrics[req.model].record_outcome(outcome)
         logs.request_finished(req.id, outcome, stats or {"model": req.model, "error": message})
         self.engine.forget(req.id)
-        self.engine.notify(Event("finished", request=req.id, model=req.model))
+        self.engine.notify(Finished(req.id, req.model))
 
     # -- worker callbacks ------------------------------------------------------------
 
@@ -349,7 +360,7 @@ class Service:
         elif req.id in self.requests:
             self.queues[req.model].push(req, requeue=True)
             log.info("request_requeued", request=req.id, worker=worker.name, why=code)
-            self.notify(Event("queued", request=req.id, model=req.model))  # and dispatch
+            self.notify(Queued(req.id, req.model))  # and dispatch
 
     def worker_preempted(self, worker: Worker, req: Request, resume: messages.Resume) -> None:
         """Queue a preempted request again in its old place; it resumes where it stopped."""
@@ -363,7 +374,7 @@ class Service:
                  generated=resume.generated, context=len(resume.context), resume=how,
                  state_bytes=len(resume.state or b""))
         req.emit({"event": "preempted", "tokens": resume.generated, "resume": how})
-        self.engine.notify(Event("preempted", request=req.id, model=req.model))
+        self.engine.notify(Preempted(req.id, req.model))
 
     def worker_kv(self, worker: Worker, report: messages.Kv) -> None:
         log.info("kv_changed", worker=worker.name,
