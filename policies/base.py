@@ -204,13 +204,14 @@ class CpuRead(Event, tag="cpu"):
 
 
 class PsiTrigger(Event, tag="pressure"):
-    """A PSI trigger fired on the system or a worker's scope."""
+    """A PSI trigger fired: key is `system/cpu`, or `<worker>/<resource>` for a worker's
+    scope."""
 
-    key: str  # "system/cpu", or "<worker>/<resource>"
+    key: str
 
 
 class RequestEvent(Event):
-    request: str  # its id
+    request: str  # the request's id
     model: str
 
 
@@ -300,11 +301,12 @@ class Rank(_Why, tag="rank"):
 
 
 class SetLimits(_Why, tag="set_limits"):
-    """Set a model's worker limits, as `llmctl limits` does; a limit not given stays."""
+    """Set a model's worker limits as `llmctl limits` does: cpu a quota (50%, 1.5 or max),
+    memory_high a size (600M, bytes or max); a limit not given stays."""
 
     model: str
-    cpu: str | None = None  # a CPU quota: 50%, 1.5 or max
-    memory_high: str | None = None  # memory.high: 600M, bytes or max
+    cpu: str | None = None
+    memory_high: str | None = None
 
 
 class SetThreads(_Why, tag="set_threads"):
@@ -323,13 +325,14 @@ class Preempt(_Why, tag="preempt"):
 
 
 class TrimKv(_Why, tag="trim_kv"):
-    """Drop the middle of a sequence's KV cache on a worker: req's, or the longest one's
-    (a value not given: the worker's default)."""
+    """Drop the middle of a sequence's KV cache on a worker, the one of request req or
+    else the longest, keeping its first keep and last tail tokens, if at least min_prune
+    can go (a value not given: the worker's default)."""
 
     worker: str
-    keep: Tokens | None = None  # tokens kept at the start
-    tail: Tokens | None = None  # tokens kept at the end
-    min_prune: Tokens | None = None  # trim only if at least this many can go
+    keep: Tokens | None = None
+    tail: Tokens | None = None
+    min_prune: Tokens | None = None
     req: str | None = None
 
 
@@ -344,8 +347,8 @@ class ShrinkKv(_Why, tag="shrink_kv"):
 
 
 class SetBatch(_Why, tag="set_batch"):
-    """Limit the slots dispatch fills on a worker, or on each worker of a model;
-    BATCH_UNLIMITED lifts the limit."""
+    """Limit the slots dispatch fills on a worker, or on each worker of a model; the
+    maximum (BATCH_UNLIMITED) lifts the limit."""
 
     model_or_worker: str
     sequences: Annotated[int, msgspec.Meta(ge=1, le=BATCH_UNLIMITED)]
