@@ -246,12 +246,15 @@ EVENTS: tuple[type[Event], ...] = (Tick, CpuRead, PsiTrigger, Queued, Started, F
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
 
 
-class Action(msgspec.Struct, frozen=True, tag_field="action"):
+class Action(msgspec.Struct, frozen=True, tag_field="action", kw_only=True):
     """What a policy asks for. The first field names what it acts on (`target`); the
-    others but `reason` are its `values`. `llmctl events` shows the three."""
+    others but `reason` are its `values`. `llmctl events` shows them with the kind."""
+
+    reason: str = ""  # keyword-only, after the fields of each action
 
     @property
     def kind(self) -> str:
+        """Its name, as `llmctl events` shows it."""
         return str(self.__struct_config__.tag)
 
     @property
@@ -260,7 +263,7 @@ class Action(msgspec.Struct, frozen=True, tag_field="action"):
 
     @property
     def values(self) -> dict[str, Any]:
-        """The values given (None: the worker's default)."""
+        """The values given: one left at None is not."""
         return {k: v for k in self.__struct_fields__[1:]
                 if k != "reason" and (v := getattr(self, k)) is not None}
 
@@ -276,23 +279,19 @@ class Action(msgspec.Struct, frozen=True, tag_field="action"):
                               f"{what[:1].lower()}{what[1:]}") from None
 
 
-class _Why(Action, kw_only=True):
-    reason: str = ""  # recorded with it (`llmctl events`)
-
-
-class Admit(_Why, tag="admit"):
+class Admit(Action, tag="admit"):
     """Let a deferred request run."""
 
     request: str
 
 
-class Defer(_Why, tag="defer"):
+class Defer(Action, tag="defer"):
     """Hold a waiting request back: it stays queued, in order."""
 
     request: str
 
 
-class Rank(_Why, tag="rank"):
+class Rank(Action, tag="rank"):
     """Order a waiting request among those of its priority: the lowest rank runs first
     (too frequent to be recorded)."""
 
@@ -300,7 +299,7 @@ class Rank(_Why, tag="rank"):
     rank: float
 
 
-class SetLimits(_Why, tag="set_limits"):
+class SetLimits(Action, tag="set_limits"):
     """Set a model's worker limits as `llmctl limits` does: cpu a quota (50%, 1.5 or max),
     memory_high a size (600M, bytes or max); a limit not given stays."""
 
@@ -309,14 +308,14 @@ class SetLimits(_Why, tag="set_limits"):
     memory_high: str | None = None
 
 
-class SetThreads(_Why, tag="set_threads"):
+class SetThreads(Action, tag="set_threads"):
     """Set the threads a worker decodes with."""
 
     worker: str
     threads: Annotated[int, msgspec.Meta(ge=1, le=1024)]
 
 
-class Preempt(_Why, tag="preempt"):
+class Preempt(Action, tag="preempt"):
     """Take a running request out of its worker's batch and queue it again; a context of
     at least state_min_tokens is saved and restored, a shorter one recomputed."""
 
@@ -324,7 +323,7 @@ class Preempt(_Why, tag="preempt"):
     state_min_tokens: Tokens = 0
 
 
-class TrimKv(_Why, tag="trim_kv"):
+class TrimKv(Action, tag="trim_kv"):
     """Drop the middle of a sequence's KV cache on a worker, the one of request req or
     else the longest, keeping its first keep and last tail tokens, if at least min_prune
     can go (a value not given: the worker's default)."""
@@ -336,7 +335,7 @@ class TrimKv(_Why, tag="trim_kv"):
     req: str | None = None
 
 
-class ShrinkKv(_Why, tag="shrink_kv"):
+class ShrinkKv(Action, tag="shrink_kv"):
     """Reopen a worker's context with n_ctx tokens per sequence, keeping its sequences
     (a longer one is trimmed first, keeping keep and tail)."""
 
@@ -346,7 +345,7 @@ class ShrinkKv(_Why, tag="shrink_kv"):
     tail: Tokens | None = None
 
 
-class SetBatch(_Why, tag="set_batch"):
+class SetBatch(Action, tag="set_batch"):
     """Limit the slots dispatch fills on a worker, or on each worker of a model; the
     maximum (BATCH_UNLIMITED) lifts the limit."""
 
