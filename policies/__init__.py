@@ -7,12 +7,40 @@ from __future__ import annotations
 import importlib.metadata
 import traceback
 
-from .base import Action, Event, Param, Policy, PolicyError, Snapshot
+from .base import (
+    ACTIONS,
+    EVENTS,
+    Action,
+    Admit,
+    CpuRead,
+    Defer,
+    Event,
+    Finished,
+    LimitsSet,
+    Param,
+    Policy,
+    PolicyError,
+    Preempt,
+    Preempted,
+    PsiTrigger,
+    Queued,
+    Rank,
+    SetBatch,
+    SetLimits,
+    SetThreads,
+    ShrinkKv,
+    Snapshot,
+    Started,
+    Tick,
+    TrimKv,
+)
 
 GROUP = "llm_residentd.policies"
 
-__all__ = ["GROUP", "Action", "Event", "Param", "Policy", "PolicyError", "Snapshot",
-           "available"]
+__all__ = ["ACTIONS", "EVENTS", "GROUP", "Action", "Admit", "CpuRead", "Defer", "Event",
+           "Finished", "LimitsSet", "Param", "Policy", "PolicyError", "Preempt", "Preempted",
+           "PsiTrigger", "Queued", "Rank", "SetBatch", "SetLimits", "SetThreads", "ShrinkKv",
+           "Snapshot", "Started", "Tick", "TrimKv", "available"]
 
 
 def available() -> tuple[dict[str, type[Policy]], dict[str, str]]:

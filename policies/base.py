@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
+
+import msgspec
 
 from ..wire.schema import Param, Problem, SchemaError
 
@@ -172,25 +174,178 @@ class Snapshot:
         return pressure.some_avg10 if pressure else 0.0
 
 
-@dataclass(frozen=True)
-class Event:
-    kind: str  # tick | pressure | cpu | queued | started | finished | preempted | limits
-    key: str = ""  # for pressure: "system/cpu" or "<worker>/<resource>"
-    request: str = ""
-    model: str = ""
+# -- what happened: the events a policy is fed ------------------------------------------------
+
+
+class Event(msgspec.Struct, frozen=True, tag_field="event"):
+    """Something happened; the snapshot that comes with it shows the system now."""
+
+    @property
+    def kind(self) -> str:
+        """Its name, as a policy's `events` lists it."""
+        return str(self.__struct_config__.tag)
+
+
+class Tick(Event, tag="tick"):
+    """Every second."""
+
+
+class CpuRead(Event, tag="cpu"):
+    """A new reading of the CPU view (`snap.cpu`): after a CPU PSI trigger, or timed."""
+
+
+class PsiTrigger(Event, tag="pressure"):
+    """A PSI trigger fired: key is `system/cpu`, or `<worker>/<resource>` for a worker's
+    scope."""
+
+    key: str
+
+
+class RequestEvent(Event):
+    request: str  # the request's id
+    model: str
+
+
+class Queued(RequestEvent, tag="queued"):
+    """A request waits: accepted, or back in the queue after its worker failed."""
+
+
+class Started(RequestEvent, tag="started"):
+    """A request took a slot."""
+
+
+class Finished(RequestEvent, tag="finished"):
+    """A request ended: done, failed, cancelled or timed out."""
+
+
+class Preempted(RequestEvent, tag="preempted"):
+    """A preempted request is back in its queue, in its old place."""
+
+
+class LimitsSet(Event, tag="limits"):
+    """A model's limits changed (a policy's set_limits, or `llmctl limits`)."""
+
+    model: str
+
+
+EVENTS: tuple[type[Event], ...] = (Tick, CpuRead, PsiTrigger, Queued, Started, Finished,
+                                   Preempted, LimitsSet)
 
 
 # -- what a policy asks for ------------------------------------------------------------------
 
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
 
-@dataclass(frozen=True)
-class Action:
-    # admit | defer | rank | set_limits | set_threads | preempt | trim_kv | shrink_kv |
-    # set_batch
-    kind: str
-    target: str  # a request id, a model name or a worker name
-    values: dict[str, Any] = field(default_factory=dict)
-    reason: str = ""
+
+class Action(msgspec.Struct, frozen=True, tag_field="action", kw_only=True):
+    """What a policy asks for. The first field names what it acts on (`target`); the
+    others but `reason` are its `values`. `llmctl events` shows them with the kind."""
+
+    reason: str = ""  # keyword-only, after the fields of each action
+
+    @property
+    def kind(self) -> str:
+        """Its name, as `llmctl events` shows it."""
+        return str(self.__struct_config__.tag)
+
+    @property
+    def target(self) -> str:
+        return getattr(self, self.__struct_fields__[0])
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """The values given: one left at None is not."""
+        return {k: v for k in self.__struct_fields__[1:]
+                if k != "reason" and (v := getattr(self, k)) is not None}
+
+    def checked(self) -> Action:
+        """The action with its values converted to their declared types; PolicyError, naming
+        the value, for one that is not of its type or out of its range."""
+        try:
+            return msgspec.convert(msgspec.structs.asdict(self), type(self))
+        except msgspec.ValidationError as exc:
+            what, _, where = str(exc).partition(" - at `$.")
+            key = where.rstrip("`")
+            raise PolicyError(f"{self.kind} {key}={getattr(self, key, None)!r}: "
+                              f"{what[:1].lower()}{what[1:]}") from None
+
+
+class Admit(Action, tag="admit"):
+    """Let a deferred request run."""
+
+    request: str
+
+
+class Defer(Action, tag="defer"):
+    """Hold a waiting request back: it stays queued, in order."""
+
+    request: str
+
+
+class Rank(Action, tag="rank"):
+    """Order a waiting request among those of its priority: the lowest rank runs first
+    (too frequent to be recorded)."""
+
+    request: str
+    rank: float
+
+
+class SetLimits(Action, tag="set_limits"):
+    """Set a model's worker limits as `llmctl limits` does: cpu a quota (50%, 1.5 or max),
+    memory_high a size (600M, bytes or max); a limit not given stays."""
+
+    model: str
+    cpu: str | None = None
+    memory_high: str | None = None
+
+
+class SetThreads(Action, tag="set_threads"):
+    """Set the threads a worker decodes with."""
+
+    worker: str
+    threads: Annotated[int, msgspec.Meta(ge=1, le=1024)]
+
+
+class Preempt(Action, tag="preempt"):
+    """Take a running request out of its worker's batch and queue it again; a context of
+    at least state_min_tokens is saved and restored, a shorter one recomputed."""
+
+    request: str
+    state_min_tokens: Tokens = 0
+
+
+class TrimKv(Action, tag="trim_kv"):
+    """Drop the middle of a sequence's KV cache on a worker, the one of request req or
+    else the longest, keeping its first keep and last tail tokens, if at least min_prune
+    can go (a value not given: the worker's default)."""
+
+    worker: str
+    keep: Tokens | None = None
+    tail: Tokens | None = None
+    min_prune: Tokens | None = None
+    req: str | None = None
+
+
+class ShrinkKv(Action, tag="shrink_kv"):
+    """Reopen a worker's context with n_ctx tokens per sequence, keeping its sequences
+    (a longer one is trimmed first, keeping keep and tail)."""
+
+    worker: str
+    n_ctx: Annotated[int, msgspec.Meta(ge=16, le=1 << 31)]
+    keep: Tokens | None = None
+    tail: Tokens | None = None
+
+
+class SetBatch(Action, tag="set_batch"):
+    """Limit the slots dispatch fills on a worker, or on each worker of a model; the
+    maximum (BATCH_UNLIMITED) lifts the limit."""
+
+    model_or_worker: str
+    sequences: Annotated[int, msgspec.Meta(ge=1, le=BATCH_UNLIMITED)]
+
+
+ACTIONS: tuple[type[Action], ...] = (Admit, Defer, Rank, SetLimits, SetThreads, Preempt,
+                                     TrimKv, ShrinkKv, SetBatch)
 
 
 class Policy:
@@ -226,7 +381,7 @@ class Policy:
     def due(self, event: Event, now: float, interval: float) -> bool:
         """For periodic policies: true on a tick at least interval seconds after the last."""
         last = getattr(self, "_last_due", None)
-        if event.kind != "tick" or (last is not None and now - last < interval):
+        if not isinstance(event, Tick) or (last is not None and now - last < interval):
             return False
         self._last_due = now
         return True

@@ -33,7 +33,20 @@ from 937 to 112 MB; restoring the sequence took 2.5 ms and continued identically
 
 from __future__ import annotations
 
-from .base import Action, Event, Param, Policy, PolicyError, RequestView, Snapshot, WorkerView
+from .base import (
+    Action,
+    Event,
+    Param,
+    Policy,
+    PolicyError,
+    PsiTrigger,
+    RequestView,
+    ShrinkKv,
+    Snapshot,
+    Tick,
+    TrimKv,
+    WorkerView,
+)
 
 
 class KvTrim(Policy):
@@ -70,7 +83,7 @@ class KvTrim(Policy):
         for w in snap.workers:
             mem = w.pressure.get("memory")
             pressed = mem is not None and mem.some_avg10 >= self.settings["some_above"]
-            if event.kind == "pressure":
+            if isinstance(event, PsiTrigger):
                 pressed = event.key == f"{w.name}/memory"
             elif not pressed:
                 self.calm_since.setdefault(w.name, snap.now)
@@ -78,13 +91,13 @@ class KvTrim(Policy):
                 self.calm_since.pop(w.name, None)
                 action = self._cut(w, snap.now, snap.running)
             else:
-                action = self._restore(w, snap.now) if event.kind == "tick" else None
+                action = self._restore(w, snap.now) if isinstance(event, Tick) else None
             if action is not None:
                 actions.append(action)
         return actions
 
     def _cut(self, w: WorkerView, now: float,
-             running: tuple[RequestView, ...]) -> Action | None:
+             running: tuple[RequestView, ...]) -> TrimKv | ShrinkKv | None:
         s = self.settings
         if now - self.last_cut.get(w.name, -1e18) < s["cooldown_s"]:
             return None
@@ -95,21 +108,20 @@ class KvTrim(Policy):
                 return None
             longest = max(mine, key=lambda r: (r.kv_cells, r.tokens))
             self.last_cut[w.name] = now
-            return Action("trim_kv", w.name, {"keep": s["keep"], "tail": s["tail"],
-                                              "min_prune": s["min_prune"], "req": longest.id},
+            return TrimKv(w.name, keep=s["keep"], tail=s["tail"], min_prune=s["min_prune"],
+                          req=longest.id,
                           reason=f"{why}; {longest.id} holds {longest.kv_cells} KV cells")
         n_ctx = max(s["min_ctx"], int(w.n_ctx * s["factor"]))
         if not w.n_ctx or n_ctx >= w.n_ctx:
             return None
         self.last_cut[w.name] = now
-        return Action("shrink_kv", w.name, {"n_ctx": n_ctx, "keep": s["keep"],
-                                            "tail": s["tail"]}, reason=why)
+        return ShrinkKv(w.name, n_ctx, keep=s["keep"], tail=s["tail"], reason=why)
 
-    def _restore(self, w: WorkerView, now: float) -> Action | None:
+    def _restore(self, w: WorkerView, now: float) -> ShrinkKv | None:
         calm = now - self.calm_since.get(w.name, now)
         if w.state != "idle" or not w.n_ctx or w.n_ctx >= w.n_ctx_max \
                 or calm < self.settings["restore_after_s"]:
             return None
         self.calm_since.pop(w.name)
-        return Action("shrink_kv", w.name, {"n_ctx": w.n_ctx_max},
-                      reason=f"calm for {calm:.0f} s: configured context back")
+        return ShrinkKv(w.name, w.n_ctx_max, reason=f"calm for {calm:.0f} s: configured "
+                        "context back")

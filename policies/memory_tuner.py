@@ -18,7 +18,7 @@ Research: Meta's senpai (10 ms of stall per 6 s interval as the default target).
 
 from __future__ import annotations
 
-from .base import Action, Event, Param, Policy, Snapshot
+from .base import Action, Event, Param, Policy, SetLimits, Snapshot
 
 PAGE = 4096
 
@@ -57,7 +57,7 @@ class MemoryTuner(Policy):
             limit = self._next(w.memory_high or w.memory_current, delta)
             if w.model not in wanted or limit > wanted[w.model][0]:
                 wanted[w.model] = (limit, f"{w.name}: {delta} us of memory stall")
-        return [Action("set_limits", model, {"memory_high": str(limit)}, reason=why)
+        return [SetLimits(model, memory_high=str(limit), reason=why)
                 for model, (limit, why) in sorted(wanted.items())]
 
     def _next(self, current: int, stall_us: int) -> int:

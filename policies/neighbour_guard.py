@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 
-from .base import BATCH_UNLIMITED, Action, Event, Param, Policy, Snapshot
+from .base import BATCH_UNLIMITED, Action, Event, Param, Policy, SetBatch, SetLimits, Snapshot
 
 
 class NeighbourGuard(Policy):
@@ -71,14 +71,14 @@ class NeighbourGuard(Policy):
             else:
                 new = old
             if now is None or abs(new - now) > 1e-9:
-                actions.append(Action("set_limits", model, {"cpu": f"{new * 100:g}%"},
-                                      reason=f"outside cpu some avg10 {cpu:.1f}%"))
+                actions.append(SetLimits(model, cpu=f"{new * 100:g}%",
+                                         reason=f"outside cpu some avg10 {cpu:.1f}%"))
             batch = self._batch(model, new, snap) if s["scale_batch"] else None
             if batch is not None:
                 actions.append(batch)
         return actions
 
-    def _batch(self, model: str, quota: float, snap: Snapshot) -> Action | None:
+    def _batch(self, model: str, quota: float, snap: Snapshot) -> SetBatch | None:
         """set_batch for the model's workers when the width for `quota` is not theirs."""
         workers = [w for w in snap.workers if w.model == model and w.slots]
         if not workers:
@@ -88,7 +88,6 @@ class NeighbourGuard(Policy):
         width = slots if share >= 1 else max(1, math.ceil(slots * share - 1e-9))
         if all(w.batch_limit == min(width, w.slots) for w in workers):
             return None
-        return Action("set_batch", model,
-                      {"sequences": width if width < slots else BATCH_UNLIMITED},
-                      reason=f"quota {quota:g} of max_cpu {self.settings['max_cpu']:g} CPUs: "
-                      f"{width} of {slots} slots")
+        return SetBatch(model, width if width < slots else BATCH_UNLIMITED,
+                        reason=f"quota {quota:g} of max_cpu {self.settings['max_cpu']:g} CPUs: "
+                        f"{width} of {slots} slots")

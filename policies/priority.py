@@ -23,7 +23,7 @@ context manager chooses between recomputing a KV cache and saving/loading it.
 
 from __future__ import annotations
 
-from .base import Action, Event, Param, Policy, RequestView, Snapshot
+from .base import Action, Event, Param, Policy, Preempt, RequestView, Snapshot
 
 
 class Priority(Policy):
@@ -54,8 +54,8 @@ class Priority(Policy):
                 if victim is None:
                     break
                 self.asked.add(victim.id)
-                actions.append(Action(
-                    "preempt", victim.id, {"state_min_tokens": self.settings["state_min_tokens"]},
+                actions.append(Preempt(
+                    victim.id, self.settings["state_min_tokens"],
                     reason=f"{req.id} (priority {req.priority}) waits; {victim.id} has "
                     f"priority {victim.priority}"))
         return actions

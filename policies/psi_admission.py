@@ -43,7 +43,7 @@ average; here a trigger starts the deferral the moment the kernel reports the st
 
 from __future__ import annotations
 
-from .base import Action, Event, Param, Policy, RequestView, Snapshot
+from .base import Action, Admit, Defer, Event, Param, Policy, PsiTrigger, RequestView, Snapshot, Tick
 
 
 class PsiAdmission(Policy):
@@ -74,14 +74,16 @@ class PsiAdmission(Policy):
             values += [w.pressure["cpu"].some_avg10 for w in snap.workers if "cpu" in w.pressure]
         return max(values, default=0.0)
 
+    def _heeds(self, key: str) -> bool:
+        """A CPU trigger that counts: the system's, or with scope_pressure a scope's too."""
+        return key == "system/cpu" or (self.settings["scope_pressure"] and key.endswith("/cpu"))
+
     def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
         cpu = self._cpu(snap)
-        counts = event.key == "system/cpu" or (self.settings["scope_pressure"]
-                                                and event.key.endswith("/cpu"))
-        if event.kind == "pressure" and counts:
+        if isinstance(event, PsiTrigger) and self._heeds(event.key):
             if cpu >= self.settings["defer_above"]:
                 self.deferring, self.calm_since = True, None
-        elif event.kind == "tick" and self.deferring:
+        elif isinstance(event, Tick) and self.deferring:
             if cpu <= self.settings["admit_below"]:
                 self.calm_since = self.calm_since if self.calm_since is not None else snap.now
                 if snap.now - self.calm_since >= self.settings["calm_s"]:
@@ -93,14 +95,13 @@ class PsiAdmission(Policy):
             running[r.model] = running.get(r.model, 0) + 1
         return [self._decide(r, cpu, running) for r in snap.queued]
 
-    def _decide(self, req: RequestView, cpu: float, running: dict[str, int]) -> Action:
+    def _decide(self, req: RequestView, cpu: float, running: dict[str, int]) -> Admit | Defer:
         if not self.deferring:
-            return Action("admit", req.id)
+            return Admit(req.id)
         if running.get(req.model, 0) < self.settings["keep_running"]:
             running[req.model] = running.get(req.model, 0) + 1  # counts as running from now on
-            return Action("admit", req.id, reason=f"outside cpu some avg10 {cpu:.1f}%: within "
-                          f"keep_running {self.settings['keep_running']}")
+            return Admit(req.id, reason=f"outside cpu some avg10 {cpu:.1f}%: within "
+                         f"keep_running {self.settings['keep_running']}")
         if req.waited_s >= self.settings["max_defer_s"]:
-            return Action("admit", req.id, reason=f"deferred {req.waited_s:.1f} s: admitted "
-                          "anyway")
-        return Action("defer", req.id, reason=f"outside cpu some avg10 {cpu:.1f}%")
+            return Admit(req.id, reason=f"deferred {req.waited_s:.1f} s: admitted anyway")
+        return Defer(req.id, reason=f"outside cpu some avg10 {cpu:.1f}%")

@@ -15,7 +15,7 @@ LLM serving (shared/research/003); aging keeps the tail bounded.
 
 from __future__ import annotations
 
-from .base import Action, Event, Param, Policy, Snapshot
+from .base import Action, Event, Param, Policy, Rank, Snapshot
 
 
 class ShortestJobFirst(Policy):
@@ -29,6 +29,6 @@ class ShortestJobFirst(Policy):
 
     def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
         s = self.settings
-        return [Action("rank", r.id, {"rank": r.prompt_chars / s["chars_per_token"]
-                                      + r.max_tokens - s["aging"] * r.waited_s})
+        return [Rank(r.id, r.prompt_chars / s["chars_per_token"] + r.max_tokens
+                     - s["aging"] * r.waited_s)
                 for r in snap.queued]

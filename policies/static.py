@@ -14,7 +14,7 @@ more than latency.
 from __future__ import annotations
 
 from ..placement.limits import parse_bytes, parse_cpu
-from .base import Action, Event, Param, Policy, Snapshot
+from .base import Action, Event, Param, Policy, SetLimits, Snapshot
 
 
 class Static(Policy):
@@ -39,5 +39,6 @@ class Static(Policy):
             return []
         self.applied = True
         models = sorted({w.model for w in snap.workers})
-        values = {"cpu": self.settings["cpu"], "memory_high": self.settings["memory_high"]}
-        return [Action("set_limits", m, values, reason="static limits") for m in models]
+        s = self.settings
+        return [SetLimits(m, cpu=s["cpu"], memory_high=s["memory_high"], reason="static limits")
+                for m in models]

@@ -63,7 +63,7 @@ from __future__ import annotations
 import math
 
 from ..placement.cpus import cap
-from .base import Action, Event, Param, Policy, PolicyError, Snapshot, WorkerView
+from .base import Action, Event, Param, Policy, PolicyError, SetThreads, Snapshot, WorkerView
 
 LIVE = ("idle", "busy")
 
@@ -124,14 +124,14 @@ class Threads(Policy):
         return actions
 
     def _decide(self, w: WorkerView, snap: Snapshot, share: float, sharers: int,
-                others: float, cpus: int) -> Action | None:
+                others: float, cpus: int) -> SetThreads | None:
         s, now = self.settings, snap.now
         cap, cap_why = cap_of(w)
         current = w.threads_asked or w.threads
         target = max(1, min(cap, math.floor(share + s["margin"])))
         if current > cap:  # a quota or affinity change: no waiting
-            return Action("set_threads", w.name, {"threads": target},
-                          reason=cap_why if target == cap else self._why(others, cpus, sharers))
+            return SetThreads(w.name, target,
+                              reason=cap_why if target == cap else self._why(others, cpus, sharers))
         settled = now - self.changed_at.get(w.name, -math.inf) >= s["interval_s"]
         if target < current:
             self.higher_since.pop(w.name, None)
@@ -143,7 +143,7 @@ class Threads(Policy):
                 why = self._why(others, cpus, sharers)
                 if load is not None and w.state == "busy":
                     why += f"; its threads waited {load.wait:.2f}"
-                return Action("set_threads", w.name, {"threads": target}, reason=why)
+                return SetThreads(w.name, target, reason=why)
             return None
         # More threads only onto CPUs that were idle: a neighbour that wants a part of a
         # CPU shows as less idle time, whatever the instants of procs_running caught.
@@ -156,8 +156,8 @@ class Threads(Policy):
         if now - since < s["raise_after_s"] or not settled:
             return None
         why = cap_why if want == cap else self._why(others, cpus, sharers)
-        return Action("set_threads", w.name, {"threads": want},
-                      reason=f"{why}; {idle:.2f} CPUs idle for {now - since:.1f} s")
+        return SetThreads(w.name, want,
+                          reason=f"{why}; {idle:.2f} CPUs idle for {now - since:.1f} s")
 
     @staticmethod
     def _why(others: float, cpus: int, sharers: int) -> str:

@@ -1,9 +1,10 @@
 """Feed events to the enabled policies and apply the actions they return; record each one.
 
-A policy that raises, or returns something that is not a list of known actions, is
-disabled and logged, and the daemon keeps serving with the others. Admission (admit,
-defer, rank) is the engine's own state; every other action is carried out by the
-Actuator it is given (core/actuator.py), which alone touches workers and scopes.
+A policy that raises, or returns something that is not a list of declared actions with
+values in their ranges, is disabled and logged, and the daemon keeps serving with the
+others. Admission (admit, defer, rank) is the engine's own state; every other action is
+carried out by the Actuator it is given (core/actuator.py), which alone touches workers
+and scopes. Each action type has its handler (`_handlers`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
@@ -18,23 +20,13 @@ import structlog
 from .. import policies
 from ..placement.limits import LimitError, parse_bytes, parse_cpu
 from ..policies import Action, Event, Policy, PolicyError, Snapshot
+from ..policies.base import Admit, Defer, Preempt, Rank, SetBatch, SetLimits, SetThreads, ShrinkKv, TrimKv
 from ..wire import messages
 from ..wire.protocol import ProtocolError
+from .records import KvReport, PolicyDisabled, Recorded
 
 log = structlog.get_logger()
 ACTIONS_KEPT = 500
-KINDS = ("admit", "defer", "rank", "set_limits", "set_threads", "preempt", "trim_kv",
-         "shrink_kv", "set_batch")
-# The integer values each worker-side action takes, with their bounds.
-INT_VALUES = {
-    "set_threads": {"threads": (1, 1024)},
-    "preempt": {"state_min_tokens": (0, 1 << 31)},
-    "trim_kv": {"keep": (0, 1 << 31), "tail": (0, 1 << 31), "min_prune": (0, 1 << 31)},
-    "shrink_kv": {"n_ctx": (16, 1 << 31), "keep": (0, 1 << 31), "tail": (0, 1 << 31)},
-    "set_batch": {"sequences": (1, policies.base.BATCH_UNLIMITED)},  # the maximum lifts it
-}
-# The string values they take besides: trim_kv's `req` names the sequence to trim.
-STR_VALUES = {"trim_kv": ("req",)}
 
 
 class Actuator(Protocol):
@@ -63,6 +55,11 @@ class PolicyEngine:
         self.actions: collections.deque[dict[str, Any]] = collections.deque(maxlen=ACTIONS_KEPT)
         # Every recorded action since the start, by (policy, kind): the ring forgets.
         self.action_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._handlers: dict[type[Action], Callable[[str, Any], None]] = {
+            Admit: self._admit, Defer: self._defer, Rank: self._rank,
+            SetLimits: self._set_limits, SetThreads: self._set_threads,
+            Preempt: self._preempt, TrimKv: self._kv_op, ShrinkKv: self._kv_op,
+            SetBatch: self._set_batch}
         named = {spec["name"] for spec in specs}
         for name, cls in sorted(self.classes.items()):
             if cls.on_by_default and name not in named:
@@ -122,30 +119,22 @@ class PolicyEngine:
         snap = self.actuator.snapshot()
         for name, policy in wanted:
             try:
-                actions = policy.on_event(event, snap)
-                self._check(actions)
+                actions = self._checked(policy.on_event(event, snap))
             except Exception as exc:
                 self._disable(name, f"{type(exc).__name__}: {exc}")
                 continue
             for action in actions:
-                self._apply(name, action, snap)
+                self._handlers[type(action)](name, action)
 
-    def _check(self, actions: Any) -> None:
+    def _checked(self, actions: Any) -> list[Action]:
+        """The actions as declared (policies/base.py), or PolicyError saying what is not."""
         if not isinstance(actions, list):
             raise PolicyError(f"on_event returned {type(actions).__name__}, not a list")
         for a in actions:
-            if not isinstance(a, Action) or a.kind not in KINDS:
-                raise PolicyError(f"on_event returned {a!r}, not an Action of {KINDS}")
-            allowed = INT_VALUES.get(a.kind, {})
-            for key, value in a.values.items() if allowed else ():
-                if key in STR_VALUES.get(a.kind, ()) and isinstance(value, str):
-                    continue
-                low, high = allowed.get(key, (None, None))
-                if low is None or not isinstance(value, int) or not low <= value <= high:
-                    raise PolicyError(f"{a.kind} {key}={value!r}: takes integers "
-                                      f"{', '.join(allowed)} in range")
-            if a.kind == "set_batch" and "sequences" not in a.values:
-                raise PolicyError(f"{a!r}: set_batch needs sequences")
+            if type(a) not in self._handlers:
+                kinds = ", ".join(cls.__name__ for cls in self._handlers)
+                raise PolicyError(f"on_event returned {a!r}, not an action ({kinds})")
+        return [a.checked() for a in actions]
 
     def disable(self, name: str, why: str) -> None:
         """Switch a policy off (an admin's `llmctl policy disable`); what it did stays."""
@@ -154,69 +143,78 @@ class PolicyEngine:
         self.enabled.pop(name)
         self.disabled[name] = why
         log.info("policy_disabled", policy=name, reason=why)
-        self.record(name, Action("disable", name, reason=why), "done")
+        self.record(name, PolicyDisabled(name, why), "done")
 
     def _disable(self, name: str, why: str) -> None:
         self.enabled.pop(name, None)
         self.disabled[name] = why
         log.error("policy_disabled", policy=name, error=why)
-        self.record(name, Action("disable", name, reason=why), "done")
+        self.record(name, PolicyDisabled(name, why), "done")
 
-    def _apply(self, name: str, action: Action, snap: Snapshot) -> None:
-        if action.kind in ("admit", "defer"):
-            was = action.target in self.deferred
-            (self.deferred.add if action.kind == "defer" else self.deferred.discard)(action.target)
-            if was != (action.kind == "defer"):
-                self.record(name, action, "done")
-        elif action.kind == "rank":
-            self.ranks[action.target] = float(action.values["rank"])  # too frequent to record
-        elif action.kind == "set_threads":
-            self.record(name, action, self.actuator.set_threads(
-                action.target, action.values["threads"], f"{action.reason} ({name})"))
-        elif action.kind == "set_limits":
-            asyncio.get_running_loop().create_task(self._set_limits(name, action))
-        elif action.kind == "preempt":
-            self.record(name, action, self.actuator.preempt(
-                action.target, action.values.get("state_min_tokens", 0)))
-        elif action.kind == "set_batch":
-            result = self.actuator.set_batch(action.target, action.values["sequences"])
-            if result != "unchanged":  # a policy may repeat it every tick
-                self.record(name, action, result)
-        elif action.target not in self.kv_asked:  # trim_kv, shrink_kv: one at a time
-            result = self.actuator.kv_op(action.target, action.kind, action.values)
-            if result == "asked":
-                self.kv_asked[action.target] = name
-            self.record(name, action, result)
+    # -- the actions, one handler each ------------------------------------------------
 
-    def kv_reported(self, worker: str, report: messages.Kv) -> None:
-        """The worker's answer to a trim_kv or shrink_kv, recorded for its policy."""
-        name = self.kv_asked.pop(worker, "(none)") if report.asked else "(worker)"
-        values = {k: getattr(report, k) for k in ("tokens_before", "tokens_after", "n_ctx",
-                                                  "rss_before", "rss_after", "ms")}
-        if report.req is not None:
-            values["req"] = report.req
-        self.record(name, Action(report.op, worker, values), report.result)
+    def _admit(self, name: str, action: Admit) -> None:
+        if action.request in self.deferred:
+            self.deferred.discard(action.request)
+            self.record(name, action, "done")
 
-    async def _set_limits(self, name: str, action: Action) -> None:
+    def _defer(self, name: str, action: Defer) -> None:
+        if action.request not in self.deferred:
+            self.deferred.add(action.request)
+            self.record(name, action, "done")
+
+    def _rank(self, name: str, action: Rank) -> None:
+        self.ranks[action.request] = action.rank  # too frequent to record
+
+    def _set_threads(self, name: str, action: SetThreads) -> None:
+        self.record(name, action, self.actuator.set_threads(
+            action.worker, action.threads, f"{action.reason} ({name})"))
+
+    def _set_limits(self, name: str, action: SetLimits) -> None:
+        asyncio.get_running_loop().create_task(self._apply_limits(name, action))
+
+    async def _apply_limits(self, name: str, action: SetLimits) -> None:
         try:
             changes = {}
-            if "cpu" in action.values:
-                changes["cpu"] = parse_cpu(str(action.values["cpu"]))
-            if "memory_high" in action.values:
-                changes["memory_high"] = parse_bytes(str(action.values["memory_high"]),
-                                                     "memory_high")
-            await self.actuator.set_limits(action.target, **changes)
+            if action.cpu is not None:
+                changes["cpu"] = parse_cpu(action.cpu)
+            if action.memory_high is not None:
+                changes["memory_high"] = parse_bytes(action.memory_high, "memory_high")
+            await self.actuator.set_limits(action.model, **changes)
             result = "done"
         except (ProtocolError, LimitError) as exc:
             result = f"failed: {exc}"
         self.record(name, action, result)
 
-    def record(self, name: str, action: Action, result: str) -> None:
-        entry = {"at": time.time(), "policy": name, "action": action.kind,
-                 "target": action.target, "values": action.values, "reason": action.reason,
+    def _preempt(self, name: str, action: Preempt) -> None:
+        self.record(name, action, self.actuator.preempt(action.request,
+                                                        action.state_min_tokens))
+
+    def _set_batch(self, name: str, action: SetBatch) -> None:
+        result = self.actuator.set_batch(action.model_or_worker, action.sequences)
+        if result != "unchanged":  # a policy may repeat it every tick
+            self.record(name, action, result)
+
+    def _kv_op(self, name: str, action: TrimKv | ShrinkKv) -> None:
+        if action.worker in self.kv_asked:  # one at a time per worker
+            return
+        result = self.actuator.kv_op(action.worker, action.kind, action.values)
+        if result == "asked":
+            self.kv_asked[action.worker] = name
+        self.record(name, action, result)
+
+    def kv_reported(self, worker: str, report: messages.Kv) -> None:
+        """The worker's answer to a trim_kv or shrink_kv, recorded for its policy."""
+        name = self.kv_asked.pop(worker, "(none)") if report.asked else "(worker)"
+        self.record(name, KvReport(worker, report), report.result)
+
+    def record(self, name: str, what: Recorded, result: str) -> None:
+        """One entry of `llmctl events`, counted for policy_actions_total."""
+        entry = {"at": time.time(), "policy": name, "action": what.kind,
+                 "target": what.target, "values": what.values, "reason": what.reason,
                  "result": result}
         self.actions.append(entry)
-        self.action_counts[name, action.kind] += 1
+        self.action_counts[name, what.kind] += 1
         log.info("policy_action", **entry)
 
     def describe(self) -> dict[str, Any]:

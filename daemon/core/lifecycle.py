@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from ..control import procstats
+from ..control.records import ModelLoaded, ModelLoadFailed, ModelUnloaded, Recorded
 from ..placement.limits import parse_bytes
-from ..policies import Action
 from ..wire.durations import describe as describe_duration
 from ..wire.durations import parse_keep_alive
 from ..wire.protocol import ProtocolError
@@ -250,7 +250,7 @@ class Lifecycle:
                     exc = ProtocolError("model_unavailable", str(exc))
                 if isinstance(exc, ProtocolError):
                     self._fail_queued(name, exc.code, exc.message)
-                    self._record("load", name, why, {}, f"failed: {exc}")
+                    self._record(ModelLoadFailed(name, why), f"failed: {exc}")
                 raise exc from None
             if victims is None:  # nobody waits any more
                 life.state = "unloaded"
@@ -258,8 +258,8 @@ class Lifecycle:
             workers = [host.fleet.new_worker(model, i, host) for i in range(model.workers)]
             target.workers.extend(workers)
             host.fleet.start(workers)
-            self._record("load", name, why, {"estimate": life.need and life.need.bytes,
-                                             "evicted": [v.name for v in victims]})
+            self._record(ModelLoaded(name, why, estimate=life.need and life.need.bytes,
+                                     evicted=[v.name for v in victims]))
             # Hold the lock until it serves: the next decision then sees its memory.
             deadline = self.clock() + LOAD_TIMEOUT
             while target.state() == "loading" and self.clock() < deadline:
@@ -343,7 +343,7 @@ class Lifecycle:
         life.state, life.idle_since, life.loaded_at = "unloaded", None, None
         if life.asked_keep_alive:
             life.asked_keep_alive, life.keep_alive = False, self._configured_keep_alive(name)
-        self._record(kind, name, why, {"memory": charge})
+        self._record(ModelUnloaded(kind, name, why, memory=charge))
         self._changed.set()
 
     # -- bookkeeping ------------------------------------------------------------------
@@ -387,9 +387,8 @@ class Lifecycle:
         for req in list(self.models[name].queue):
             self.host.stop_request(req.id, code, message)
 
-    def _record(self, kind: str, name: str, why: str, values: dict[str, Any],
-                result: str = "done") -> None:
-        self.host.engine.record("lifecycle", Action(kind, name, values, why), result)
+    def _record(self, what: Recorded, result: str = "done") -> None:
+        self.host.engine.record("lifecycle", what, result)
 
     def describe(self, name: str) -> dict[str, Any]:
         """For status and ps."""

@@ -17,7 +17,7 @@ from ..control.observer import Observer
 from ..control.policyengine import PolicyEngine
 from ..control.watches import Watches
 from ..placement.scopes import Backend
-from ..policies import Event
+from ..policies import Event, Finished, Preempted, PsiTrigger, Queued, Started, Tick
 from ..wire import messages
 from ..wire.protocol import ProtocolError, check_model
 from . import supervision
@@ -67,7 +67,7 @@ class Service:
         """A tick for the policies every second; then run whatever they admitted."""
         while True:
             await asyncio.sleep(TICK_S)
-            self.notify(Event("tick"))
+            self.notify(Tick())
 
     def notify(self, event: Event) -> None:
         self.engine.notify(event)
@@ -78,7 +78,7 @@ class Service:
     def pressure(self, key: str) -> None:
         """A PSI trigger fired (watches.py): the lifecycle and the policies hear of it."""
         self.lifecycle.pressure(key)
-        self.notify(Event("pressure", key=key))
+        self.notify(PsiTrigger(key))
 
     @property
     def backend(self) -> Backend:
@@ -122,14 +122,14 @@ class Service:
         log.info("request_accepted", request=req.id, model=model, priority=priority,
                  position=position, uid=uid, prompt_chars=req.prompt_chars)
         asyncio.get_running_loop().call_soon(
-            self.notify, Event("queued", request=req.id, model=model))
+            self.notify, Queued(req.id, model))
         return req, position
 
     def dispatch(self, name: str) -> None:
         model = self.models[name]
         for req in self.slots.fill(model.queue, model.workers, self.engine.is_deferred,
                                    self.engine.rank):
-            self.engine.notify(Event("started", request=req.id, model=name))
+            self.engine.notify(Started(req.id, name))
 
     def _live(self, request_id: str) -> Request:
         req = self.requests.get(request_id)
@@ -176,7 +176,7 @@ class Service:
             metrics.record_outcome(outcome)
         logs.request_finished(req.id, outcome, stats or {"model": req.model, "error": message})
         self.engine.forget(req.id)
-        self.engine.notify(Event("finished", request=req.id, model=req.model))
+        self.engine.notify(Finished(req.id, req.model))
 
     # -- worker callbacks ------------------------------------------------------------
 
@@ -203,7 +203,7 @@ class Service:
         elif req.id in self.requests:
             self.models[req.model].queue.push(req, requeue=True)
             log.info("request_requeued", request=req.id, worker=worker.name, why=code)
-            self.notify(Event("queued", request=req.id, model=req.model))  # and dispatch
+            self.notify(Queued(req.id, req.model))  # and dispatch
 
     def worker_preempted(self, worker: Worker, req: Request, resume: messages.Resume) -> None:
         """Queue a preempted request again in its old place; it resumes where it stopped."""
@@ -217,7 +217,7 @@ class Service:
                  generated=resume.generated, context=len(resume.context), resume=how,
                  state_bytes=len(resume.state or b""))
         req.preempted(resume.generated, how)
-        self.engine.notify(Event("preempted", request=req.id, model=req.model))
+        self.engine.notify(Preempted(req.id, req.model))
 
     def worker_kv(self, worker: Worker, report: messages.Kv) -> None:
         log.info("kv_changed", worker=worker.name,

@@ -11,7 +11,7 @@ from ..control.policyengine import PolicyEngine
 from ..control.watches import Watches
 from ..paths import default_state_dir
 from ..placement.placer import Placement
-from ..policies import Event
+from ..policies import CpuRead, LimitsSet
 from .actuator import Actuator
 from .config import Config, trigger_of
 from .fleet import Fleet
@@ -31,12 +31,12 @@ def build(config: Config, socket_path: Path) -> Service:
     cpu = CpuMonitor(
         lambda: {w.name: w.pid for w in models.workers() if w.pid is not None},
         lambda: {w.name for w in models.workers() if not w.model.threads},
-        observer.outside_cgroups, lambda: service.notify(Event("cpu")),
+        observer.outside_cgroups, lambda: service.notify(CpuRead()),
         daemon.cpu_poll_interval, trigger_of(daemon.psi_cpu_trigger))
     watches = Watches(cpu, trigger_of(daemon.psi_system_trigger),
                       trigger_of(daemon.psi_scope_trigger), lambda key: service.pressure(key))
     fleet = Fleet(lambda: service.config, models, Placement(), watches,
-                  lambda name: service.notify(Event("limits", model=name)))
+                  lambda name: service.notify(LimitsSet(name)))
     slots = Slots(models)
     engine = PolicyEngine(list(config.policies))
     engine.bind(Actuator(models, slots, fleet, observer, cpu, engine.is_deferred))

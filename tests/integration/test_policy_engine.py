@@ -11,7 +11,7 @@ from harness import read_until_done, running, tiny_config, wait_for
 from llm_residentd.wire.protocol import recv_frame, send_frame
 
 THIRD_PARTY = '''
-from llm_residentd.policies import Action, Param, Policy
+from llm_residentd.policies import Admit, Defer, Finished, Param, Policy, ShrinkKv, Started, TrimKv
 
 
 class Hold(Policy):
@@ -20,8 +20,8 @@ class Hold(Policy):
     params = {"hold": Param(bool, True, "keep requests back")}
 
     def on_event(self, event, snap):
-        kind = "defer" if self.settings["hold"] else "admit"
-        return [Action(kind, r.id, reason="test hold") for r in snap.queued]
+        action = Defer if self.settings["hold"] else Admit
+        return [action(r.id, reason="test hold") for r in snap.queued]
 
 
 class KvTest(Policy):
@@ -31,11 +31,10 @@ class KvTest(Policy):
 
     def on_event(self, event, snap):
         s = self.settings
-        if event.kind == "started":
-            return [Action("trim_kv", snap.workers[0].name,
-                           {"keep": s["keep"], "tail": 8, "min_prune": 4})]
-        if event.kind == "finished":
-            return [Action("shrink_kv", snap.workers[0].name, {"n_ctx": s["n_ctx"]})]
+        if isinstance(event, Started):
+            return [TrimKv(snap.workers[0].name, keep=s["keep"], tail=8, min_prune=4)]
+        if isinstance(event, Finished):
+            return [ShrinkKv(snap.workers[0].name, s["n_ctx"])]
         return []
 
 

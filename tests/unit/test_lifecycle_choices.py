@@ -31,8 +31,8 @@ class Host:
         self.backend = SimpleNamespace(parent=None)
         self.recorded: list[tuple[str, str, str]] = []
         self.engine = SimpleNamespace(
-            record=lambda who, action, result: self.recorded.append(
-                (action.kind, action.target, action.reason)))
+            record=lambda who, what, result: self.recorded.append(
+                (what.kind, what.target, what.reason)))
 
     async def retire(self, workers, grace, finish_requests=True) -> None:
         pass

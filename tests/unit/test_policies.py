@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from llm_residentd.policies import Event, PolicyError, Snapshot
+from llm_residentd.policies import PolicyError, PsiTrigger, Queued, Snapshot, Tick
 from llm_residentd.policies.base import Pressure, RequestView, WorkerView
 from llm_residentd.policies.psi_admission import PsiAdmission
 from llm_residentd.policies.static import Static
@@ -22,25 +22,25 @@ def kinds(actions) -> list[str]:
 
 def test_psi_admission_defers_on_a_trigger_and_readmits_after_calm():
     p = PsiAdmission(defer_above=40, admit_below=20, calm_s=2, keep_running=0)
-    assert kinds(p.on_event(Event("tick"), snap(0, 90))) == ["admit", "admit"]  # no trigger yet
-    assert kinds(p.on_event(Event("pressure", key="system/cpu"), snap(1, 60))) == ["defer"] * 2
-    assert kinds(p.on_event(Event("tick"), snap(2, 15))) == ["defer"] * 2  # calm starts
-    assert kinds(p.on_event(Event("tick"), snap(3, 25))) == ["defer"] * 2  # not calm: reset
-    assert kinds(p.on_event(Event("tick"), snap(4, 10))) == ["defer"] * 2
-    assert kinds(p.on_event(Event("tick"), snap(5.9, 10))) == ["defer"] * 2
-    assert kinds(p.on_event(Event("tick"), snap(6, 10))) == ["admit"] * 2  # 2 s calm
+    assert kinds(p.on_event(Tick(), snap(0, 90))) == ["admit", "admit"]  # no trigger yet
+    assert kinds(p.on_event(PsiTrigger("system/cpu"), snap(1, 60))) == ["defer"] * 2
+    assert kinds(p.on_event(Tick(), snap(2, 15))) == ["defer"] * 2  # calm starts
+    assert kinds(p.on_event(Tick(), snap(3, 25))) == ["defer"] * 2  # not calm: reset
+    assert kinds(p.on_event(Tick(), snap(4, 10))) == ["defer"] * 2
+    assert kinds(p.on_event(Tick(), snap(5.9, 10))) == ["defer"] * 2
+    assert kinds(p.on_event(Tick(), snap(6, 10))) == ["admit"] * 2  # 2 s calm
 
 
 def test_psi_admission_ignores_low_pressure_triggers_and_other_resources():
     p = PsiAdmission(defer_above=40)
-    assert kinds(p.on_event(Event("pressure", key="system/cpu"), snap(0, 30))) == ["admit"] * 2
-    assert kinds(p.on_event(Event("pressure", key="system/memory"), snap(1, 90))) == ["admit"] * 2
+    assert kinds(p.on_event(PsiTrigger("system/cpu"), snap(0, 30))) == ["admit"] * 2
+    assert kinds(p.on_event(PsiTrigger("system/memory"), snap(1, 90))) == ["admit"] * 2
 
 
 def test_psi_admission_never_starves_a_request():
     p = PsiAdmission(defer_above=40, max_defer_s=5, keep_running=0)
-    p.on_event(Event("pressure", key="system/cpu"), snap(0, 80))
-    actions = p.on_event(Event("tick"), snap(1, 80, queued=1, waited=5.0))
+    p.on_event(PsiTrigger("system/cpu"), snap(0, 80))
+    actions = p.on_event(Tick(), snap(1, 80, queued=1, waited=5.0))
     assert kinds(actions) == ["admit"] and "anyway" in actions[0].reason
 
 
@@ -49,9 +49,9 @@ def test_scope_pressure_counts_only_when_asked():
     s = Snapshot(now=0, system={"cpu": Pressure(some_avg10=5)}, workers=(worker,),
                  queued=(RequestView("r1", "m", 0, 5, 8, 0.0),))
     p = PsiAdmission(defer_above=40, keep_running=0)
-    assert kinds(p.on_event(Event("pressure", key="m-0/cpu"), s)) == ["admit"]  # own throttling
+    assert kinds(p.on_event(PsiTrigger("m-0/cpu"), s)) == ["admit"]  # own throttling
     p = PsiAdmission(defer_above=40, keep_running=0, scope_pressure=True)
-    assert kinds(p.on_event(Event("pressure", key="m-0/cpu"), s)) == ["defer"]
+    assert kinds(p.on_event(PsiTrigger("m-0/cpu"), s)) == ["defer"]
 
 
 def test_psi_admission_follows_pressure_outside_the_workers_not_the_system():
@@ -59,22 +59,22 @@ def test_psi_admission_follows_pressure_outside_the_workers_not_the_system():
     own = Snapshot(now=0, system={"cpu": Pressure(some_avg10=50)}, queued=queued,
                    outside={"cpu": Pressure(some_avg10=2)})  # the workers' own throttling
     p = PsiAdmission(defer_above=40, keep_running=0)
-    assert kinds(p.on_event(Event("pressure", key="system/cpu"), own)) == ["admit"]
+    assert kinds(p.on_event(PsiTrigger("system/cpu"), own)) == ["admit"]
     hog = Snapshot(now=1, system={"cpu": Pressure(some_avg10=50)}, queued=queued,
                    outside={"cpu": Pressure(some_avg10=45)})  # a neighbour stalls
-    assert kinds(p.on_event(Event("pressure", key="system/cpu"), hog)) == ["defer"]
+    assert kinds(p.on_event(PsiTrigger("system/cpu"), hog)) == ["defer"]
     assert p.events is not None and {"pressure", "tick", "queued"} <= p.events
 
 
 def test_psi_admission_keeps_the_model_working_while_it_defers():
     p = PsiAdmission(defer_above=40, keep_running=1)
-    assert kinds(p.on_event(Event("pressure", key="system/cpu"), snap(0, 80, queued=3))) == [
+    assert kinds(p.on_event(PsiTrigger("system/cpu"), snap(0, 80, queued=3))) == [
         "admit", "defer", "defer"]  # nothing runs: the first in line may
     running = (RequestView("r0", "m", 0, 10, 16, 1.0, worker="m-0"),)
     queued = tuple(RequestView(f"r{i}", "m", 0, 10, 16, 1.0) for i in (1, 2))
     busy = Snapshot(now=1, system={"cpu": Pressure(some_avg10=80)}, queued=queued,
                     running=running)
-    assert kinds(p.on_event(Event("tick"), busy)) == ["defer", "defer"]
+    assert kinds(p.on_event(Tick(), busy)) == ["defer", "defer"]
 
 
 def test_psi_admission_keep_running_counts_per_model():
@@ -84,18 +84,18 @@ def test_psi_admission_keep_running_counts_per_model():
               RequestView("b1", "b", 0, 10, 16, 0.0), RequestView("b2", "b", 0, 10, 16, 0.0),
               RequestView("b3", "b", 0, 10, 16, 0.0))
     s = Snapshot(now=0, system={"cpu": Pressure(some_avg10=90)}, queued=queued, running=running)
-    actions = p.on_event(Event("pressure", key="system/cpu"), s)
+    actions = p.on_event(PsiTrigger("system/cpu"), s)
     assert [(a.target, a.kind) for a in actions] == [
         ("a1", "admit"), ("a2", "defer"), ("b1", "admit"), ("b2", "admit"), ("b3", "defer")]
 
 
 def test_static_sets_limits_once_per_configuration():
     p = Static(cpu="50%")
-    first = p.on_event(Event("tick"), snap(0, 0))
+    first = p.on_event(Tick(), snap(0, 0))
     assert [(a.kind, a.target, a.values["cpu"]) for a in first] == [("set_limits", "m", "50%")]
-    assert p.on_event(Event("tick"), snap(1, 0)) == []
+    assert p.on_event(Tick(), snap(1, 0)) == []
     p.configure(cpu="75%")
-    assert p.on_event(Event("tick"), snap(2, 0))[0].values["cpu"] == "75%"
+    assert p.on_event(Tick(), snap(2, 0))[0].values["cpu"] == "75%"
 
 
 @pytest.mark.parametrize("settings, words", [
@@ -165,7 +165,7 @@ def test_neighbour_guard_cuts_multiplicatively_and_gives_back_additively():
     def cpu_at(now, pressure, applied=True):
         s = Snapshot(now=now, system={"cpu": Pressure(some_avg10=pressure)},
                      workers=(_worker(cpu=quota[0]),))
-        values = [a.values["cpu"] for a in p.on_event(Event("tick"), s)]
+        values = [a.values["cpu"] for a in p.on_event(Tick(), s)]
         if values and applied:
             quota[0] = float(values[0].rstrip("%")) / 100
         return values
@@ -179,14 +179,14 @@ def test_neighbour_guard_cuts_multiplicatively_and_gives_back_additively():
     assert cpu_at(10, 20) == []  # between low and high: hold
     assert cpu_at(12, 5) == ["50%"]  # calm: +0.25 CPU
     assert cpu_at(14, 5) == ["75%"]
-    assert p.on_event(Event("pressure", key="system/cpu"), Snapshot(now=16)) == []
+    assert p.on_event(PsiTrigger("system/cpu"), Snapshot(now=16)) == []
 
 
 def test_neighbour_guard_sets_the_ceiling_on_an_unlimited_model_when_calm():
     from llm_residentd.policies.neighbour_guard import NeighbourGuard
     p = NeighbourGuard(max_cpu=1.5)
     s = Snapshot(now=0, system={"cpu": Pressure(some_avg10=0)}, workers=(_worker(),))
-    assert [a.values["cpu"] for a in p.on_event(Event("tick"), s)] == ["150%"]
+    assert [a.values["cpu"] for a in p.on_event(Tick(), s)] == ["150%"]
 
 
 def test_neighbour_guard_narrows_the_batch_with_the_quota():
@@ -203,7 +203,7 @@ def test_neighbour_guard_narrows_the_batch_with_the_quota():
                                    batch_limit=state["limit"]) for i in range(2))
         s = Snapshot(now=now, outside={"cpu": Pressure(some_avg10=pressure)}, workers=workers)
         out = {}
-        for a in p.on_event(Event("tick"), s):
+        for a in p.on_event(Tick(), s):
             assert a.target == "m"
             if a.kind == "set_limits":
                 out["cpu"] = state["cpu"] = float(a.values["cpu"].rstrip("%")) / 100
@@ -224,7 +224,7 @@ def test_neighbour_guard_narrows_the_batch_with_the_quota():
     assert tick(8, 5) == {}
     off = NeighbourGuard(scale_batch=False)
     w = WorkerView("m-0", "m", "busy", 1, None, None, None, slots=8, slots_busy=8, batch_limit=8)
-    assert kinds(off.on_event(Event("tick"), Snapshot(
+    assert kinds(off.on_event(Tick(), Snapshot(
         now=0, outside={"cpu": Pressure(some_avg10=50)}, workers=(w,)))) == ["set_limits"]
 
 
@@ -236,7 +236,7 @@ def test_psi_admission_keep_running_counts_sequences_not_workers():
     w = WorkerView("m-0", "m", "busy", 1, None, None, None, slots=4, slots_busy=2, batch_limit=4)
     s = Snapshot(now=0, outside={"cpu": Pressure(some_avg10=90)}, workers=(w,), queued=queued,
                  running=running)
-    actions = p.on_event(Event("pressure", key="system/cpu"), s)
+    actions = p.on_event(PsiTrigger("system/cpu"), s)
     assert [(a.target, a.kind) for a in actions] == [("q0", "admit"), ("q1", "defer"),
                                                      ("q2", "defer")]
 
@@ -249,7 +249,7 @@ def test_memory_tuner_probes_down_when_calm_and_backs_off_under_stall():
 
     def decide(now, high, total):
         s = Snapshot(now=now, workers=(_worker(high=high, current=300 * mb, mem_total=total),))
-        return [int(a.values["memory_high"]) for a in p.on_event(Event("tick"), s)]
+        return [int(a.values["memory_high"]) for a in p.on_event(Tick(), s)]
 
     assert decide(0, None, 1000) == []  # baseline only
     assert decide(6, None, 2000) == [int(300 * mb * 0.99) // 4096 * 4096]  # from memory.current
@@ -267,7 +267,7 @@ def test_sjf_ranks_by_predicted_size_with_aging():
     reqs = (RequestView("long", "m", 0, 400, 200, 0.0),  # 100 + 200 = 300
             RequestView("short", "m", 0, 40, 10, 0.0),  # 10 + 10 = 20
             RequestView("old", "m", 0, 400, 200, 30.0))  # 300 - 10 * 30 = 0
-    actions = p.on_event(Event("queued"), Snapshot(now=0, queued=reqs))
+    actions = p.on_event(Queued("short", "m"), Snapshot(now=0, queued=reqs))
     ranks = {a.target: a.values["rank"] for a in actions}
     assert ranks == {"long": 300.0, "short": 20.0, "old": 0.0}
     assert {a.kind for a in actions} == {"rank"}
@@ -278,7 +278,18 @@ def test_neighbour_guard_gives_back_when_only_its_own_throttling_remains():
     p = NeighbourGuard(high=30, low=10, step=0.25, min_cpu=0.25, max_cpu=2, interval_s=1)
     s = Snapshot(now=0, system={"cpu": Pressure(some_avg10=60)},
                  outside={"cpu": Pressure(some_avg10=3)}, workers=(_worker(cpu=0.25),))
-    assert [a.values["cpu"] for a in p.on_event(Event("tick"), s)] == ["50%"]
+    assert [a.values["cpu"] for a in p.on_event(Tick(), s)] == ["50%"]
     s = Snapshot(now=1, system={"cpu": Pressure(some_avg10=60)},
                  outside={"cpu": Pressure(some_avg10=40)}, workers=(_worker(cpu=0.5),))
-    assert [a.values["cpu"] for a in p.on_event(Event("tick"), s)] == ["25%"]
+    assert [a.values["cpu"] for a in p.on_event(Tick(), s)] == ["25%"]
+
+
+def test_an_action_declares_its_values_and_their_ranges():
+    from llm_residentd.policies import Rank, SetLimits, SetThreads, ShrinkKv
+    assert ShrinkKv("m-0", 512).values == {"n_ctx": 512}  # not given: the worker's default
+    assert SetLimits("m", cpu="50%").values == {"cpu": "50%"}
+    assert Rank("r0", 3).checked() == Rank("r0", 3.0)
+    with pytest.raises(PolicyError, match=r"set_threads threads=0: expected `int` >= 1$"):
+        SetThreads("m-0", 0, reason="r").checked()
+    with pytest.raises(PolicyError, match=r"shrink_kv keep=-5: expected `int` >= 0$"):
+        ShrinkKv("m-0", 512, keep=-5).checked()

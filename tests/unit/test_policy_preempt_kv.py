@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from llm_residentd.policies import Event, PolicyError, Snapshot
+from llm_residentd.policies import PolicyError, Preempted, PsiTrigger, Queued, Snapshot, Tick
 from llm_residentd.policies.base import Pressure, RequestView, WorkerView
 from llm_residentd.policies.kv_trim import KvTrim
 from llm_residentd.policies.priority import Priority
@@ -28,9 +28,9 @@ def test_priority_preempts_the_lowest_running_request_once():
     s = Snapshot(now=0, workers=(worker("m-0"), worker("m-1")),
                  queued=(req("hi", 5),),
                  running=(req("lo", 0, tokens=30, on="m-0"), req("mid", 2, on="m-1")))
-    (a,) = p.on_event(Event("queued", request="hi"), s)
+    (a,) = p.on_event(Queued("hi", "m"), s)
     assert (a.kind, a.target, a.values) == ("preempt", "lo", {"state_min_tokens": 100})
-    assert p.on_event(Event("tick"), s) == []  # already asked: not again
+    assert p.on_event(Tick(), s) == []  # already asked: not again
 
 
 def test_priority_takes_the_least_advanced_among_equals_and_one_per_waiting_request():
@@ -38,7 +38,7 @@ def test_priority_takes_the_least_advanced_among_equals_and_one_per_waiting_requ
     s = Snapshot(now=0, workers=(worker("m-0"), worker("m-1")),
                  queued=(req("h1", 3), req("h2", 3), req("h3", 3)),
                  running=(req("a", 0, tokens=90, on="m-0"), req("b", 0, tokens=10, on="m-1")))
-    assert [a.target for a in p.on_event(Event("queued"), s)] == ["b", "a"]
+    assert [a.target for a in p.on_event(Queued("h3", "m"), s)] == ["b", "a"]
 
 
 @pytest.mark.parametrize("why", ["idle worker", "small gap", "deferred", "preempted enough"])
@@ -47,7 +47,7 @@ def test_priority_leaves_running_requests_alone(why):
     workers = (worker("m-0"), worker("m-1", state="idle" if why == "idle worker" else "busy"))
     waiting = req("hi", 1 if why == "small gap" else 5, deferred=why == "deferred")
     running = (req("lo", 0, on="m-0", preemptions=2 if why == "preempted enough" else 0),)
-    assert p.on_event(Event("queued"), Snapshot(now=0, workers=workers, queued=(waiting,),
+    assert p.on_event(Queued("hi", "m"), Snapshot(now=0, workers=workers, queued=(waiting,),
                                                  running=running)) == []
 
 
@@ -60,45 +60,45 @@ def test_priority_preempts_only_when_no_slot_is_free():
 
     def decide(w: WorkerView) -> list[str]:
         snap = Snapshot(now=0, workers=(w,), queued=waiting, running=running)
-        return [a.target for a in Priority().on_event(Event("queued"), snap)]
+        return [a.target for a in Priority().on_event(Queued("hi", "m"), snap)]
 
     assert decide(worker(slots=4, busy=3)) == []  # one slot free
     two = Snapshot(now=0, workers=(worker(slots=4, busy=3),), running=running,
                    queued=(req("hi", 5), req("hi2", 5)))
-    assert [a.target for a in Priority().on_event(Event("queued"), two)] == ["lo0"]
+    assert [a.target for a in Priority().on_event(Queued("hi2", "m"), two)] == ["lo0"]
     assert decide(worker(slots=3, busy=3)) == ["lo0"]  # full: the least advanced goes
     assert decide(worker(slots=4, busy=3, limit=3)) == ["lo0"]  # set_batch: 3 is full
     assert decide(worker(state="restarting", slots=4, busy=0)) == ["lo0"]  # not serving
-    assert p.on_event(Event("tick"), Snapshot(now=0)) == []
+    assert p.on_event(Tick(), Snapshot(now=0)) == []
 
 
 def test_priority_asks_again_once_the_request_is_running_anew():
     p = Priority()
     busy = Snapshot(now=0, workers=(worker(),), queued=(req("hi", 1),),
                     running=(req("lo", 0, on="m-0"),))
-    assert len(p.on_event(Event("queued"), busy)) == 1
+    assert len(p.on_event(Queued("hi", "m"), busy)) == 1
     requeued = Snapshot(now=1, workers=(worker(),), queued=(req("lo", 0),),
                         running=(req("hi", 1, on="m-0"),))
-    assert p.on_event(Event("preempted"), requeued) == []
+    assert p.on_event(Preempted("lo", "m"), requeued) == []
     again = Snapshot(now=2, workers=(worker(),), queued=(req("hi2", 1),),
                      running=(req("lo", 0, on="m-0", preemptions=1),))
-    assert [a.target for a in p.on_event(Event("queued"), again)] == ["lo"]
+    assert [a.target for a in p.on_event(Queued("hi2", "m"), again)] == ["lo"]
 
 
 def test_kv_trim_trims_a_busy_worker_on_its_memory_trigger_with_cooldown():
     p = KvTrim(keep=64, tail=256, min_prune=64, cooldown_s=5)
     running = (req("a", 0, on="m-0"), req("b", 0, on="m-1"))
     s = Snapshot(now=0, workers=(worker("m-0"), worker("m-1")), running=running)
-    (a,) = p.on_event(Event("pressure", key="m-1/memory"), s)
+    (a,) = p.on_event(PsiTrigger("m-1/memory"), s)
     assert (a.kind, a.target, a.values) == ("trim_kv", "m-1",
                                             {"keep": 64, "tail": 256, "min_prune": 64, "req": "b"})
-    assert p.on_event(Event("pressure", key="m-1/memory"), Snapshot(now=4, workers=s.workers,
+    assert p.on_event(PsiTrigger("m-1/memory"), Snapshot(now=4, workers=s.workers,
                                                                     running=running)) == []
-    assert p.on_event(Event("pressure", key="m-1/cpu"), Snapshot(now=9, workers=s.workers,
+    assert p.on_event(PsiTrigger("m-1/cpu"), Snapshot(now=9, workers=s.workers,
                                                                  running=running)) == []
-    assert len(p.on_event(Event("pressure", key="m-1/memory"),
+    assert len(p.on_event(PsiTrigger("m-1/memory"),
                           Snapshot(now=9, workers=s.workers, running=running))) == 1
-    assert p.on_event(Event("pressure", key="m-0/memory"),  # nothing runs there: no trim
+    assert p.on_event(PsiTrigger("m-0/memory"),  # nothing runs there: no trim
                       Snapshot(now=20, workers=s.workers, running=running[1:])) == []
 
 
@@ -112,7 +112,7 @@ def test_kv_trim_trims_the_sequence_holding_the_most_cells_on_the_pressed_worker
                req("elsewhere", 0, on="m-1", kv_cells=5000))
     snap = Snapshot(now=0, workers=(worker("m-0", slots=4, busy=3), worker("m-1")),
                     running=running)
-    (a,) = p.on_event(Event("pressure", key="m-0/memory"), snap)
+    (a,) = p.on_event(PsiTrigger("m-0/memory"), snap)
     assert (a.kind, a.target, a.values["req"]) == ("trim_kv", "m-0", "long")
     assert "long holds 900 KV cells" in a.reason
 
@@ -120,19 +120,19 @@ def test_kv_trim_trims_the_sequence_holding_the_most_cells_on_the_pressed_worker
 def test_kv_trim_shrinks_on_a_tick_above_the_threshold_and_restores_when_calm():
     p = KvTrim(mode="shrink", factor=0.5, min_ctx=512, some_above=10, cooldown_s=1,
                restore_after_s=10)
-    (a,) = p.on_event(Event("tick"), Snapshot(now=0, workers=(worker(memory=30),)))
+    (a,) = p.on_event(Tick(), Snapshot(now=0, workers=(worker(memory=30),)))
     assert (a.kind, a.values["n_ctx"]) == ("shrink_kv", 1024)
-    (a,) = p.on_event(Event("tick"), Snapshot(now=2, workers=(worker(n_ctx=1024, memory=30),)))
+    (a,) = p.on_event(Tick(), Snapshot(now=2, workers=(worker(n_ctx=1024, memory=30),)))
     assert a.values["n_ctx"] == 512
-    assert p.on_event(Event("tick"), Snapshot(now=4, workers=(worker(n_ctx=512, memory=30),))) \
+    assert p.on_event(Tick(), Snapshot(now=4, workers=(worker(n_ctx=512, memory=30),))) \
         == []  # at min_ctx
     calm = (worker(n_ctx=512, state="idle", memory=1),)
-    assert p.on_event(Event("tick"), Snapshot(now=5, workers=calm)) == []
-    assert p.on_event(Event("tick"), Snapshot(now=14, workers=calm)) == []
-    (a,) = p.on_event(Event("tick"), Snapshot(now=15, workers=calm))
+    assert p.on_event(Tick(), Snapshot(now=5, workers=calm)) == []
+    assert p.on_event(Tick(), Snapshot(now=14, workers=calm)) == []
+    (a,) = p.on_event(Tick(), Snapshot(now=15, workers=calm))
     assert (a.kind, a.values) == ("shrink_kv", {"n_ctx": 2048})
     busy = (worker(n_ctx=512, state="busy", memory=1),)
-    assert p.on_event(Event("tick"), Snapshot(now=30, workers=busy)) == []  # only when idle
+    assert p.on_event(Tick(), Snapshot(now=30, workers=busy)) == []  # only when idle
 
 
 def test_kv_trim_refuses_an_unknown_mode():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from llm_residentd.policies import Event, PolicyError, Snapshot
+from llm_residentd.policies import CpuRead, LimitsSet, PolicyError, Snapshot
 from llm_residentd.policies.base import CpuView, WorkerLoad, WorkerView
 from llm_residentd.policies.threads import Threads
 
-CPU = Event("cpu")
+CPU = CpuRead()
 
 
 def worker(name: str = "m-0", state: str = "busy", threads: int = 2, *, asked: int | None = None,
@@ -95,7 +95,7 @@ def test_a_quota_cuts_at_once_and_names_itself():
                                            wait=0.5)))
     assert n == 3  # a change just happened: the interval does not hold back a quota cut
     limited = worker(threads=3, quota=1.5, **four)
-    _name, n, why = only(p.on_event(Event("limits"), snap(0.1, limited, cpus=4)))
+    _name, n, why = only(p.on_event(LimitsSet("m"), snap(0.1, limited, cpus=4)))
     assert n == 1 and why == "quota: 1.5 CPUs"
 
 

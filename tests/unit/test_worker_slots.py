@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,7 +21,17 @@ from llm_residentd.core.models import Models
 from llm_residentd.core.requests import ModelQueue, Request
 from llm_residentd.core.slots import Slots
 from llm_residentd.core.workers import Worker
-from llm_residentd.policies import Action, Event, Policy, Snapshot
+from llm_residentd.policies import (
+    ACTIONS,
+    Action,
+    Admit,
+    Event,
+    Policy,
+    SetBatch,
+    Snapshot,
+    Tick,
+    TrimKv,
+)
 from llm_residentd.wire import events, messages
 from llm_residentd.wire.messages import RequestParams
 
@@ -317,57 +328,86 @@ def test_preempt_and_kv_ops_find_the_worker_running_the_request():
 
 
 class Batcher(Policy):
+    """Returns the actions `make` builds, on every event."""
+
     name = "batcher"
 
-    def __init__(self, actions: list[Action]) -> None:
+    def __init__(self, make: Callable[[], list[Action]]) -> None:
         super().__init__()
-        self.actions = actions
+        self.make = make
 
     def on_event(self, event: Event, snap: Snapshot) -> list[Action]:
-        return self.actions
+        return self.make()
 
 
-def _engine(actions: list[Action]) -> tuple[PolicyEngine, Worker]:
+def _engine(make: Callable[[], list[Action]]) -> tuple[PolicyEngine, Worker]:
     worker, _ = serving_worker(slots=4)
     slots = slots_of(worker)
     actuator = Actuator(slots.models, slots, None, None, None, None)  # type: ignore[arg-type]
     actuator.snapshot = lambda: Snapshot(now=0)  # type: ignore[method-assign]
     with structlog.testing.capture_logs():
         engine = PolicyEngine([], actuator)
-    engine.enabled = {"batcher": Batcher(actions)}
+    engine.enabled = {"batcher": Batcher(make)}
     return engine, worker
 
 
 def test_set_batch_is_applied_and_recorded_when_it_changes():
-    engine, worker = _engine([Action("set_batch", "m", {"sequences": 2}, reason="r")])
+    engine, worker = _engine(lambda: [SetBatch("m", 2, reason="r")])
     with structlog.testing.capture_logs():
-        engine.notify(Event("tick"))
-        engine.notify(Event("tick"))  # the same limit again: not recorded again
+        engine.notify(Tick())
+        engine.notify(Tick())  # the same limit again: not recorded again
     assert engine.actuator.slots.limit(worker) == 2
     assert [(a["action"], a["target"], a["result"]) for a in engine.actions] == [
         ("set_batch", "m", "done")]
 
 
-@pytest.mark.parametrize("values", [{"sequences": 0}, {"sequences": 65}, {"sequences": "2"},
-                                    {}, {"sequences": 2, "extra": 1}])
-def test_set_batch_with_bad_values_disables_its_policy(values):
-    engine, worker = _engine([Action("set_batch", "m", values)])
+@pytest.mark.parametrize(("values", "why"), [
+    ({"sequences": 0}, "set_batch sequences=0: expected `int` >= 1"),
+    ({"sequences": 65}, "set_batch sequences=65: expected `int` <= 64"),
+    ({"sequences": "2"}, "set_batch sequences='2': expected `int`, got `str`"),
+    ({}, "sequences"), ({"sequences": 2, "extra": 1}, "extra")])
+def test_set_batch_with_bad_values_disables_its_policy(values, why):
+    engine, worker = _engine(lambda: [SetBatch("m", **values)])
     with structlog.testing.capture_logs():
-        engine.notify(Event("tick"))
+        engine.notify(Tick())
     assert "batcher" in engine.disabled and engine.actuator.slots.limit(worker) == 4
+    assert why in engine.disabled["batcher"]
 
 
 def test_trim_kv_may_name_its_sequence_but_nothing_else_as_text():
-    engine, worker = _engine([Action("trim_kv", "m-0", {"keep": 4, "req": "r0"})])
+    engine, worker = _engine(lambda: [TrimKv("m-0", keep=4, req="r0")])
     worker.running["r0"] = Request(id="r0", model="m", params=RequestParams(max_tokens=1))
     with structlog.testing.capture_logs():
-        engine.notify(Event("tick"))
+        engine.notify(Tick())
     assert engine.kv_asked == {"m-0": "batcher"} and "batcher" in engine.enabled
-    engine, _ = _engine([Action("trim_kv", "m-0", {"keep": "4"})])
+    engine, _ = _engine(lambda: [TrimKv("m-0", keep="4")])
     with structlog.testing.capture_logs():
-        engine.notify(Event("tick"))
+        engine.notify(Tick())
     assert "batcher" in engine.disabled
 
+
+def test_every_declared_action_has_its_handler_and_anything_else_disables_the_policy():
+    engine, _ = _engine(lambda: [Admit("r0"), "defer r1"])
+    assert set(engine._handlers) == set(ACTIONS)
+    with structlog.testing.capture_logs():
+        engine.notify(Tick())
+    assert "'defer r1', not an action (Admit, Defer, " in engine.disabled["batcher"]
+    assert not engine.actions[-1]["values"] and engine.actions[-1]["action"] == "disable"
+
+
+def test_an_action_is_recorded_with_its_kind_target_values_and_reason():
+    engine, worker = _engine(lambda: [TrimKv("m-0", keep=4, req="r0", reason="why"),
+                                      SetBatch("m-0", 3)])
+    worker.running["r0"] = Request(id="r0", model="m", params=RequestParams(max_tokens=1))
+    with structlog.testing.capture_logs():
+        engine.notify(Tick())
+    assert [{k: e[k] for k in ("policy", "action", "target", "values", "reason", "result")}
+            for e in engine.actions] == [
+        {"policy": "batcher", "action": "trim_kv", "target": "m-0",
+         "values": {"keep": 4, "req": "r0"}, "reason": "why", "result": "asked"},
+        {"policy": "batcher", "action": "set_batch", "target": "m-0",
+         "values": {"sequences": 3}, "reason": "", "result": "done"}]
+    assert engine.action_counts == {("batcher", "trim_kv"): 1, ("batcher", "set_batch"): 1}
 
 def test_the_policies_see_one_running_request_per_sequence_with_its_cells():
     """Snapshot: WorkerView slots, busy slots and batch limit; RequestView kv_cells. So
