@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llm_residentd.core.modelsource import PACKAGES
+from llm_residentd.catalog.modelsource import PACKAGES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

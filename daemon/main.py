@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from . import __version__, logs, notify
-from .core import config, modelsource
+from .catalog import config, modelsource
 from .core.reload import Reloader
 from .core.service import Service
 from .core.wiring import build

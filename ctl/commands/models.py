@@ -27,7 +27,7 @@ _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0"
 def model_option(text: str) -> tuple[str, Any]:
     """argparse type of --set KEY=VALUE: VALUE as the type of the [models.NAME] key (an
     unknown key is sent as text: the daemon's answer names the keys it knows)."""
-    from llm_residentd.core.config import ModelConfig
+    from llm_residentd.catalog.config import ModelConfig
 
     key, value = key_value(text)
     kind = {f.name: f.type for f in dataclasses.fields(ModelConfig)}.get(key, "str")

@@ -10,11 +10,11 @@ from typing import Any
 
 import structlog
 
+from ..catalog.config import Config, ModelConfig
 from ..control.watches import Watches
 from ..placement.limits import LimitError, check_order
 from ..placement.placer import Placement
 from ..wire.protocol import ProtocolError
-from .config import Config, ModelConfig
 from .models import Models
 from .workers import Listener, Worker
 

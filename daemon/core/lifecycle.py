@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from ..catalog.config import Config, ModelConfig
 from ..control import procstats
 from ..control.records import ModelLoaded, ModelLoadFailed, ModelUnloaded, Recorded
 from ..placement.limits import parse_bytes
@@ -28,7 +29,6 @@ from ..wire.durations import describe as describe_duration
 from ..wire.durations import parse_keep_alive
 from ..wire.protocol import ProtocolError
 from . import memfit
-from .config import Config, ModelConfig
 from .models import Life, Models
 
 if TYPE_CHECKING:

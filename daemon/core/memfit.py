@@ -8,8 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ggufmeta
-from .config import ModelConfig
+from ..catalog import ggufmeta
+from ..catalog.config import ModelConfig
 
 MiB = 1 << 20
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..catalog import modelsource
+from ..catalog.config import ModelConfig, limits_of
 from ..control.metrics import ModelMetrics
 from ..placement.limits import Limits
 from ..policies.base import BATCH_UNLIMITED
-from . import modelsource, supervision
-from .config import ModelConfig, limits_of
+from . import supervision
 from .memfit import Need
 from .requests import ModelQueue
 

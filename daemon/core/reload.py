@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from .. import notify
+from ..catalog import modelsource
+from ..catalog.config import Config, ConfigError, DaemonConfig, ModelConfig, limits_of
+from ..catalog.modeladmin import Overlay
 from ..policies import PolicyError
 from ..wire.protocol import ProtocolError, check_model
-from . import modelsource
-from .config import Config, ConfigError, DaemonConfig, ModelConfig, limits_of
-from .modeladmin import Overlay
 
 if TYPE_CHECKING:
     from .service import Service

@@ -14,8 +14,8 @@ from ..wire import events
 from ..wire.protocol import ProtocolError
 
 if TYPE_CHECKING:
+    from ..catalog.config import ModelConfig
     from ..wire.messages import RequestParams, Resume, Stats
-    from .config import ModelConfig
 
 Sink = Callable[[events.Event], None]
 

@@ -1,6 +1,5 @@
-"""The request path: accept requests, queue them per model, dispatch to free slots, and
-finish each once. Models, slots, the policy engine, the fleet of workers and the watches
-are given to it (core/wiring.py builds them), so a test can drive it with fakes."""
+"""The request path: accept requests, queue them per model, dispatch to free slots, finish each
+once. Its parts are given to it (core/wiring.py builds them), so a test can drive it with fakes."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ from typing import Any
 import structlog
 
 from .. import logs
+from ..catalog.config import Config
 from ..control.observer import Observer
 from ..control.policyengine import PolicyEngine
 from ..control.watches import Watches
@@ -21,7 +21,6 @@ from ..policies import Event, Finished, Preempted, PsiTrigger, Queued, Started, 
 from ..wire import messages
 from ..wire.protocol import ProtocolError, check_model
 from . import supervision
-from .config import Config
 from .fleet import Fleet
 from .lifecycle import Lifecycle
 from .models import Models

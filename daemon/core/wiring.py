@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..catalog.config import Config, trigger_of
 from ..control.cpumonitor import CpuMonitor
 from ..control.observer import Observer
 from ..control.policyengine import PolicyEngine
@@ -13,7 +14,6 @@ from ..paths import default_state_dir
 from ..placement.placer import Placement
 from ..policies import CpuRead, LimitsSet
 from .actuator import Actuator
-from .config import Config, trigger_of
 from .fleet import Fleet
 from .models import Models
 from .service import Service

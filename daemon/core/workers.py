@@ -6,7 +6,6 @@ import asyncio
 import collections
 import contextlib
 import os
-import pwd
 import signal
 import socket
 import sys
@@ -19,12 +18,13 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
+from ..catalog.config import Config, ModelConfig
 from ..control import procstats
 from ..placement.scopes import Scope
+from ..placement.users import run_as
 from ..wire import messages
 from ..wire.messages import IPC_MAX_FRAME, Batch
 from ..wire.protocol import ProtocolError, read_frame
-from .config import Config, ModelConfig
 from .requests import Request
 from .supervision import Backoff, Clock, ping_period
 
@@ -62,21 +62,6 @@ class Listener(Protocol):
 
 class LoadFailed(Exception):
     pass
-
-
-def run_as(user: str) -> dict[str, Any]:
-    """create_subprocess_exec arguments that start a worker as `user` (daemon.worker_user).
-
-    Only a root daemon switches: empty `user`, a daemon that is not root or a root
-    `user` give {} (the worker runs as the daemon). KeyError if the user does not exist.
-    """
-    if not user or os.geteuid() != 0:
-        return {}
-    pw = pwd.getpwnam(user)
-    if pw.pw_uid == 0:
-        return {}
-    env = {**os.environ, "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}
-    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "env": env}
 
 
 @dataclass

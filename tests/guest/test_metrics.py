@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 
 from guestlib import CGROUP, SLICE, config
-from llm_residentd.core import config as daemon_config
+from llm_residentd.catalog import config as daemon_config
 from llm_residentd.core.service import Service
 from llm_residentd.core.wiring import build
 from llm_residentd.front.prometheus import render

@@ -21,7 +21,7 @@ from typing import Any
 
 from harness import tiny_config
 from llm_residentd import __version__
-from llm_residentd.core import config
+from llm_residentd.catalog import config
 from llm_residentd.core.service import Service
 from llm_residentd.core.wiring import build
 from llm_residentd.front.prometheus import CONTENT_TYPE, render

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 from llm_residentd import main as daemon_main
-from llm_residentd.core import modelsource
+from llm_residentd.catalog import modelsource
 
 
 def _check(tmp_path, capsys, model_table: str) -> tuple[int, str, str]:

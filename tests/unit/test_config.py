@@ -4,8 +4,8 @@ import dataclasses
 import re
 
 import pytest
-from llm_residentd.core import config
-from llm_residentd.core.config import ConfigError, load, parse
+from llm_residentd.catalog import config
+from llm_residentd.catalog.config import ConfigError, load, parse
 
 
 def test_default_serves_smollm2_from_its_package():

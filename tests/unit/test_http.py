@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from llm_residentd.core import config
+from llm_residentd.catalog import config
 from llm_residentd.front.http import auth, openai
 from llm_residentd.front.http.app import STATUS, error_body, error_response
 from llm_residentd.wire import listen

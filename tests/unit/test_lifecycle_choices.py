@@ -9,8 +9,8 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+from llm_residentd.catalog.config import Config, DaemonConfig, ModelConfig
 from llm_residentd.core import memfit
-from llm_residentd.core.config import Config, DaemonConfig, ModelConfig
 from llm_residentd.core.lifecycle import Lifecycle
 from llm_residentd.core.models import Models
 from llm_residentd.core.requests import Request

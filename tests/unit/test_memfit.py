@@ -10,8 +10,9 @@ from pathlib import Path
 import gguf
 import pytest
 import tinymodel
-from llm_residentd.core import ggufmeta, memfit
-from llm_residentd.core.config import ModelConfig
+from llm_residentd.catalog import ggufmeta
+from llm_residentd.catalog.config import ModelConfig
+from llm_residentd.core import memfit
 from llm_residentd.core.memfit import MiB
 
 TINY_CELL = 2 * (64 + 64) * 2  # tiny model: 2 layers x (K 64 + V 64 channels) x f16

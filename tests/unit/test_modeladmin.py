@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from llm_residentd.core import config, modeladmin
-from llm_residentd.core.config import ConfigError, ModelConfig
+from llm_residentd.catalog import config, modeladmin
+from llm_residentd.catalog.config import ConfigError, ModelConfig
 from llm_residentd.wire.protocol import ProtocolError
 
 NOBODY = 65534

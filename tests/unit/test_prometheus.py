@@ -15,9 +15,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from llm_residentd.catalog.config import ModelConfig
 from llm_residentd.control import procstats
 from llm_residentd.control.metrics import Histogram, ModelMetrics
-from llm_residentd.core.config import ModelConfig
 from llm_residentd.core.workers import LoadFailed, Worker
 from llm_residentd.front import prometheus
 from prometheus_client.parser import text_string_to_metric_families

@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from llm_residentd.core import config, reload
-from llm_residentd.core.config import ConfigError, parse
+from llm_residentd.catalog import config
+from llm_residentd.catalog.config import ConfigError, parse
+from llm_residentd.core import reload
 
 
 def _cfg(models: str, daemon: str = "", policies: str = "") -> config.Config:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import structlog.testing
-from llm_residentd.core.config import Config, ModelConfig
+from llm_residentd.catalog.config import Config, ModelConfig
 from llm_residentd.core.models import Models
 from llm_residentd.core.service import Service
 from llm_residentd.core.slots import Slots

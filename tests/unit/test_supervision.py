@@ -8,8 +8,8 @@ import asyncio
 from dataclasses import dataclass, field
 
 import pytest
+from llm_residentd.catalog.config import ModelConfig
 from llm_residentd.core import supervision
-from llm_residentd.core.config import ModelConfig
 from llm_residentd.core.requests import Request
 from llm_residentd.core.supervision import Backoff, after_loss, load_trouble, model_state
 from llm_residentd.core.workers import LoadFailed, Worker
@@ -181,7 +181,7 @@ class LiveListener:
     """Just the config the liveness check reads."""
 
     def __init__(self, liveness_timeout: float) -> None:
-        from llm_residentd.core.config import Config, DaemonConfig
+        from llm_residentd.catalog.config import Config, DaemonConfig
         self.config = Config(daemon=DaemonConfig(liveness_timeout=liveness_timeout))
 
 

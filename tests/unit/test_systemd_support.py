@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from llm_residentd import notify, paths
-from llm_residentd.core import config
-from llm_residentd.core.config import ConfigError
-from llm_residentd.core.workers import LoadFailed, Worker, run_as
+from llm_residentd.catalog import config
+from llm_residentd.catalog.config import ConfigError
+from llm_residentd.core.workers import LoadFailed, Worker
 from llm_residentd.front.server import activated_socket
 from llm_residentd.main import run
+from llm_residentd.placement.users import run_as
 
 NOBODY = "nobody"
 
@@ -153,7 +154,7 @@ def test_activation_needs_this_pid_and_fds():
 
 ACTIVATED = textwrap.dedent("""
     import asyncio, os, socket, sys, types
-    from llm_residentd.core import config
+    from llm_residentd.catalog import config
     from llm_residentd.front.server import Server, activated_socket
 
     path = sys.argv[1]

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import structlog.testing
+from llm_residentd.catalog.config import ModelConfig
 from llm_residentd.control.policyengine import PolicyEngine
 from llm_residentd.core import workers
 from llm_residentd.core.actuator import Actuator
-from llm_residentd.core.config import ModelConfig
 from llm_residentd.core.models import Models
 from llm_residentd.core.requests import ModelQueue, Request
 from llm_residentd.core.slots import Slots
@@ -215,7 +215,7 @@ def test_a_dead_process_loses_every_running_request_and_none_queued():
 
 
 def test_a_hung_process_names_every_request_it_ran(monkeypatch):
-    from llm_residentd.core.config import Config, DaemonConfig
+    from llm_residentd.catalog.config import Config, DaemonConfig
 
     listener = Listener()
     listener.config = Config(daemon=DaemonConfig(liveness_timeout=4.0))  # type: ignore[attr-defined]

@@ -27,10 +27,10 @@ from typing import Any
 
 import structlog
 
-from ...core import modeladmin
+from ...catalog import modeladmin
 from ...wire.protocol import ProtocolError
 from .. import views
-from . import Context, Op, Param, register
+from .base import Context, Op, Param, register
 
 log = structlog.get_logger()
 

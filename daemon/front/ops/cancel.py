@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import Context, Op, Param, register
+from .base import Context, Op, Param, register
 
 
 @register

@@ -34,10 +34,10 @@ import msgspec
 import structlog
 import structlog.testing
 
-from ...core.config import DaemonConfig
+from ...catalog.config import DaemonConfig
 from ...wire import events, messages
 from ...wire.protocol import ERROR_CODES, encode
-from . import OPS, Context, Op, Param
+from .base import OPS, Context, Op, Param
 
 PAGE = Path(__file__).resolve().parents[3] / "docs" / "protocol.md"
 COMMAND = "python -m llm_residentd.front.ops.docs"

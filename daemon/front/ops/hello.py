@@ -17,7 +17,7 @@ import structlog
 
 from ... import __version__
 from ...wire.protocol import PROTOCOL_VERSION, ProtocolError
-from . import OPS, Context, Op, Param, register
+from .base import OPS, Context, Op, Param, register
 
 log = structlog.get_logger()
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ...placement.limits import LimitError, parse_bytes, parse_cpu
 from ...wire.protocol import ProtocolError, check_model
-from . import Context, Op, Param, register
+from .base import Context, Op, Param, register
 
 
 @register

@@ -20,7 +20,7 @@ from typing import Any
 from ...wire.durations import parse_keep_alive
 from ...wire.protocol import ProtocolError, check_model
 from .. import views
-from . import Context, Op, Param, register
+from .base import Context, Op, Param, register
 
 LOAD_WAIT_S = 600.0
 

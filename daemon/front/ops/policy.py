@@ -33,7 +33,7 @@ from typing import Any
 from ...policies import PolicyError
 from ...policies.base import check_setting
 from ...wire.protocol import ProtocolError
-from . import Context, Op, Param, register
+from .base import Context, Op, Param, register
 
 ACTIONS = ("list", "show", "set", "disable")
 ENABLED = Param(bool, True, "false disables the policy, true enables it")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import views
-from . import Context, Op, register
+from .base import Context, Op, register
 
 
 @register

@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from ...wire.protocol import ProtocolError
-from . import Context, Op, Param, register
+from .base import Context, Op, Param, register
 
 log = structlog.get_logger()
 

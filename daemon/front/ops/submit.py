@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ...core.config import ADAPTER_NAME_MAX
+from ...catalog.config import ADAPTER_NAME_MAX
 from ...core.requests import Request, Sink
 from ...wire.durations import parse_keep_alive
 from ...wire.messages import RequestParams, defaults
 from ...wire.protocol import ProtocolError
 from .. import views
-from . import Context, Op, Param, register
+from .base import Context, Op, Param, register
 
 # What section 5.2 of docs/protocol.md and llmctl's help show as the defaults.
 SAMPLING_DEFAULTS = defaults("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...wire.protocol import ProtocolError, check_model
-from . import Context, Op, Param, register
+from .base import Context, Op, Param, register
 
 
 @register

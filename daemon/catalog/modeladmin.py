@@ -13,10 +13,10 @@ from typing import Any
 
 import structlog
 
+from ..placement.users import run_as
 from ..wire.protocol import ProtocolError
 from . import modelsource
 from .config import Config, ConfigError, ModelConfig, model_from_table
-from .workers import run_as
 
 log = structlog.get_logger()
 
