@@ -13,7 +13,7 @@ A request refused before acceptance gets an error reply and no events.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...catalog.config import ADAPTER_NAME_MAX
 from ...core.requests import Request, Sink
@@ -22,6 +22,9 @@ from ...wire.messages import RequestParams, defaults
 from ...wire.protocol import ProtocolError
 from .. import views
 from .base import Context, Op, Param, register
+
+if TYPE_CHECKING:
+    from ...core.service import Service
 
 # What section 5.2 of docs/protocol.md and llmctl's help show as the defaults.
 SAMPLING_DEFAULTS = defaults("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",
@@ -121,7 +124,7 @@ def check_combination(args: dict[str, Any]) -> None:
         raise ProtocolError("bad_request", "adapter_scale needs adapter", param="adapter_scale")
 
 
-def check_adapter(service: Any, model: str, adapters: dict[str, str], name: str) -> None:
+def check_adapter(service: Service, model: str, adapters: dict[str, str], name: str) -> None:
     """A request's adapter must be one the model lists, and not one its workers failed to
     load (a worker not loaded yet refuses the request itself, with the same reason)."""
     if name not in adapters:
@@ -135,7 +138,7 @@ def check_adapter(service: Any, model: str, adapters: dict[str, str], name: str)
                             f"load: {why}", param="adapter")
 
 
-def accept(service: Any, args: dict[str, Any], uid: int, sink: Sink | None,
+def accept(service: Service, args: dict[str, Any], uid: int, sink: Sink | None,
            ) -> tuple[Request, int]:
     """Queue a submit whose fields ops.validate() checked; returns the request and its
     queue position. Every front end (this op, HTTP) goes through here."""
