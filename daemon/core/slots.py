@@ -91,7 +91,7 @@ class Slots:
     def kv_op(self, worker_name: str, op: str, values: dict[str, Any]) -> str:
         """trim_kv (of the sequence `req` names, else the longest) or shrink_kv (n_ctx per
         sequence) on a worker; returns asked, or why not."""
-        worker = next((w for w in self.models.workers() if w.name == worker_name), None)
+        worker = self.models.worker(worker_name)
         if worker is None or worker.pid is None:
             return "no such worker"
         if op == "shrink_kv" and values["n_ctx"] > worker.model.n_ctx:

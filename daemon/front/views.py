@@ -89,13 +89,14 @@ def models(service: Service) -> list[dict[str, Any]]:
 
 def loaded_model(service: Service, name: str) -> dict[str, Any]:
     """A model in memory, for ps and load."""
-    workers = service.models[name].workers
+    model = service.models[name]
+    workers = model.workers
     return {
         "name": name, "state": model_state(service, name),
         **service.lifecycle.describe(name),
         "workers": len(workers), "pids": [w.pid for w in workers if w.pid is not None],
         "slots": sum(w.slots for w in workers if w.serving),
-        "slots_busy": sum(len(w.running) for w in workers),
+        "slots_busy": model.running,
     }
 
 
