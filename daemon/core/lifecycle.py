@@ -64,6 +64,11 @@ class Lifecycle:
         self._changed = asyncio.Event()  # a model unloaded or went idle: waiting loads look
         for model in models:
             self.add(model.name)
+            if self._at_start(model.name):
+                # The sockets answer before the backend is up (Service.start): a model that
+                # loads at start reads "loading" from the first answer, not "unloaded"
+                # (which `llmctl wait` takes for a model that loads on demand).
+                model.life.waiting = "the daemon is starting"
 
     # -- models configured, loaded at start, forgotten -----------------------------
 
@@ -77,7 +82,9 @@ class Lifecycle:
         """A model just configured (at start, or added by a reload): load it now if it
         loads at start."""
         if self._at_start(name):
-            self._start_load(self.models[name].life, "configured to load at start")
+            life = self.models[name].life
+            life.waiting = ""
+            self._start_load(life, "configured to load at start")
 
     def close(self) -> None:
         """At shutdown: no load or unload goes on (the service stops every worker)."""

@@ -47,8 +47,9 @@ class Life:
 
     @property
     def phase(self) -> str:
-        """unloaded, loading (also while a load waits for its turn), loaded, unloading."""
-        if self.state == "unloaded" and self.task is not None:
+        """unloaded, loading (also while a load waits for its turn, or for the daemon to
+        start), loaded, unloading."""
+        if self.state == "unloaded" and (self.task is not None or self.waiting):
             return "loading"
         return self.state
 

@@ -114,3 +114,13 @@ def test_a_model_that_can_never_fit_fails_its_load_with_insufficient_memory(cloc
         assert err.value.code == "insufficient_memory"
         assert "needs about" in err.value.message and "daemon.memory_budget" in err.value.message
     asyncio.run(go())
+
+
+def test_a_model_that_loads_at_start_reads_loading_before_the_backend_is_up(clock):
+    """The sockets answer while Service.start still sets up the backend; `llmctl wait`
+    takes "unloaded" for a model loaded on demand, so an at-start model must not say it."""
+    host = Host(["first", "later"])  # load = "auto": the first loads at start
+    lc = lifecycle(host, clock)
+    first, later = lc.models["first"], lc.models["later"]
+    assert (first.state(), later.state()) == ("loading", "unloaded")
+    assert first.life.waiting == "the daemon is starting"
