@@ -126,9 +126,14 @@ class Service:
 
     def dispatch(self, name: str) -> None:
         model = self.models[name]
-        for req in self.slots.fill(model.queue, model.workers, self.engine.is_deferred,
-                                   self.engine.rank):
+        started, failed = self.slots.fill(model.queue, model.workers, self.engine.is_deferred,
+                                          self.engine.rank)
+        for req in started:
             self.engine.notify(Started(req.id, name))
+        for req, worker, exc in failed:
+            log.error("handover_failed", request=req.id, worker=worker, exc_info=exc)
+            self._finish(req, "handover_failed", f"the request could not be handed to "
+                         f"worker {worker}: {type(exc).__name__}: {exc}")
 
     def _live(self, request_id: str) -> Request:
         req = self.requests.get(request_id)

@@ -9,7 +9,7 @@ through `pop`, and the policies through two callables; service.py wires it up.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 
@@ -21,6 +21,14 @@ if TYPE_CHECKING:
     from .workers import Worker
 
 log = structlog.get_logger()
+
+
+class HandOver(NamedTuple):
+    """A request that could not be handed to a worker, and why."""
+
+    req: Request
+    worker: str
+    error: Exception
 
 
 class Slots:
@@ -42,10 +50,12 @@ class Slots:
         return min(worker.free_slots, max(0, self.limit(worker) - len(worker.running)))
 
     def fill(self, queue: ModelQueue, workers: list[Worker], held: Callable[[str], bool],
-             rank: Callable[[str], float]) -> list[Request]:
+             rank: Callable[[str], float]) -> tuple[list[Request], list[HandOver]]:
         """Start queued requests in the free slots of workers, the emptiest worker first
-        (so that requests spread over the model's processes); returns those started."""
-        started = []
+        (so that requests spread over the model's processes); returns those started, and
+        those whose hand-over failed (their slot stays free: the caller fails them)."""
+        started: list[Request] = []
+        failed: list[HandOver] = []
         while queue:
             worker = max(workers, key=lambda w: (self.free(w), -w.index), default=None)
             if worker is None or self.free(worker) <= 0:
@@ -55,9 +65,13 @@ class Slots:
                 break
             log.debug("request_dispatched", request=req.id, worker=worker.name,
                       slots_busy=len(worker.running) + 1, slots=worker.slots)
-            worker.run(req)
-            started.append(req)
-        return started
+            try:
+                worker.run(req)
+            except Exception as exc:  # whatever it was, req must end
+                failed.append(HandOver(req, worker.name, exc))
+            else:
+                started.append(req)
+        return started, failed
 
     def set_batch(self, target: str, sequences: int) -> str:
         """Limit the slots dispatch fills on a worker, or on each worker of a model (a

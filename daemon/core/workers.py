@@ -383,17 +383,23 @@ class Worker:
     # -- commands --------------------------------------------------------------
 
     def _send(self, msg: msgspec.Struct) -> None:
+        self._write(messages.frame(msg))
+
+    def _write(self, frame: bytes) -> None:
         if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(messages.frame(msg))
+            self._writer.write(frame)
 
     def run(self, req: Request) -> None:
-        """Start req in a free slot."""
+        """Start req in a free slot. If the hand-over fails (the frame cannot be encoded or
+        written), it raises with the slot still free. A worker whose connection is gone
+        takes req all the same: its death fails or requeues what it runs (supervision)."""
         assert self.free_slots > 0 and req.id not in self.running
-        msg = messages.Generate(req=req.id, params=req.params, resume=req.resume)
+        frame = messages.frame(messages.Generate(req=req.id, params=req.params,
+                                                 resume=req.resume))
+        self._write(frame)
         self.running[req.id] = req
         self.state = "busy"
         req.started_at = req.started_at or time.monotonic()
-        self._send(msg)
         req.resume = None  # the worker has it now; it sends a new one if preempted again
 
     def cancel(self, req: Request) -> None:

@@ -188,7 +188,7 @@ class Connection:
         self.requests[req.id] = req
 
         def sink(event: events.Event) -> None:
-            if not isinstance(event, events.Token):
+            if event.terminal:  # until then, this connection leaving cancels the request
                 self.requests.pop(req.id, None)
             self.send({"id": msg_id, "request": req.id, **events.as_map(event)})
 

@@ -2,13 +2,14 @@
 
 The control socket sends each as one map, {"id", "request", "event": KIND, ...fields}
 (the server adds id and request); the HTTP front reads the same objects. A request's
-stream ends with exactly one Done or Error. docs/protocol.md's list of events is
+stream ends with exactly one terminal event (Done or Error): whoever carries a request's
+events to a client tracks it until `terminal`. docs/protocol.md's list of events is
 generated from this file.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -16,7 +17,7 @@ from .protocol import ERROR_CODES
 
 
 class _Event(msgspec.Struct, tag_field="event", kw_only=True):
-    pass
+    terminal: ClassVar[bool] = False  # whether it ends the request's stream
 
 
 class Loading(_Event, tag="loading"):
@@ -44,6 +45,7 @@ class Preempted(_Event, tag="preempted"):
 class Done(_Event, tag="done"):
     """The request finished (terminal)."""
 
+    terminal: ClassVar[bool] = True
     stats: dict[str, Any]  # section 7
 
 
@@ -61,6 +63,7 @@ class Failure(msgspec.Struct, omit_defaults=True):
 class Error(_Event, tag="error"):
     """The request failed (terminal)."""
 
+    terminal: ClassVar[bool] = True
     error: Failure
 
 

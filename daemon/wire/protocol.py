@@ -45,6 +45,8 @@ ERROR_CODES: dict[str, str] = {
     "deferred_timeout": "the request's deadline passed while a policy held it back",
     "worker_died": "the worker process running the request died",
     "worker_hung": "the worker running the request stopped answering and was killed",
+    "handover_failed": "the request could not be handed to a worker (a daemon fault; the "
+                       "daemon log has the details); the worker serves on",
     "shutting_down": "the daemon is stopping",
     "too_many_connections": "the daemon is at its connection limit, or the peer's uid at its own",
     "internal": "an unexpected server error; details are in the daemon log",

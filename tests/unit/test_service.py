@@ -204,3 +204,45 @@ def test_a_stopping_service_takes_nothing_and_fails_what_it_has():
 
     with structlog.testing.capture_logs():
         asyncio.run(go())
+
+
+class FailingWriter(Writer):
+    """A connection whose next write fails (what the hand-over does with any error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+
+    def write(self, data: bytes) -> None:
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("injected")
+        super().write(data)
+
+
+@pytest.mark.parametrize("how", ["unencodable", "write fails"])
+def test_a_failed_hand_over_fails_the_request_at_once_and_frees_its_slot(how):
+    """Whatever breaks the hand-over to a worker (text msgpack cannot carry, which the
+    submit op's checks refuse before it gets here; a failing write), the request ends
+    with handover_failed, its slot stays free, and the next request runs on that worker."""
+    async def go() -> None:
+        service, (writer,) = service_with(slots=1)
+        worker = service.models["m"].workers[0]
+        if how == "write fails":
+            worker._writer = writer = FailingWriter()  # type: ignore[assignment]
+        bad, bad_events = submit(service, "hi \ud800" if how == "unencodable" else "hi")
+        good, good_events = submit(service, "fine")
+        await asyncio.sleep(0)
+        assert bad_events[-1]["event"] == "error"
+        assert bad_events[-1]["error"]["code"] == "handover_failed"
+        assert bad not in service.requests and bad not in worker.running
+        assert list(worker.running) == [good]
+        assert writer.kinds() == [("Generate", good)]
+        await from_worker(service, 0, messages.Done(req=good, stats=stats(1)))
+        assert [e["event"] for e in good_events] == ["done"]
+        assert worker.running == {} and service.requests == {}
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(go())
+    errors = [(e["event"], e.get("code")) for e in logs if e["log_level"] == "error"]
+    assert errors == [("handover_failed", None), ("request_finished", "handover_failed")]

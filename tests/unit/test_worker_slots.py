@@ -111,7 +111,9 @@ def queue_of(n: int) -> ModelQueue:
 
 
 def fill(slots: Slots, queue: ModelQueue, workers: list[Worker]) -> list[str]:
-    return [r.id for r in slots.fill(queue, workers, lambda _id: False, lambda _id: 0.0)]
+    started, failed = slots.fill(queue, workers, lambda _id: False, lambda _id: 0.0)
+    assert not failed
+    return [r.id for r in started]
 
 
 def feed(worker: Worker, *msgs: messages.FromWorker) -> None:

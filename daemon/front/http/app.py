@@ -38,8 +38,8 @@ STATUS = {
     "model_unavailable": 503, "queue_full": 429, "too_many_requests": 429, "forbidden": 403,
     "shutting_down": 503, "too_many_connections": 503, "timeout": 504,
     "deferred_timeout": 504, "cancelled": 409, "model_exists": 409, "worker_died": 500,
-    "worker_hung": 500, "scope_error": 500, "internal": 500, "insufficient_memory": 503,
-    "model_unloaded": 503, "not_loaded": 409,
+    "worker_hung": 500, "handover_failed": 500, "scope_error": 500, "internal": 500,
+    "insufficient_memory": 503, "model_unloaded": 503, "not_loaded": 409,
     # HTTP's own
     "invalid_api_key": 401, "body_too_large": 413, "request_timeout": 408,
     "not_found": 404, "method_not_allowed": 405,
@@ -229,8 +229,11 @@ class HttpFront:
                             "bytes)") from None
         try:
             return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError) as exc:  # digits past int's limit too
             raise HttpError("bad_request", f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise HttpError("bad_request", "the body is not valid JSON: it nests arrays and "
+                            "objects deeper than the parser goes") from None
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ...wire.protocol import ProtocolError
+from ...wire.schema import Shown
 
 # Fields that would change the answer in ways we do not serve, with what is accepted.
 _UNSUPPORTED = {
@@ -37,7 +38,7 @@ def bad(message: str, param: str | None) -> ProtocolError:
 def _check_unsupported(body: dict[str, Any]) -> None:
     for key, allowed in _UNSUPPORTED.items():
         if key in body and body[key] not in allowed:
-            raise bad(f"{key}={body[key]!r} is not supported by llm-residentd", key)
+            raise bad(f"{key}={Shown(body[key])!r} is not supported by llm-residentd", key)
 
 
 def _common(body: dict[str, Any], priority_header: str | None) -> dict[str, Any]:
@@ -97,8 +98,9 @@ def chat_submit(body: Any, priority_header: str | None = None) -> dict[str, Any]
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise bad(f"messages[{i}] must be an object with role and content", "messages")
-        role = m.get("role")
-        out.append({"role": _ROLES.get(role, role), "content": _content(i, m.get("content"))})
+        role = m.get("role")  # the op checks it; a list or an object cannot be a dict key
+        role = _ROLES.get(role, role) if isinstance(role, str) else role
+        out.append({"role": role, "content": _content(i, m.get("content"))})
     msg["messages"] = out
     fmt = body.get("response_format")
     if fmt is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...wire.protocol import ProtocolError
-from ...wire.schema import Param, Problem, SchemaError
+from ...wire.schema import Param, Problem, SchemaError, Shown
 
 if TYPE_CHECKING:
     from ...core.requests import Request
@@ -28,6 +28,8 @@ def _wire_type(value: Any) -> str:
 _WORDING: Mapping[Problem, str] = {
     "kind": "{name} must be {kind}, not {got}",
     "finite": "{name} must be a finite number",
+    "range": "{name} must fit in a 64-bit integer, not {value}",
+    "text": "{name}: {detail}",
     "key": "the keys of {name} must be strings, not {got} ({value!r})",
     "min": "{counted}{name} must be at least {limit}",
     "max": "{counted}{name} must be at most {limit}",
@@ -88,7 +90,7 @@ def validate(op: Op, msg: dict[str, Any]) -> dict[str, Any]:
     for key in args:
         if key not in op.params:
             known = ", ".join(sorted(op.params)) or "none"
-            raise ProtocolError("bad_request", f"op {op.name} has no field {key!r} (fields: {known})",
+            raise ProtocolError("bad_request", f"op {op.name} has no field {Shown(key)!r} (fields: {known})",
                                 param=key)
     for key, param in op.params.items():
         if key in args:
@@ -104,5 +106,5 @@ def lookup(name: Any) -> Op:
         raise ProtocolError("bad_request", "field 'op' must be a string naming the op")
     op = OPS.get(name)
     if op is None:
-        raise ProtocolError("unknown_op", f"no op {name!r} (ops: {', '.join(sorted(OPS))})")
+        raise ProtocolError("unknown_op", f"no op {Shown(name)!r} (ops: {', '.join(sorted(OPS))})")
     return op

@@ -193,8 +193,13 @@ def worker_messages() -> str:
 
 
 def stream_events() -> str:
-    """daemon/wire/events.py as tables: each event, then the structure inside an error."""
-    parts = [message_table(cls) for cls in typing.get_args(events.Event)]
+    """daemon/wire/events.py as tables: which events end a request, each event's fields,
+    then the structure inside an error."""
+    kinds = typing.get_args(events.Event)
+    summary = ["| event | ends the request's stream |", "|---|---|", *(
+        f"| `{cls.__struct_config__.tag}` | {'yes' if cls.terminal else 'no'} |"
+        for cls in kinds)]
+    parts = ["\n".join(summary) + "\n", *(message_table(cls) for cls in kinds)]
     parts.append(message_table(events.Failure, "an event"))
     return "\n".join(parts)
 

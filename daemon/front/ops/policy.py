@@ -33,6 +33,7 @@ from typing import Any
 from ...policies import PolicyError
 from ...policies.base import check_setting
 from ...wire.protocol import ProtocolError
+from ...wire.schema import Shown
 from .base import Context, Op, Param, register
 
 ACTIONS = ("list", "show", "set", "disable")
@@ -53,7 +54,7 @@ class PolicyOp(Op):
         engine, action, name = ctx.service.engine, args["action"], args.get("name")
         if action not in ACTIONS:
             raise ProtocolError("bad_request",
-                                f"action must be list, show, set or disable, not {action!r}")
+                                f"action must be list, show, set or disable, not {Shown(action)!r}")
         if action == "list":
             return engine.describe()
         if not name:
@@ -63,7 +64,7 @@ class PolicyOp(Op):
                                 f"uid {ctx.uid}")
         cls = engine.classes.get(name)
         if cls is None:
-            raise ProtocolError("bad_request", f"no policy {name!r} "
+            raise ProtocolError("bad_request", f"no policy {Shown(name)!r} "
                                 f"(available: {', '.join(sorted(engine.classes))})")
         if action == "show":
             policy = engine.enabled.get(name)

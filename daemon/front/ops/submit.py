@@ -20,6 +20,7 @@ from ...core.requests import Request, Sink
 from ...wire.durations import parse_keep_alive
 from ...wire.messages import RequestParams, defaults
 from ...wire.protocol import ProtocolError
+from ...wire.schema import Shown
 from .. import views
 from .base import Context, Op, Param, register
 
@@ -32,6 +33,9 @@ SAMPLING_DEFAULTS = defaults("temperature", "top_p", "top_k", "min_p", "repeat_p
 MAX_ADAPTER_SCALE = 4.0  # llama.cpp takes any scale; past a few the adapter swamps the model
 ROLES = ("system", "user", "assistant")
 MAX_STOPS, MAX_STOP_CHARS = 8, 200
+# Schema-to-grammar conversion recurses once per level (in the worker); real schemas nest
+# a handful of levels.
+MAX_SCHEMA_DEPTH = 64
 
 
 def _message(msg: dict[str, Any]) -> None:
@@ -40,7 +44,7 @@ def _message(msg: dict[str, Any]) -> None:
     if extra:
         raise ValueError(f"a message has only role and content, not {', '.join(extra)}")
     if msg.get("role") not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {msg.get('role')!r}")
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {Shown(msg.get('role'))!r}")
     if not isinstance(msg.get("content"), str):
         raise ValueError("content must be a string")
 
@@ -55,10 +59,24 @@ def _conversation(messages: list[dict[str, Any]]) -> None:
 
 
 def _json_value(schema: dict[str, Any]) -> None:
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"nests deeper than {MAX_SCHEMA_DEPTH} levels")
     try:
         json.dumps(schema, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"not a JSON value ({exc})") from None
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and maps nest in value (iterative: the stack is what's at stake)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((inner, depth + 1) for inner in
+                         (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 @register
