@@ -259,7 +259,8 @@ def test_chat_json_schema_and_json_object(http_daemon):
         "model": "chat", "messages": [{"role": "user", "content": "x"}],
         "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}})
     assert r.status_code == 400 and "json_schema" in r.json()["error"]["message"], r.text
-    assert r.json()["error"]["param"] == "json_schema"  # the worker's refusal names it
+    # the worker's refusal names json_schema: the body's name for it is response_format
+    assert r.json()["error"]["param"] == "response_format"
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -13,6 +13,7 @@ from llm_residentd.catalog import config
 from llm_residentd.front.http import auth, openai
 from llm_residentd.front.http.app import STATUS, error_body, error_response
 from llm_residentd.wire import listen
+from llm_residentd.wire.events import Failure
 from llm_residentd.wire.protocol import ERROR_CODES, ProtocolError
 
 
@@ -87,7 +88,10 @@ def test_every_error_code_has_an_http_status():
     assert error_body("bad_request", "the length of prompt must be at least 1", "prompt") == {
         "error": {"message": "the length of prompt must be at least 1",
                   "type": "invalid_request_error", "param": "prompt", "code": "bad_request"}}
-    assert error_body("too_long", "the prompt is 900 tokens")["error"]["param"] == "prompt"
+    too_long = Failure("too_long", "the prompt is 900 tokens")
+    assert openai.Shape(False, "r1", "m").param(too_long) == "prompt"
+    assert openai.Shape(True, "r1", "m").param(too_long) == "messages"
+    assert error_body("bad_request", "x", "json_schema")["error"]["param"] == "response_format"
     assert error_body("queue_full", "x", "model")["error"]["param"] is None  # 400s only
 
 

@@ -48,8 +48,6 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           404: "invalid_request_error", 408: "invalid_request_error",
           409: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error"}
-# An error event names no field; the codes that are always about one.
-_FIELD_OF = {"too_long": "prompt"}
 RETRY_AFTER_S = "1"
 _CLOSE = ("request_timeout", "body_too_large")  # errors after which the connection closes
 
@@ -63,7 +61,7 @@ class HttpError(Exception):
 def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape; param is the request field a 400 is about."""
     status = STATUS.get(code, 500)
-    param = param or _FIELD_OF.get(code)
+    param = openai.FIELDS.get(param, param)  # the body's name of an op field
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"),
                       "param": param if status == 400 else None, "code": code}}
 
@@ -285,7 +283,7 @@ class HttpFront:
                                              headers={"X-Request-Id": req.id})
                 elif isinstance(event, Error):
                     return error_response(event.error.code, event.error.message, req.id,
-                                          param=event.error.param)
+                                          param=shape.param(event.error))
         finally:
             if guard is not None:
                 guard.requests.discard(req.id)
@@ -302,7 +300,7 @@ class HttpFront:
             event = await events.get()
             if isinstance(event, Error) and resp is None:
                 return error_response(event.error.code, event.error.message, request_id,
-                                      param=event.error.param)
+                                      param=shape.param(event.error))
             if not isinstance(event, Token | Done | Error):
                 continue  # loading, preempted: the answer comes later
             if resp is None:
@@ -322,7 +320,7 @@ class HttpFront:
                 return resp
             else:  # an error after the stream started: an error event, then the end
                 await resp.write(_sse(error_body(event.error.code, event.error.message,
-                                                 event.error.param)))
+                                                 shape.param(event.error))))
                 await resp.write_eof()
                 return resp
 

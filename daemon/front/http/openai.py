@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ...wire.events import Failure
 from ...wire.protocol import ProtocolError
 from ...wire.schema import Shown
 
@@ -28,6 +29,8 @@ _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "seed": "seed",
              "ignore_eos": "ignore_eos", "priority": "priority", "timeout": "timeout",
              "model": "model", "adapter": "adapter", "adapter_scale": "adapter_scale"}
 _ROLES = {"developer": "system"}  # OpenAI's newer name for the system role
+# Submit op fields whose body field has another name: an error's param names the body's.
+FIELDS = {"json_schema": "response_format"}
 
 
 def bad(message: str, param: str | None) -> ProtocolError:
@@ -160,6 +163,13 @@ class Shape:
         kind = "chat.completion" if self.chat else "text_completion"
         return {"id": self.id, "object": f"{kind}.chunk" if chunk and self.chat else kind,
                 "created": self.created, "model": self.model}
+
+    def param(self, error: Failure) -> str | None:
+        """The body field a failed request's error is about: the worker names it, and a
+        prompt too long for the context is the body's messages or prompt."""
+        if error.param is None and error.code == "too_long":
+            return "messages" if self.chat else "prompt"
+        return error.param
 
     def reply(self, text: str, stats: dict[str, Any]) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": stats["finish_reason"],
