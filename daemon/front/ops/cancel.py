@@ -19,7 +19,8 @@ from .base import Context, Op, Param, register
 @register
 class Cancel(Op):
     name = "cancel"
-    params = {"request": Param(str, help="the request id that submit returned", required=True)}
+    params = {"request": Param(str, help="the request id that submit returned", required=True,
+                               max=64)}
 
     def execute(self, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         req = ctx.service.cancel(args["request"], ctx.uid)
