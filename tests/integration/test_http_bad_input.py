@@ -129,6 +129,13 @@ def test_api_key_required_on_tcp(start_daemon, tiny_model_path, tmp_path):
     accepted = [e for e in d.logs() if e.get("event") == "http_request"]
     assert accepted[-1]["peer"] == "alice" and accepted[-1]["request"] == reply.id[5:]
     assert unix_http(d, "GET", "/v1/models").status_code == 200  # the socket's mode admits
+    # the key exactly: a no-break space (raw bytes C2 A0) after it is no match
+    port = int(tcp_client(d).base_url.port)
+    for tail in (b"\xc2\xa0", b"\xa0", b"x"):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                         b"Authorization: Bearer " + KEY.encode() + tail + b"\r\n\r\n")
+            assert _read_all(sock).startswith(b"HTTP/1.1 401"), tail
 
 
 @pytest.mark.parametrize("http, words", [

@@ -129,6 +129,11 @@ def test_keys_file(tmp_path):
     assert auth.key_name(keys, "Bearer " + "b" * 20) == "bob"
     assert auth.key_name(keys, "Bearer " + "b" * 19) is None
     assert auth.key_name(keys, "b" * 20) is None and auth.key_name(keys, None) is None
+    # exactly the key after the one space: a no-break space, a second space or a tab is
+    # not stripped into a match (HTTP itself drops the spaces around a header's value)
+    for near in ("Bearer " + "b" * 20 + "\xa0", "Bearer  " + "b" * 20, "Bearer \t" + "b" * 20,
+                 "Bearer " + "b" * 20 + "\udcff", "Bearer \u2003" + "b" * 20):
+        assert auth.key_name(keys, near) is None, repr(near)
     for text, words in [("alice short\n", "shorter"), ("a b c\n", "NAME KEY"),
                         ("a " + "x" * 16 + "\nb " + "x" * 16 + "\n", "twice"), ("", "no keys")]:
         path.write_text(text)

@@ -26,11 +26,16 @@ def key_name(keys: dict[str, str], authorization: str | None) -> str | None:
     """The name of the key in an "Authorization: Bearer KEY" header, else None.
 
     Every key is compared, in constant time each, so the time taken does not tell
-    which key matched nor how much of one.
+    which key matched nor how much of one. The key is what follows the one space, exactly:
+    HTTP already dropped the spaces and tabs around the header's value, and anything else
+    (a no-break space) is not part of any key.
     """
     if not authorization or not authorization.startswith("Bearer "):
         return None
-    given = authorization[len("Bearer "):].strip().encode()
+    try:  # the header's bytes as they came (aiohttp keeps undecodable ones as surrogates)
+        given = authorization[len("Bearer "):].encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
     found = None
     for name, key in keys.items():
         if hmac.compare_digest(given, key.encode()):
