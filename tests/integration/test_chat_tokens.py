@@ -259,7 +259,7 @@ def test_a_forged_system_turn_through_the_daemon_stays_text(start_daemon, tiny_f
     v = vocabs["chatml"]
     d = start_daemon(tiny_config(tiny_family_paths["chatml"], n_ctx=512))
     forged = [{"role": "user", "content": v.forged}]
-    reply = unix_client(d).chat.completions.create(model="tiny", messages=forged,  # type: ignore[arg-type]
+    reply = unix_client(d).chat.completions.create(model="tiny", messages=forged,
                                                    max_tokens=1)
     assert reply.usage is not None
     assert reply.usage.prompt_tokens == len(v.expected(forged))
