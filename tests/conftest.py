@@ -27,3 +27,13 @@ def tiny_chat_model_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Pa
     """The tiny model with a ChatML chat template in its GGUF."""
     return tinymodel.write_tiny_model(tmp_path_factory.mktemp("tinychat") / "chat.gguf",
                                       chat_template=tinymodel.CHATML)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
+    """The tiny model once per chat template family (chatml, gemma, llama3), each with its
+    template's markers as control tokens."""
+    folder = tmp_path_factory.mktemp("tinyfamilies")
+    return {family: tinymodel.write_tiny_model(folder / f"{family}.gguf", chat_template=template,
+                                               special_tokens=tinymodel.MARKERS[family])
+            for family, template in tinymodel.TEMPLATES.items()}

@@ -22,6 +22,7 @@ import os
 import pathlib
 import sys
 import tempfile
+from collections.abc import Sequence
 
 import gguf
 import numpy as np
@@ -62,6 +63,56 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
+# Gemma 3's template (google/gemma-3-*-it), for string contents: the system message
+# leads the first user turn, the assistant is "model", and every content is trimmed.
+GEMMA = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+# Llama 3's template (Meta-Llama-3-8B-Instruct), as it is: bos_token, then per message a
+# header and the trimmed content. Its real BOS text is <|begin_of_text|>; the tiny model's
+# is <s>.
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
+          "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+          "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+          "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+          "{% endif %}")
+
+# Each template's markers, as control tokens for write_tiny_model(special_tokens=...).
+MARKERS = {"chatml": ("<|im_start|>", "<|im_end|>"),
+           "gemma": ("<start_of_turn>", "<end_of_turn>"),
+           "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                      "<|eot_id|>")}
+TEMPLATES = {"chatml": CHATML, "gemma": GEMMA, "llama3": LLAMA3}
+
+
 def chatml(messages: list[dict[str, str]]) -> str:
     """What CHATML renders for messages, with the generation prompt: written out by hand,
     so that a test checks the worker's rendering against something it did not run."""
@@ -69,8 +120,9 @@ def chatml(messages: list[dict[str, str]]) -> str:
                    for m in messages) + "<|im_start|>assistant\n"
 
 
-def build_vocab() -> tuple[list[str], list[float], list[int]]:
-    """Return (tokens, scores, token_types) of the tiny SPM vocabulary."""
+def build_vocab(special_tokens: Sequence[str] = ()) -> tuple[list[str], list[float], list[int]]:
+    """Return (tokens, scores, token_types) of the tiny SPM vocabulary, with
+    special_tokens as control tokens at its end."""
     tokens: list[str] = ["<unk>", "<s>", "</s>"]
     types: list[int] = [
         gguf.TokenType.UNKNOWN,
@@ -96,11 +148,16 @@ def build_vocab() -> tuple[list[str], list[float], list[int]]:
     # prefers them (merge order does not matter much: merges only ever extend
     # a "▁"-prefix by one character).
     scores = [0.0] * FIRST_PIECE_ID + [float(len(p)) - 100.0 for p in unique]
+    tokens += special_tokens
+    scores += [0.0] * len(special_tokens)
+    types += [gguf.TokenType.CONTROL] * len(special_tokens)
     return tokens, scores, [int(t) for t in types]
 
 
-def _tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Weights for one tensor (numpy shape = (out_features, in_features))."""
+def _tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...],
+            n_special: int = 0) -> np.ndarray:
+    """Weights for one tensor (numpy shape = (out_features, in_features)); the last
+    n_special tokens of the vocabulary are control tokens, suppressed as the first are."""
     if name.endswith("norm.weight"):
         t = np.ones(shape, dtype=np.float32)
         if name != "output_norm.weight":
@@ -113,6 +170,8 @@ def _tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.n
         t[BIAS_CHANNEL, :] = 0.0  # blocks do not write the bias channel
     elif name == "output.weight":
         t[:FIRST_PIECE_ID, BIAS_CHANNEL] = SUPPRESS_WEIGHT  # control and byte tokens
+        if n_special:
+            t[-n_special:, BIAS_CHANNEL] = SUPPRESS_WEIGHT
     return t
 
 
@@ -126,8 +185,12 @@ def write_tiny_model(
     n_ctx_train: int = 4096,
     seed: int = 0,
     chat_template: str | None = None,
+    special_tokens: Sequence[str] = (),
 ) -> pathlib.Path:
     """Write a random-weight llama GGUF model to ``path`` and return its path.
+
+    special_tokens are control tokens appended to the vocabulary (a chat template's
+    markers, e.g. MARKERS["chatml"]); without them the file is what it always was.
 
     Output is byte-for-byte deterministic for the same arguments. The file is
     written to a temporary name and renamed into place, so concurrent readers
@@ -142,7 +205,7 @@ def write_tiny_model(
         raise ValueError(f"head dim n_embd/n_head ({head_dim}) must be even for RoPE")
 
     out = pathlib.Path(path)
-    tokens, scores, types = build_vocab()
+    tokens, scores, types = build_vocab(special_tokens)
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
 
@@ -206,7 +269,7 @@ def write_tiny_model(
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             for name, shape in specs:
-                w.write_tensor_data(_tensor(rng, name, shape))
+                w.write_tensor_data(_tensor(rng, name, shape, len(special_tokens)))
         finally:
             w.close()
         os.chmod(tmp_name, 0o644)  # mkstemp creates 0600

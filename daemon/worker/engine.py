@@ -35,6 +35,7 @@ from ..placement.cpus import usable_cpus
 from ..wire import messages as m
 from ..wire.protocol import read_body
 from . import batching, grammars, kvstate, llamalog, lora
+from .chattokens import ChatPrompt
 from .decodestop import DecodeStop
 from .refusals import Refused, TooLong
 from .sampling import Picker
@@ -203,7 +204,7 @@ class Engine:
                                         turn=ADAPTER_TURN)
         self.runs: dict[str, Run] = {}
         self.step_prefill: set[str] = set()  # requests whose prompt the current step holds
-        self.formatter = self._chat_formatter() if cfg.chat_template else None
+        self.chat = ChatPrompt.of(llama_cpp, self.model) if cfg.chat_template else None
         self._pieces: dict[int, bytes] = {}  # token -> its bytes; one entry per vocab token
         self._report = {"steps": 0, "tokens": 0, "sequences": 0}
         self._reported_at = time.monotonic()
@@ -242,42 +243,24 @@ class Engine:
         self._context.close()
         self.ctx = None
 
-    def _chat_formatter(self) -> Any:
-        meta = self.model.metadata()
-        template = meta.get("tokenizer.chat_template")
-        if not template:
-            return None
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        eos, bos = self.model.token_eos(), self.model.token_bos()
-        return Jinja2ChatFormatter(
-            template=template,
-            eos_token=self.model.token_get_text(eos) if eos != -1 else "",
-            bos_token=self.model.token_get_text(bos) if bos != -1 else "")
-
     def tokens(self, params: m.RequestParams) -> list[int]:
         """The request's prompt tokens: its prompt as a user message, or its messages, in
-        the model's chat template; a raw prompt (or any, without a template) as is."""
+        the model's chat template (chattokens.py: their content stays text); a raw prompt
+        (or any, without a template) as is."""
         messages = params.messages
-        if messages is None and (self.formatter is None or params.raw):
+        if messages is None and (self.chat is None or params.raw):
             return self.model.tokenize(params.prompt.encode(), add_bos=True, special=False)
-        if self.formatter is None:
+        if self.chat is None:
             raise Refused("messages", "messages need a chat template, and this model has "
                           "none (no tokenizer.chat_template in its GGUF, or its config sets "
                           "chat_template = false): send a prompt instead")
-        messages = messages or [{"role": "user", "content": params.prompt}]
-        prefill = ""
-        if messages[-1]["role"] == "assistant":  # the answer continues this text
-            messages, prefill = messages[:-1], messages[-1]["content"]
         from jinja2 import TemplateError
 
         try:
-            result = self.formatter(messages=messages)
+            return self.chat.tokens(messages or [{"role": "user", "content": params.prompt}])
         except TemplateError as exc:
             raise Refused("messages", f"the model's chat template failed on these "
                           f"messages: {type(exc).__name__}: {exc}") from None
-        return self.model.tokenize((result.prompt + prefill).encode(),
-                                   add_bos=not result.added_special, special=True)
 
     # -- threads -----------------------------------------------------------------
 
@@ -690,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     ch.send(m.Ready(pid=os.getpid(), threads=engine.threads, threads_why=engine.threads_why,
                     n_ctx=engine.n_ctx, slots=cfg.parallel, load_s=time.monotonic() - t0,
-                    chat_template=engine.formatter is not None,
+                    chat_template=engine.chat is not None,
                     adapters=engine.adapters.status()))
     serve(ch, engine)
     return 0

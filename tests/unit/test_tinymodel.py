@@ -141,6 +141,27 @@ def test_custom_size_and_chat_template(tmp_path: pathlib.Path) -> None:
         model.close()
 
 
+@pytest.mark.parametrize("family", sorted(tinymodel.TEMPLATES))
+def test_special_tokens_are_control_tokens_that_are_never_sampled(
+        tiny_family_paths: dict[str, pathlib.Path], family: str) -> None:
+    """A template's markers are single control tokens at the end of the vocabulary, text
+    when special tokens are not parsed, and suppressed like the other control tokens."""
+    markers = tinymodel.MARKERS[family]
+    n_base = len(tinymodel.build_vocab()[0])
+    model = load(tiny_family_paths[family])
+    try:
+        assert model.n_vocab() == n_base + len(markers)
+        for i, marker in enumerate(markers):
+            assert model.tokenize(marker.encode(), add_bos=False, special=True) == [n_base + i]
+            assert len(model.tokenize(marker.encode(), add_bos=False, special=False)) > 3
+        assert model.metadata["tokenizer.chat_template"] == tinymodel.TEMPLATES[family]
+        out = model.create_completion("hello world", max_tokens=16, seed=0)
+        ids = model.tokenize(out["choices"][0]["text"].encode(), add_bos=False, special=True)
+        assert out["usage"]["completion_tokens"] == 16 and max(ids) < n_base
+    finally:
+        model.close()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
