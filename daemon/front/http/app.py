@@ -45,7 +45,7 @@ STATUS = {
     "not_found": 404, "method_not_allowed": 405,
 }
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 408: "invalid_request_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
           409: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error"}
 # An error event names no field; the codes that are always about one.
@@ -231,6 +231,9 @@ class HttpFront:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpError("bad_request", f"the body is not valid JSON: {exc}") from None
+        except RecursionError:  # was a 500 with a traceback in the log
+            raise HttpError("bad_request", "the body is not valid JSON: nested too "
+                            "deeply") from None
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)
