@@ -54,7 +54,8 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 _FIELD_OF = {"too_long": "prompt"}
 RETRY_AFTER_S = "1"
 _CLOSE = ("request_timeout", "body_too_large")  # errors after which the connection closes
-_QUOTE = re.compile(r""":?\s*b['"]|:?\n""")  # where aiohttp's parser errors quote the input
+# Where aiohttp's parser errors quote the input (b'...' in 3.14, bytearray(b'...') in 3.8).
+_QUOTE = re.compile(r""":?\s*(?:bytearray\()?b['"]|:?\n""")
 
 
 class HttpError(Exception):
