@@ -4,6 +4,12 @@ pipes, readable lines on a terminal.
 Under systemd, stderr lines reach the journal as one MESSAGE with the unit's default
 priority. Sent natively instead, each event becomes an entry with a PRIORITY that
 `journalctl -p err` filters on and one field per key (`journalctl REQUEST=r1`).
+
+Libraries log through the standard `logging` module (aiohttp's "Error handling request",
+asyncio's "Exception in callback"), and Python prints warnings and uncaught exceptions
+itself: setup() sends all of them through the same processors and renderer, one event
+each, so nothing reaches stderr as plain lines (a traceback among JSON lines, or one
+journal entry per traceback line without a PRIORITY).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import re
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -143,9 +150,78 @@ class JournalRenderer:
         raise structlog.DropEvent
 
 
+# The logging module's levels as structlog's method names; a level between two (a library's
+# own 25) takes the one below it.
+STDLIB_LEVELS = ((logging.CRITICAL, "critical"), (logging.ERROR, "error"),
+                 (logging.WARNING, "warning"), (logging.INFO, "info"))
+
+
+def stdlib_level(levelno: int) -> str:
+    return next((name for number, name in STDLIB_LEVELS if levelno >= number), "debug")
+
+
+class Forward(logging.Handler):
+    """The logging module's records, as events of the daemon's own pipeline: the message
+    is the event, `logger` the logger's name, and a traceback the one `exception` field
+    (format_exc_info), at the record's level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[0] is not None:
+                fields["exc_info"] = record.exc_info
+            elif record.exc_text:
+                fields["exception"] = record.exc_text
+            if record.stack_info:
+                fields["stack"] = record.stack_info
+            log = structlog.get_logger()
+            getattr(log, stdlib_level(record.levelno))(record.getMessage().rstrip(), **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def _uncaught(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """sys.excepthook: the exception that ends the process, as one critical event."""
+    structlog.get_logger().critical("uncaught_exception", exc_info=(exc_type, exc, tb))
+
+
+def _thread_died(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook: a thread's uncaught exception (SystemExit ends it quietly)."""
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    structlog.get_logger().error(
+        "thread_exception", thread=args.thread.name if args.thread else None,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _unraisable(u: Any) -> None:
+    """sys.unraisablehook: an exception Python can only report ("Exception ignored in",
+    e.g. from a __del__)."""
+    what = u.err_msg or "Exception ignored in"
+    structlog.get_logger().error(
+        "unraisable_exception", error=f"{what}: {u.object!r}" if u.object is not None else what,
+        exc_info=(u.exc_type, u.exc_value, u.exc_traceback) if u.exc_value else None)
+
+
+def capture_stdlib(level: str) -> None:
+    """Route the logging module (its root logger at the daemon's level, with Forward as
+    its only handler), warnings, and uncaught exceptions of the process, its threads and
+    finalizers into structlog."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(Forward())
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)
+    sys.excepthook = _uncaught
+    threading.excepthook = _thread_died
+    sys.unraisablehook = _unraisable
+
+
 def setup(level: str = "info", fmt: str = "auto") -> None:
     """fmt auto: journal when stderr is the journal stream, console on a terminal, else
-    json."""
+    json. The logging module, warnings and uncaught exceptions go the same way
+    (capture_stdlib)."""
     if fmt == "auto":
         fmt = ("journal" if stderr_is_journal()
                else "console" if sys.stderr.isatty() else "json")
@@ -164,3 +240,4 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    capture_stdlib(level)

@@ -8,12 +8,15 @@ decodes at about 0.2 tok/s under TCG, so requests to it are kept to a few tokens
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 from guestlib import CGROUP, SLICE, llm_scopes, show, wait_for
@@ -276,6 +279,97 @@ def test_the_http_api_serves_group_llm_and_refuses_others():
     assert "llm_residentd_requests_total" in metrics["body"], metrics["body"][:500]
     refused = http("GET", "/health", user="bob", ok=False)
     assert "PermissionError" in refused["error"], refused
+
+
+def _post(body: bytes, content_type: bytes = b"application/json",
+          path: bytes = b"/v1/completions", method: bytes = b"POST") -> bytes:
+    return (method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+            + content_type + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+_DEEP = b"[" * 500 + b'"x"' + b"]" * 500
+# Malformed HTTP of each kind the daemon refuses, none naming a model (no request may reach
+# SmolLM2): what aiohttp's parser cannot parse, then what the handlers refuse.
+MALFORMED = [
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n"
+    b"0\r\n\r\n",
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked"
+    b"\r\n\r\n0\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+    b"\x00\xff garbage \r\n\r\n",
+    _post(b'{"prompt": '),
+    _post(b"prompt=x", b"application/x-www-form-urlencoded"),
+    _post(b"[" * 100_000),
+    _post(b'{"max_tokens": 1, "prompt": ' + _DEEP + b"}"),
+    _post(b'{"max_tokens": 1, "messages": ' + _DEEP + b"}", path=b"/v1/chat/completions"),
+    b"GET /v2/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    _post(b"{}", path=b"/health", method=b"PUT"),
+]
+
+
+def _exchange(request: bytes) -> tuple[int, bytes]:
+    """Send a raw request on the HTTP socket (the daemon may close before reading it all)
+    and read the reply to its end: the status and the body."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(120)
+        sock.connect(str(HTTP_PATH))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def _entries_after(cursor: str) -> list[dict]:
+    """The unit's journal entries after cursor. Filter them here: journalctl 252, given
+    --after-cursor and a match the cursor's entry does not meet, skips the first entry
+    that does."""
+    out = run("journalctl", "-u", SERVICE, "-o", "json", "--no-pager",
+              f"--after-cursor={cursor}").stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def _text(value: object) -> str:
+    """A field of journalctl -o json: a string, or a list of byte values."""
+    return bytes(value).decode("utf-8", "replace") if isinstance(value, list) else str(value)
+
+
+def test_malformed_http_leaves_native_entries_with_a_priority_and_no_traceback():
+    """aiohttp logged each request it could not parse with a traceback, through Python's
+    logging module, which wrote it to stderr: each line of it a journal entry of the
+    stream's, outside the daemon's own. Now a burst of malformed requests on http.sock
+    gets JSON replies and leaves native entries only, each with a PRIORITY, no traceback
+    in any MESSAGE, and http_refused lines whose SUPPRESSED counts add up to every request."""
+    newest = run("journalctl", "-u", SERVICE, "-n", "1", "-o", "json", "--no-pager").stdout
+    cursor = json.loads(newest.splitlines()[-1])["__CURSOR"]
+    burst = MALFORMED * 6
+    for request in burst:
+        status, body = _exchange(request)
+        assert 400 <= status < 500, (request[:60], status, body[:300])
+        error = json.loads(body)["error"]
+        assert error["type"] == "invalid_request_error" and error["code"], (request[:60], error)
+    time.sleep(1.1)  # a new second of the rate limit: this last line counts those held back
+    assert _exchange(b"GET /burst-end HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[0] == 404
+
+    def logged() -> list[dict] | None:
+        found = _entries_after(cursor)
+        return found if any(e.get("EVENT") == "http_refused" and e.get("PATH") == "/burst-end"
+                            for e in found) else None
+    entries = wait_for(logged, 180, "the burst's last http_refused entry")
+    assert [e for e in entries if "PRIORITY" not in e] == []
+    # Sent natively: none came through the stderr stream (where a plain line would land).
+    assert [_text(e.get("MESSAGE")) for e in entries if e.get("_TRANSPORT") == "stdout"] == []
+    traced = [m for m in map(_text, (e.get("MESSAGE", "") for e in entries))
+              if "Traceback (most recent call last)" in m or re.search(r'^\s+File "', m, re.M)]
+    assert traced == []
+    refusals = [e for e in entries if e.get("EVENT") == "http_refused"]
+    assert all(e["PRIORITY"] == "6" and e["SYSLOG_IDENTIFIER"] == "llm-residentd"
+               for e in refusals), refusals
+    assert sum(1 + int(e.get("SUPPRESSED", 0)) for e in refusals) == len(burst) + 1, [
+        (e.get("ERROR"), e.get("SUPPRESSED")) for e in refusals]
+    assert _active()
 
 
 def test_limits_changes_are_forbidden_to_non_root_members():

@@ -3,13 +3,17 @@ the level of each request outcome."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import logging
 import os
 import re
 import socket
 import struct
 import sys
+import threading
+import warnings
 
 import pytest
 import structlog
@@ -149,3 +153,126 @@ def test_elsewhere_json_lines_as_before(monkeypatch):
 ])
 def test_request_outcomes_have_levels(outcome, level):
     assert logs.outcome_level(outcome) == level
+
+
+# -- the logging module, warnings and uncaught exceptions (issue 21, item 5) ----------------
+
+@pytest.fixture(autouse=True)
+def stdlib():
+    """Undo what setup() does to the logging module, warnings and the exception hooks
+    (every test of this file: a capture left on would outlive its test)."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, sys.excepthook, threading.excepthook,
+             sys.unraisablehook)
+    yield
+    root.handlers[:], level = saved[0], saved[1]
+    root.setLevel(level)
+    logging.captureWarnings(False)
+    sys.excepthook, threading.excepthook, sys.unraisablehook = saved[2:]
+    structlog.reset_defaults()
+
+
+def library_records() -> None:
+    """What libraries log: aiohttp's "Error handling request", asyncio's "Exception in
+    callback" (from a real loop), a warning, a custom level, a debug line, and exceptions
+    nobody caught in a thread, a finalizer and the main program."""
+    try:
+        raise ValueError("Invalid method encountered")
+    except ValueError:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "peer")
+
+    async def callback_fails() -> None:
+        asyncio.get_running_loop().call_soon(lambda: 1 / 0)
+        await asyncio.sleep(0.01)
+    asyncio.run(callback_fails())
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("an old way", DeprecationWarning, stacklevel=1)
+    logging.getLogger("lib").log(25, "between info and warning")
+    logging.getLogger("aiohttp.access").debug("below the level")
+    thread = threading.Thread(target=lambda: {}["missing"], name="psi-watcher")
+    thread.start()
+    thread.join()
+
+    class Finalized:
+        def __del__(self) -> None:
+            raise OSError("closing failed")
+    Finalized()
+    try:
+        raise SystemError("the end")
+    except SystemError:
+        sys.excepthook(*sys.exc_info())
+
+
+# event, level, logger, the exception's last line
+LIBRARY_EVENTS = [
+    ("Error handling request from peer", "error", "aiohttp.server",
+     "ValueError: Invalid method encountered"),
+    ("Exception in callback", "error", "asyncio", "ZeroDivisionError: division by zero"),
+    ("DeprecationWarning: an old way", "warning", "py.warnings", None),
+    ("between info and warning", "info", "lib", None),
+    ("thread_exception", "error", None, "KeyError: 'missing'"),
+    ("unraisable_exception", "error", None, "OSError: closing failed"),
+    ("uncaught_exception", "critical", None, "SystemError: the end"),
+]
+
+
+def test_library_records_are_json_lines_of_the_pipeline(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    logs.setup("info", "json")
+    assert logging.getLogger().level == logging.INFO
+    library_records()
+    lines = out.getvalue().splitlines()
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert len(events) == len(LIBRARY_EVENTS), lines
+    for got, (event, level, logger, last) in zip(events, LIBRARY_EVENTS, strict=True):
+        assert event in got["event"] and got["level"] == level, got
+        assert got.get("logger") == logger and got["timestamp"], got
+        if last is None:
+            assert "exception" not in got, got
+        else:  # the traceback is one field, not lines of its own
+            assert got["exception"].startswith("Traceback (most recent call last):"), got
+            assert got["exception"].splitlines()[-1] == last, got
+    assert events[4]["thread"] == "psi-watcher"
+    assert "__del__" in events[5]["error"]
+
+
+def test_the_root_logger_follows_the_daemon_level(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    logging.basicConfig()  # a library's handler set up before the daemon's is replaced
+    logs.setup("warning", "json")
+    assert [type(h) for h in logging.getLogger().handlers] == [logs.Forward]
+    logging.getLogger("aiohttp.server").info("not shown")
+    logging.getLogger("aiohttp.server").warning("shown")
+    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["shown"]
+
+
+@pytest.mark.parametrize("levelno, name", [
+    (logging.CRITICAL, "critical"), (logging.ERROR, "error"), (logging.WARNING, "warning"),
+    (logging.INFO, "info"), (logging.DEBUG, "debug"), (45, "error"), (5, "debug")])
+def test_logging_levels_become_structlog_levels(levelno, name):
+    assert logs.stdlib_level(levelno) == name
+
+
+def test_in_journal_mode_each_library_record_is_one_entry_with_a_priority(
+        monkeypatch, tmp_path, journal):
+    fake = open(tmp_path / "stderr", "w")  # noqa: SIM115 (stands in for the stream)
+    monkeypatch.setattr(sys, "stderr", fake)
+    logs.setup("info", "journal")
+    library_records()
+    entries = [parse(journal.recv(1 << 16)) for _ in LIBRARY_EVENTS]
+    journal.settimeout(0.2)
+    with pytest.raises(TimeoutError):  # nothing more: one entry per record
+        journal.recv(1 << 16)
+    for fields, (event, level, logger, last) in zip(entries, LIBRARY_EVENTS, strict=True):
+        fields = {k: v[0].decode() for k, v in fields.items()}
+        assert fields["PRIORITY"] == str(logs.PRIORITIES[level]), fields
+        assert fields["SYSLOG_IDENTIFIER"] == "llm-residentd" and event in fields["EVENT"]
+        assert fields["MESSAGE"].startswith(fields["EVENT"].split("\n")[0])
+        assert fields.get("LOGGER") == logger
+        if last is not None:
+            assert fields["EXCEPTION"].splitlines()[-1] == last
+    fake.close()
+    assert (tmp_path / "stderr").read_text() == ""  # nothing went to stderr

@@ -13,6 +13,7 @@ import grp
 import inspect
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from ...wire.protocol import ProtocolError
 from .. import ops, prometheus, views
 from . import auth, openai
 from .guard import Guard, refusal_bytes
+from .refused import refusals
 
 if TYPE_CHECKING:
     from ...core.service import Service
@@ -45,11 +47,13 @@ STATUS = {
     "not_found": 404, "method_not_allowed": 405,
 }
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 408: "invalid_request_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
           409: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error"}
 RETRY_AFTER_S = "1"
 _CLOSE = ("request_timeout", "body_too_large")  # errors after which the connection closes
+# Where aiohttp's parser errors quote the input (b'...' in 3.14, bytearray(b'...') in 3.8).
+_QUOTE = re.compile(r""":?\s*(?:bytearray\()?b['"]|:?\n""")
 
 
 class HttpError(Exception):
@@ -78,6 +82,36 @@ def error_response(code: str, message: str, request_id: str | None = None,
     return resp
 
 
+class _Protocol(web.RequestHandler):
+    """aiohttp's protocol object, answering the errors it answers itself in our shape.
+
+    A request aiohttp cannot parse (a bad request line, a header line over 8 KiB, bad
+    chunked encoding, Content-Length with Transfer-Encoding) never reaches a handler or
+    the middleware: aiohttp answers it with a text/plain 400 and logs a traceback at
+    error level. Here it is a 400 bad_request in OpenAI's JSON and an http_refused line.
+    An exception that escapes a handler (a 500) keeps aiohttp's traceback in the log and
+    gets a JSON body too. aiohttp has no hook for these (aio-libs/aiohttp#3287); its
+    handle_error(request, status, exc, message) is the same from 3.8 to 3.14.
+    """
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:  # ours: logged with its traceback; raises if a reply has begun
+            super().handle_error(request, status, exc, message)
+            code, text = ("timeout", "the request handler timed out") if status == 504 \
+                else ("internal", "internal error (the daemon's log has the traceback)")
+        else:
+            if request.writer.output_size > 0:
+                raise ConnectionError("a response was sent already")
+            # The parser's message, up to the bytes it quotes: the reason, not the input.
+            reason = _QUOTE.split(str(message or exc or "bad request"), maxsplit=1)[0][:200]
+            code, text = "bad_request", f"the request is not valid HTTP: {reason}"
+            refusals.log(status, code, None, None, self.transport, reason)
+        resp = web.json_response(error_body(code, text), status=status)
+        resp.force_close()
+        return resp
+
+
 async def _closing(request: web.Request, resp: web.Response) -> web.Response:
     """Send resp now and close: aiohttp would otherwise linger 10 s reading the unread
     body of a slow or oversized request."""
@@ -86,6 +120,12 @@ async def _closing(request: web.Request, resp: web.Response) -> web.Response:
     if request.transport is not None:
         request.transport.close()
     return resp
+
+
+def _refused(request: web.Request, code: str, message: str) -> None:
+    """A request refused before acceptance leaves an http_refused line (rate-limited)."""
+    refusals.log(STATUS.get(code, 500), code, request.method, request.path, request.transport,
+                 message)
 
 
 def _sse(obj: Any) -> bytes:
@@ -115,15 +155,16 @@ class HttpFront:
         kw: dict[str, Any] = {}
         if "handler_cancellation" in inspect.signature(web.AppRunner.__init__).parameters:
             kw["handler_cancellation"] = True  # aiohttp >= 3.9; 3.8 always cancels
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                    keepalive_timeout=self.cfg.keepalive_timeout, **kw)
+        # A connection's protocol object (_Protocol) is made by _factory, with these.
+        self.handler_kw = {"access_log": None, "keepalive_timeout": self.cfg.keepalive_timeout}
+        self.runner = web.AppRunner(app, handle_signals=False, **self.handler_kw, **kw)
 
     # -- listening ---------------------------------------------------------------
 
     def _factory(self) -> Guard:
         limit = self.service.config.daemon.max_connections
-        return Guard(self.guards, self.service.stop_request, self.runner.server(), limit,
-                     self.cfg.header_timeout)
+        inner = _Protocol(self.runner.server, loop=asyncio.get_running_loop(), **self.handler_kw)
+        return Guard(self.guards, self.service.stop_request, inner, limit, self.cfg.header_timeout)
 
     async def start(self) -> None:
         from ..server import _remove_stale
@@ -185,8 +226,10 @@ class HttpFront:
             request["peer"] = self._peer(request)
             return await handler(request)
         except ProtocolError as exc:
+            _refused(request, exc.code, exc.message)
             return error_response(exc.code, exc.message, param=exc.param)
         except HttpError as exc:
+            _refused(request, exc.code, exc.message)
             resp = error_response(exc.code, exc.message)
             return await _closing(request, resp) if exc.code in _CLOSE else resp
         except web.HTTPException as exc:
@@ -194,7 +237,9 @@ class HttpFront:
                 raise
             code = {404: "not_found", 405: "method_not_allowed",
                     413: "body_too_large"}.get(exc.status, "bad_request")
-            return error_response(code, f"{request.method} {request.path}: {exc.reason}")
+            message = f"{request.method} {request.path}: {exc.reason}"
+            _refused(request, code, message)
+            return error_response(code, message)
         finally:
             if guard is not None:
                 guard.request_finished()
