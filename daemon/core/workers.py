@@ -372,10 +372,20 @@ class Worker:
         return oom
 
     async def _drain_stderr(self, stream: asyncio.StreamReader | None) -> None:
-        while stream is not None and (line := await stream.readline()):
-            text = line.decode(errors="replace").rstrip()
-            self.stderr_tail.append(text)
-            self.log.debug("worker_stderr", line=text)
+        """Log the worker's stderr a line at a time until it closes. A line longer than the
+        reader's limit (64 KiB) comes in pieces: readline() would raise, nobody would read
+        the pipe any more, and a worker writing on would block."""
+        while stream is not None:
+            try:
+                line = await stream.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:  # the end, maybe after a last line
+                line, stream = exc.partial, None
+            except asyncio.LimitOverrunError as exc:
+                line = await stream.readexactly(exc.consumed)
+            if line:
+                text = line.decode(errors="replace").rstrip()
+                self.stderr_tail.append(text)
+                self.log.debug("worker_stderr", line=text)
 
     def _tail(self) -> str:
         return " | ".join(self.stderr_tail)[-2000:]

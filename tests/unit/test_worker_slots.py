@@ -450,3 +450,21 @@ def test_a_worker_process_that_cannot_start_is_a_failed_load_that_says_why(monke
         asyncio.run(worker._spawn_and_load())
     assert str(err.value).startswith("cannot start a worker process (/nonexistent/python3): ")
     assert "No such file" in str(err.value) and worker._proc is None
+
+
+def test_a_stderr_line_longer_than_the_readers_limit_does_not_stop_the_relay():
+    """readline() raises on a line over the reader's limit; the relay must read on, or a
+    worker that keeps writing to stderr blocks on a full pipe."""
+    worker, _ = serving_worker()
+
+    async def run() -> None:
+        reader = asyncio.StreamReader(limit=1024)
+        reader.feed_data(b"first\n" + b"x" * 5000 + b"\nafter the long one\nlast, no newline")
+        reader.feed_eof()
+        await asyncio.wait_for(worker._drain_stderr(reader), 5)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(run())
+    lines = [e["line"] for e in logs if e["event"] == "worker_stderr"]
+    assert lines[0] == "first" and lines[-2:] == ["after the long one", "last, no newline"]
+    assert "".join(lines[1:-2]) == "x" * 5000
