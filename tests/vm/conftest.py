@@ -35,6 +35,7 @@ class GuestPytest:
     def __init__(self, share: Path) -> None:
         self.share = share
         self.timings: dict[str, float] = {}
+        self.slowest: list[str] = []  # the guest pytest's --durations lines
 
     def run(self, command: str, **run_kwargs: Any) -> None:
         t0 = time.monotonic()
@@ -50,16 +51,34 @@ class GuestPytest:
         except guest.GuestError as exc:
             pytest.fail(f"guest not started: {exc}")
         self.timings.update(result.phases)
+        self.slowest[:] = slowest(result.output)
         details = f"{result.describe()}\n--- guest pytest output ---\n{result.output}"
         summary = (result.output.strip().splitlines() or [""])[-1]
         assert result.returncode == 0, details
         assert " passed" in summary, details
 
 
+def slowest(output: str) -> list[str]:
+    """The lines of the guest pytest's "slowest N durations" block (--durations), so that the
+    host's summary shows where the guest's time went."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if "slowest" in line
+                  and "durations" in line), None)
+    if start is None:
+        return []
+    block = []
+    for line in lines[start + 1:]:
+        if not line.strip() or line.startswith("="):
+            break
+        block.append(line.strip())
+    return block
+
+
 @pytest.fixture
 def guest_pytest(share: Path, record_property: pytest.RecordProperty) -> GuestPytest:
     runner = GuestPytest(share)
     record_property("vm_timings", runner.timings)  # filled in by the test, printed below
+    record_property("vm_slowest", runner.slowest)
     return runner
 
 
@@ -71,3 +90,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                 if name == "vm_timings":
                     phases = " ".join(f"{k}={v:.1f}s" for k, v in value.items())
                     terminalreporter.write_line(f"vm timings ({report.nodeid}): {phases}")
+                elif name == "vm_slowest" and value:
+                    terminalreporter.write_line(f"slowest in the guest ({report.nodeid}):")
+                    for line in value:
+                        terminalreporter.write_line(f"  {line}")

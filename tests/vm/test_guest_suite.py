@@ -15,7 +15,7 @@ import tinymodel
 
 pytestmark = pytest.mark.vm
 
-GUEST_COMMAND = "python3 -m pytest -v -p no:cacheprovider /proj/tests/guest " + os.environ.get(
+GUEST_COMMAND = "python3 -m pytest -v --durations=15 -p no:cacheprovider /proj/tests/guest " + os.environ.get(
     "LLM_VM_PYTEST_ARGS", "")
 
 

@@ -19,7 +19,8 @@ import tinymodel
 
 pytestmark = pytest.mark.vm
 
-GUEST_COMMAND = ("python3 -m pytest -v -p no:cacheprovider /proj/tests/guest/test_package.py "
+GUEST_COMMAND = ("python3 -m pytest -v --durations=10 -p no:cacheprovider "
+                 "/proj/tests/guest/test_package.py "
                  + os.environ.get("LLM_VM_PACKAGE_ARGS", ""))
 
 
