@@ -23,12 +23,17 @@ GREEDY = {"model": "tiny", "max_tokens": 6, "temperature": 0.0,
 BIG_STRING = 900_000  # characters: under http.max_body (1 MiB) with the rest of a body
 
 
+def hostile_daemon(workdir: Path, model: Path) -> Daemon:
+    """A daemon that a flood of requests from one uid does not turn away: 2 slots, room
+    for 64 waiting requests."""
+    return Daemon(workdir, tiny_config(
+        model, max_queue=64, parallel=2, daemon="max_connections_per_uid = 65536",
+        model_extra="max_queue_per_uid = 64\n")).start()
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_chat_model_path: Path):
-    d = Daemon(tmp_path_factory.mktemp("hostile-http"), tiny_config(
-        tiny_chat_model_path, daemon="max_connections_per_uid = 65536", parallel=2,
-        model_extra="max_queue_per_uid = 64\nmax_queue = 64\n").replace("max_queue = 8\n", ""))
-    d.start()
+    d = hostile_daemon(tmp_path_factory.mktemp("hostile-http"), tiny_chat_model_path)
     yield d
     d.stop()
 
@@ -57,13 +62,13 @@ def refused(r: httpx.Response, status: int = 400) -> dict[str, Any]:
     return error_of(r)
 
 
-def idle(d: Daemon) -> None:
+def idle(d: Daemon, timeout: float = 30) -> None:
     """No request queued or running, every slot free."""
     def quiet() -> bool:
         status = d.status()
         return all(w["slots_busy"] == 0 and not w["requests"] for w in status["workers"]) and all(
             m["running"] == 0 and not m["queued"] for m in status["models"].values())
-    wait_for(quiet, timeout=30, what="no request left running or queued")
+    wait_for(quiet, timeout=timeout, what="no request left running or queued")
 
 
 def greedy_text(d: Daemon) -> str:

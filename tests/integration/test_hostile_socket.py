@@ -20,7 +20,7 @@ import tinymodel
 from harness import Daemon, hello, tiny_config, wait_for
 from llm_residentd.front.ops import OPS
 from llm_residentd.wire.protocol import recv_frame, send_frame
-from test_hostile_http import daemon_usage
+from test_hostile_http import daemon_usage, hostile_daemon, idle
 
 GREEDY = {"max_tokens": 6, "temperature": 0.0, "raw": True}
 # Values of every msgpack type, and the edges of the numbers (none of them names a model).
@@ -33,10 +33,7 @@ SKIPPED_OPS = {"hello"}  # a bad protocol closes the connection: tested on its o
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path):
-    d = Daemon(tmp_path_factory.mktemp("hostile-sock"), tiny_config(
-        tiny_model_path, daemon="max_connections_per_uid = 65536", parallel=2,
-        model_extra="max_queue_per_uid = 64\n").replace("max_queue = 8\n", "max_queue = 64\n"))
-    d.start()
+    d = hostile_daemon(tmp_path_factory.mktemp("hostile-sock"), tiny_model_path)
     yield d
     d.stop()
 
@@ -68,14 +65,6 @@ def not_internal(msg: dict[str, Any], what: Any) -> None:
         assert len(msg["error"]["message"]) < 1000, (what, msg["error"]["message"][:200])
 
 
-def idle(d: Daemon) -> None:
-    def quiet() -> bool:
-        status = d.status()
-        return all(w["slots_busy"] == 0 for w in status["workers"]) and all(
-            m["running"] == 0 and not m["queued"] for m in status["models"].values())
-    wait_for(quiet, timeout=60, what="no request left running or queued")
-
-
 def greedy_text(d: Daemon) -> str:
     with d.client() as c:
         return "".join(e.get("text", "") for e in c.submit("hello there", **GREEDY).events())
@@ -91,7 +80,7 @@ def test_each_field_of_each_op_of_each_type_gets_a_reply_never_internal(daemon, 
             send_frame(sock, {"id": n, "op": op, field: value})
             not_internal(reply_to(sock, n), (op, field, value))
     sock.close()
-    idle(daemon)
+    idle(daemon, timeout=60)
 
 
 def test_policy_set_with_numbers_no_parameter_holds_is_bad_request(daemon):
@@ -207,11 +196,11 @@ def run_fuzz(d: Daemon, frames: list[bytes]) -> dict[str, int]:
 def test_a_seeded_fuzz_of_frames_gets_replies_and_leaves_no_trace(daemon):
     before = greedy_text(daemon)
     run_fuzz(daemon, fuzz_frames(seed=1, count=150))
-    idle(daemon)
+    idle(daemon, timeout=60)
     fds, rss = daemon_usage(daemon)
     seen = run_fuzz(daemon, fuzz_frames(seed=2, count=400))
     assert seen.get("bad_request", 0) > 100 and seen.get("ok", 0) > 20, seen
-    idle(daemon)
+    idle(daemon, timeout=60)
     wait_for(lambda: daemon_usage(daemon)[0] <= fds, timeout=10, what="fds back to their level")
     assert daemon_usage(daemon)[1] < rss * 1.2 + 16_000, (rss, daemon_usage(daemon))
     assert greedy_text(daemon) == before
@@ -279,7 +268,7 @@ name = "priority"
         assert list(high.events())[-1]["event"] == "done"
     wait_for(lambda: outcomes(d, "mid").get("cancelled") == 1, timeout=30,
              what="the preempted request cancelled")
-    idle(d)
+    idle(d, timeout=60)
     finished = [e for e in d.logs() if e.get("event") == "request_finished"
                 and e.get("request") == low_id]
     assert [e["outcome"] for e in finished] == ["cancelled"]
