@@ -216,6 +216,18 @@ def psi_admission_on(d: Daemon) -> None:
              max_defer_s=300.0, keep_running=0)
 
 
+def admission_state(d: Daemon) -> str:
+    """What the daemon saw and did, for a failure message: a CI run once timed out waiting
+    for the defer actions with nothing else to go on."""
+    listed = d.client.call("policy", action="list")
+    lines = [line for line in d.log_tail().splitlines()
+             if "policy" in line or "pressure" in line][-8:]
+    return (f"outside cpu avg10 {reported_outside(d)}, system {cpu_avg10()}; deferred "
+            f"{listed.get('deferred')}, disabled {listed.get('disabled')}; queued "
+            f"{d.client.status()['models']['tiny']['queued']}; psi-admission events "
+            f"{d.actions('psi-admission')[-6:]}; log: {lines}")
+
+
 def psi_admission_off(d: Daemon) -> None:
     d.policy("psi-admission", defer_above=100.0, admit_below=100.0)  # inert from here on
 
@@ -252,7 +264,7 @@ def test_psi_admission_defers_under_cpu_pressure_then_admits_all(daemon):
             ids = {r.request for r in reqs}
             wait_for(lambda: ids | {expiring.request} <= {
                 e["target"] for e in d.actions("psi-admission", "defer")}, timeout=30,
-                what="defer actions for the new requests")
+                what=lambda: f"defer actions for the new requests ({admission_state(d)})")
             avg10_hog, outside_hog, reported = cpu_avg10(), outside_avg10(), reported_outside(d)
             usage0 = keyed(SCOPE_DIR / "cpu.stat")["usage_usec"]
             scope_stall = psi(SCOPE_DIR / "cpu.pressure")["total"] - scope_stall0

@@ -8,6 +8,7 @@ LLM_VM_TIMEOUT sets the guest timeout in seconds (default 1800).
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,20 @@ class GuestPytest:
             pytest.fail(f"guest not started: {exc}")
         self.timings.update(result.phases)
         self.slowest[:] = slowest(result.output)
-        details = f"{result.describe()}\n--- guest pytest output ---\n{result.output}"
+        # The failures' own lines come first: CI shows the head and tail of a long message.
+        details = (f"{result.describe()}\n--- guest failures ---\n{failures(result.output)}\n"
+                   f"--- guest pytest output ---\n{result.output}")
         summary = (result.output.strip().splitlines() or [""])[-1]
         assert result.returncode == 0, details
         assert " passed" in summary, details
+
+
+def failures(output: str, limit: int = 40) -> str:
+    """The guest pytest's error lines ("E ..." and the "file.py:N: Error" that locates them),
+    at most `limit` of them."""
+    picked = [line for line in output.splitlines()
+              if line.startswith("E ") or re.match(r"\S+\.py:\d+: \w", line)]
+    return "\n".join(picked[:limit]) or "(no error lines)"
 
 
 def slowest(output: str) -> list[str]:
