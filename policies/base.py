@@ -89,6 +89,7 @@ class WorkerView:
     slots: int = 1  # sequences its process runs at once (models.NAME.parallel)
     slots_busy: int = 0  # requests running on it now
     batch_limit: int = 1  # the most slots dispatch fills: slots, or fewer after set_batch
+    prompt_cache_bytes: int = 0  # its prompt cache in memory (the daemon shrinks it first)
 
     @property
     def free_slots(self) -> int:

@@ -16,6 +16,10 @@ avg10` is at or above `some_above` percent, the policy asks that worker, at most
   are unchanged; the freed cache goes back to the kernel. A sequence too long for the
   smaller context is trimmed first.
 
+While the worker's prompt cache holds memory, the policy waits: the daemon gives the
+cache back first (each memory trigger halves it), and cuts the running sequences' KV only
+once it is empty.
+
 After `restore_after_s` with the pressure below `some_above`, an idle worker's context
 grows back to its configured size; so does a shrunk one that a new request needs room in
 (prompt plus max_tokens), before it starts (recorded as `grow_kv`). Either way the
@@ -99,8 +103,8 @@ class KvTrim(Policy):
     def _cut(self, w: WorkerView, now: float,
              running: tuple[RequestView, ...]) -> TrimKv | ShrinkKv | None:
         s = self.settings
-        if now - self.last_cut.get(w.name, -1e18) < s["cooldown_s"]:
-            return None
+        if now - self.last_cut.get(w.name, -1e18) < s["cooldown_s"] or w.prompt_cache_bytes:
+            return None  # the daemon empties the prompt cache first, a trigger at a time
         why = f"memory pressure in {w.name}'s scope"
         if s["mode"] == "trim":
             mine = [r for r in running if r.worker == w.name]

@@ -18,12 +18,23 @@ def _ps_row(m: dict[str, Any]) -> list[Any]:
     else:
         until = f"in {m['unload_in_s']:.0f} s"
     return [m["name"], m["state"], fmt_bytes(m["memory_bytes"]),
-            f"{m['slots_busy']}/{m['slots']}", m["keep_alive"], until]
+            f"{m['slots_busy']}/{m['slots']}", _cache(m.get("prompt_cache")),
+            m["keep_alive"], until]
+
+
+def _cache(c: dict[str, Any] | None) -> str:
+    """The prompt cache in one cell: bytes in memory + on disk, and its hits/lookups."""
+    if not c or not (c["limit"] or c["disk_limit"]):
+        return "off"
+    lookups = c["hits"] + c["misses"]
+    disk = f"+{fmt_bytes(c['disk_bytes'])} disk" if c["disk_limit"] else ""
+    return f"{fmt_bytes(c['bytes'])}{disk}, {c['hits']}/{lookups} hits"
 
 
 def cmd_ps(client: Client, args: argparse.Namespace) -> int:
     show(args, {"models": client.call("ps")["models"]},
-         lambda r: table(["NAME", "STATE", "MEMORY", "SLOTS", "KEEP_ALIVE", "UNLOADS"],
+         lambda r: table(["NAME", "STATE", "MEMORY", "SLOTS", "PROMPT_CACHE", "KEEP_ALIVE",
+                          "UNLOADS"],
                          [_ps_row(m) for m in r["models"]]))
     return EXIT_OK
 

@@ -114,6 +114,14 @@ class ModelConfig:
     keep_alive: str = _opt("", "how long the model stays loaded after its last request: "
                            "30s, 5m, 1h, 0 (unload at once), -1 (forever); empty: forever "
                            "for a model loaded at start, 5m for one loaded on demand")
+    prompt_cache: str = _opt("auto", "host memory of each worker for the KV states of "
+                             "prompts that left their slot (a conversation's next turn "
+                             "restores its history instead of evaluating it): 512M, 2G, 0 "
+                             "(none), or auto (a quarter of the memory left free once the "
+                             "model is loaded, at most 2G)")
+    prompt_cache_disk: str = _opt("1G", "bytes of prompt cache files kept for this model "
+                                  "under daemon.state_dir, so that conversations stay warm "
+                                  "across unloads, worker and daemon restarts; 0: none")
 
 
 @dataclass(frozen=True)
@@ -272,8 +280,30 @@ def model_from_table(name: str, table: Any) -> ModelConfig:
         limits_of(model)
     except LimitError as exc:
         raise ConfigError(f"{key}.{exc}") from None
+    for size in ("prompt_cache", "prompt_cache_disk"):
+        try:
+            cache_bytes(getattr(model, size), size)
+        except LimitError as exc:
+            raise ConfigError(f"{key}.{exc}") from None
     _check_adapters(key, model.adapters)
     return model
+
+
+def cache_bytes(text: str, what: str) -> int | None:
+    """A prompt cache size: bytes, 0 for none, None for auto (prompt_cache only)."""
+    value = text.strip().lower()
+    if value == "0":
+        return 0
+    if value == "auto" and what == "prompt_cache":
+        return None
+    try:
+        n = parse_bytes(text, what)
+    except LimitError:
+        n = None
+    if n is None:
+        raise LimitError(f"{what} {text!r}: use a size of at least 16M like 512M or 2G, or 0"
+                         + (", or auto" if what == "prompt_cache" else ""))
+    return n
 
 
 def _check_adapters(key: str, adapters: dict[str, str]) -> None:

@@ -44,7 +44,8 @@ class Actuator:
                 n_ctx=w.n_ctx, n_ctx_max=w.model.n_ctx, threads_asked=w.threads_asked,
                 threads_pinned=bool(w.model.threads),
                 allowed_cpus=cap.allowed if cap else 0, quota=cap.quota if cap else None,
-                slots=w.slots, slots_busy=len(w.running), batch_limit=self.slots.limit(w)))
+                slots=w.slots, slots_busy=len(w.running), batch_limit=self.slots.limit(w),
+                prompt_cache_bytes=w.cache.now.bytes))
         queued = tuple(_view(r, now, deferred=self.deferred(r.id))
                        for model in self.models for r in model.queue)
         running = tuple(_view(r, now, w.name, kv_cells=w.batch.cells.get(r.id, 0))

@@ -29,7 +29,7 @@ from ..wire.durations import describe as describe_duration
 from ..wire.durations import parse_keep_alive
 from ..wire.protocol import ProtocolError
 from . import memfit
-from .models import Life, Models
+from .models import Life, Model, Models
 
 if TYPE_CHECKING:
     from ..control.policyengine import PolicyEngine
@@ -41,6 +41,8 @@ log = structlog.get_logger()
 ON_DEMAND_KEEP_ALIVE = 300.0  # ollama's default keep-alive
 LOAD_TIMEOUT = 900.0  # a load holds the others back at most this long
 WAIT_POLL_S = 1.0  # a load waiting for busy models looks again at least this often
+CACHE_FLOOR = 16 << 20  # a prompt cache this small is emptied at once under memory pressure
+CACHE_CALM_S = 60.0  # after this long without a memory trigger, shrunk caches grow back
 
 
 class Host(Protocol):
@@ -145,6 +147,7 @@ class Lifecycle:
                                    + model.unavailable_reason(), "unload")
             if life.state != "loaded":
                 continue
+            self._grow_caches(model, now)
             if model.busy():
                 life.idle_since, life.last_used = None, now
             elif life.idle_since is None:
@@ -157,11 +160,15 @@ class Lifecycle:
                                    "unload")
 
     def pressure(self, key: str) -> None:
-        """A memory PSI trigger fired: unload the least recently used idle model that has
-        been idle for daemon.pressure_unload_grace and would unload anyway (a keep_alive
-        that is not forever), one per trigger, before the kernel reclaims from busy ones."""
+        """A memory PSI trigger fired. The prompt caches give memory back first (each
+        trigger halves them; their files stay on disk); once none holds any, unload the
+        least recently used idle model that has been idle for daemon.pressure_unload_grace
+        and would unload anyway (a keep_alive that is not forever), one per trigger,
+        before the kernel reclaims from busy ones."""
+        if not key.endswith("/memory") or self._shrink_caches(key):
+            return
         # A loaded model with a task is about to unload: one unload per trigger at a time.
-        if not key.endswith("/memory") or any(
+        if any(
                 life.state == "unloading" or (life.state == "loaded" and life.task is not None)
                 for life in self._lives()):
             return
@@ -171,6 +178,30 @@ class Lifecycle:
         if idle:
             self._start_unload(idle[0], False, f"memory pressure ({key} PSI trigger); idle "
                                f"{now - (idle[0].idle_since or now):.0f} s", "evict")
+
+    def _shrink_caches(self, key: str) -> bool:
+        """Halve every worker's prompt cache in memory (below CACHE_FLOOR: empty it); True
+        if any held something. The caches grow back after CACHE_CALM_S without a trigger."""
+        now, shrunk = self.clock(), []
+        for model in self.models:
+            for worker in model.workers:
+                held = worker.cache.now.bytes
+                if held and worker.state in ("idle", "busy"):
+                    limit = held // 2 if held > CACHE_FLOOR else 0
+                    worker.set_prompt_cache(limit)
+                    model.life.cache_shrunk_at = now
+                    shrunk.append(f"{worker.name} {held} -> {limit}")
+        if shrunk:
+            log.info("prompt_cache_pressure", trigger=key, shrunk=shrunk)
+        return bool(shrunk)
+
+    def _grow_caches(self, model: Model, now: float) -> None:
+        life = model.life
+        if life.cache_shrunk_at is not None and now - life.cache_shrunk_at >= CACHE_CALM_S:
+            life.cache_shrunk_at = None
+            for worker in model.workers:
+                worker.set_prompt_cache(life.cache_limit)
+            log.info("prompt_cache_restored", model=model.name, limit=life.cache_limit)
 
     # -- load and unload ----------------------------------------------------------
 
@@ -262,6 +293,9 @@ class Lifecycle:
             if victims is None:  # nobody waits any more
                 life.state = "unloaded"
                 return
+            left = self._room(sum(self._charge(o) for o in self._loaded(life)), 0).bytes
+            life.cache_limit = memfit.prompt_cache(model, left - (life.need.bytes if life.need
+                                                                  else left))
             workers = [host.fleet.new_worker(model, i, host) for i in range(model.workers)]
             target.workers.extend(workers)
             host.fleet.start(workers)

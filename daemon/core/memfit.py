@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..catalog import ggufmeta
-from ..catalog.config import ModelConfig
+from ..catalog.config import ModelConfig, cache_bytes
 
 MiB = 1 << 20
 
@@ -37,6 +37,10 @@ ACTIVATION = 64
 GUESS_KV_CELL = 32 * 2 * 1024 * F16
 GUESS_VOCAB = 128 * 1024
 GUESS_EMBD = 4096
+# prompt_cache = auto: a quarter of what stays free once the model is loaded, at most
+# this much (llama-server's --cache-ram is a fixed 8 GiB, more than many machines have).
+AUTO_CACHE_SHARE = 4
+AUTO_CACHE_MAX = 2 << 30
 
 
 def _size(n: int) -> str:
@@ -55,14 +59,17 @@ class Need:
     overhead: int  # all workers' process, vocabulary and activations (see the constants)
     measured: bool  # bytes is an earlier load's measured RSS (larger than the estimate)
     guessed: str = ""  # what the header lacked and was guessed; empty: nothing
+    cache: int = 0  # a configured prompt cache of all workers (auto is sized after the load)
 
     def describe(self) -> str:
         parts = (f"weights {_size(self.weights)}, KV {_size(self.kv)}, "
                  f"overhead {_size(self.overhead)}")
+        if self.cache:
+            parts += f", prompt cache {_size(self.cache)}"
         if self.guessed:
             parts += f"; guessed: {self.guessed}"
         if self.measured:
-            estimate = self.weights + self.kv + self.overhead
+            estimate = self.weights + self.kv + self.overhead + self.cache
             return (f"{_size(self.bytes)} (measured in an earlier load; estimate "
                     f"{_size(estimate)}: {parts})")
         return f"{_size(self.bytes)} ({parts})"
@@ -127,10 +134,20 @@ def estimate(path: Path, model: ModelConfig, measured_rss: int | None = None) ->
     adapters = sum(_size_of(Path(p)) for p in model.adapters.values())
     overhead = (WORKER_BASE + vocab * VOCAB_TOKEN + model.n_batch * embd * ACTIVATION
                 + adapters) * model.workers
-    total = weights + kv + overhead
+    cache = (cache_bytes(model.prompt_cache, "prompt_cache") or 0) * model.workers
+    total = weights + kv + overhead + cache
     measured = measured_rss is not None and measured_rss > total
     return Need(bytes=measured_rss if measured else total, weights=weights, kv=kv,
-                overhead=overhead, measured=measured, guessed=", ".join(guessed))
+                overhead=overhead, measured=measured, guessed=", ".join(guessed), cache=cache)
+
+
+def prompt_cache(model: ModelConfig, left: int) -> int:
+    """Bytes of prompt cache for each worker: the configured size, or for auto a share
+    of `left` (what stays free once the model is loaded)."""
+    size = cache_bytes(model.prompt_cache, "prompt_cache")
+    if size is None:
+        size = min(AUTO_CACHE_MAX, max(0, left) // AUTO_CACHE_SHARE) // model.workers
+    return size
 
 
 def _size_of(path: Path) -> int:

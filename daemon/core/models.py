@@ -44,6 +44,8 @@ class Life:
     # estimate (a worker keeps what it allocated while serving, so this is its peak)
     waiting: str = ""  # why a load waits
     task: asyncio.Task | None = None  # the load or unload in progress
+    cache_limit: int = 0  # prompt cache bytes per worker, sized at load (memfit.prompt_cache)
+    cache_shrunk_at: float | None = None  # memory pressure shrank the caches then
 
     @property
     def phase(self) -> str:

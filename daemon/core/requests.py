@@ -57,6 +57,7 @@ class Request:
         return {
             "model": self.model, "worker": worker,
             "prompt_tokens": w.prompt_tokens, "completion_tokens": w.completion_tokens,
+            "cached_tokens": w.cached_tokens,
             "finish_reason": w.finish_reason,
             "queue_s": (self.started_at or now) - self.accepted_at,
             "ttft_s": self.first_token_at - self.accepted_at if self.first_token_at else None,

@@ -12,11 +12,12 @@ from typing import Any
 import structlog
 
 from .. import logs
-from ..catalog.config import Config
+from ..catalog.config import Config, cache_bytes
 from ..control.observer import Observer
 from ..control.policyengine import PolicyEngine
 from ..control.watches import Watches
 from ..placement.scopes import Backend
+from ..placement.users import worker_dir
 from ..policies import Event, Finished, Preempted, PsiTrigger, Queued, Started, Tick
 from ..wire import messages
 from ..wire.protocol import ProtocolError, check_model
@@ -97,6 +98,22 @@ class Service:
 
     def oom_killed(self, worker: Worker) -> bool:
         return self.fleet.placement.oom_killed(worker)
+
+    def prompt_cache(self, worker: Worker) -> tuple[int, int, str]:
+        """The worker's prompt cache: bytes in memory (sized at load, lower while memory
+        pressure keeps it shrunk), bytes on disk, and its model's directory of files."""
+        model = self.models[worker.model.name]
+        memory = model.life.cache_limit if model.life.cache_shrunk_at is None else 0
+        disk = cache_bytes(worker.model.prompt_cache_disk, "prompt_cache_disk") or 0
+        if not disk:
+            return memory, 0, ""
+        folder = self.state_dir / "prompt-cache" / worker.model.name / f"worker-{worker.index}"
+        try:
+            worker_dir(folder, self.config.daemon.worker_user)
+        except OSError as exc:  # the worker tries too, and reports why in its status
+            log.error("prompt_cache_dir_failed", model=model.name, path=str(folder),
+                      error=str(exc))
+        return memory, disk, str(folder)
 
     # -- requests ----------------------------------------------------------------
 

@@ -56,6 +56,7 @@ class Listener(Protocol):
     def worker_preempted(self, worker: Worker, req: Request,
                          resume: messages.Resume) -> None: ...
     def worker_kv(self, worker: Worker, report: messages.Kv) -> None: ...
+    def prompt_cache(self, worker: Worker) -> tuple[int, int, str]: ...  # memory, disk, dir
     async def place(self, worker: Worker) -> None: ...
     async def release(self, worker: Worker) -> None: ...
 
@@ -89,6 +90,29 @@ class BatchTally:
                 "size": size}
 
 
+@dataclass
+class CacheTally:
+    """A worker's prompt cache reports: what the current process holds, and its counters
+    summed over the worker's processes since the daemon started."""
+
+    now: messages.CacheStats = field(default_factory=messages.CacheStats)
+    before: dict[str, float] = field(default_factory=dict)  # earlier processes' counters
+    COUNTERS = ("hits", "disk_hits", "misses", "tokens_reused", "restore_s", "saved",
+                "evicted")
+
+    def add(self, stats: messages.CacheStats) -> None:
+        if any(getattr(stats, k) < getattr(self.now, k) for k in self.COUNTERS):
+            for k in self.COUNTERS:  # a new process counts from 0
+                self.before[k] = self.before.get(k, 0) + getattr(self.now, k)
+        self.now = stats
+
+    def describe(self) -> dict[str, Any]:
+        out = messages.as_dict(self.now)
+        for k in self.COUNTERS:
+            out[k] = round(out[k] + self.before.get(k, 0), 6)
+        return out
+
+
 class Worker:
     """One model worker process, restarted with exponential backoff when it dies, and
     killed and restarted when it stops answering (supervision.py decides the waits).
@@ -116,6 +140,7 @@ class Worker:
         self.n_ctx = 0  # tokens per sequence
         self.slots = 0  # sequences the process runs at once; 0 before it is ready
         self.batch = BatchTally()
+        self.cache = CacheTally()
         self.served = 0
         self.restarts = 0
         # How its processes ended when not asked to: oom, signal, exit, hung, load_failed.
@@ -211,10 +236,12 @@ class Worker:
         await self.listener.place(self)  # into its scope before the model is loaded
         reader, self._writer = await asyncio.open_unix_connection(sock=parent)
         m = self.model
+        cache, disk, cache_dir = self.listener.prompt_cache(self)
         self._send(messages.Load(
             path=str(path), n_ctx=m.n_ctx, n_batch=m.n_batch, threads=m.threads,
             chat_template=m.chat_template, seed=m.seed, stream_interval=m.stream_interval,
-            flash_attn=m.flash_attn, parallel=m.parallel, adapters=m.adapters))
+            flash_attn=m.flash_attn, parallel=m.parallel, adapters=m.adapters,
+            prompt_cache=cache, prompt_cache_disk=disk, prompt_cache_dir=cache_dir))
         try:
             msg = await asyncio.wait_for(self._recv(reader), LOAD_TIMEOUT)
         except (TimeoutError, ProtocolError, OSError, messages.DecodeError) as exc:
@@ -305,6 +332,13 @@ class Worker:
             self.listener.worker_kv(self, msg)
         elif isinstance(msg, messages.Batch):
             self.batch.add(msg)
+        elif isinstance(msg, messages.PromptCache):
+            self.cache.add(msg.stats)
+            if msg.asked and msg.freed_entries:
+                self.log.info("prompt_cache_shrunk", limit=msg.stats.limit,
+                              freed_entries=msg.freed_entries, freed_bytes=msg.freed_bytes,
+                              entries=msg.stats.entries, bytes=msg.stats.bytes,
+                              disk_entries=msg.stats.disk_entries)
         elif isinstance(msg, messages.Token | messages.Done | messages.Preempted
                         | messages.Error):
             self._handle_request(msg)
@@ -426,6 +460,10 @@ class Worker:
         (or at once if idle)."""
         self._send(messages.TrimKv(**values) if op == "trim_kv" else messages.ShrinkKv(**values))
 
+    def set_prompt_cache(self, limit: int) -> None:
+        """Hold at most `limit` bytes of prompt cache in memory (the rest stays on disk)."""
+        self._send(messages.SetPromptCache(limit=limit))
+
     def set_threads(self, n: int, why: str) -> None:
         """Ask for n threads; the worker stops the decode call in progress and takes them."""
         self.threads_asked, self._threads_why_asked = n, why
@@ -462,6 +500,7 @@ class Worker:
             "requests": [{"id": r.id, "tokens": r.tokens_sent,
                           "kv_cells": self.batch.cells.get(r.id)} for r in self.running.values()],
             "batch": self.batch.describe(),
+            "prompt_cache": self.cache.describe(),
             "last_error": self.last_error or None,
             "load_failures": self.load_failures,
             "retry_in_s": None if (t := self.backoff.retry_in()) is None else round(t, 3),

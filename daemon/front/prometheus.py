@@ -102,6 +102,20 @@ METRICS = {d.name: d for d in (
     Declared("worker_batch_sequences_total", "counter", W,
              "Sequences in those calls, summed over the calls: rate(sequences) / rate(steps) "
              "is the mean batch size per step."),
+    Declared("worker_prompt_cache_entries", "gauge", (*W, "where"),
+             "KV states in the worker's prompt cache: where is memory or disk."),
+    Declared("worker_prompt_cache_bytes", "gauge", (*W, "where"),
+             "Bytes of those states, in memory or on disk."),
+    Declared("worker_prompt_cache_limit_bytes", "gauge", (*W, "where"),
+             "The prompt cache's bound in memory (lower while memory pressure shrinks it) "
+             "and on disk."),
+    Declared("worker_prompt_cache_lookups_total", "counter", (*W, "result"),
+             "Requests that looked in the prompt cache: hit_memory, hit_disk (a state was "
+             "restored from there) or miss (nothing to reuse)."),
+    Declared("worker_prompt_cache_tokens_reused_total", "counter", W,
+             "Prompt tokens restored from the prompt cache instead of evaluated."),
+    Declared("worker_prompt_cache_restore_seconds_total", "counter", W,
+             "Time spent restoring states from the prompt cache."),
     Declared("worker_kv_cells", "gauge", W,
              "KV cells the worker's running sequences hold (its last Batch report)."),
     Declared("worker_threads", "gauge", (*W, "why"),
@@ -229,6 +243,19 @@ def _models(out: _Out, service: Service, models: dict[str, dict[str, Any]]) -> N
                 out.histogram(metric, hist.buckets(), hist.sum, model=name)
 
 
+def _prompt_cache(out: _Out, c: dict[str, Any], ids: dict[str, str]) -> None:
+    for where, prefix in (("memory", ""), ("disk", "disk_")):
+        out.add("worker_prompt_cache_entries", c[f"{prefix}entries"], where=where, **ids)
+        out.add("worker_prompt_cache_bytes", c[f"{prefix}bytes"], where=where, **ids)
+        out.add("worker_prompt_cache_limit_bytes", c[f"{prefix}limit"], where=where, **ids)
+    out.add("worker_prompt_cache_lookups_total", c["hits"] - c["disk_hits"], result="hit_memory",
+            **ids)
+    out.add("worker_prompt_cache_lookups_total", c["disk_hits"], result="hit_disk", **ids)
+    out.add("worker_prompt_cache_lookups_total", c["misses"], result="miss", **ids)
+    out.add("worker_prompt_cache_tokens_reused_total", c["tokens_reused"], **ids)
+    out.add("worker_prompt_cache_restore_seconds_total", c["restore_s"], **ids)
+
+
 def _worker(out: _Out, w: dict[str, Any]) -> None:
     ids = {"model": w["model"], "worker": w["name"]}
     for state in WORKER_STATES:
@@ -245,6 +272,7 @@ def _worker(out: _Out, w: dict[str, Any]) -> None:
     out.add("worker_batch_tokens_total", batch["tokens"], **ids)
     out.add("worker_batch_sequences_total", batch["sequences"], **ids)
     out.add("worker_kv_cells", sum(r["kv_cells"] or 0 for r in w["requests"]), **ids)
+    _prompt_cache(out, w["prompt_cache"], ids)
     why = ((w["threads_why"] or "").split(":", 1)[0].split() or ["none"])[0]
     out.add("worker_threads", w["threads"], why=why, **ids)
     cg = w.get("cgroup")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..control import psi
+from ..wire import messages
 from ..wire.protocol import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ def status(service: Service) -> dict[str, Any]:
                 "running": model.running,
                 "slots": sum(w.slots for w in model.workers if w.state in ("idle", "busy")),
                 "queued": [r.id for r in model.queue.ordered(service.engine.rank)],
+                "prompt_cache": prompt_cache(model.workers),
                 **service.lifecycle.describe(model.name),
                 **model.metrics.snapshot(),
             }
@@ -97,7 +99,22 @@ def loaded_model(service: Service, name: str) -> dict[str, Any]:
         "workers": len(workers), "pids": [w.pid for w in workers if w.pid is not None],
         "slots": sum(w.slots for w in workers if w.serving),
         "slots_busy": model.running,
+        "prompt_cache": prompt_cache(workers),
     }
+
+
+def prompt_cache(workers: list[Worker]) -> dict[str, Any]:
+    """The model's prompt cache: its workers' figures summed (each worker has a cache and
+    a directory of its own), and the first disk error one reports."""
+    each = [w.cache.describe() for w in workers]
+    out: dict[str, Any] = {k: 0 for k in messages.CacheStats.__struct_fields__}
+    for c in each:
+        for k, v in c.items():
+            if k != "disk_error":
+                out[k] += v
+    out["restore_s"] = round(out["restore_s"], 6)
+    out["disk_error"] = next((c["disk_error"] for c in each if c["disk_error"]), None)
+    return out
 
 
 def _adapters(adapters: dict[str, str], workers: list[Worker]) -> dict[str, dict[str, Any]]:

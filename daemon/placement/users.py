@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+from pathlib import Path
 from typing import Any
 
 
@@ -21,3 +22,13 @@ def run_as(user: str) -> dict[str, Any]:
         return {}
     env = {**os.environ, "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name}
     return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "env": env}
+
+
+def worker_dir(path: Path, user: str) -> None:
+    """Make a directory the workers write (their prompt cache files): owned by `user`
+    (daemon.worker_user) when the daemon switches to it, else by the daemon; mode 0700.
+    OSError if it cannot be made or given away."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    creds = run_as(user)
+    if creds:
+        os.chown(path, creds["user"], creds["group"])

@@ -37,6 +37,9 @@ class Load(_Msg, tag="load"):
     flash_attn: bool = False
     parallel: int = 1  # sequences decoded together (slots)
     adapters: dict[str, str] = {}  # LoRA adapter name -> GGUF path, loaded once
+    prompt_cache: int = 0  # bytes of KV states kept in memory for later prompts; 0: none
+    prompt_cache_disk: int = 0  # bytes of them kept on disk; 0: none
+    prompt_cache_dir: str = ""  # where, for this model
 
 
 class Resume(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -120,6 +123,13 @@ class ShrinkKv(_Msg, tag="shrink_kv"):
     tail: int = 256
 
 
+class SetPromptCache(_Msg, tag="set_prompt_cache"):
+    """Hold at most `limit` bytes of prompt cache in memory (least recently used out
+    first; on disk they stay). Answered with a PromptCache report."""
+
+    limit: int
+
+
 class Ping(_Msg, tag="ping"):
     pass
 
@@ -128,8 +138,8 @@ class Shutdown(_Msg, tag="shutdown"):
     pass
 
 
-ToWorker = (Load | Generate | Cancel | Preempt | SetThreads | TrimKv | ShrinkKv | Ping
-            | Shutdown)
+ToWorker = (Load | Generate | Cancel | Preempt | SetThreads | TrimKv | ShrinkKv
+            | SetPromptCache | Ping | Shutdown)
 
 
 # -- worker -> daemon ----------------------------------------------------------------
@@ -164,6 +174,7 @@ class Stats(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     finish_reason: str  # stop | length
     prefill_s: float
     tokens_per_s: float | None
+    cached_tokens: int = 0  # prompt tokens whose KV came from a cache (the slot's or the prompt cache)
 
 
 class Done(_Msg, tag="done"):
@@ -226,12 +237,41 @@ class Batch(_Msg, tag="batch"):
     cells: dict[str, int] = {}  # request -> KV cells its sequence holds now
 
 
+class CacheStats(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A worker's prompt cache: what it holds and what it has done since the worker started."""
+
+    entries: int = 0  # states held in memory
+    bytes: int = 0
+    limit: int = 0
+    disk_entries: int = 0
+    disk_bytes: int = 0
+    disk_limit: int = 0
+    disk_error: str | None = None  # why the disk cache is off, if it broke
+    hits: int = 0  # requests that restored a cached state
+    disk_hits: int = 0  # of them, from disk
+    misses: int = 0  # requests that found nothing to reuse
+    tokens_reused: int = 0  # prompt tokens restored instead of evaluated
+    restore_s: float = 0.0  # time spent restoring, summed
+    saved: int = 0
+    evicted: int = 0  # states pushed out of memory (to disk, or gone)
+
+
+class PromptCache(_Msg, tag="prompt_cache"):
+    """The prompt cache's state: sent when it changed (at most once a second while busy),
+    and in answer to set_prompt_cache with what that pushed out."""
+
+    stats: CacheStats
+    asked: bool = False  # the answer to set_prompt_cache
+    freed_entries: int = 0
+    freed_bytes: int = 0
+
+
 class Pong(_Msg, tag="pong"):
     pass
 
 
 FromWorker = (Ready | LoadFailed | Token | Done | Preempted | Error | Threads | Kv | Batch
-              | Pong)
+              | PromptCache | Pong)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

@@ -39,6 +39,7 @@ class Sequence:
     order: int = 0  # admission order: older prompts are evaluated first
     adapter: Hashable = None  # sequences with equal keys may share a step
     stepped: int = -1  # the last step that held its tokens
+    shifted: bool = False  # a context shift moved its cells: its cache serves no other prompt
 
     @property
     def pending(self) -> int:
@@ -87,40 +88,54 @@ class Batcher:
     def free(self) -> int:
         return self.slots - len(self.running)
 
-    def admit(self, req: str, tokens: list[int], adapter: Hashable = None) -> Sequence:
-        """Give req a free slot: the one whose cache shares the longest prefix with tokens
-        (computed under the same adapter). The KV of that slot from seq.done on must be
-        dropped by the caller; the last token is always evaluated again (its logits pick
-        the next one)."""
-        if req in self.running:
-            raise ValueError(f"{req} runs already")
+    def pick(self, tokens: list[int], adapter: Hashable = None) -> tuple[int, int]:
+        """The free slot for a sequence of these tokens, and how many of them its cache
+        holds: the slot sharing the longest prefix with tokens (computed under the same
+        adapter), else one beside busy slots (llama.cpp evaluates consecutive sequence ids
+        in one ubatch), else the lowest."""
         if not self.free:
-            raise ValueError(f"no free slot for {req}")
+            raise ValueError("no free slot")
         busy = {s.slot for s in self.running.values()}
         free = [i for i in range(self.slots) if i not in busy]
 
         def common(i: int) -> int:
             same = self.cached_adapter[i] == adapter
-            return _common(self.cached[i], tokens) if same else 0
+            return common_prefix(self.cached[i], tokens) if same else 0
 
         def worth(i: int) -> tuple[int, int, int]:
-            """A cached prefix worth reusing first, then a slot beside busy ones (llama.cpp
-            evaluates consecutive sequence ids in one ubatch), then the lowest."""
             n = common(i)
             beside = (i - 1 in busy) + (i + 1 in busy) + (not busy and i == 0)
             return (n if n >= MIN_REUSE else 0, beside, -i)
 
         slot = max(free, key=worth)
-        held = min(common(slot), len(tokens) - 1)
-        self.cached[slot], self.cached_adapter[slot] = [], None
-        seq = Sequence(req, slot, list(tokens), held, next(self._order), adapter)
+        return slot, common(slot)
+
+    def held(self, slot: int) -> tuple[list[int], Hashable]:
+        """What a free slot's cache holds, and the adapter key that computed it."""
+        return self.cached[slot], self.cached_adapter[slot]
+
+    def admit(self, req: str, tokens: list[int], adapter: Hashable = None,
+              slot: int | None = None) -> Sequence:
+        """Give req a free slot (`slot`, else pick's). The KV of that slot from seq.done
+        on must be dropped by the caller; the last token is always evaluated again (its
+        logits pick the next one)."""
+        if req in self.running:
+            raise ValueError(f"{req} runs already")
+        chosen, common = self.pick(tokens, adapter)
+        if slot is not None and slot != chosen:
+            cached, key = self.held(slot)
+            chosen, common = slot, common_prefix(cached, tokens) if key == adapter else 0
+        held = min(common, len(tokens) - 1)
+        self.cached[chosen], self.cached_adapter[chosen] = [], None
+        seq = Sequence(req, chosen, list(tokens), held, next(self._order), adapter)
         self.running[req] = seq
         return seq
 
     def release(self, req: str, keep_cache: bool = True) -> Sequence:
         """End req's sequence; its slot keeps the KV it holds unless keep_cache is False
-        (the caller then drops it)."""
+        or a context shift moved it (the caller then drops it)."""
         seq = self.running.pop(req)
+        keep_cache = keep_cache and not seq.shifted
         self.cached[seq.slot] = seq.tokens[: seq.done] if keep_cache else []
         self.cached_adapter[seq.slot] = seq.adapter
         return seq
@@ -179,7 +194,8 @@ class Batcher:
         self._group = group
 
 
-def _common(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two lists share from the start."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -34,9 +35,10 @@ import msgspec
 from ..placement.cpus import usable_cpus
 from ..wire import messages as m
 from ..wire.protocol import read_body
-from . import batching, grammars, kvstate, llamalog, lora
+from . import batching, cachedisk, grammars, kvstate, llamalog, lora, memory
 from .chattokens import ChatPrompt
 from .decodestop import DecodeStop
+from .promptcache import PromptCache
 from .refusals import Refused, TooLong
 from .sampling import Picker
 from .stopstrings import StopScanner
@@ -56,6 +58,15 @@ BATCH_REPORT_S = 1.0
 # 0.2-0.4 s at most.
 ADAPTER_TURN = 16
 DECODE_ABORTED = 2  # llama_decode: the abort callback stopped it
+# A slot's cache worth keeping when a request is about to overwrite it: the tokens the
+# request would lose. Fewer are cheaper to evaluate again than to copy out and back.
+SAVE_MIN = 32
+# A state read from disk must take at most this share of the time evaluating its tokens
+# again would (both measured as the worker runs: bytes/s read, prompt tokens/s).
+DISK_WORTH = 0.5
+FIRST_READ_RATE = 100e6  # bytes/s assumed for the disk until a read is measured
+FIRST_PREFILL_RATE = 200.0  # prompt tokens/s assumed until a prompt step is measured
+SHUTDOWN_FLUSH_S = 5.0  # longest a stopping worker waits for its cache files
 
 
 class Channel:
@@ -68,6 +79,7 @@ class Channel:
         self.preempts: dict[str, int] = {}  # request -> save the state from this many tokens
         self.kv_ops: list[m.TrimKv | m.ShrinkKv] = []
         self.generates: list[m.Generate] = []
+        self.cache_limit: int | None = None  # asked by set_prompt_cache
         self.shutdown = False
         self.lock = threading.RLock()  # poll() runs on the main thread and the DecodeStop's
         self._send_lock = threading.Lock()  # so does send(): a pong beside the tokens
@@ -109,6 +121,8 @@ class Channel:
             self.preempts[msg.req] = msg.state_min_tokens
         elif isinstance(msg, m.TrimKv | m.ShrinkKv):
             self.kv_ops.append(msg)
+        elif isinstance(msg, m.SetPromptCache):
+            self.cache_limit = msg.limit
         elif isinstance(msg, m.Shutdown):
             self.shutdown = True
         elif isinstance(msg, m.Ping):
@@ -168,6 +182,7 @@ class Run:
     prompt_tokens: int
     generated: int  # tokens generated so far, those before a preemption included
     max_tokens: int
+    cached: int  # prompt tokens whose KV was in a cache when it started
     output: list[int] = field(default_factory=list)  # generated tokens, never trimmed
     first_at: float | None = None
     started: float = field(default_factory=time.monotonic)
@@ -208,6 +223,29 @@ class Engine:
         self._pieces: dict[int, bytes] = {}  # token -> its bytes; one entry per vocab token
         self._report = {"steps": 0, "tokens": 0, "sequences": 0}
         self._reported_at = time.monotonic()
+        self.disk: cachedisk.Disk | None = None
+        self.cache = self._prompt_cache(cfg)
+        self._cache_sent: m.CacheStats | None = None
+        self.read_rate, self.prefill_rate = FIRST_READ_RATE, FIRST_PREFILL_RATE
+
+    def _prompt_cache(self, cfg: m.Load) -> PromptCache | None:
+        """The prompt cache (promptcache.py), with its files (cachedisk.py) when the
+        daemon gave a directory; None when the config turns it off."""
+        if cfg.prompt_cache <= 0:
+            return None
+        memory.large_allocations_mapped()
+        disk = None
+        if cfg.prompt_cache_disk > 0 and cfg.prompt_cache_dir:
+            identity = {"format": 1, "model": cachedisk.model_identity(cfg.path),
+                        "llama_cpp": self.lib.__version__, "n_ctx": cfg.n_ctx,
+                        "flash_attn": cfg.flash_attn}
+            disk = cachedisk.Disk(Path(cfg.prompt_cache_dir), cfg.prompt_cache_disk, identity,
+                                  warn=_warn)
+        self.disk = disk
+        cache = PromptCache(cfg.prompt_cache, disk)
+        for entry in disk.load() if disk is not None else ():
+            cache.add_from_disk(entry)
+        return cache
 
     # -- the context -------------------------------------------------------------
 
@@ -308,6 +346,7 @@ class Engine:
                 self._preempt(req, state_min)
         while self.ch.kv_ops and not self._kv_op_waits(self.ch.kv_ops[0]):
             self.ch.send(self.kv_op(self.ch.kv_ops.pop(0)))
+        self.set_cache_limit()
 
     def _kv_op_waits(self, op: m.TrimKv | m.ShrinkKv) -> bool:
         """A trim waits until its sequence (named, or the one holding most) has evaluated
@@ -363,8 +402,7 @@ class Engine:
         sampling = {"top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
                     "temp": p.temperature, "repeat_penalty": p.repeat_penalty}
         picker = Picker(self.lib, self.np, self.model, sampling, seed, grammar, output)
-        seq = self.batcher.admit(msg.req, context, adapter)
-        kvstate.drop(self.ctx, seq.slot, seq.done)
+        seq = self._take_slot(msg.req, context, adapter)
         if resume and resume.state and seq.done < len(context) - 1:
             if kvstate.restore(self.ctx, seq.slot, resume.state):
                 seq.done = len(context) - 1
@@ -372,7 +410,108 @@ class Engine:
                 seq.done = 0
         out = Outbox(self.ch, msg.req, self.cfg.stream_interval, p.stop, resume)
         self.runs[msg.req] = Run(seq, msg, out, picker, prompt_tokens, generated, max_tokens,
-                                 output, resumed_at=generated)
+                                 min(seq.done, prompt_tokens), output, resumed_at=generated)
+
+    # -- the prompt cache ------------------------------------------------------------
+
+    def _take_slot(self, req: str, context: list[int], adapter: Any) -> batching.Sequence:
+        """A slot for the context, with as much of its KV as a cache holds: the slot's
+        own, or the prompt cache's longest prefix copied in. What the slot held goes to
+        the prompt cache first if the new sequence would lose it."""
+        slot, _ = self.batcher.pick(context, adapter)
+        cache = self.cache
+        if cache is not None:
+            self._keep(slot, context)
+        seq = self.batcher.admit(req, context, adapter, slot)
+        if cache is None or not self._restore(seq, *cache.best(context, adapter)):
+            kvstate.drop(self.ctx, seq.slot, seq.done)
+        return seq
+
+    def _keep(self, slot: int, context: list[int]) -> None:
+        """Put a free slot's cached tokens in the prompt cache unless the next sequence
+        keeps them (it shares all but SAVE_MIN of them) or the cache has them already."""
+        held, adapter = self.batcher.held(slot)
+        if len(held) - batching.common_prefix(held, context) < SAVE_MIN:
+            return
+        if self.cache.covers(held, adapter):
+            return
+        state = kvstate.save(self.ctx, slot, self.cache.limit)
+        if state is not None:
+            self.cache.put(held, adapter, state)
+
+    def _restore(self, seq: batching.Sequence, entry: Any, n: int) -> bool:
+        """Copy a prompt cache entry sharing n tokens with seq into its slot if that beats
+        what the slot holds; True if the slot was rewritten (seq.done says how much holds)."""
+        cache = self.cache
+        n = min(n, len(seq.tokens) - 1)
+        if entry is None or n < seq.done + batching.MIN_REUSE:
+            if seq.done < batching.MIN_REUSE:
+                cache.counters.misses += 1
+            return False
+        if entry.state is None and entry.size / self.read_rate > \
+                DISK_WORTH * (n - seq.done) / self.prefill_rate:
+            return False  # reading it would cost more than evaluating it again
+        t0 = time.monotonic()
+        from_disk = entry.state is None
+        state = cache.state_of(entry)
+        if state is None:  # its file was gone or broken (logged)
+            return False
+        if from_disk:
+            self.read_rate = _ema(self.read_rate, len(state) / max(time.monotonic() - t0, 1e-4))
+        if not kvstate.restore(self.ctx, seq.slot, state):
+            seq.done = 0  # the slot is empty now
+            return True
+        kvstate.drop(self.ctx, seq.slot, n)
+        seq.done = n
+        c = cache.counters
+        c.hits += 1
+        c.disk_hits += from_disk
+        c.tokens_reused += n
+        c.restore_s += time.monotonic() - t0
+        return True
+
+    def cache_stats(self) -> m.CacheStats:
+        cache = self.cache
+        if cache is None:
+            return m.CacheStats()
+        c, disk = cache.counters, self.disk
+        return m.CacheStats(
+            entries=cache.in_memory, bytes=cache.bytes, limit=cache.limit,
+            disk_entries=len(disk) if disk is not None else 0,
+            disk_bytes=disk.bytes if disk is not None else 0,
+            disk_limit=disk.limit if disk is not None else 0,
+            disk_error=disk.error if disk is not None else None,
+            hits=c.hits, disk_hits=c.disk_hits, misses=c.misses, tokens_reused=c.tokens_reused,
+            restore_s=round(c.restore_s, 6), saved=c.saved, evicted=c.evicted)
+
+    def set_cache_limit(self) -> None:
+        """A set_prompt_cache from the daemon: fit the cache to it and say what went."""
+        with self.ch.lock:
+            limit, self.ch.cache_limit = self.ch.cache_limit, None
+        if limit is None:
+            return
+        n, freed = self.cache.fit(max(0, limit)) if self.cache else (0, 0)
+        if freed:
+            memory.give_back()
+        self._cache_sent = self.cache_stats()
+        self.ch.send(m.PromptCache(stats=self._cache_sent, asked=True, freed_entries=n,
+                                   freed_bytes=freed))
+
+    def keep_all(self) -> None:
+        """A stopping worker: every slot's tokens go to the prompt cache, and the cache's
+        files are written before it exits, so the next worker finds them."""
+        cache = self.cache
+        if cache is None or self.disk is None:
+            return
+        for slot in range(self.batcher.slots):
+            run = next((r for r in self.runs.values() if r.seq.slot == slot), None)
+            held, adapter = ((run.seq.tokens[:run.seq.done], run.seq.adapter) if run
+                             else self.batcher.held(slot))
+            if len(held) >= SAVE_MIN and not cache.covers(held, adapter):
+                state = kvstate.save(self.ctx, slot, cache.limit)
+                if state is not None:
+                    cache.put(held, adapter, state)
+        self.disk.flush(SHUTDOWN_FLUSH_S)
 
     def _end(self, req: str, keep_cache: bool = True) -> Run:
         run = self.runs.pop(req)
@@ -427,11 +566,16 @@ class Engine:
         outputs = self._fill(pieces)
         self.adapters.apply(self.ctx, pieces[0].seq.adapter)  # one setting per step
         self.step_prefill = {p.seq.req for p in pieces if p.prefill}
+        t0 = time.monotonic()
         try:
             if not self._decode(pieces):
                 return  # stopped for a cancel, preemption or shutdown: taken next
         finally:
             self.step_prefill = set()
+        prompt = sum(p.count for p in pieces if p.prefill)
+        if prompt >= PREFILL_CHUNK:  # what evaluating a cached prompt again would cost
+            took = max(time.monotonic() - t0, 1e-4)
+            self.prefill_rate = _ema(self.prefill_rate, sum(p.count for p in pieces) / took)
         self.batcher.advance(pieces)
         self._count(pieces)
         now = time.monotonic()
@@ -517,7 +661,8 @@ class Engine:
         new = run.generated - run.resumed_at
         self.ch.send(m.Done(req=run.seq.req, stats=m.Stats(
             prompt_tokens=run.prompt_tokens, completion_tokens=run.generated,
-            finish_reason=finish, prefill_s=(run.first_at or done) - run.started,
+            cached_tokens=run.cached, finish_reason=finish,
+            prefill_s=(run.first_at or done) - run.started,
             tokens_per_s=(new - 1) / decode_s if new > 1 and decode_s > 0 else None)))
 
     def fail_all(self, why: str) -> None:
@@ -533,9 +678,15 @@ class Engine:
         r["sequences"] += len(pieces)
 
     def report(self, force: bool = False) -> None:
-        """The Batch message: at most once a second while busy, and once going idle."""
+        """The Batch message, and a PromptCache one if it changed: at most once a second
+        while busy, and once going idle."""
         now = time.monotonic()
-        if not self._report["steps"] or (not force and now - self._reported_at < BATCH_REPORT_S):
+        if not force and now - self._reported_at < BATCH_REPORT_S:
+            return
+        if self.cache is not None and (stats := self.cache_stats()) != self._cache_sent:
+            self._cache_sent = stats
+            self.ch.send(m.PromptCache(stats=stats))
+        if not self._report["steps"]:
             return
         self.ch.send(m.Batch(**self._report,
                              cells={req: r.seq.done for req, r in self.runs.items()}))
@@ -580,6 +731,7 @@ class Engine:
             return "unsupported: this model's cache cannot shift positions"
         del seq.tokens[keep:keep + drop]
         seq.done -= drop
+        seq.shifted = True
         return f"trimmed {drop} tokens"
 
     def _shrink(self, op: m.ShrinkKv) -> str:
@@ -610,6 +762,15 @@ class Engine:
         return f"n_ctx {old} -> {self.n_ctx}"
 
 
+def _ema(old: float, new: float, weight: float = 0.2) -> float:
+    return old + weight * (new - old)
+
+
+def _warn(text: str) -> None:
+    """A warning for the daemon's log (it relays the worker's stderr)."""
+    print(f"worker: {text}", file=sys.stderr, flush=True)
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -623,11 +784,13 @@ def serve(ch: Channel, engine: Engine) -> None:
             engine.stop.disarm()  # the main thread reads the socket itself now
             engine.take_threads()
             # The watcher may have taken messages in since the last step.
-            if not (ch.shutdown or ch.generates or ch.kv_ops or ch.cancelled or ch.preempts):
+            if not (ch.shutdown or ch.generates or ch.kv_ops or ch.cancelled or ch.preempts
+                    or ch.cache_limit is not None):
                 ch.wait()
         else:
             ch.poll()
         if ch.shutdown:
+            engine.keep_all()
             return
         engine.take_control()
         if engine.busy:

@@ -37,7 +37,7 @@ class Daemon:
         self.socket = socket_path or self.dir / "llm.sock"
         self.config = self.dir / "config.toml"
         if config is not None:
-            self.config.write_text(config)
+            self.config.write_text(own_state_dir(config, self.dir / "state"))
         self.args = ["--config", str(self.config)] if config is not None else []
         self.logfile = self.dir / "daemon.log"
         self.proc: subprocess.Popen | None = None
@@ -93,6 +93,17 @@ class Daemon:
             stream = c.submit("hello there", max_tokens=4)
             events = list(stream.events())
         assert events[-1]["event"] == "done", events
+
+
+def own_state_dir(config: str, path: Path) -> str:
+    """The config with daemon.state_dir set to path unless it sets one: as root the default
+    is /var/lib/llm-residentd, and the tests' prompt cache files would meet there."""
+    if "state_dir" in config:
+        return config
+    line = f'state_dir = "{path}"\n'
+    if "[daemon]\n" in config:
+        return config.replace("[daemon]\n", "[daemon]\n" + line, 1)
+    return "[daemon]\n" + line + config
 
 
 def tiny_config(model: Path, n_ctx: int = 256, workers: int = 1, max_queue: int = 8,

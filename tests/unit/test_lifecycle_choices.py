@@ -84,6 +84,50 @@ def test_memory_pressure_unloads_the_least_recently_used_idle_model_past_its_gra
     asyncio.run(go())
 
 
+class CacheWorker:
+    """A worker whose prompt cache holds `held` bytes; set_prompt_cache answers at once."""
+
+    def __init__(self, name: str, held: int) -> None:
+        self.name, self.state, self.asked, self.running = name, "idle", [], {}
+        self.cache = SimpleNamespace(now=SimpleNamespace(bytes=held))
+
+    def set_prompt_cache(self, limit: int) -> None:
+        self.asked.append(limit)
+        self.cache.now.bytes = min(self.cache.now.bytes, limit)
+
+
+def test_memory_pressure_shrinks_the_prompt_caches_before_any_model_goes(clock):
+    """Issue 22: each memory trigger halves every prompt cache in memory (a small one is
+    emptied); only a trigger that finds them all empty unloads an idle model. After
+    CACHE_CALM_S without a trigger the caches get their size back."""
+    from llm_residentd.core import lifecycle as lcmod
+
+    async def go():
+        host = Host(["a", "b"])
+        lc = lifecycle(host, clock)
+        loaded(lc, "a", last_used=10, idle_since=10, keep_alive=300)
+        loaded(lc, "b", last_used=20, idle_since=20, keep_alive=300)
+        lc.models["a"].life.cache_limit = 64 * MIB
+        lc.models["b"].life.cache_limit = 8 * MIB
+        big, small = CacheWorker("a-0", 64 * MIB), CacheWorker("b-0", 8 * MIB)
+        lc.models["a"].workers.append(big)
+        lc.models["b"].workers.append(small)
+        lc.pressure("system/memory")
+        await asyncio.sleep(0.01)
+        assert (big.asked, small.asked, host.recorded) == ([32 * MIB], [0], [])
+        for _ in range(2):  # 32 -> 16 -> 0 (16 MiB is the floor)
+            lc.pressure("a-0/memory")
+        await asyncio.sleep(0.01)
+        assert big.asked == [32 * MIB, 16 * MIB, 0] and host.recorded == []
+        lc.pressure("system/memory")  # nothing left in any cache: a model goes
+        await asyncio.sleep(0.01)
+        assert [(k, t) for k, t, _ in host.recorded] == [("evict", "a")]
+        clock.now += lcmod.CACHE_CALM_S
+        lc.check()
+        assert small.asked == [0, 8 * MIB]  # b's size back
+    asyncio.run(go())
+
+
 def test_a_load_evicts_idle_models_oldest_first_only_as_many_as_it_needs(clock):
     host = Host(["new", "a", "b", "c"], budget=str(350 * MIB))
     lc = lifecycle(host, clock)

@@ -11,12 +11,13 @@ from llm_residentd.policies.priority import Priority
 
 def worker(name: str = "m-0", state: str = "busy", n_ctx: int = 2048,
            memory: float = 0.0, slots: int = 1, busy: int | None = None,
-           limit: int | None = None) -> WorkerView:
+           limit: int | None = None, cache: int = 0) -> WorkerView:
     """A worker with `slots` slots; busy ones: all of them when state is busy, by default."""
     busy = (slots if state == "busy" else 0) if busy is None else busy
     return WorkerView(name, "m", state, 2, None, None, None,
                       {"memory": Pressure(some_avg10=memory)}, n_ctx=n_ctx, n_ctx_max=2048,
-                      slots=slots, slots_busy=busy, batch_limit=slots if limit is None else limit)
+                      slots=slots, slots_busy=busy, batch_limit=slots if limit is None else limit,
+                      prompt_cache_bytes=cache)
 
 
 def req(rid: str, priority: int, tokens: int = 0, on: str = "", **kw) -> RequestView:
@@ -100,6 +101,20 @@ def test_kv_trim_trims_a_busy_worker_on_its_memory_trigger_with_cooldown():
                           Snapshot(now=9, workers=s.workers, running=running))) == 1
     assert p.on_event(PsiTrigger("m-0/memory"),  # nothing runs there: no trim
                       Snapshot(now=20, workers=s.workers, running=running[1:])) == []
+
+
+@pytest.mark.parametrize("mode", ["trim", "shrink"])
+def test_kv_trim_waits_while_the_prompt_cache_holds_memory(mode):
+    """Issue 22: the daemon gives the prompt cache back first; the running sequences' KV
+    is cut only once the cache is empty."""
+    p = KvTrim(mode=mode, cooldown_s=0)
+    running = (req("a", 0, on="m-0"),)
+    held = Snapshot(now=0, workers=(worker("m-0", memory=50, cache=1 << 20),), running=running)
+    assert p.on_event(PsiTrigger("m-0/memory"), held) == []
+    assert p.on_event(Tick(), held) == []
+    empty = Snapshot(now=1, workers=(worker("m-0", memory=50),), running=running)
+    (a,) = p.on_event(PsiTrigger("m-0/memory"), empty)
+    assert a.kind == ("trim_kv" if mode == "trim" else "shrink_kv")
 
 
 def test_kv_trim_trims_the_sequence_holding_the_most_cells_on_the_pressed_worker():

@@ -35,6 +35,10 @@ def _worker_status(**over: Any) -> dict[str, Any]:
          "ctx_switches_involuntary": 6,
          "slots": 4, "slots_busy": 3, "batch_limit": 4,
          "batch": {"steps": 100, "tokens": 350, "sequences": 290, "size": 2.9},
+         "prompt_cache": {"entries": 3, "bytes": 3000, "limit": 8000, "disk_entries": 5,
+                          "disk_bytes": 9000, "disk_limit": 20000, "disk_error": None,
+                          "hits": 4, "disk_hits": 1, "misses": 6, "tokens_reused": 700,
+                          "restore_s": 0.25, "saved": 5, "evicted": 2},
          "requests": [{"id": "r1", "tokens": 5, "kv_cells": 300},
                       {"id": "r2", "tokens": 1, "kv_cells": 40},
                       {"id": "r3", "tokens": 0, "kv_cells": None}],
@@ -156,6 +160,20 @@ def test_slots_batch_counters_and_kv_cells_per_worker(monkeypatch):
     assert _get(s, "worker_batch_sequences_total", **w) == 290
     assert _get(s, "worker_kv_cells", **w) == 340
     assert not any(k[0] == "llm_residentd_worker_slots" and ("worker", "m-1") in k for k in s)
+
+
+def test_prompt_cache_series_per_worker(monkeypatch):
+    """Issue 22: what the prompt cache holds where, its lookups by result, tokens reused."""
+    s, _ = _scrape(monkeypatch)
+    w = {"model": "m", "worker": "m-0"}
+    assert _get(s, "worker_prompt_cache_entries", where="memory", **w) == 3
+    assert _get(s, "worker_prompt_cache_bytes", where="disk", **w) == 9000
+    assert _get(s, "worker_prompt_cache_limit_bytes", where="memory", **w) == 8000
+    assert _get(s, "worker_prompt_cache_lookups_total", result="hit_memory", **w) == 3
+    assert _get(s, "worker_prompt_cache_lookups_total", result="hit_disk", **w) == 1
+    assert _get(s, "worker_prompt_cache_lookups_total", result="miss", **w) == 6
+    assert _get(s, "worker_prompt_cache_tokens_reused_total", **w) == 700
+    assert _get(s, "worker_prompt_cache_restore_seconds_total", **w) == 0.25
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive():

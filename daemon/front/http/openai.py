@@ -145,9 +145,12 @@ def completion_submit(body: Any, priority_header: str | None = None) -> dict[str
     return msg
 
 
-def usage(stats: dict[str, Any]) -> dict[str, int]:
+def usage(stats: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's usage; cached_tokens (prompt tokens whose KV a cache held) where OpenAI
+    reports it."""
     p, c = stats["prompt_tokens"], stats["completion_tokens"]
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": stats.get("cached_tokens", 0)}}
 
 
 class Shape:
