@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tinymodel
 from llm_residentd.wire.protocol import recv_frame, send_frame
 
 GREEDY = {"temperature": 0.0, "top_k": 1, "raw": True, "ignore_eos": True, "seed": 1}
@@ -31,7 +32,8 @@ class Worker:
     """A worker over its socketpair; collects what it says besides tokens."""
 
     def __init__(self, model: Path, *, cache: int = 64 * MIB, disk: int = 0,
-                 cache_dir: Path | None = None, n_ctx: int = 1024, parallel: int = 1) -> None:
+                 cache_dir: Path | None = None, n_ctx: int = 1024, parallel: int = 1,
+                 chat: bool = False, adapters: dict[str, str] | None = None) -> None:
         self.sock, child = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llm_residentd.worker", "--fd", str(child.fileno())],
@@ -39,7 +41,8 @@ class Worker:
         child.close()
         send_frame(self.sock, {
             "type": "load", "path": str(model), "n_ctx": n_ctx, "n_batch": 64, "threads": 1,
-            "chat_template": False, "seed": 1, "stream_interval": 0.0, "parallel": parallel,
+            "chat_template": chat, "seed": 1, "stream_interval": 0.0, "parallel": parallel,
+            "adapters": adapters or {},
             "prompt_cache": cache, "prompt_cache_disk": disk,
             "prompt_cache_dir": str(cache_dir or "")})
         self.cache: dict[str, Any] = {}
@@ -60,9 +63,13 @@ class Worker:
             elif msg["type"] != "batch":
                 return msg
 
-    def run(self, req: str, prompt: str, max_tokens: int = 16) -> tuple[str, dict[str, Any]]:
-        send_frame(self.sock, {"type": "generate", "req": req,
-                               "params": {"prompt": prompt, "max_tokens": max_tokens, **GREEDY}})
+    def run(self, req: str, prompt: str, max_tokens: int = 16,
+            **extra: Any) -> tuple[str, dict[str, Any]]:
+        """A raw prompt, or with messages= a chat; extra: more request fields."""
+        params = {"prompt": prompt, "max_tokens": max_tokens, **GREEDY, **extra}
+        if "messages" in extra:
+            params.update(prompt="", raw=False)
+        send_frame(self.sock, {"type": "generate", "req": req, "params": params})
         text = ""
         while (msg := self.recv())["type"] == "token":
             text += msg["text"]
@@ -92,11 +99,6 @@ def workers() -> Iterator[list[Worker]]:
             w.proc.wait()
 
 
-def conversation(a_turn2_extra: str = "and then some more words follow here") -> tuple[str, str]:
-    first = words("alpha", 60)
-    return first, a_turn2_extra
-
-
 def test_a_conversation_pushed_out_of_its_slot_comes_back_from_the_cache(
         tiny_model_path: Path, workers: list[Worker]) -> None:
     """One slot, two conversations taking turns: without the cache each turn evaluates its
@@ -122,6 +124,61 @@ def test_a_conversation_pushed_out_of_its_slot_comes_back_from_the_cache(
     st = with_cache.stats()
     assert st["hits"] == 1 and st["tokens_reused"] == s_a2["cached_tokens"], st
     assert st["entries"] >= 1 and 0 < st["bytes"] <= st["limit"]
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+          "required": ["name", "n"]}
+
+
+@pytest.mark.parametrize("shape", ["chat", "adapter", "json_schema"])
+def test_restored_output_equals_the_output_without_a_cache(
+        shape: str, tiny_model_path: Path, tiny_chat_model_path: Path, tmp_path: Path,
+        workers: list[Worker]) -> None:
+    """Greedy text after a restore equals a cacheless worker's, for a chat (the template's
+    markers around the history), a LoRA adapter (the cache keeps states per adapter) and
+    a JSON schema (a grammar constrains the answer, not the prompt)."""
+    model = tiny_chat_model_path if shape == "chat" else tiny_model_path
+    adapters = {"a": str(tinymodel.write_tiny_lora(tmp_path / "a.gguf", seed=1))}
+    extra: dict[str, Any] = {"adapter": "a"} if shape == "adapter" else \
+        {"json_schema": SCHEMA} if shape == "json_schema" else {}
+
+    def ask(w: Worker, req: str, history: list[str]) -> tuple[str, dict[str, Any]]:
+        if shape == "chat":
+            roles = ["user", "assistant"]
+            msgs = [{"role": roles[i % 2], "content": t} for i, t in enumerate(history)]
+            return w.run(req, "", messages=msgs, **extra)
+        return w.run(req, " ".join(history), **extra)
+
+    runs = {}
+    for name, cache in (("cache", 64 * MIB), ("none", 0)):
+        w = Worker(model, cache=cache, chat=shape == "chat", adapters=adapters)
+        workers.append(w)
+        a = [words("alpha", 50)]
+        t1, s1 = ask(w, "a1", a)
+        ask(w, "b1", [words("beta", 50)])  # takes the slot
+        a += [t1, "and then a second question comes"]
+        t2, s2 = ask(w, "a2", a)
+        runs[name] = (t1, t2, s1, s2)
+    assert runs["cache"][:2] == runs["none"][:2]
+    s1, s2 = runs["cache"][2:]
+    assert s2["cached_tokens"] >= s1["prompt_tokens"] - 2, (s1, s2)  # the history restored
+    # Without the cache only what A shares with B (a BOS, the template's opening) is reused.
+    assert runs["none"][3]["cached_tokens"] < s1["prompt_tokens"] // 2
+
+
+def test_a_state_computed_under_an_adapter_serves_only_that_adapter(
+        tiny_model_path: Path, tmp_path: Path, workers: list[Worker]) -> None:
+    adapters = {"a": str(tinymodel.write_tiny_lora(tmp_path / "a.gguf", seed=1))}
+    w = Worker(tiny_model_path, adapters=adapters)
+    workers.append(w)
+    a = words("alpha", 50)
+    w.run("a1", a, adapter="a")
+    w.run("b1", words("beta", 50))
+    _, base = w.run("a-base", a + " more")  # the same text without the adapter
+    assert base["cached_tokens"] <= 1
+    w.run("b2", words("beta", 50) + " again")
+    _, same = w.run("a-again", a + " more", adapter="a")
+    assert same["cached_tokens"] >= 50
 
 
 def test_a_shared_prefix_serves_many_requests_and_stays(tiny_model_path: Path,
@@ -225,3 +282,29 @@ def test_many_conversations_stay_within_the_memory_bound(tiny_model_path: Path,
     assert st["evicted"] > 0 and st["bytes"] <= limit and st["entries"] >= 2, st
     _, again = w.run("c998again", words("conv998x", 20) + " more", max_tokens=1)
     assert again["cached_tokens"] >= 20
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_states_the_cache_lets_go_leave_the_process(tiny_model_path: Path,
+                                                    workers: list[Worker]) -> None:
+    """Emptying the cache (what memory pressure asks) gives its memory back to the kernel:
+    the worker's RSS falls by about what the cache held."""
+    w = Worker(tiny_model_path, cache=256 * MIB)
+    workers.append(w)
+    for i in range(90):
+        w.run(f"c{i}", words(f"long{i}x", 110), max_tokens=1)
+    held = w.stats()["bytes"]
+    assert held > 30 * MIB, held
+    before = rss(w.proc.pid)
+    send_frame(w.sock, {"type": "set_prompt_cache", "limit": 0})
+    answer = w.recv()
+    assert answer["freed_bytes"] == held and answer["stats"]["bytes"] == 0, answer
+    after = rss(w.proc.pid)
+    assert before - after > 0.8 * held, (before, after, held)
+    _, again = w.run("c89again", words("long89x", 110), max_tokens=1)
+    assert again["cached_tokens"] >= 500  # the slot still holds the last one
+

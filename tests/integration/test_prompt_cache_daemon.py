@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon, tiny_config, wait_for
+from harness import Daemon, submit_raw, tiny_config, wait_for
 from http_helpers import unix_client, unix_http
+from test_hostile_http import idle
 
 HTTP = '[http]\nlisten = ""\n'
 SYSTEM = "You are a careful assistant. " * 12
@@ -85,6 +86,30 @@ def test_the_next_turn_reports_cached_tokens_and_survives_unload_and_restart(
     _, u4 = chat(client, a, "And the weather?")
     assert u4["prompt_tokens_details"]["cached_tokens"] >= u3["prompt_tokens"], (u3, u4)
     wait_for(lambda: cache_of(d)["disk_hits"] >= 1, what="a disk hit in status")
+
+
+def test_a_client_that_leaves_during_a_restore_frees_the_slot(daemon: Daemon) -> None:
+    """A cached conversation's next turn, its client gone as soon as it is accepted: the
+    worker restores (or is about to), takes the cancel at its next step, and the slot is
+    free for the next request, which runs."""
+    d = daemon
+    a = words_prompt("alpha")
+    for prompt in (a, words_prompt("beta")):  # beta pushes alpha into the prompt cache
+        list(d.client().submit(prompt, model="tiny", max_tokens=4, raw=True).events())
+    for i in range(5):
+        sock = d.raw()
+        submit_raw(sock, f"gone{i}", a + f" turn {i}", model="tiny", max_tokens=200,
+                   ignore_eos=True, raw=True)
+        sock.close()
+    idle(d)
+    outcomes = d.status()["models"]["tiny"]["outcomes"]
+    assert outcomes.get("cancelled", 0) + outcomes.get("completed", 0) >= 5, outcomes
+    events = list(d.client().submit(a + " last", model="tiny", max_tokens=4, raw=True).events())
+    assert events[-1]["event"] == "done"
+
+
+def words_prompt(tag: str) -> str:
+    return " ".join(f"{tag}{i % 5} word{i}" for i in range(120))
 
 
 @pytest.mark.parametrize(("key", "value"), [("prompt_cache", "max"), ("prompt_cache", "1k"),
