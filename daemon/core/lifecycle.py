@@ -43,6 +43,7 @@ LOAD_TIMEOUT = 900.0  # a load holds the others back at most this long
 WAIT_POLL_S = 1.0  # a load waiting for busy models looks again at least this often
 CACHE_FLOOR = 16 << 20  # a prompt cache this small is emptied at once under memory pressure
 CACHE_CALM_S = 60.0  # after this long without a memory trigger, shrunk caches grow back
+CACHE_GIVE_BACK_S = 0.5  # a load that emptied other caches looks again after this long
 
 
 class Host(Protocol):
@@ -310,11 +311,17 @@ class Lifecycle:
 
     async def _make_room(self, life: Life, explicit: bool) -> list[Life] | None:
         """Evict idle models until life's estimate fits; wait while only busy ones could
-        make room. None when no request waits for it any more (and nobody asked)."""
+        make room. The other models' prompt caches go first: if emptying them makes room,
+        no model is evicted. None when no request waits for it any more (and nobody asked)."""
         need = life.need
         assert need is not None
+        caches_asked = False
         while True:
             fits, victims, room, possible = self._plan(life)
+            if (victims or not fits) and not caches_asked and self._caches_make_room(life):
+                caches_asked = True
+                await asyncio.sleep(CACHE_GIVE_BACK_S)  # the workers free, then we look again
+                continue
             if fits:
                 for victim in victims:
                     await self._unload(victim, False, f"evicted to make room for {life.name} "
@@ -337,6 +344,23 @@ class Lifecycle:
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), WAIT_POLL_S)
+
+    def _caches_make_room(self, life: Life) -> bool:
+        """Empty the other models' prompt caches if that alone makes room for life; True
+        if it does (and they were asked)."""
+        workers = [w for o in self._loaded(life) for w in self.models[o.name].workers
+                   if w.cache.now.bytes and w.state in ("idle", "busy")]
+        held = sum(w.cache.now.bytes for w in workers)
+        loaded = sum(self._charge(o) for o in self._loaded(life))
+        if not held or life.need is None or life.need.bytes > self._room(loaded, 0).bytes + held:
+            return False
+        now = self.clock()
+        for worker in workers:
+            worker.set_prompt_cache(0)
+            self.models[worker.model.name].life.cache_shrunk_at = now
+        log.info("prompt_cache_emptied", to_load=life.name, freed=held,
+                 workers=[w.name for w in workers])
+        return True
 
     def _plan(self, life: Life) -> tuple[bool, list[Life], memfit.Room, bool]:
         """(fits, idle models to evict, room after evicting them, could fit at all)."""
@@ -414,8 +438,11 @@ class Lifecycle:
         return iter(sorted(idle, key=lambda o: o.last_used))
 
     def _charge(self, life: Life) -> int:
-        """What a loaded model takes: the larger of its estimate and its measured memory."""
-        return max(life.need.bytes if life.need else 0, self._measured(life.name))
+        """What a loaded model takes: the larger of its estimate (with its prompt caches
+        as they are, not their configured size) and its measured memory."""
+        cache = sum(w.cache.now.bytes for w in self.models[life.name].workers)
+        estimate = life.need.bytes - life.need.cache + cache if life.need else 0
+        return max(estimate, self._measured(life.name))
 
     def _measured(self, name: str) -> int:
         """Its workers' memory now: anonymous memory of each, plus the model file's

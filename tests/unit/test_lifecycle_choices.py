@@ -128,6 +128,31 @@ def test_memory_pressure_shrinks_the_prompt_caches_before_any_model_goes(clock):
     asyncio.run(go())
 
 
+def test_a_load_empties_the_other_prompt_caches_before_it_evicts_a_model(clock, monkeypatch):
+    """Issue 22: an idle model's prompt cache is given back before the model itself."""
+    from llm_residentd.core import lifecycle as lcmod
+
+    monkeypatch.setattr(lcmod, "CACHE_GIVE_BACK_S", 0)
+
+    async def go(cache: int, need: int) -> tuple[list, list]:
+        host = Host(["new", "a"], budget=str(350 * MIB))
+        lc = lifecycle(host, clock)
+        loaded(lc, "a", last_used=10, idle_since=10, keep_alive=None)
+        worker = CacheWorker("a-0", cache)
+        worker.model = SimpleNamespace(name="a")
+        lc.models["a"].workers.append(worker)
+        new = lc.models["new"].life
+        new.need = memfit.Need(bytes=need, weights=0, kv=0, overhead=0, measured=False)
+        victims = await lc._make_room(new, explicit=True)
+        return [v.name for v in victims], worker.asked
+
+    # 350 MiB budget; a takes 100 MiB and its cache 100 more: emptying the cache makes
+    # room for 240 MiB, and a stays.
+    assert asyncio.run(go(100 * MIB, 240 * MIB)) == ([], [0])
+    # A cache too small to make room is left alone: a goes.
+    assert asyncio.run(go(10 * MIB, 260 * MIB)) == (["a"], [])
+
+
 def test_a_load_evicts_idle_models_oldest_first_only_as_many_as_it_needs(clock):
     host = Host(["new", "a", "b", "c"], budget=str(350 * MIB))
     lc = lifecycle(host, clock)
