@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from ..catalog.config import Config, ModelConfig
+from ..catalog.config import Config, ModelConfig, cache_bytes
 from ..control import procstats
 from ..control.records import ModelLoaded, ModelLoadFailed, ModelUnloaded, Recorded
 from ..placement.limits import parse_bytes
@@ -200,9 +200,11 @@ class Lifecycle:
         life = model.life
         if life.cache_shrunk_at is not None and now - life.cache_shrunk_at >= CACHE_CALM_S:
             life.cache_shrunk_at = None
+            size = cache_bytes(model.config.prompt_cache, "prompt_cache")  # None: auto
+            limit = life.cache_limit if size is None else size
             for worker in model.workers:
-                worker.set_prompt_cache(life.cache_limit)
-            log.info("prompt_cache_restored", model=model.name, limit=life.cache_limit)
+                worker.set_prompt_cache(limit)
+            log.info("prompt_cache_restored", model=model.name, limit=limit)
 
     # -- load and unload ----------------------------------------------------------
 

@@ -103,7 +103,10 @@ class Service:
         """The worker's prompt cache: bytes in memory (sized at load, lower while memory
         pressure keeps it shrunk), bytes on disk, and its model's directory of files."""
         model = self.models[worker.model.name]
-        memory = model.life.cache_limit if model.life.cache_shrunk_at is None else 0
+        size = cache_bytes(worker.model.prompt_cache, "prompt_cache")  # a reload may change it
+        memory = model.life.cache_limit if size is None else size
+        if model.life.cache_shrunk_at is not None:
+            memory = 0
         disk = cache_bytes(worker.model.prompt_cache_disk, "prompt_cache_disk") or 0
         if not disk:
             return memory, 0, ""

@@ -398,8 +398,11 @@ def test_a_conversation_stays_warm_across_systemctl_restart():
     """Issue 22: the stopping worker writes its slot's KV state under the state directory
     (as llm-worker, in a directory the daemon made for it); after `systemctl restart` the
     conversation's next turn restores it instead of evaluating its history again."""
-    history = ("A conversation about lighthouses, their keepers, the lamps they tended and "
-               "the storms they watched from the gallery through long winter nights. ")
+    # Over 32 tokens (a slot shorter than that is not worth a file) and short enough for
+    # SmolLM2 under TCG (a few seconds per ten prompt tokens).
+    history = ("A conversation about lighthouses: their keepers, the lamps they tended, the "
+               "storms they watched from the gallery through long winter nights, the ships "
+               "they warned, and the logbooks where they wrote it all down. ")
     body = {"model": "smollm2", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
     first = http("POST", "/v1/completions", {**body, "prompt": history})
     assert first["status"] == 200, first

@@ -36,10 +36,10 @@ psi_scope_trigger = "some 20000 1000000"
 pressure_unload_grace = 0  # an idle model could go at the first trigger: it must not
 [models.a]
 path = "{model}"
-n_ctx = 8192
+n_ctx = 4096
 parallel = 1
 threads = 0
-max_tokens = 30000
+max_tokens = 4000
 prompt_cache = "256M"
 prompt_cache_disk = "0"  # memory only: what it gives back is gone
 [models.b]
@@ -52,22 +52,23 @@ keep_alive = "1h"
     done = threading.Event()
     try:
         with Client(d.socket, timeout=600) as c:
-            for i in range(6):  # each pushes the one before into the prompt cache
-                events = list(c.submit(text(f"conv{i}x", 500), model="a", max_tokens=1,
+            # Each pushes the one before into the prompt cache; the decoding request below
+            # pushes the last. About 2 KiB a token (kv.gguf), 1 MiB a conversation: TCG
+            # evaluates ~25 prompt tokens a second.
+            for i in range(3):
+                t0 = time.monotonic()
+                events = list(c.submit(text(f"conv{i}x", 55), model="a", max_tokens=1,
                                        raw=True).events())
                 assert events[-1]["event"] == "done", events
+                log(f"conversation {i}: {events[-1]['stats']['prompt_tokens']} tokens in "
+                    f"{time.monotonic() - t0:.1f} s")
             list(c.submit("hello", model="b", max_tokens=2).events())  # b: loaded, idle
-        cache = wait_for(lambda: (p := d.status()["models"]["a"]["prompt_cache"])["entries"] >= 5
-                         and p, timeout=60, what="the prompt cache to hold the conversations")
-        held = cache["bytes"]
-        log(f"prompt cache: {cache}")
-        assert held > 16 << 20, cache
         cgroup = Path(d.worker("a-0")["cgroup"]["cgroup"])
         assert cgroup.is_relative_to(CGROUP / SLICE)
 
         def decode() -> None:  # charges pages as it goes: a throttled scope stalls
             with Client(d.socket, timeout=600) as c:
-                for e in c.submit("tell me everything " * 4, model="a", max_tokens=30000,
+                for e in c.submit("tell me everything " * 4, model="a", max_tokens=4000,
                                   ignore_eos=True, raw=True).events():
                     if e["event"] == "token":
                         tokens.append(e["tokens"])
@@ -76,6 +77,11 @@ keep_alive = "1h"
 
         threading.Thread(target=decode, daemon=True).start()
         wait_for(lambda: len(tokens) >= 3, timeout=120, what="decoding to start")
+        cache = wait_for(lambda: (p := d.status()["models"]["a"]["prompt_cache"])["entries"] >= 3
+                         and p, timeout=60, what="the prompt cache to hold the conversations")
+        held = cache["bytes"]
+        log(f"prompt cache: {cache}")
+        assert held > 2 << 20, cache
         before = keyed(cgroup / "memory.events")
         anon = keyed(cgroup / "memory.stat")["anon"]
         # A quarter of the cache below its anonymous memory (no swap): only giving memory

@@ -99,15 +99,20 @@ def test_the_disk_bound_holds_and_the_oldest_files_go(tmp_path):
     assert disk.bytes <= 3 * 1200 and len(list(tmp_path.glob("*.kvc"))) == len(disk) <= 3
 
 
-def test_files_of_another_identity_are_removed_with_one_warning(tmp_path):
-    disk, _ = _disk(tmp_path)
+@pytest.mark.parametrize(("key", "value"), [("n_ctx", 1024), ("model", {"size": 2}),
+                                            ("llama_cpp", "0.3.99"), ("flash_attn", False)])
+def test_files_of_another_identity_are_removed_with_one_warning(tmp_path, key, value):
+    """Another context size, model file, llama.cpp build or attention layout: each file is
+    removed, and one warning counts them and says what differs."""
+    identity = {**IDENTITY, "llama_cpp": "0.3.36", "flash_attn": True}
+    disk, _ = _disk(tmp_path, identity=identity)
     c = PromptCache(limit=10_000, spill=disk)
     for i in range(3):
         c.put(toks(100 * i, 20), None, bytes(100))
     assert disk.flush(10)
-    other, warnings = _disk(tmp_path, identity={**IDENTITY, "n_ctx": 1024})
+    other, warnings = _disk(tmp_path, identity={**identity, key: value})
     assert other.load() == [] and list(tmp_path.glob("*.kvc")) == []
-    assert len(warnings) == 1 and "3 made for another n_ctx" in warnings[0], warnings
+    assert len(warnings) == 1 and f"3 made for another {key}" in warnings[0], warnings
 
 
 def test_a_corrupt_file_is_refused_when_read(tmp_path):
