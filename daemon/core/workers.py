@@ -214,7 +214,8 @@ class Worker:
         self._send(messages.Load(
             path=str(path), n_ctx=m.n_ctx, n_batch=m.n_batch, threads=m.threads,
             chat_template=m.chat_template, seed=m.seed, stream_interval=m.stream_interval,
-            flash_attn=m.flash_attn, parallel=m.parallel, adapters=m.adapters))
+            flash_attn=m.flash_attn, cache_type_k=m.cache_type_k, cache_type_v=m.cache_type_v,
+            parallel=m.parallel, adapters=m.adapters))
         try:
             msg = await asyncio.wait_for(self._recv(reader), LOAD_TIMEOUT)
         except (TimeoutError, ProtocolError, OSError, messages.DecodeError) as exc:
@@ -223,7 +224,8 @@ class Worker:
             tail = self._tail()
             raise LoadFailed(f"worker exited while loading {path}" + (f": {tail}" if tail else ""))
         if isinstance(msg, messages.LoadFailed):
-            raise LoadFailed(msg.message)
+            raise LoadFailed(f"models.{m.name}.{msg.param}: {msg.message}" if msg.param
+                             else msg.message)
         if not isinstance(msg, messages.Ready):
             raise LoadFailed(f"unexpected reply {messages.as_dict(msg)!r}")
         self._heard_at = self._clock()
