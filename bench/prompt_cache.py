@@ -52,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import benchlib  # noqa: E402
+import chatload  # noqa: E402
 import overhead  # noqa: E402
 from llmctl import Client  # noqa: E402
 
@@ -67,8 +68,11 @@ QUESTION = ("Please think about {topic} once more and describe, in plain words, 
 def config(tmp: Path, model: str, cache: bool) -> Path:
     cfg = tmp / "config.toml"
     sizes = "" if cache else 'prompt_cache = "0"\nprompt_cache_disk = "0"\n'
+    # Gemma 3's GGUF has no chat template: chatload.py's copy with one added.
+    source = f'package = "{PACKAGES[model]}"' if model == "smollm2" else \
+        f"path = {json.dumps(str(chatload.gemma3_with_template()))}"
     cfg.write_text(f'[daemon]\nstate_dir = {json.dumps(str(tmp / "state"))}\n'
-                   f'[models.m]\npackage = "{PACKAGES[model]}"\nparallel = 1\nn_ctx = 2048\n'
+                   f'[models.m]\n{source}\nparallel = 1\nn_ctx = 2048\n'
                    f'keep_alive = "-1"\n{sizes}')
     return cfg
 

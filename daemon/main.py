@@ -18,6 +18,7 @@ import structlog
 
 from . import __version__, logs, notify
 from .catalog import config, modelsource
+from .core import memfit
 from .core.reload import Reloader
 from .core.service import Service
 from .core.wiring import build
@@ -212,7 +213,8 @@ async def run(cfg: config.Config, socket_path: Path, sock: socket.socket | None 
 
 def check_config(cfg: config.Config) -> int:
     """--check-config: 0 and "config OK" only when every model's file is a GGUF that
-    llama.cpp can read; else 2, with each problem named by its key."""
+    llama.cpp can read, with KV cache types its heads fit; else 2, with each problem
+    named by its key."""
     state_dir = Path(cfg.daemon.state_dir or default_state_dir())
     found, errors = {}, []
     for name, model in cfg.models.items():
@@ -220,13 +222,18 @@ def check_config(cfg: config.Config) -> int:
             found[name] = modelsource.check(model, state_dir)
         except modelsource.ModelUnavailable as exc:
             errors.append(str(exc))
+            continue
+        misfit = memfit.cache_misfit(Path(found[name]), model)  # a file not there: None
+        if misfit:
+            errors.append(f"models.{name}.{misfit[0]}: {misfit[1]}")
     for error in errors:
         print(f"llm-residentd: config error: {cfg.source}: {error}", file=sys.stderr)
     if errors:
         return 2
     print(f"config OK ({cfg.source})")
     for name, model in cfg.models.items():
-        print(f"  model {name}: {found[name]}, {model.workers} worker(s), n_ctx {model.n_ctx}")
+        print(f"  model {name}: {found[name]}, {model.workers} worker(s), n_ctx {model.n_ctx}, "
+              f"KV cache {model.cache_type_k}/{model.cache_type_v}")
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from ..client import Client
 from ..output import fmt_bytes, show, table
 from . import EXIT_OK, Command
+from .ps import KV_HEADERS, kv_columns
 
 # How a finished request ended, by the outcome codes the daemon counts (its status op's
 # "outcomes"): every code not named here is a failure.
@@ -77,13 +78,15 @@ def _models_table(models: dict[str, dict[str, Any]]) -> str:
         counts = outcome_counts(m["outcomes"])
         rows.append([name, m["state"], f"{m['queue_depth']}/{m['max_queue']}", m["running"],
                      *counts.values(), _fmt_ms(m["ttft_s"]), _fmt_ms(m["latency_s"]),
-                     "-" if m["tokens_per_s"]["p50"] is None else f"{m['tokens_per_s']['p50']:.1f}"])
+                     "-" if m["tokens_per_s"]["p50"] is None else f"{m['tokens_per_s']['p50']:.1f}",
+                     *kv_columns(m)])
         failed = {k: v for k, v in sorted(m["outcomes"].items()) if k not in OUTCOME_COLUMNS}
         if failed:
             failures.append(f"{name} failed: " + ", ".join(f"{k} {v}" for k, v in failed.items()))
     columns = [c.upper() for c in outcome_counts({})]
     return "\n".join([table(["MODEL", "STATE", "QUEUE", "RUNNING", *columns,
-                             "TTFT ms p50/95/99", "LATENCY ms p50/95/99", "TOK/S p50"], rows),
+                             "TTFT ms p50/95/99", "LATENCY ms p50/95/99", "TOK/S p50",
+                             *KV_HEADERS], rows),
                       *failures])
 
 

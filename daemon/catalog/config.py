@@ -13,6 +13,7 @@ from typing import Any
 from ..control.psi import Trigger
 from ..placement.limits import LimitError, Limits, check_order, parse_bytes, parse_cpu
 from ..wire.durations import parse_keep_alive
+from ..wire.kvtypes import KV_TYPES
 from ..wire.listen import is_loopback, load_keys, split_listen
 from ..wire.schema import Param, SchemaError
 from .ggufmeta import ModelUnavailable, check_gguf
@@ -97,6 +98,11 @@ class ModelConfig:
                                   0, 10)
     flash_attn: bool = _opt(True, "llama.cpp's flash attention, as llama-server uses it on "
                             "the CPU: faster; its text differs from the output without it")
+    cache_type_k: str = _opt("f16", "type of the KV cache's keys: f16, bf16, f32, or a "
+                             "quantized one (q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl) that "
+                             "takes less memory per cell", choices=tuple(KV_TYPES))
+    cache_type_v: str = _opt("f16", "type of the KV cache's values, as cache_type_k; a "
+                             "quantized one needs flash_attn", choices=tuple(KV_TYPES))
     chat_template: bool = _opt(True, "wrap prompts in the model's chat template if it has one")
     adapters: dict[str, str] = field(default_factory=dict, metadata={"param": Param(
         dict, {}, "LoRA adapters a request may name: a table of name = \"path.gguf\"",
@@ -285,6 +291,7 @@ def model_from_table(name: str, table: Any) -> ModelConfig:
             cache_bytes(getattr(model, size), size)
         except LimitError as exc:
             raise ConfigError(f"{key}.{exc}") from None
+    _check_kv_types(key, model)
     _check_adapters(key, model.adapters)
     return model
 
@@ -304,6 +311,17 @@ def cache_bytes(text: str, what: str) -> int | None:
         raise LimitError(f"{what} {text!r}: use a size of at least 16M like 512M or 2G, or 0"
                          + (", or auto" if what == "prompt_cache" else ""))
     return n
+
+
+def _check_kv_types(key: str, model: ModelConfig) -> None:
+    """llama.cpp keeps a quantized V cache only with flash attention (llama-context.cpp
+    refuses the context). Whether a type fits the model's head size only its GGUF can
+    tell: --check-config reads it, and the worker refuses the load naming the key."""
+    if KV_TYPES[model.cache_type_v].quantized and not model.flash_attn:
+        floats = ", ".join(t.name for t in KV_TYPES.values() if not t.quantized)
+        raise ConfigError(f"{key}.cache_type_v: {model.cache_type_v!r} is quantized, and "
+                          f"llama.cpp keeps a quantized V cache only with flash attention: "
+                          f"set {key}.flash_attn = true, or cache_type_v to one of {floats}")
 
 
 def _check_adapters(key: str, adapters: dict[str, str]) -> None:

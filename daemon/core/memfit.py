@@ -10,13 +10,13 @@ from pathlib import Path
 
 from ..catalog import ggufmeta
 from ..catalog.config import ModelConfig, cache_bytes
+from ..wire.kvtypes import KV_TYPES, KvType, misfit
 
 MiB = 1 << 20
 
 # llama.cpp rounds the context to 256 cells, then each sequence's stream to 256 cells
 # (llama-context.cpp: GGML_PAD(n_ctx, 256), n_ctx_seq = GGML_PAD(n_ctx / n_seq_max, 256)).
 KV_PAD = 256
-F16 = 2  # bytes of one K or V element: llama.cpp's default cache type
 # A worker process before any model: Python, llama-cpp-python, msgspec and the daemon's
 # modules (53 MiB measured on x86-64), and llama.cpp's thread pool.
 WORKER_BASE = 64 * MiB
@@ -32,9 +32,9 @@ VOCAB_TOKEN = 256
 ACTIVATION = 64
 
 # When the header lacks what the KV size needs: a 7-8B-class GQA model's cell (32
-# layers x 1024 K and 1024 V channels x f16 = 128 KiB), too much for a small model and
+# layers x 1024 K and 1024 V channels: 128 KiB in f16), too much for a small model and
 # about right for the big ones that would hurt most if underestimated.
-GUESS_KV_CELL = 32 * 2 * 1024 * F16
+GUESS_LAYERS, GUESS_KV_CHANNELS = 32, 1024
 GUESS_VOCAB = 128 * 1024
 GUESS_EMBD = 4096
 # prompt_cache = auto: a quarter of what stays free once the model is loaded, at most
@@ -55,7 +55,7 @@ class Need:
     """What loading one model (all its workers) will take."""
     bytes: int  # total, used for the decision
     weights: int  # file size: mapped, in the page cache once for all workers
-    kv: int  # KV cache of all workers: cells x layers x (K + V channels) x f16
+    kv: int  # KV cache of all workers: cells x kv_cell_bytes (K and V in their cache types)
     overhead: int  # all workers' process, vocabulary and activations (see the constants)
     measured: bool  # bytes is an earlier load's measured RSS (larger than the estimate)
     guessed: str = ""  # what the header lacked and was guessed; empty: nothing
@@ -91,8 +91,15 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _kv_cell(meta: ggufmeta.Metadata) -> int | None:
-    """Bytes of one KV cell over all layers, from the header; None if it lacks a count."""
+def cache_types(model: ModelConfig) -> tuple[KvType, KvType]:
+    """The model's K and V cache types."""
+    return KV_TYPES[model.cache_type_k], KV_TYPES[model.cache_type_v]
+
+
+def _kv_cell(meta: ggufmeta.Metadata, type_k: KvType, type_v: KvType) -> int | None:
+    """Bytes of one KV cell over all layers, from the header, with K and V in their
+    cache types (a layer's row is its KV heads x the head size, as llama.cpp sizes it);
+    None if the header lacks a count."""
     layers = _int(meta.get("{arch}.block_count"))
     embd = _int(meta.get("{arch}.embedding_length"))
     heads = _int(meta.get("{arch}.attention.head_count"))
@@ -105,7 +112,32 @@ def _kv_cell(meta: ggufmeta.Metadata) -> int | None:
         per_layer = [_int(kv_heads) or heads] * layers
     key = _int(meta.get("{arch}.attention.key_length")) or embd // heads
     value = _int(meta.get("{arch}.attention.value_length")) or embd // heads
-    return sum(per_layer) * (key + value) * F16
+    return sum(type_k.row_bytes(h * key) + type_v.row_bytes(h * value) for h in per_layer)
+
+
+def kv_cell_bytes(path: Path, model: ModelConfig) -> int | None:
+    """Bytes of one KV cell of the model over all its layers, K and V in its cache types,
+    from the header (read once per file); None if the header lacks a count."""
+    return _kv_cell(ggufmeta.read(path), *cache_types(model))
+
+
+def cache_misfit(path: Path, model: ModelConfig) -> tuple[str, str] | None:
+    """The cache type setting (cache_type_k or cache_type_v) whose blocks do not divide
+    the model's head size, and why, from the header (--check-config; the worker checks
+    the same when it loads); None when they fit or the header does not say."""
+    meta = ggufmeta.read(path)
+    embd = _int(meta.get("{arch}.embedding_length"))
+    heads = _int(meta.get("{arch}.attention.head_count"))
+    for which, setting, kv in zip("KV", ("cache_type_k", "cache_type_v"), cache_types(model),
+                                  strict=True):
+        name = "key_length" if which == "K" else "value_length"
+        full = _int(meta.get(f"{{arch}}.attention.{name}")) or (
+            embd // heads if embd and heads else None)
+        swa = _int(meta.get(f"{{arch}}.attention.{name}_swa")) or full
+        why = misfit(which, kv, {n for n in (full, swa) if n})
+        if why:
+            return setting, why
+    return None
 
 
 def estimate(path: Path, model: ModelConfig, measured_rss: int | None = None) -> Need:
@@ -119,9 +151,11 @@ def estimate(path: Path, model: ModelConfig, measured_rss: int | None = None) ->
         weights = 0
     meta = ggufmeta.read(path)
     guessed = []
-    cell = _kv_cell(meta)
+    type_k, type_v = cache_types(model)
+    cell = _kv_cell(meta, type_k, type_v)
     if cell is None:
-        cell = GUESS_KV_CELL
+        cell = GUESS_LAYERS * (type_k.row_bytes(GUESS_KV_CHANNELS)
+                               + type_v.row_bytes(GUESS_KV_CHANNELS))
         guessed.append("KV size")
     vocab = _int(meta.get("{arch}.vocab_size")) or meta.lengths.get("tokenizer.ggml.tokens")
     if not vocab:

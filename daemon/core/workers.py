@@ -240,7 +240,8 @@ class Worker:
         self._send(messages.Load(
             path=str(path), n_ctx=m.n_ctx, n_batch=m.n_batch, threads=m.threads,
             chat_template=m.chat_template, seed=m.seed, stream_interval=m.stream_interval,
-            flash_attn=m.flash_attn, parallel=m.parallel, adapters=m.adapters,
+            flash_attn=m.flash_attn, cache_type_k=m.cache_type_k, cache_type_v=m.cache_type_v,
+            parallel=m.parallel, adapters=m.adapters,
             prompt_cache=cache, prompt_cache_disk=disk, prompt_cache_dir=cache_dir))
         try:
             msg = await asyncio.wait_for(self._recv(reader), LOAD_TIMEOUT)
@@ -250,7 +251,8 @@ class Worker:
             tail = self._tail()
             raise LoadFailed(f"worker exited while loading {path}" + (f": {tail}" if tail else ""))
         if isinstance(msg, messages.LoadFailed):
-            raise LoadFailed(msg.message)
+            raise LoadFailed(f"models.{m.name}.{msg.param}: {msg.message}" if msg.param
+                             else msg.message)
         if not isinstance(msg, messages.Ready):
             raise LoadFailed(f"unexpected reply {messages.as_dict(msg)!r}")
         self._heard_at = self._clock()

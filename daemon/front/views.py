@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..control import psi
+from ..core import memfit
 from ..wire import messages
 from ..wire.protocol import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
+    from ..core.models import Model
     from ..core.service import Service
     from ..core.workers import Worker
 
@@ -47,6 +49,7 @@ def status(service: Service) -> dict[str, Any]:
                 "slots": sum(w.slots for w in model.workers if w.state in ("idle", "busy")),
                 "queued": [r.id for r in model.queue.ordered(service.engine.rank)],
                 "prompt_cache": prompt_cache(model.workers),
+                **kv_cache(model),
                 **service.lifecycle.describe(model.name),
                 **model.metrics.snapshot(),
             }
@@ -95,6 +98,7 @@ def loaded_model(service: Service, name: str) -> dict[str, Any]:
     workers = model.workers
     return {
         "name": name, "state": model_state(service, name),
+        **kv_cache(model),
         **service.lifecycle.describe(name),
         "workers": len(workers), "pids": [w.pid for w in workers if w.pid is not None],
         "slots": sum(w.slots for w in workers if w.serving),
@@ -115,6 +119,15 @@ def prompt_cache(workers: list[Worker]) -> dict[str, Any]:
     out["restore_s"] = round(out["restore_s"], 6)
     out["disk_error"] = next((c["disk_error"] for c in each if c["disk_error"]), None)
     return out
+
+
+def kv_cache(model: Model) -> dict[str, Any]:
+    """The model's KV cache types and the bytes of one cell (all layers, K and V) in them,
+    from its GGUF's header; null until its file is found, or if the header lacks a count."""
+    cfg = model.config
+    cell = memfit.kv_cell_bytes(model.path, cfg) if model.path is not None else None
+    return {"cache_type_k": cfg.cache_type_k, "cache_type_v": cfg.cache_type_v,
+            "kv_cell_bytes": cell}
 
 
 def _adapters(adapters: dict[str, str], workers: list[Worker]) -> dict[str, dict[str, Any]]:

@@ -35,6 +35,8 @@ class Load(_Msg, tag="load"):
     seed: int
     stream_interval: float
     flash_attn: bool = False
+    cache_type_k: str = "f16"  # the K cache's type by name (kvtypes.py: f16, q8_0, ...)
+    cache_type_v: str = "f16"  # the V cache's type, likewise
     parallel: int = 1  # sequences decoded together (slots)
     adapters: dict[str, str] = {}  # LoRA adapter name -> GGUF path, loaded once
     prompt_cache: int = 0  # bytes of KV states kept in memory for later prompts; 0: none
@@ -158,6 +160,7 @@ class Ready(_Msg, tag="ready"):
 
 class LoadFailed(_Msg, tag="load_failed"):
     message: str
+    param: str | None = None  # the setting at fault (a key of [models.NAME]), if one is
 
 
 class Token(_Msg, tag="token"):

@@ -35,11 +35,11 @@ import msgspec
 from ..placement.cpus import usable_cpus
 from ..wire import messages as m
 from ..wire.protocol import read_body
-from . import batching, cachedisk, grammars, kvstate, llamalog, lora, memory
+from . import batching, cachedisk, cachetypes, grammars, kvstate, llamalog, lora, memory
 from .chattokens import ChatPrompt
 from .decodestop import DecodeStop
 from .promptcache import PromptCache
-from .refusals import Refused, TooLong
+from .refusals import Refused, TooLong, Unfit
 from .sampling import Picker
 from .stopstrings import StopScanner
 
@@ -208,6 +208,8 @@ class Engine:
         self.model = _internals.LlamaModel(path_model=cfg.path, verbose=False,
                                            params=llama_cpp.llama_model_default_params())
         self.n_vocab = self.model.n_vocab()
+        self.type_k, self.type_v = cachetypes.ggml_types(llama_cpp, self.model.model,
+                                                         cfg.cache_type_k, cfg.cache_type_v)
         self.adapters = lora.Adapters(llama_cpp, self.model.model, cfg.adapters)
         self.stop = DecodeStop(channel, self._must_stop)
         self.ctx: Any = None
@@ -238,7 +240,8 @@ class Engine:
         if cfg.prompt_cache_disk > 0 and cfg.prompt_cache_dir:
             identity = {"format": 1, "model": cachedisk.model_identity(cfg.path),
                         "llama_cpp": self.lib.__version__, "n_ctx": cfg.n_ctx,
-                        "flash_attn": cfg.flash_attn}
+                        "flash_attn": cfg.flash_attn, "cache_type_k": cfg.cache_type_k,
+                        "cache_type_v": cfg.cache_type_v}
             disk = cachedisk.Disk(Path(cfg.prompt_cache_dir), cfg.prompt_cache_disk, identity,
                                   warn=_warn)
         self.disk = disk
@@ -269,6 +272,9 @@ class Engine:
         # beside llama-server); the text then matches llama-server's.
         params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if cfg.flash_attn
                                   else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        # The KV cache's types (models.NAME.cache_type_k/v): a quantized one holds a cell
+        # in about half (q8_0) or a quarter (q4_0) of the bytes f16 takes.
+        params.type_k, params.type_v = self.type_k, self.type_v
         params.no_perf = True
         self._context = self.internals.LlamaContext(model=self.model, params=params,
                                                     verbose=False)
@@ -830,9 +836,13 @@ def main(argv: list[str] | None = None) -> int:
     with llamalog.errors() as caught:  # llama.cpp logs why a load fails; the call does not say
         try:
             engine = Engine(cfg, ch)
+        except Unfit as exc:
+            ch.send(m.LoadFailed(message=str(exc), param=exc.param))
+            return 1
         except Exception as exc:
             why = llamalog.reason(caught)
-            ch.send(m.LoadFailed(message=f"cannot load {cfg.path}: {exc}" + (f" ({why})" if why else "")))
+            ch.send(m.LoadFailed(message=f"cannot load {cfg.path}: {exc}" + (f" ({why})" if why else ""),
+                                 param=cachetypes.setting_of(why)))
             return 1
     ch.send(m.Ready(pid=os.getpid(), threads=engine.threads, threads_why=engine.threads_why,
                     n_ctx=engine.n_ctx, slots=cfg.parallel, load_s=time.monotonic() - t0,

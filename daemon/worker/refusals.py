@@ -13,3 +13,12 @@ class Refused(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class Unfit(ValueError):
+    """A load setting (a key of the model's config table) that this model cannot run
+    with: the load fails, naming it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param

@@ -16,7 +16,7 @@ from llm_residentd.front.ops.load import Load
 from llm_residentd.front.ops.submit import Submit
 from llm_residentd.front.ops.unload import Unload
 from llmctl import cli, completion, progress
-from llmctl.commands import models, status, submit
+from llmctl.commands import models, ps, status, submit
 from llmctl.commands.params import op_fields
 
 NO_DAEMON = "/nonexistent/llm.sock"  # a command that got this far would exit 3, not 2
@@ -166,6 +166,44 @@ def test_status_without_models_shows_the_outcome_columns(capsys):
     header = next(line for line in capsys.readouterr().out.splitlines()
                   if line.startswith("MODEL"))
     assert header.split()[4:8] == ["DONE", "CANCELLED", "TIMEOUT", "FAILED"]
+
+
+class PsClient:
+    def __init__(self, entries):
+        self.entries = entries
+
+    def call(self, op):
+        assert op == "ps"
+        return {"models": self.entries}
+
+
+def test_ps_and_status_show_the_kv_cache_types_and_bytes_per_cell(capsys):
+    entry = {"name": "tiny", "state": "ready", "memory_bytes": 300 << 20, "slots": 4,
+             "slots_busy": 1, "keep_alive": "forever", "keep_alive_s": None,
+             "unload_in_s": None, "waiting": None, "cache_type_k": "q8_0",
+             "cache_type_v": "q4_0", "kv_cell_bytes": 12240}
+    # a daemon from before the cache types says nothing of them
+    older = {k: v for k, v in entry.items() if not k.startswith(("cache", "kv"))}
+    ps.cmd_ps(PsClient([entry, {**older, "name": "old"}]), cli.build_parser().parse_args(["ps"]))
+    # (no prompt_cache in these entries: the column says off)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "STATE", "MEMORY", "KV", "K/V", "KV/CELL", "SLOTS",
+                                "PROMPT_CACHE", "KEEP_ALIVE", "UNLOADS"]
+    assert lines[1].split() == ["tiny", "ready", "300.0M", "q8_0/q4_0", "12.0K", "1/4",
+                                "off", "forever", "forever"]
+    assert lines[2].split()[3:5] == ["-", "-"]
+
+    summary = {"p50": None, "p95": None, "p99": None}
+    model = {"state": "ready", "queue_depth": 0, "max_queue": 8, "running": 0, "outcomes": {},
+             "ttft_s": summary, "latency_s": summary, "tokens_per_s": summary,
+             "cache_type_k": "f16", "cache_type_v": "f16", "kv_cell_bytes": None}
+    st = {"daemon": {"version": "0", "pid": 1, "uptime_s": 1, "backend": "none", "config": "-",
+                     "socket": "-"}, "workers": [], "models": {"tiny": model}}
+    status.cmd_status(FakeClient(st), cli.build_parser().parse_args(["status"]))
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("MODEL"))
+    assert header.split()[-3:] == ["KV", "K/V", "KV/CELL"]
+    assert next(line for line in lines if line.startswith("tiny")).split()[-2:] == ["f16/f16", "-"]
 
 
 def test_status_table_has_a_column_per_outcome_and_names_the_failures(capsys):

@@ -14,6 +14,7 @@ from llm_residentd.catalog import ggufmeta
 from llm_residentd.catalog.config import ModelConfig
 from llm_residentd.core import memfit
 from llm_residentd.core.memfit import MiB
+from llm_residentd.wire.kvtypes import KV_TYPES
 
 TINY_CELL = 2 * (64 + 64) * 2  # tiny model: 2 layers x (K 64 + V 64 channels) x f16
 
@@ -70,6 +71,8 @@ def _llama_kv_log(path: Path, cfg: ModelConfig) -> tuple[int, float]:
         params.kv_unified = False
         params.n_threads = params.n_threads_batch = 1
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.type_k = KV_TYPES[cfg.cache_type_k].ggml
+        params.type_v = KV_TYPES[cfg.cache_type_v].ggml
         ctx = _internals.LlamaContext(model=mdl, params=params, verbose=False)
         ctx.close()
         mdl.close()
@@ -111,6 +114,68 @@ def test_smollm2_kv_matches_llama_cpp() -> None:
     assert memfit.kv_cells(cfg) == cells
     assert need.kv / MiB == pytest.approx(mib, abs=0.006)  # 30 layers x 3 KV heads x 64
     assert need.guessed == ""
+    for name in ("q8_0", "q4_0"):
+        typed = model(path, n_ctx=256, parallel=2, n_batch=64, cache_type_k=name,
+                      cache_type_v=name)
+        assert memfit.estimate(path, typed).kv / MiB == pytest.approx(
+            _llama_kv_log(path, typed)[1], abs=0.006)
+
+
+@pytest.mark.parametrize(("type_k", "type_v", "cell"), [
+    ("f16", "f16", 2 * 4 * (16 * 2 + 16 * 2)),  # 2 layers x 4 KV heads x (K + V) of 16
+    ("f32", "f32", 2 * 4 * (16 * 4 + 16 * 4)),
+    ("bf16", "f16", 2 * 4 * (16 * 2 + 16 * 2)),
+    ("q8_0", "q8_0", 2 * (68 + 68)),  # a layer's row: 4 heads x 16 = 64 elements, 2 blocks
+    ("q4_0", "q4_0", 2 * (36 + 36)),
+    ("q8_0", "f16", 2 * (68 + 128)),  # K and V in their own types
+    ("f16", "q5_1", 2 * (128 + 48)),
+    ("q4_1", "iq4_nl", 2 * (40 + 36)),
+    ("q5_0", "f32", 2 * (44 + 256)),
+])
+def test_bytes_per_cell_in_each_cache_type(tiny_model_path: Path, type_k: str, type_v: str,
+                                           cell: int) -> None:
+    cfg = model(tiny_model_path, n_ctx=256, parallel=2, workers=3, cache_type_k=type_k,
+                cache_type_v=type_v)
+    assert memfit.kv_cell_bytes(tiny_model_path, cfg) == cell
+    assert memfit.estimate(tiny_model_path, cfg).kv == cell * 512 * 3
+
+
+def test_k_and_v_head_sizes_may_differ(tmp_path: Path) -> None:
+    """Key and value lengths from the header, each in its own type, per layer's KV heads."""
+    path = _write_gguf(tmp_path / "m.gguf", "phantom", block_count=3, embedding_length=256,
+                       attention__head_count=8, attention__head_count_kv=[1, 2, 4],
+                       attention__key_length=64, attention__value_length=32)
+    cfg = model(path, cache_type_k="q8_0", cache_type_v="q4_0")
+    # K rows: 64, 128, 256 elements (34 bytes per 32); V rows: 32, 64, 128 (18 per 32)
+    assert memfit.kv_cell_bytes(path, cfg) == (2 + 4 + 8) * 34 + (1 + 2 + 4) * 18
+    assert memfit.cache_misfit(path, cfg) is None
+    assert memfit.cache_misfit(path, model(path, cache_type_v="q8_0")) is None
+
+
+def test_a_head_size_the_type_cannot_hold_is_named(tmp_path: Path) -> None:
+    path = _write_gguf(tmp_path / "m.gguf", "phantom", block_count=2, embedding_length=256,
+                       attention__head_count=4, attention__key_length=64,
+                       attention__value_length=48)
+    assert memfit.cache_misfit(path, model(path, cache_type_k="q8_0")) is None
+    setting, why = memfit.cache_misfit(path, model(path, cache_type_v="q8_0"))
+    assert setting == "cache_type_v" and "V heads have 48" in why
+    swa = _write_gguf(tmp_path / "swa.gguf", "phantom", block_count=2, embedding_length=256,
+                      attention__head_count=4, attention__key_length=64,
+                      attention__key_length_swa=80)
+    setting, why = memfit.cache_misfit(swa, model(swa, cache_type_k="q4_0"))
+    assert setting == "cache_type_k" and "K heads have 80" in why
+
+
+@pytest.mark.parametrize(("type_k", "type_v"), [("q8_0", "q8_0"), ("q4_0", "q4_0"),
+                                                ("q8_0", "f16"), ("bf16", "q5_1")])
+def test_quantized_kv_matches_llama_cpp(tmp_path: Path, type_k: str, type_v: str) -> None:
+    """A tiny model with heads of 32, which the quantized types can hold."""
+    path = tinymodel.write_tiny_model(tmp_path / "h32.gguf", n_embd=64, n_head=2)
+    cfg = model(path, n_ctx=512, parallel=2, n_batch=64, cache_type_k=type_k,
+                cache_type_v=type_v)
+    cells, mib = _llama_kv_log(path, cfg)
+    assert memfit.kv_cells(cfg) == cells
+    assert memfit.estimate(path, cfg).kv / MiB == pytest.approx(mib, abs=0.006)
 
 
 def _write_gguf(path: Path, arch: str, **kv: object) -> Path:
@@ -155,7 +220,7 @@ def test_unreadable_metadata_is_guessed(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "odd.gguf"
     path.write_bytes(content)
     need = memfit.estimate(path, model(path, n_ctx=256, parallel=1))
-    assert need.kv == memfit.GUESS_KV_CELL * 256
+    assert need.kv == 32 * (1024 + 1024) * 2 * 256  # a 7-8B-class model's cell in f16
     assert need.guessed == "KV size, vocabulary"
     assert "guessed: KV size, vocabulary" in need.describe()
 

@@ -36,7 +36,8 @@ def test_models_added_and_removed():
 
 @pytest.mark.parametrize("line", ["n_ctx = 512", "workers = 2", "threads = 3",
                                   "flash_attn = false", "seed = 7", "chat_template = false",
-                                  "parallel = 8"])
+                                  "parallel = 8", 'cache_type_k = "q8_0"',
+                                  'cache_type_v = "q4_0"'])
 def test_load_settings_restart_the_workers(line):
     d = reload.diff(_cfg(A + B), _cfg(A + line + "\n" + B))
     assert d.restarted == ("a",) and d.changed == ("a",)
