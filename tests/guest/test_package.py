@@ -394,36 +394,6 @@ def test_kill_9_of_the_daemon_is_restarted_by_systemd():
     assert tokens("--max-tokens", "1", "Hello", user="alice") == 1
 
 
-def test_a_conversation_stays_warm_across_systemctl_restart():
-    """Issue 22: the stopping worker writes its slot's KV state under the state directory
-    (as llm-worker, in a directory the daemon made for it); after `systemctl restart` the
-    conversation's next turn restores it instead of evaluating its history again."""
-    # Over 32 tokens (a slot shorter than that is not worth a file) and short enough for
-    # SmolLM2 under TCG (a few seconds per ten prompt tokens).
-    history = ("A conversation about lighthouses: their keepers, the lamps they tended, the "
-               "storms they watched from the gallery through long winter nights, the ships "
-               "they warned, and the logbooks where they wrote it all down. ")
-    body = {"model": "smollm2", "max_tokens": 2, "temperature": 0, "ignore_eos": True}
-    first = http("POST", "/v1/completions", {**body, "prompt": history})
-    assert first["status"] == 200, first
-    turn1 = json.loads(first["body"])
-    run("systemctl", "restart", SERVICE)
-    wait_ready()
-    folder = Path("/var/lib/llm-residentd/prompt-cache/smollm2/worker-0")
-    files = list(folder.glob("*.kvc"))
-    assert files and all(f.owner() == "llm-worker" for f in files), (files, journal())
-    reply = http("POST", "/v1/completions", {
-        **body, "prompt": history + turn1["choices"][0]["text"] + " And the fog?"})
-    assert reply["status"] == 200, reply
-    usage = json.loads(reply["body"])["usage"]
-    assert usage["prompt_tokens_details"]["cached_tokens"] >= turn1["usage"]["prompt_tokens"], (
-        turn1["usage"], usage, journal())
-    # The worker reports its cache as it goes idle, beside the answer.
-    cache = wait_for(lambda: (c := status()["models"]["smollm2"]["prompt_cache"])["disk_hits"]
-                     and c, 60, "a disk hit in status")
-    assert cache["disk_error"] is None, cache
-
-
 def test_systemctl_restart_leaves_no_stale_scope():
     daemon, worker = main_pid(), worker_pid()
     run("systemctl", "restart", SERVICE)
